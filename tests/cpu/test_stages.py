@@ -1,0 +1,206 @@
+"""SFT, RM and PPO end to end through their CLIs on a tiny random Llama, ColossalAI ddp plugin, CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import run_stage, write_jsonl
+
+from training.metrics import read_metrics
+
+SFT_ROWS = [
+    {"messages": [{"role": "user", "content": "What is the capital of France?"},
+                  {"role": "assistant", "content": "The capital of France is Paris."}]},
+    {"instruction": "Add two and two.", "input": "", "output": "Two plus two is four."},
+    {"messages": [{"from": "human", "content": "你好"}, {"from": "assistant", "content": "你好，今天天气很好。"}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a poem."},
+                  {"role": "assistant", "content": "The sea is wide and blue."}]},
+]
+
+GOOD = ["The capital of France is Paris.", "Two plus two is four.", "The sea is wide and blue.",
+        "Tokyo is the capital of Japan."]
+BAD = ["no no no no no no", "xx yy zz xx yy zz", "?? ?? ?? ?? ??", "!!!! !!!! !!!!"]
+QUESTIONS = ["Tell me a fact.", "Say something true.", "What do you know?", "Answer me.", "Any fact?",
+             "Share one thing.", "What is true?", "Give me an answer."]
+
+
+def preference_rows(offset: int = 0) -> list[dict]:
+    """A separable toy set: chosen answers are fluent sentences, rejected ones are noise."""
+    rows = []
+    for i, q in enumerate(QUESTIONS):
+        rows.append({"context": [{"from": "human", "content": q}],
+                     "chosen": [{"from": "assistant", "content": GOOD[(i + offset) % 4]}],
+                     "rejected": [{"from": "assistant", "content": BAD[(i + offset) % 4]}]})
+    return rows
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def base_config(model: Path, data: list[str], out: Path, **train) -> dict:
+    return {
+        "model": {"path": str(model)},
+        "data": {"train": data, "max_length": 64, "shuffle": False},
+        "train": {"plugin": "ddp", "micro_batch_size": 4, "max_steps": 6, "lr": 1e-3, "warmup_steps": 0,
+                  "min_lr_ratio": 1.0, **train},
+        "checkpoint": {"output_dir": str(out)},
+        "log": {"every": 1, "tensorboard": True, "progress": False},
+    }
+
+
+def losses_by_step(out: Path, key: str = "loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_metrics(out)}
+
+
+def test_sft_loss_falls_and_exports_a_loadable_model(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS)
+    out = tmp_path / "sft"
+    cfg = write_config(tmp_path / "sft.yaml", base_config(tiny_model, [str(data)], out, max_steps=8, lr=5e-3))
+    run_stage("training.sft", cfg)
+
+    loss = losses_by_step(out)
+    assert sorted(loss) == list(range(1, 9))
+    assert loss[8] < 0.7 * loss[1], loss  # one repeated batch: the model memorises it
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "sft" and manifest["status"] == "complete"
+    assert manifest["inputs"]["train_rows"] == 4
+    assert manifest["metrics"]["final_loss"] == pytest.approx(loss[8], rel=1e-4)
+    assert {"tokens_per_s", "grad_norm", "lr", "peak_mem_gib"} <= set(read_metrics(out)[0])
+    assert list((out / "tensorboard").iterdir())
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    assert tok.chat_template and (out / "model" / "model.safetensors").exists()
+    before = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before.model.layers[0].mlp.up_proj.weight)
+
+
+def test_rm_accuracy_rises_above_chance_on_separable_pairs(tiny_model, tmp_path):
+    train = write_jsonl(tmp_path / "pairs.jsonl", preference_rows() * 2)
+    held = write_jsonl(tmp_path / "held.jsonl", preference_rows(offset=1))
+    out = tmp_path / "rm"
+    cfg = base_config(tiny_model, [str(train)], out, max_steps=12, micro_batch_size=8)
+    cfg["data"]["eval"] = [str(held)]
+    run_stage("training.rm", write_config(tmp_path / "rm.yaml", cfg))
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["metrics"]["eval_pairs"] == 8
+    assert manifest["metrics"]["eval_acc"] >= 0.875, manifest["metrics"]
+    assert manifest["metrics"]["eval_margin"] > 0
+    from transformers import AutoModelForTokenClassification
+
+    rm = AutoModelForTokenClassification.from_pretrained(out / "model")
+    assert rm.config.num_labels == 1
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_model, tmp_path_factory) -> Path:
+    """A reward model folder (random head) made the way the RM stage starts one."""
+    from training.config import ModelConfig
+    from training.models import load_value_model
+
+    out = tmp_path_factory.mktemp("rm") / "model"
+    model = load_value_model(ModelConfig(path=str(tiny_model)))
+    model.save_pretrained(out)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+def ppo_config(tiny_model: Path, reward_model: Path, tmp_path: Path, out: Path, **train) -> Path:
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"instruction": q} for q in QUESTIONS])
+    ptx = write_jsonl(tmp_path / "ptx.jsonl", SFT_ROWS)
+    cfg = base_config(tiny_model, [str(prompts)], out, max_steps=3, micro_batch_size=2, lr=1e-3, **train)
+    cfg["ppo"] = {"reward_model_path": str(reward_model), "ptx_data": [str(ptx)], "ptx_coef": 0.5,
+                  "rollout_batch_size": 4, "ppo_epochs": 2, "kl_coef": 0.1,
+                  "generation": {"max_new_tokens": 8, "temperature": 1.0, "top_k": 20}}
+    return write_config(tmp_path / f"{out.name}.yaml", cfg)
+
+
+def test_ppo_changes_policy_with_zero_initial_kl(tiny_model, reward_model, tmp_path):
+    out = tmp_path / "ppo"
+    run_stage("training.ppo", ppo_config(tiny_model, reward_model, tmp_path, out))
+
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert abs(rows[0]["kl"]) < 1e-5  # actor == reference before the first update
+    assert any(abs(r["kl"]) > 1e-4 for r in rows[1:])
+    for key in ("reward", "policy_loss", "value_loss", "ptx_loss", "clip_frac", "entropy", "response_length"):
+        assert all(key in r for r in rows), key
+    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+    actor = AutoModelForCausalLM.from_pretrained(out / "actor")
+    start = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not torch.equal(actor.lm_head.weight, start.lm_head.weight)
+    critic = AutoModelForTokenClassification.from_pretrained(out / "critic")
+    assert not torch.equal(critic.score.weight,
+                           AutoModelForTokenClassification.from_pretrained(reward_model).score.weight)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["outputs"]["actor"].endswith("actor") and manifest["inputs"]["ptx_rows"] == 4
+
+
+def test_sft_kill_and_resume_matches_uninterrupted_run(tiny_model, tmp_path):
+    rows = SFT_ROWS * 3  # 12 rows, 3 batches an epoch: resume crosses an epoch boundary
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    ref_out, out = tmp_path / "straight", tmp_path / "killed"
+    extra = {"max_steps": 6, "lr": 3e-4}
+    straight = base_config(tiny_model, [str(data)], ref_out, **extra)
+    straight["data"]["shuffle"] = True
+    run_stage("training.sft", write_config(tmp_path / "a.yaml", straight))
+
+    killed = {**straight, "checkpoint": {"output_dir": str(out), "save_every": 2}}
+    cfg = write_config(tmp_path / "b.yaml", killed)
+    proc = run_stage("training.sft", cfg, env={"TRAINING_CRASH_AFTER_STEP": "5"}, check=False)
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    assert not (out / "manifest.json").exists()
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000004"
+    run_stage("training.sft", cfg, "--resume")
+
+    assert losses_by_step(out) == pytest.approx(losses_by_step(ref_out), rel=1e-5, abs=1e-6)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000004", "step-000006"]
+
+
+def test_ppo_kill_and_resume_restores_actor_and_critic(tiny_model, reward_model, tmp_path):
+    ref_out, out = tmp_path / "straight", tmp_path / "killed"
+    run_stage("training.ppo", ppo_config(tiny_model, reward_model, tmp_path, ref_out))
+    cfg_path = ppo_config(tiny_model, reward_model, tmp_path, out)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["checkpoint"]["save_every"] = 1
+    write_config(cfg_path, cfg)
+    proc = run_stage("training.ppo", cfg_path, env={"TRAINING_CRASH_AFTER_STEP": "2"}, check=False)
+    assert proc.returncode == 17
+    ckpt = out / "checkpoints" / "step-000001"
+    assert {"actor", "critic", "actor.optim", "critic.optim", "actor.sched", "critic.sched"} <= {
+        p.name for p in ckpt.iterdir()}
+    run_stage("training.ppo", cfg_path, "--resume")
+    for key in ("reward", "kl", "policy_loss", "value_loss", "ptx_loss"):
+        assert losses_by_step(out, key) == pytest.approx(losses_by_step(ref_out, key), rel=1e-4, abs=1e-6), key
+
+
+def test_bad_config_and_bad_row_give_clear_errors(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS + [{"messages": [{"role": "user", "content": 3}]}])
+    cfg = base_config(tiny_model, [str(data)], tmp_path / "out")
+    proc = run_stage("training.sft", write_config(tmp_path / "c.yaml", cfg), check=False)
+    assert proc.returncode == 2
+    assert "sft.jsonl" in proc.stderr and "line 5" in proc.stderr and "content" in proc.stderr
+
+    proc = run_stage("training.sft", write_config(tmp_path / "d.yaml", cfg), "train.plugin=gemini", check=False)
+    assert proc.returncode == 2 and "needs CUDA" in proc.stderr
+
+    proc = run_stage("training.sft", write_config(tmp_path / "e.yaml", cfg), "train.learning_rate=1", check=False)
+    assert proc.returncode == 2 and "train.learning_rate" in proc.stderr
+
+    cfg["data"]["on_error"] = "skip"
+    cfg["train"]["max_steps"] = 1
+    run_stage("training.sft", write_config(tmp_path / "f.yaml", cfg))
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["inputs"]["train_skipped"] == 1 and manifest["inputs"]["train_rows"] == 4

@@ -1,0 +1,244 @@
+"""Stage configuration: pydantic models loaded from YAML, with ``key.sub=value`` CLI overrides.
+
+Option groups (model, data, train, checkpoint, log) are declared once and shared by
+every stage; each stage config adds its own group (``rm``, ``ppo``, ``quantize``).
+Unknown keys are rejected so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_LR = 1e-5
+DEFAULT_MAX_LENGTH = 512
+DEFAULT_SEED = 42
+
+Plugin = Literal["ddp", "zero2", "gemini", "3d"]
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class LoraConfig(_Strict):
+    """Low-rank adapters (peft). ``rank: 0`` means full fine-tuning."""
+
+    rank: int = Field(0, ge=0, description="LoRA rank; 0 trains all weights.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / rank).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module name suffixes that receive adapters.",
+    )
+
+
+class ModelConfig(_Strict):
+    """Which model to start from and how to hold it."""
+
+    path: str = Field(..., description="A Hugging Face model folder, or a .gguf file.")
+    tokenizer_path: str | None = Field(None, description="Tokenizer folder if not beside the model.")
+    gguf_file: str | None = Field(None, description="GGUF file inside `path` (set for a .gguf path).")
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's own.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    attn_implementation: str | None = Field(None, description="transformers attention backend, e.g. sdpa, eager.")
+
+
+class DataConfig(_Strict):
+    """Where a stage's rows come from and how malformed rows are handled."""
+
+    train: list[str] = Field(..., min_length=1, description="JSONL/JSON(.gz) files, folders, hf:NAME[:SPLIT].")
+    eval: list[str] = Field(default_factory=list, description="Held-out sources; empty = split off train.")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of train held out when `eval` is empty.")
+    max_length: int = Field(DEFAULT_MAX_LENGTH, ge=8, description="Tokens per sequence after the chat template.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")
+    on_error: Literal["raise", "skip"] = Field("raise", description="Malformed row: stop, or skip and count.")
+    shuffle: bool = Field(True, description="Shuffle training rows each epoch (seeded).")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class TrainConfig(_Strict):
+    """Optimisation and parallelism."""
+
+    plugin: Plugin = Field("ddp", description="ColossalAI booster plugin: ddp, zero2, gemini or 3d (HybridParallel).")
+    precision: Precision = Field("bf16", description="Mixed precision on GPU; CPU always runs fp32.")
+    tp_size: int = Field(1, ge=1, description="Tensor-parallel degree (3d plugin).")
+    pp_size: int = Field(1, ge=1, description="Pipeline-parallel degree (3d plugin).")
+    zero_stage: Literal[0, 1, 2] = Field(0, description="ZeRO stage inside the 3d plugin.")
+    gemini_placement: Literal["static", "auto"] = Field("static", description="Gemini's parameter placement policy.")
+    gemini_offload_fraction: float = Field(0.0, ge=0, le=1, description="Share of optimizer state Gemini keeps on CPU.")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per process per step.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    epochs: int = Field(1, ge=1, description="Passes over the training data when max_steps is unset.")
+    lr: float = Field(DEFAULT_LR, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine schedule floor as a share of lr.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = Field((0.9, 0.95))
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables.")
+    seed: int = Field(DEFAULT_SEED)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+
+    @model_validator(mode="after")
+    def _parallel_shape(self) -> TrainConfig:
+        if self.plugin != "3d" and (self.tp_size > 1 or self.pp_size > 1):
+            raise ValueError(f"train.tp_size/pp_size > 1 need train.plugin: 3d (got {self.plugin})")
+        return self
+
+
+class CheckpointConfig(_Strict):
+    """Where outputs go and how often state is saved."""
+
+    output_dir: str = Field(..., description="The stage's folder: final model, checkpoints, logs, manifest.json.")
+    save_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps; 0 = only at the end.")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted after a newer one lands.")
+
+
+class LogConfig(_Strict):
+    """Metrics sinks."""
+
+    every: int = Field(1, ge=1, description="Log every N optimizer steps.")
+    eval_every: int = Field(0, ge=0, description="Evaluate on held-out data every N steps; 0 = only at the end.")
+    tensorboard: bool = Field(True, description="Also write TensorBoard event files under output_dir/tensorboard.")
+    progress: bool = Field(True, description="Show a progress bar on rank 0.")
+
+
+class StageConfig(_Strict):
+    """What every training stage shares."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig
+    log: LogConfig = Field(default_factory=LogConfig)
+
+
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning: loss on assistant tokens only."""
+
+
+class RMConfig(StageConfig):
+    """Reward model: a scalar value head trained with the pairwise log-sigmoid loss."""
+
+
+class GenerationConfig(_Strict):
+    """Sampling settings for PPO rollouts."""
+
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k.")
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class PPOOptions(_Strict):
+    reward_model_path: str = Field(..., description="The RM stage's output folder (its model/ with value head).")
+    critic_path: str | None = Field(None, description="Critic initialisation; defaults to the reward model.")
+    ptx_data: list[str] = Field(default_factory=list, description="SFT-format PTX sources; empty = off.")
+    ptx_coef: float = Field(0.0, ge=0, description="Weight of the PTX (pre-training) loss in the actor loss.")
+    critic_lr: float = Field(DEFAULT_LR, gt=0)
+    kl_coef: float = Field(0.1, ge=0, description="Per-token KL penalty against the frozen reference.")
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    clip_eps: float = Field(0.2, gt=0, description="Policy ratio clip.")
+    value_clip: float = Field(0.2, gt=0, description="Value prediction clip around the rollout values.")
+    rollout_batch_size: int = Field(4, ge=1, description="Prompts per process per rollout (experience buffer size).")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over the experience buffer per rollout.")
+    reward_clip: float = Field(10.0, gt=0, description="Clip the reward model's score to +/- this.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+
+class PPOConfig(StageConfig):
+    """PPO with a PTX loss: actor, critic, frozen reference and frozen reward model."""
+
+    ppo: PPOOptions
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a group")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=1e-4", "data.train=[a.jsonl,b.jsonl]"]`` into a nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. train.lr=1e-4)")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _describe(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config {origin}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(root)"
+        lines.append(f"  {field}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
+    """Read YAML at ``path`` (optional), apply overrides, validate into ``cls``; errors name the field."""
+    data: dict[str, Any] = {}
+    origin = "(overrides)"
+    if path is not None:
+        origin = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {path}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {path} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping at the top level")
+        data = loaded or {}
+    data = _merge(data, parse_overrides(overrides or []))
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e, origin)) from None
+
+
+def stage_arg_parser(description: str) -> argparse.ArgumentParser:
+    """The CLI every stage shares: ``--config FILE [--resume] [KEY=VALUE ...]``."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", required=True, help="YAML config file (see training/configs/).")
+    p.add_argument("--resume", action="store_true", help="Continue from the latest checkpoint in output_dir.")
+    p.add_argument("overrides", nargs="*", help="Config overrides, e.g. train.lr=1e-4 data.max_samples=100")
+    return p
+
+
+def dump_config(cfg: BaseModel) -> dict[str, Any]:
+    return json.loads(cfg.model_dump_json())

@@ -1,0 +1,286 @@
+"""PPO with a PTX loss: the RLHF stage of the ColossalChat recipe.
+
+Single process:   python -m training.ppo --config training/configs/ppo.yaml [--resume] [KEY=VALUE ...]
+Many processes:   torchrun --nproc_per_node 8 -m training.ppo --config training/configs/ppo.yaml --resume
+
+Four models: the actor (policy, from the SFT model) and the critic (per-token values, from the
+reward model) are trained; the reference (a frozen copy of the initial actor) and the reward
+model are frozen. Each step samples a rollout from a batch of prompts (the experience buffer),
+scores it (reward at the last token, a per-token KL penalty against the reference), computes
+GAE advantages, then runs ``ppo_epochs`` passes of clipped policy and value updates over the
+buffer, adding ``ptx_coef`` times the SFT loss on PTX data to the actor's loss.
+
+Writes ``actor/`` (Hugging Face causal LM) and ``critic/`` beside ``metrics.jsonl`` and
+``manifest.json``; checkpoints hold both models with their own optimizers and schedulers.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from training import engine, losses, runner
+from training.checkpoint import export_model
+from training.config import ConfigError, GenerationConfig, PPOConfig, load_config, stage_arg_parser
+from training.data import (
+    ResumableSampler,
+    collate_prompts,
+    collate_sft,
+    iterate_batches,
+    load_rows,
+    tokenize_conversation,
+    tokenize_prompt,
+)
+from training.metrics import Throughput, train_flops_per_token
+from training.models import (
+    count_parameters,
+    last_token_values,
+    load_policy,
+    load_tokenizer,
+    load_value_model,
+    position_ids,
+    token_values,
+)
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen: GenerationConfig,
+           eos_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample continuations of left-padded prompts with a KV cache, through the boosted model's forward.
+
+    Returns (sequences [B, P+R], attention mask [B, P+R]); a row stops after its first EOS.
+    """
+    B = input_ids.size(0)
+    mask = attention_mask
+    pos = position_ids(mask)
+    cur_ids, cur_pos, past = input_ids, pos, None
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    eos = torch.tensor(eos_ids, device=input_ids.device)
+    tokens = []
+    for _ in range(gen.max_new_tokens):
+        out = model(input_ids=cur_ids, attention_mask=mask, position_ids=cur_pos, past_key_values=past,
+                    use_cache=True)
+        past = out.past_key_values
+        logits = out.logits[:, -1].float() / gen.temperature
+        if gen.top_k:
+            kth = torch.topk(logits, min(gen.top_k, logits.size(-1))).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if gen.top_p < 1:
+            sorted_logits, order = logits.sort(descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) > gen.top_p
+            logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        nxt = torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        tokens.append(nxt)
+        mask = torch.cat([mask, (~done).long().unsqueeze(1)], dim=1)
+        done = done | torch.isin(nxt, eos)
+        cur_ids, cur_pos = nxt.unsqueeze(1), cur_pos[:, -1:] + 1
+        if bool(done.all()):
+            break
+    return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1), mask
+
+
+def response_logprobs(model: torch.nn.Module, seq: torch.Tensor, mask: torch.Tensor,
+                      prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs of the response tokens [B, R], the logits that produced them [B, R, V])."""
+    logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
+    logits = logits[:, prompt_len - 1:-1]
+    return losses.token_logprobs(logits, seq[:, prompt_len:]), logits
+
+
+@dataclass
+class Experience:
+    """One rollout: the buffer that PPO's updates iterate over."""
+
+    seq: torch.Tensor
+    mask: torch.Tensor
+    action_mask: torch.Tensor
+    prompt_len: int
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    stats: dict[str, float]
+
+    def minibatches(self, size: int) -> Iterator[dict[str, torch.Tensor]]:
+        for i in range(0, self.seq.size(0), size):
+            yield {k: getattr(self, k)[i:i + size] for k in
+                   ("seq", "mask", "action_mask", "logprobs", "values", "advantages", "returns")}
+
+
+@torch.no_grad()
+def make_experience(actor, critic, ref, reward_model, prompts: dict[str, torch.Tensor], cfg: PPOConfig,
+                    eos_ids: list[int], pad_id: int) -> Experience:
+    """Generate, score and compute advantages for one batch of prompts."""
+    p = cfg.ppo
+    with engine.eval_mode(actor, critic):
+        seq, mask = sample(actor, prompts["input_ids"], prompts["attention_mask"], p.generation, eos_ids, pad_id)
+        P = prompts["input_ids"].size(1)
+        action_mask = mask[:, P:].float()
+        logprobs, _ = response_logprobs(actor, seq, mask, P)
+        ref_logprobs, _ = response_logprobs(ref, seq, mask, P)
+        values = token_values(critic, seq, mask)[:, P - 1:-1] * action_mask
+        score = last_token_values(token_values(reward_model, seq, mask), mask).clamp(-p.reward_clip, p.reward_clip)
+    rewards, kl = losses.shaped_rewards(score, logprobs.float(), ref_logprobs.float(), action_mask, p.kl_coef)
+    advantages, returns = losses.gae(rewards, values, action_mask, p.gamma, p.lam)
+    advantages = losses.whiten(advantages, action_mask)
+    stats = {"reward": score.mean().item(), "kl": kl.sum(1).mean().item(),
+             "response_length": action_mask.sum(1).mean().item(), "return": losses.masked_mean(returns,
+                                                                                              action_mask).item()}
+    return Experience(seq, mask, action_mask, P, logprobs.float(), values, advantages, returns, stats)
+
+
+def _pad_to(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return F.pad(x, (0, width - x.size(1)), value=value)
+
+
+def actor_loss(actor, mb: dict[str, torch.Tensor], prompt_len: int, ptx: dict[str, torch.Tensor] | None,
+               cfg: PPOConfig, pad_id: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped policy loss plus ``ptx_coef`` times the SFT loss, from one forward pass over both batches."""
+    seq, mask = mb["seq"], mb["mask"]
+    n = seq.size(0)
+    if ptx is not None:
+        width = max(seq.size(1), ptx["input_ids"].size(1))
+        seq = torch.cat([_pad_to(seq, width, pad_id), _pad_to(ptx["input_ids"], width, pad_id)])
+        mask = torch.cat([_pad_to(mask, width, 0), _pad_to(ptx["attention_mask"], width, 0)])
+    logits = actor(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
+    R = mb["action_mask"].size(1)
+    resp_logits = logits[:n, prompt_len - 1:prompt_len - 1 + R]
+    logprobs = losses.token_logprobs(resp_logits, mb["seq"][:, prompt_len:])
+    pg, clip_frac = losses.policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["action_mask"],
+                                       cfg.ppo.clip_eps)
+    stats = {"policy_loss": pg.item(), "clip_frac": clip_frac.item(),
+             "entropy": losses.entropy(resp_logits.detach(), mb["action_mask"]).item(),
+             "approx_kl": losses.masked_mean(mb["logprobs"] - logprobs.detach(), mb["action_mask"]).item()}
+    loss = pg
+    if ptx is not None:
+        ptx_loss, _ = losses.sft_loss(logits[n:, : ptx["labels"].size(1)], ptx["labels"])
+        loss = loss + cfg.ppo.ptx_coef * ptx_loss
+        stats["ptx_loss"] = ptx_loss.item()
+    return loss, stats
+
+
+def critic_loss(critic, mb: dict[str, torch.Tensor], prompt_len: int, cfg: PPOConfig) -> tuple[torch.Tensor, float]:
+    values = token_values(critic, mb["seq"], mb["mask"])[:, prompt_len - 1:-1]
+    loss = losses.value_loss(values, mb["values"], mb["returns"], mb["action_mask"], cfg.ppo.value_clip)
+    return loss, loss.item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = stage_arg_parser(__doc__.splitlines()[0]).parse_args(argv)
+    cfg = load_config(PPOConfig, args.config, args.overrides)
+    if cfg.train.grad_accum_steps != 1:
+        raise ConfigError("train.grad_accum_steps: PPO takes one optimizer step per mini-batch; set it to 1 "
+                          "and size the buffer with ppo.rollout_batch_size")
+    p = cfg.ppo
+    stage = runner.start("ppo", cfg, resume=args.resume)
+
+    tokenizer = load_tokenizer(cfg.model)
+    prompt_rows, _, data_report = runner.load_data(cfg.data, "prompt", cfg.train.seed)
+    prompts, data_report["prompts_too_long"] = runner.tokenize_all(
+        prompt_rows, partial(tokenize_prompt, tokenizer=tokenizer, max_length=cfg.data.max_length), "prompt")
+    ptx: list = []
+    if p.ptx_data and p.ptx_coef > 0:
+        ptx_rows, ptx_stats = load_rows(p.ptx_data, "sft", on_error=cfg.data.on_error)
+        ptx, _ = runner.tokenize_all(ptx_rows, partial(tokenize_conversation, tokenizer=tokenizer,
+                                                       max_length=cfg.data.max_length), "PTX")
+        data_report["ptx_rows"] = len(ptx)
+
+    rm_cfg = cfg.model.model_copy(update={"path": p.reward_model_path, "gguf_file": None})
+    critic_cfg = cfg.model.model_copy(update={"path": p.critic_path or p.reward_model_path, "gguf_file": None})
+    actor = load_policy(cfg.model)
+    critic = load_value_model(critic_cfg)
+    ref = engine.frozen(load_policy(cfg.model, trainable=False), cfg.train, stage.device)
+    reward_model = engine.frozen(load_value_model(rm_cfg, trainable=False), cfg.train, stage.device)
+    for m in (actor, critic, reward_model):
+        m.config.pad_token_id = tokenizer.pad_token_id
+    if stage.resume_from is not None and cfg.train.plugin == "ddp":
+        runner.load_resume_weights(actor, stage.resume_from / "actor")
+        runner.load_resume_weights(critic, stage.resume_from / "critic")
+    n_params, n_trainable = count_parameters(actor)
+
+    per_rollout = p.rollout_batch_size * engine.world_size()
+    steps = cfg.train.max_steps or (len(prompts) // per_rollout) * cfg.train.epochs
+    if steps < 1:
+        raise ConfigError(f"data: {len(prompts)} prompts give no rollout of {per_rollout}; "
+                          "lower ppo.rollout_batch_size or set train.max_steps")
+    updates = steps * p.ppo_epochs * math.ceil(p.rollout_batch_size / cfg.train.micro_batch_size)
+    actor_t = engine.boost("actor", actor, cfg.train, lr=cfg.train.lr, total_steps=updates, device=stage.device)
+    critic_t = engine.boost("critic", critic, cfg.train, lr=p.critic_lr, total_steps=updates, device=stage.device)
+
+    kw = {"rank": engine.rank(), "world_size": engine.world_size(), "shuffle": cfg.data.shuffle,
+          "seed": cfg.train.seed}
+    prompt_sampler = ResumableSampler(len(prompts), batch_size=p.rollout_batch_size, **kw)
+    ptx_sampler = ResumableSampler(max(len(ptx), 1), batch_size=cfg.train.micro_batch_size, **kw)
+    if stage.resume_from is not None:
+        stage.checkpointer.restore(stage.resume_from, [actor_t, critic_t])
+        prompt_sampler.load_state_dict(stage.state["sampler"])
+        if ptx:
+            ptx_sampler.load_state_dict(stage.state["ptx_sampler"])
+    pad_id = tokenizer.pad_token_id
+    prompt_batches = iterate_batches(prompts, prompt_sampler, p.rollout_batch_size,
+                                     partial(collate_prompts, pad_id=pad_id))
+    ptx_batches = iterate_batches(ptx, ptx_sampler, cfg.train.micro_batch_size,
+                                  partial(collate_sft, pad_id=pad_id)) if ptx else None
+    eos_ids = sorted({tokenizer.eos_token_id, *([tokenizer.convert_tokens_to_ids("<|im_end|>")]
+                                                  if "<|im_end|>" in tokenizer.get_vocab() else [])} - {None})
+
+    logger = runner.make_logger(stage, steps)
+    meter = Throughput(stage.device, train_flops_per_token(actor_t.unwrap().config, n_params, cfg.data.max_length))
+    last: dict[str, float] = {}
+    for step in range(stage.start_step + 1, steps + 1):
+        batch = {k: v.to(stage.device) for k, v in next(prompt_batches).items()}
+        exp = make_experience(actor_t.model, critic_t.model, ref, reward_model, batch, cfg, eos_ids, pad_id)
+        sums: dict[str, float] = {}
+        updates_done = 0
+        actor_t.model.train()
+        critic_t.model.train()
+        for _ in range(p.ppo_epochs):
+            for mb in exp.minibatches(cfg.train.micro_batch_size):
+                ptx_batch = ({k: v.to(stage.device) for k, v in next(ptx_batches).items()}
+                             if ptx_batches is not None else None)
+                with engine.autocast(cfg.train, stage.device):
+                    a_loss, a_stats = actor_loss(actor_t.model, mb, exp.prompt_len, ptx_batch, cfg, pad_id)
+                actor_t.backward(a_loss)
+                a_stats["actor_grad_norm"] = actor_t.step()
+                with engine.autocast(cfg.train, stage.device):
+                    c_loss, c_value = critic_loss(critic_t.model, mb, exp.prompt_len, cfg)
+                critic_t.backward(c_loss)
+                a_stats.update(value_loss=c_value, critic_grad_norm=critic_t.step())
+                for k, v in a_stats.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                updates_done += 1
+                meter.add(int(mb["mask"].sum()))
+        meter.add(0, steps=1)
+        logger.advance()
+        if step % cfg.log.every == 0 or step == steps:
+            last = {k: engine.all_reduce_mean(v / updates_done, stage.device) for k, v in sums.items()}
+            last.update({k: engine.all_reduce_mean(v, stage.device) for k, v in exp.stats.items()})
+            last.update(lr=actor_t.lr, critic_lr=critic_t.lr, **meter.report())
+            logger.log(step, last)
+        runner.maybe_crash(step)
+        if cfg.checkpoint.save_every and (step % cfg.checkpoint.save_every == 0 or step == steps):
+            state = {"sampler": prompt_sampler.state_dict(), "ptx_sampler": ptx_sampler.state_dict(), "metrics": last}
+            stage.checkpointer.save(step, [actor_t, critic_t], tokenizer, state)
+    logger.close()
+
+    export_model(actor_t, stage.output_dir / "actor", tokenizer)
+    export_model(critic_t, stage.output_dir / "critic", tokenizer)
+    runner.finish(stage, outputs={"model": str(stage.output_dir / "actor"), "actor": str(stage.output_dir / "actor"),
+                                  "critic": str(stage.output_dir / "critic")},
+                  inputs={"model": cfg.model.path, "reward_model": p.reward_model_path, "data": cfg.data.train,
+                          **data_report},
+                  metrics={**{"final_" + k: v for k, v in last.items()}, "steps": steps, "parameters": n_params,
+                           "trainable_parameters": n_trainable})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(runner.run_cli(main))

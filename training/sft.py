@@ -1,0 +1,54 @@
+"""Supervised fine-tuning: next-token loss on the assistant turns of chat conversations.
+
+Single process:   python -m training.sft --config training/configs/sft.yaml [--resume] [train.lr=2e-5 ...]
+Many processes:   torchrun --nproc_per_node 8 -m training.sft --config training/configs/sft.yaml --resume
+Many nodes:       torchrun --nnodes 2 --node_rank $RANK --rdzv_endpoint $HOST:29500 -m training.sft --config ...
+
+Writes ``output_dir/model`` (Hugging Face safetensors + tokenizer), ``metrics.jsonl``,
+TensorBoard logs, resumable ``checkpoints/`` and, last, ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+from training import runner
+from training.config import SFTConfig
+from training.data import collate_sft, tokenize_conversation
+from training.losses import sft_loss
+from training.models import load_policy
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float], int]:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    loss, _ = sft_loss(out.logits, batch["labels"])
+    return loss, {"loss": loss.item()}, int(batch["attention_mask"].sum())
+
+
+def eval_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    loss, n = sft_loss(out.logits, batch["labels"])
+    return {"loss_sum": loss.item() * n, "count": float(n)}
+
+
+def eval_summary(sums: dict[str, float]) -> dict[str, float]:
+    """Token-weighted held-out loss and perplexity."""
+    loss = sums.get("loss_sum", 0.0) / max(sums["count"], 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": sums["count"]}
+
+
+STAGE = runner.SupervisedStage(
+    name="sft", config_cls=SFTConfig, kind="sft", tokenize=tokenize_conversation, collate=collate_sft,
+    load_model=load_policy, loss=lm_loss, eval_batch=eval_batch, eval_summary=eval_summary,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runner.run_supervised(STAGE, argv, __doc__.splitlines()[0])
+
+
+if __name__ == "__main__":
+    sys.exit(runner.run_cli(main))
