@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 COLOSSALAI ?= colossalai==0.5.0
+GPTQMODEL ?= gptqmodel==7.7.0
 STAMP  := $(VENV)/.installed
 
 .PHONY: setup test lint demo clean
@@ -13,8 +14,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[train,dev]"
-	$(PIP) install -q --no-deps "$(COLOSSALAI)"
+	$(PIP) install -q -e ".[train,quantize,serve,dev]"
+	$(PIP) install -q --no-deps "$(COLOSSALAI)" "$(GPTQMODEL)"
 	touch $(STAMP)
 
 setup: $(STAMP)
