@@ -100,7 +100,12 @@ def load_value_model(cfg: ModelConfig, *, trainable: bool = True) -> nn.Module:
     """
     from transformers import AutoModelForTokenClassification
 
-    model = _from_pretrained(AutoModelForTokenClassification, cfg, num_labels=1, classifier_dropout=0.0)
+    from transformers import AutoConfig
+
+    folder, gguf = _locate(cfg)
+    config = AutoConfig.from_pretrained(folder, **({"gguf_file": gguf} if gguf else {}))
+    config.num_labels, config.classifier_dropout = 1, 0.0  # a deterministic scalar head
+    model = _from_pretrained(AutoModelForTokenClassification, cfg, config=config)
     model.config.pad_token_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     return prepare(model, cfg, trainable=trainable, task="TOKEN_CLS")
 
