@@ -69,10 +69,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def run_stage(module: str, config: Path, *extra: str, env: dict[str, str] | None = None,
-              check: bool = True) -> subprocess.CompletedProcess:
-    """Run a stage CLI in a fresh process, as a Kubernetes Job would."""
+              check: bool = True, nproc: int = 0) -> subprocess.CompletedProcess:
+    """Run a stage CLI in a fresh process, as a Kubernetes Job would (under torchrun when ``nproc`` > 0)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", module, "--config", str(config), *extra], cwd=ROOT, env=full_env,
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
+        if nproc else [sys.executable]
+    proc = subprocess.run([*launcher, "-m", module, "--config", str(config), *extra], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} exited {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"

@@ -154,8 +154,10 @@ class Checkpointer:
     def read_state(path: Path) -> dict[str, Any]:
         state = json.loads((path / STATE).read_text())
         if state.get("world_size", 1) != engine.world_size():
-            raise RuntimeError(f"checkpoint {path} was written by {state['world_size']} processes, "
-                               f"this run has {engine.world_size()}: resume with the same number of processes")
+            from training.config import ConfigError
+
+            raise ConfigError(f"checkpoint {path} was written with world size {state['world_size']}, this run has "
+                              f"world size {engine.world_size()}: resume with the same number of processes")
         return state
 
     def restore(self, path: Path, trainables: list[Trainable]) -> None:

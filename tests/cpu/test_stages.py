@@ -186,6 +186,28 @@ def test_ppo_kill_and_resume_restores_actor_and_critic(tiny_model, reward_model,
         assert losses_by_step(out, key) == pytest.approx(losses_by_step(ref_out, key), rel=1e-4, abs=1e-6), key
 
 
+def test_sft_and_ppo_under_torchrun_with_two_ranks(tiny_model, reward_model, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS * 4)
+    out = tmp_path / "sft2"
+    cfg = base_config(tiny_model, [str(data)], out, max_steps=3, micro_batch_size=2)
+    cfg["checkpoint"]["save_every"] = 2
+    run_stage("training.sft", write_config(tmp_path / "sft2.yaml", cfg), nproc=2)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] > 0 for r in rows)
+    assert (out / "checkpoints" / "step-000002" / "rng" / "rank-1.pt").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and (out / "model" / "config.json").exists()
+    # a checkpoint from 2 ranks does not silently resume on 1
+    proc = run_stage("training.sft", write_config(tmp_path / "sft1.yaml", {**cfg, "train": {**cfg["train"],
+                     "max_steps": 4}}), "--resume", check=False)
+    assert proc.returncode == 2 and "world size" in proc.stderr
+
+    ppo_out = tmp_path / "ppo2"
+    run_stage("training.ppo", ppo_config(tiny_model, reward_model, tmp_path, ppo_out), "train.max_steps=1", nproc=2)
+    assert [r["step"] for r in read_metrics(ppo_out)] == [1]
+    assert (ppo_out / "actor" / "config.json").exists() and (ppo_out / "critic" / "config.json").exists()
+
+
 def test_bad_config_and_bad_row_give_clear_errors(tiny_model, tmp_path):
     data = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS + [{"messages": [{"role": "user", "content": 3}]}])
     cfg = base_config(tiny_model, [str(data)], tmp_path / "out")
