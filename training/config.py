@@ -83,6 +83,10 @@ class TrainConfig(_Strict):
     zero_stage: Literal[0, 1, 2] = Field(0, description="ZeRO stage inside the 3d plugin.")
     gemini_placement: Literal["static", "auto"] = Field("static", description="Gemini's parameter placement policy.")
     gemini_offload_fraction: float = Field(0.0, ge=0, le=1, description="Share of optimizer state Gemini keeps on CPU.")
+    gemini_offload_param_fraction: float = Field(0.0, ge=0, le=1,
+                                                 description="Share of fp32 master weights Gemini keeps on CPU.")
+    gpu_memory_limit_gb: float | None = Field(None, gt=0, description="Cap this process's GPU memory (GiB), e.g. to "
+                                              "see what trains on a smaller card.")
     micro_batch_size: int = Field(4, ge=1, description="Sequences per process per step.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")

@@ -46,6 +46,9 @@ def init_distributed(cfg: TrainConfig) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
+        if cfg.gpu_memory_limit_gb:
+            total = torch.cuda.get_device_properties(device).total_memory / 2**30
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.gpu_memory_limit_gb / total), device)
     return device
 
 
@@ -109,6 +112,7 @@ def make_plugin(cfg: TrainConfig, *, grad_accum: bool = False) -> Any:
             precision=precision,
             max_norm=cfg.max_grad_norm,
             offload_optim_frac=cfg.gemini_offload_fraction if cfg.gemini_placement == "static" else 0.0,
+            offload_param_frac=cfg.gemini_offload_param_fraction if cfg.gemini_placement == "static" else 0.0,
             enable_gradient_accumulation=grad_accum,
         )
     if cfg.pp_size > 1:

@@ -56,9 +56,11 @@ def _jsonl(path: Path, rows: list) -> str:
     ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                    {"role": "assistant", "content": "Hello"}]},
      [{"role": "system", "content": "Be brief."}, _user("Hi"), _bot("Hello")]),
-    ({"messages": [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Yo"}, {"role": "user", "content": "?"},
-                   {"role": "bot", "content": "!"}]}, [_user("Hi"), _bot("Yo"), _user("?"), _bot("!")]),
-    ({"messages": [{"from": "human", "content": "Hi"}, {"from": "assistant", "content": "Yo"}]}, [_user("Hi"), _bot("Yo")]),
+    ({"messages": [{"role": "human", "content": "Hi"}, {"role": "gpt", "content": "Yo"},
+                   {"role": "user", "content": "?"}, {"role": "bot", "content": "!"}]},
+     [_user("Hi"), _bot("Yo"), _user("?"), _bot("!")]),
+    ({"messages": [{"from": "human", "content": "Hi"}, {"from": "assistant", "content": "Yo"}]},
+     [_user("Hi"), _bot("Yo")]),
     ({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}, [_user("Hi"), _bot("Yo")]),
     ({"instruction": "Add", "input": "1 + 2", "output": "3"}, [_user("Add\n\n1 + 2"), _bot("3")]),
     ({"instruction": "Say hi", "input": "", "output": "hi"}, [_user("Say hi"), _bot("hi")]),
@@ -169,7 +171,8 @@ def test_source_kinds(tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
      "must end with a user message"),
     ("preference", {"prompt": "Q", "chosen": [_user("A")], "rejected": "B"}, "chosen[0].role", "expected 'assistant'"),
     ("preference", {"chosen": "plain text", "rejected": "more"}, "chosen", "no 'Human:'/'Assistant:' markers"),
-    ("preference", {"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi"}, "chosen", "does not end with an assistant"),
+    ("preference", {"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi"}, "chosen",
+     "does not end with an assistant"),
 ])
 def test_malformed_row_names_file_line_field(tmp_path: Path, kind: str, row: dict, field: str | None,
                                              text: str) -> None:
@@ -248,7 +251,8 @@ def test_shared_datasets_parse() -> None:
         path = SHARED / "instructionwild" / f"{name}.jsonl"
         lines = sum(1 for line in path.read_text(encoding="utf-8").split("\n") if line.strip())
         _, stats = load_rows([str(path)], "prompt", on_error="skip")
-        assert stats.rows == lines - len(bad_lines) and [int(e.split(" line ")[1].split(":")[0]) for e in stats.errors] == bad_lines
+        assert stats.rows == lines - len(bad_lines)
+        assert [int(e.split(" line ")[1].split(":")[0]) for e in stats.errors] == bad_lines
 
 
 # ----------------------------------------------------------------------------- tokenisation
