@@ -95,8 +95,13 @@ def make_data(folder: Path, seq: int, rows: int = 256) -> dict[str, Path]:
 
 
 def _plugin_train(plugin: str) -> dict[str, Any]:
+    """``ddp+compile`` = ddp with torch.compile; ``3d`` = HybridParallel, tp over all local GPUs, ZeRO-1."""
     if plugin == "3d":
-        return {"plugin": "3d", "tp_size": 1, "zero_stage": 1}
+        import torch
+
+        return {"plugin": "3d", "tp_size": max(1, torch.cuda.device_count()), "zero_stage": 1}
+    if plugin == "ddp+compile":
+        return {"plugin": "ddp", "compile": True}
     return {"plugin": plugin}
 
 
@@ -161,7 +166,10 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
             if stage == "ppo" and not (work / "rm").exists():  # reward model and critic: a value head on the model
                 (work / "rm").symlink_to(model.resolve())
             log = work / f"{stage}-{plugin}.log"
-            rc, wall = _run([sys.executable, "-m", f"training.{stage}", "--config", str(cfg_path)], log, args.timeout)
+            nproc = cfg["train"].get("tp_size", 1)
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
+                if nproc > 1 else [sys.executable]
+            rc, wall = _run([*launcher, "-m", f"training.{stage}", "--config", str(cfg_path)], log, args.timeout)
             run: dict[str, Any] = {"stage": stage, "plugin": plugin, "rc": rc, "wall_s": round(wall, 1)}
             if (out / "metrics.jsonl").exists():
                 run.update(summarize(out / "metrics.jsonl", args.skip))

@@ -85,6 +85,8 @@ class TrainConfig(_Strict):
     gemini_offload_fraction: float = Field(0.0, ge=0, le=1, description="Share of optimizer state Gemini keeps on CPU.")
     gemini_offload_param_fraction: float = Field(0.0, ge=0, le=1,
                                                  description="Share of fp32 master weights Gemini keeps on CPU.")
+    compile: bool = Field(False, description="torch.compile the model (ddp on CUDA): fuses norms, activations, "
+                          "rotary; the first steps pay the compile time.")
     gpu_memory_limit_gb: float | None = Field(None, gt=0, description="Cap this process's GPU memory (GiB), e.g. to "
                                               "see what trains on a smaller card.")
     micro_batch_size: int = Field(4, ge=1, description="Sequences per process per step.")
@@ -102,6 +104,8 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _parallel_shape(self) -> TrainConfig:
+        if self.compile and self.plugin != "ddp":
+            raise ValueError(f"train.compile needs train.plugin: ddp (got {self.plugin})")
         if self.plugin != "3d" and (self.tp_size > 1 or self.pp_size > 1):
             raise ValueError(f"train.tp_size/pp_size > 1 need train.plugin: 3d (got {self.plugin})")
         return self

@@ -125,7 +125,53 @@ def make_plugin(cfg: TrainConfig, *, grad_accum: bool = False) -> Any:
         precision=precision,
         max_norm=cfg.max_grad_norm,
         enable_fused_normalization=False,
+        custom_policy=decoder_tp_policy(),
     )
+
+
+def decoder_tp_policy() -> Any:
+    """A Shardformer policy for decoder-only models as transformers 5 writes them.
+
+    ColossalAI 0.5.0's own Llama policy replaces model forwards written for transformers 4.51 and fails to import
+    with transformers 5. This one only swaps linears: q/k/v/gate/up column-split, o/down row-split; embeddings and
+    heads stay replicated. transformers 5's attention derives the local head count from the projection width, so no
+    forward needs replacing, and the same policy serves causal LMs and value models.
+    """
+    from colossalai.shardformer.layer import Linear1D_Col, Linear1D_Row
+    from colossalai.shardformer.policies.base_policy import (
+        ModulePolicyDescription,
+        Policy,
+        SubModuleReplacementDescription,
+    )
+
+    class DecoderTPPolicy(Policy):
+        def config_sanity_check(self) -> None:
+            pass
+
+        def preprocess(self) -> nn.Module:
+            return self.model
+
+        def postprocess(self) -> nn.Module:
+            return self.model
+
+        def module_policy(self) -> dict:
+            if not self.shard_config.enable_tensor_parallelism:
+                return {}
+            tp, conf = self.shard_config.tensor_parallel_size, self.model.config
+            kv_heads = getattr(conf, "num_key_value_heads", None) or conf.num_attention_heads
+            if conf.num_attention_heads % tp or kv_heads % tp:
+                raise ConfigError(f"train.tp_size: {tp} must divide the attention heads ({conf.num_attention_heads}) "
+                                  f"and key/value heads ({kv_heads})")
+            layers = getattr(self.model.base_model, "layers", None)
+            if layers is None:
+                raise ConfigError(f"train.plugin: 3d: {type(self.model).__name__} has no decoder layers to shard")
+            cols = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+            rows = ("self_attn.o_proj", "mlp.down_proj")
+            subs = [SubModuleReplacementDescription(suffix=name, target_module=Linear1D_Col) for name in cols]
+            subs += [SubModuleReplacementDescription(suffix=name, target_module=Linear1D_Row) for name in rows]
+            return {type(layers[0]): ModulePolicyDescription(sub_module_replacement=subs)}
+
+    return DecoderTPPolicy()
 
 
 def cosine_lambda(total_steps: int, warmup: int, min_ratio: float):
@@ -193,6 +239,8 @@ def boost(name: str, model: nn.Module, cfg: TrainConfig, *, lr: float, total_ste
     booster = Booster(plugin=plugin)
     if cfg.plugin == "ddp":
         model.to(device)
+        if cfg.compile and device.type == "cuda":
+            model.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"{name}: no trainable parameters (check model.lora)")
