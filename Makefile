@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -U pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e ".[train,quantize,serve,dev]"
+	$(PIP) install -q -e ".[train,quantize,serve,dev,loadtest]"
 	$(PIP) install -q --no-deps "$(COLOSSALAI)" "$(GPTQMODEL)"
 	touch $(STAMP)
 
