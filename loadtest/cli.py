@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rate", type=_floats, help="Poisson request rates (req/s), e.g. 0.5,1,2; 'inf' = all at once.")
     s.add_argument("--max-concurrency", type=int, help="Cap on requests in flight at a rate level.")
     s.add_argument("--requests", type=int, default=100, help="Measured requests per level (0: no count bound).")
+    s.add_argument("--requests-per-concurrency", type=int, default=0, metavar="K",
+                   help="Concurrency levels measure at least K x concurrency requests.")
     s.add_argument("--duration", type=float, default=300.0, help="Seconds per level at most (0: no time bound).")
     s.add_argument("--warmup", type=int, default=2, help="Warm-up requests per level, left out of the results.")
     s.add_argument("--slo", action="append", default=[], type=_slo, metavar="SPEC",
@@ -153,7 +155,8 @@ async def sweep(args: argparse.Namespace, prompts: list[Prompt], levels: list[Le
     base = api_base(args.url)
     opts = RunOptions(base=base, model=args.model, endpoint=args.endpoint, stream=args.stream, headers=headers,
                       timeout=args.timeout, ignore_eos=args.ignore_eos, temperature=args.temperature,
-                      extra_body=args.extra_body, requests=args.requests or None, duration=args.duration or None,
+                      extra_body=args.extra_body, requests=args.requests or None,
+                      requests_per_concurrency=args.requests_per_concurrency, duration=args.duration or None,
                       warmup=args.warmup, max_concurrency=args.max_concurrency, seed=args.seed,
                       progress=args.progress, metrics_url=args.metrics_url)
     limit = max([int(lv.value) for lv in levels if lv.mode == "concurrency"] + [args.max_concurrency or 0, 100])

@@ -125,6 +125,7 @@ def write_plots(out: Path, levels: list[dict[str, Any]], slos: list[dict[str, An
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     paths = []
     modes = [m for m in ("concurrency", "rate") if any(lv["mode"] == m and lv["successes"] for lv in levels)]
@@ -165,6 +166,7 @@ def write_plots(out: Path, levels: list[dict[str, Any]], slos: list[dict[str, An
                    title=f"{metric.upper()} percentiles ({mode})")
             if mode == "concurrency" and len(x) > 2:
                 ax.set_xscale("log", base=2)
+                ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
@@ -222,12 +224,16 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "Errors seen:", ""] + [f"- `{k}`: {v}" for k, v in examples.items()]
     checks = [lv for lv in levels if lv.get("server_check")]
     if checks:
-        lines += ["", "Client vs server (`/metrics` deltas per level):", "",
-                  "| level | counter | client | server |", "|---|---|---:|---:|"]
+        names = [n for n in ("successes", "prompt_tokens", "output_tokens")
+                 if any(n in lv["server_check"]["counters"] for lv in checks)]
+        lines += ["", "Client vs server (`/metrics` deltas per level, client / server):", "",
+                  "| level | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
         for lv in checks:
-            for name, c in lv["server_check"]["counters"].items():
-                mark = "" if c["match"] else " ❗"
-                lines.append(f"| {lv['label']} | {name} | {c['client']:g} | {c['server']:g}{mark} |")
+            cells = []
+            for n in names:
+                c = lv["server_check"]["counters"].get(n)
+                cells.append("-" if c is None else f"{c['client']:g} / {c['server']:g}" + ("" if c["match"] else " ❗"))
+            lines.append(f"| {lv['label']} | " + " | ".join(cells) + " |")
     lines += ["", "![throughput vs latency](throughput_latency.png)", "", "![latency vs load](latency_vs_load.png)",
               "", "Files: `results.json` (schema in `loadtest/report.py`), `levels.csv`, `requests.jsonl`.", ""]
     return "\n".join(lines)
@@ -250,3 +256,28 @@ def write_all(out: Path, result: dict[str, Any], per_level_requests: list[tuple[
     md = out / "report.md"
     atomic_write(md, markdown(result))
     return [*paths, md]
+
+
+def rewrite(out: Path) -> list[Path]:
+    """Redraw plots and ``report.md`` from ``results.json`` and ``requests.jsonl`` (e.g. after a run on a machine
+    without matplotlib)."""
+    result = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    result["warnings"] = [w for w in result.get("warnings", []) if "matplotlib" not in w]
+    for lv in result["levels"]:
+        lv["value"] = float(lv["value"])  # "inf" back to a number
+    reqs: dict[tuple[str, Any], list[dict]] = {}
+    rp = out / "requests.jsonl"
+    for line in rp.read_text(encoding="utf-8").splitlines() if rp.exists() else []:
+        r = json.loads(line)
+        reqs.setdefault((r.pop("mode"), r.pop("value")), []).append(r)
+    per_level = [(lv, reqs.get((lv["mode"], _json_safe(lv["value"])), [])) for lv in result["levels"]]
+    return write_all(out, result, per_level)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m loadtest.report", description=rewrite.__doc__)
+    ap.add_argument("dirs", nargs="+", type=Path, help="Load-test output folders holding results.json.")
+    for d in ap.parse_args().dirs:
+        print("\n".join(str(p) for p in rewrite(d)))

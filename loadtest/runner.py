@@ -45,6 +45,7 @@ class RunOptions:
     temperature: float = 0.0
     extra_body: dict[str, Any] | None = None
     requests: int | None = 100
+    requests_per_concurrency: int = 0  # concurrency levels measure at least this many requests per slot
     duration: float | None = 300.0
     warmup: int = 2
     max_concurrency: int | None = None  # cap on requests in flight in rate mode
@@ -164,7 +165,10 @@ async def run_level(session: aiohttp.ClientSession, level: Level, prompts: list[
             before = await scrape(session, opts.metrics_url, opts.model)
         except (aiohttp.ClientError, TimeoutError, RuntimeError) as e:
             err = f"{type(e).__name__}: {e}"
-    results, duration = await _phase(session, level, feed, opts, opts.requests, opts.duration, "measure")
+    count = opts.requests
+    if count and level.mode == "concurrency":
+        count = max(count, opts.requests_per_concurrency * int(level.value))
+    results, duration = await _phase(session, level, feed, opts, count, opts.duration, "measure")
     if opts.metrics_url and before is not None:
         await asyncio.sleep(opts.metrics_settle)  # servers may count a request just after its last byte
         try:

@@ -1,0 +1,225 @@
+"""Helpers of ``loadtest/gpu_sweep.sh``: sweep levels for a server's capacity, the memory-bandwidth limit of
+single-stream decoding, and the combined ``summary.json``/``summary.md`` of the project-vs-baseline sweep.
+
+``python -m loadtest.gpu_report levels --max N``                 -> ``1,2,4,...,N``
+``python -m loadtest.gpu_report capacity --metrics-url U --log F`` -> the server's most concurrent sequences
+``python -m loadtest.gpu_report summary --out DIR --ckpt PATH``   -> DIR/summary.json, DIR/summary.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import struct
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from loadtest.report import atomic_write
+
+CAPACITY_METRICS = ("vllm:num_slots", "vllm:max_num_seqs", "colossal_rlhf:num_slots", "vllm:cache_config_info")
+_DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8, "I8": 1, "U8": 1, "F64": 8, "I16": 2}
+
+
+def levels(max_conc: int) -> list[int]:
+    out, c = [], 1
+    while c < max_conc:
+        out.append(c)
+        c *= 2
+    return [*out, max_conc]
+
+
+def capacity(metrics_url: str | None, log: Path | None) -> int | None:
+    """Most sequences the server decodes at once: a capacity gauge on /metrics, else ``"num_slots": N`` in its log."""
+    if metrics_url:
+        try:
+            text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+            for line in text.splitlines():
+                for name in CAPACITY_METRICS:
+                    if line.startswith(name):
+                        m = re.search(r'num_slots="?(\d+)|max_num_seqs="?(\d+)', line)
+                        if m:
+                            return int(m.group(1) or m.group(2))
+                        if not line.startswith("vllm:cache_config_info"):
+                            return int(float(line.split()[-1]))
+        except OSError:
+            pass
+    if log and log.exists():
+        found = re.findall(r'"?num_slots"?\s*[:=]\s*(\d+)', log.read_text(errors="replace"))
+        if found:
+            return int(found[-1])
+    return None
+
+
+def weight_bytes(ckpt: Path) -> dict[str, int]:
+    """Bytes of the checkpoint's tensors from the safetensors headers: all, and without the embedding table
+    (which the serving engine keeps in host memory under a GPU budget)."""
+    total = embed = 0
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, t in header.items():
+            if name == "__metadata__":
+                continue
+            size = t["data_offsets"][1] - t["data_offsets"][0]
+            total += size
+            if "embed_tokens" in name:
+                embed += size
+    return {"all": total, "without_embedding": total - embed}
+
+
+def copy_bandwidth(gib: float = 2.0, iters: int = 20) -> float:
+    """Device-to-device copy rate in bytes/s, counting the read and the write (the same way as
+    ``shared/docs/environment.md``'s 2,648 GB/s on the H100)."""
+    import torch
+
+    n = int(gib * 2**30)
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    secs = start.elapsed_time(end) / 1e3
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * n * iters / secs
+
+
+def peak_mib(csv_path: Path) -> float | None:
+    """Highest ``memory.used`` (MiB) in an ``nvidia-smi --query-gpu=memory.used -lms`` log (first GPU)."""
+    if not csv_path.exists():
+        return None
+    vals = []
+    for line in csv_path.read_text().splitlines():
+        try:
+            vals.append(float(line.split(",")[0]))
+        except ValueError:
+            continue
+    return max(vals) if vals else None
+
+
+def _load(p: Path) -> dict[str, Any] | None:
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def summary(out: Path, ckpt: Path, bandwidth: float | None) -> dict[str, Any]:
+    runs = {name: _load(out / name / "results.json") for name in ("project", "baseline")}
+    wb = weight_bytes(ckpt) if ckpt.exists() else None
+    res: dict[str, Any] = {"checkpoint": str(ckpt), "weight_bytes": wb, "copy_bandwidth_bytes_per_s": bandwidth,
+                           "runs": {}}
+    for name, r in runs.items():
+        if r is None:
+            res["runs"][name] = None
+            continue
+        by_c = {int(lv["value"]): lv for lv in r["levels"] if lv["mode"] == "concurrency"}
+        single = by_c.get(1)
+        row: dict[str, Any] = {
+            "peak_gpu_memory_mib": peak_mib(out / f"{name}_gpu_mem.csv"),
+            "best": r["summary"]["best"], "peak_output_tokens_per_s": r["summary"]["peak_output_tokens_per_s"],
+            "server_counts_agree": r["summary"].get("server_counts_agree"),
+            "levels": [{k: lv[k] for k in ("value", "requests", "successes", "requests_per_s", "output_tokens_per_s")}
+                       | {"ttft_p50": lv["ttft"]["p50"], "ttft_p95": lv["ttft"]["p95"], "ttft_p99": lv["ttft"]["p99"],
+                          "itl_p50": lv["itl"]["p50"], "itl_p95": lv["itl"]["p95"], "itl_p99": lv["itl"]["p99"],
+                          "e2e_p50": lv["e2e"]["p50"], "e2e_p99": lv["e2e"]["p99"], "slo_met": lv["slo"]["met"],
+                          "errors": lv["errors"]} for lv in r["levels"]],
+        }
+        if single and single["tpot"]["p50"]:
+            decode = 1.0 / single["tpot"]["p50"]
+            row["single_stream_decode_tokens_per_s"] = decode
+            if bandwidth and wb:
+                for key, nbytes in wb.items():
+                    limit = bandwidth / nbytes
+                    row[f"bandwidth_limit_tokens_per_s_{key}"] = limit
+                    row[f"fraction_of_limit_{key}"] = decode / limit
+        res["runs"][name] = row
+    atomic_write(out / "summary.json", json.dumps(res, indent=2) + "\n")
+    atomic_write(out / "summary.md", markdown(res))
+    return res
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1e3:.1f}"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = ["# GPU sweep: project server vs transformers `generate` baseline", ""]
+    wb, bw = res.get("weight_bytes"), res.get("copy_bandwidth_bytes_per_s")
+    if wb:
+        lines.append(f"Checkpoint `{res['checkpoint']}`: {wb['all'] / 2**30:.2f} GiB of tensors "
+                     f"({wb['without_embedding'] / 2**30:.2f} GiB without the embedding table).")
+    if bw:
+        lines.append(f"Device copy bandwidth (read + write): {bw / 1e9:.0f} GB/s.")
+    lines.append("")
+    for name, row in res["runs"].items():
+        if row is None:
+            lines += [f"## {name}: no results", ""]
+            continue
+        lines += [f"## {name}", ""]
+        mem = row["peak_gpu_memory_mib"]
+        lines.append(f"- Peak GPU memory (nvidia-smi): {mem:.0f} MiB" if mem is not None else "- Peak GPU memory: -")
+        for mode, b in row["best"].items():
+            lines.append(f"- Highest {mode} level meeting the SLOs: "
+                         + ("none" if b is None else f"{b['label']} ({b['requests_per_s']:.2f} req/s, "
+                                                     f"{b['output_tokens_per_s']:.0f} output tok/s)"))
+        if "single_stream_decode_tokens_per_s" in row:
+            s = f"- Single-stream decode: {row['single_stream_decode_tokens_per_s']:.1f} tok/s"
+            if "fraction_of_limit_without_embedding" in row:
+                s += (f" = {100 * row['fraction_of_limit_without_embedding']:.1f}% of the bandwidth limit "
+                      f"({row['bandwidth_limit_tokens_per_s_without_embedding']:.0f} tok/s reading the weights "
+                      f"without the embedding once per token; "
+                      f"{100 * row['fraction_of_limit_all']:.1f}% counting all tensors)")
+            lines.append(s)
+        lines.append(f"- Server /metrics counts agree with the client: {row['server_counts_agree']}")
+        lines += ["", "| concurrency | req | ok | req/s | out tok/s | TTFT p50/p95/p99 ms | ITL p50/p95/p99 ms | "
+                      "E2E p50/p99 ms | SLO | errors |", "|---:|---:|---:|---:|---:|---|---|---|---|---|"]
+        for lv in row["levels"]:
+            lines.append(f"| {lv['value']:g} | {lv['requests']} | {lv['successes']} | {lv['requests_per_s']:.2f} | "
+                         f"{lv['output_tokens_per_s']:.1f} | {_ms(lv['ttft_p50'])}/{_ms(lv['ttft_p95'])}/"
+                         f"{_ms(lv['ttft_p99'])} | {_ms(lv['itl_p50'])}/{_ms(lv['itl_p95'])}/{_ms(lv['itl_p99'])} | "
+                         f"{_ms(lv['e2e_p50'])}/{_ms(lv['e2e_p99'])} | {'yes' if lv['slo_met'] else 'no'} | "
+                         f"{', '.join(f'{k}×{v}' for k, v in lv['errors'].items()) or '-'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loadtest.gpu_report")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    lv = sub.add_parser("levels")
+    lv.add_argument("--max", type=int, required=True)
+    cap = sub.add_parser("capacity")
+    cap.add_argument("--metrics-url")
+    cap.add_argument("--log", type=Path)
+    cap.add_argument("--default", type=int, default=32)
+    sm = sub.add_parser("summary")
+    sm.add_argument("--out", type=Path, required=True)
+    sm.add_argument("--ckpt", type=Path, required=True)
+    sm.add_argument("--no-bandwidth", action="store_true", help="Skip the CUDA copy measurement.")
+    a = ap.parse_args(argv)
+    if a.cmd == "levels":
+        print(",".join(map(str, levels(a.max))))
+    elif a.cmd == "capacity":
+        found = capacity(a.metrics_url, a.log)
+        if found is None:
+            print(f"capacity: not found on /metrics or in the log; using {a.default}", file=sys.stderr)
+        print(found or a.default)
+    else:
+        bw = None
+        if not a.no_bandwidth:
+            import torch
+
+            bw = copy_bandwidth() if torch.cuda.is_available() else None
+        print(markdown(summary(a.out, a.ckpt, bw)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
