@@ -97,11 +97,8 @@ Call with (list $ offline): offline forces HF_HUB_OFFLINE=1 (serving never downl
   value: "1"
 {{- end }}
 {{- if and .Values.huggingface.tokenSecret (not $offline) }}
-- name: HF_TOKEN
-  valueFrom:
-    secretKeyRef:
-      name: {{ .Values.huggingface.tokenSecret }}
-      key: {{ .Values.huggingface.tokenKey }}
+- name: HF_TOKEN_PATH
+  value: /etc/colossal-rlhf/hf-token/{{ .Values.huggingface.tokenKey }}
 {{- end }}
 {{- end }}
 {{- end }}

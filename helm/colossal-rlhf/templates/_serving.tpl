@@ -25,6 +25,9 @@
     - {name: artifacts, mountPath: {{ .Values.artifacts.mountPath }}}
     - {name: scripts, mountPath: /opt/colossal-rlhf, readOnly: true}
     - {name: tmp, mountPath: /tmp}
+    {{- if .Values.huggingface.tokenSecret }}
+    - {name: hf-token, mountPath: /etc/colossal-rlhf/hf-token, readOnly: true}
+    {{- end }}
 {{- else if $s.model.waitForManifest }}
 - name: wait-for-model
   image: {{ include "colossal-rlhf.image" .Values.images.serving }}
@@ -109,6 +112,12 @@ livenessProbe:
 - name: api-keys
   secret:
     secretName: {{ include "colossal-rlhf.apiKeySecretName" . }}
+    defaultMode: 0440
+{{- end }}
+{{- if and .Values.serving.model.download .Values.huggingface.tokenSecret }}
+- name: hf-token
+  secret:
+    secretName: {{ .Values.huggingface.tokenSecret }}
     defaultMode: 0440
 {{- end }}
 {{- end }}

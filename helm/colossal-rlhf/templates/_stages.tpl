@@ -28,7 +28,7 @@ sft rm ppo quantize
 {{- $_ := set $ppoOpts "reward_model_path" (default (printf "%s/model" $rm) $ppoOpts.reward_model_path) }}
 {{- $_ := set $cfg "ppo" $ppoOpts }}
 {{- end }}
-{{- if eq $name "quantize" }}{{ $_ := set $model "path" (default (printf "%s/actor" $ppo) $model.path) }}{{ end }}
+{{- if eq $name "quantize" }}{{ $_ := set $model "path" (default $ppo $model.path) }}{{ end }}
 {{- $_ := set $cfg "model" $model }}
 {{- $ckpt := default dict $cfg.checkpoint }}
 {{- $_ := set $ckpt "output_dir" (include "colossal-rlhf.stageDir" (list $root $name)) }}
