@@ -38,7 +38,7 @@ log = logging.getLogger("training.quantize")
 
 GIB = 1024**3
 DEFAULT_BUDGET_GIB = 4.0
-DEFAULT_RESERVE_GIB = 0.75  # CUDA context, kernel workspaces, allocator slack (measured ~0.9 GiB on an H100 incl. cache)
+DEFAULT_RESERVE_GIB = 0.75  # CUDA context, kernel workspaces, allocator slack (H100: ~0.9 GiB incl. cache)
 DEFAULT_PROMPTS = (
     "What is the capital of France?",
     "Give me three tips for staying healthy.",
@@ -53,7 +53,8 @@ class GPTQOptions(_Strict):
     """GPTQ itself (GPTQModel's QuantizeConfig)."""
 
     bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight; 4 is the serving target, 8/3/2 for experiments.")
-    group_size: int = Field(128, description="Input channels sharing one scale/zero; -1 = one group per row.")
+    group_size: Literal[-1, 16, 32, 64, 128, 256, 512, 1024] = Field(
+        128, description="Input channels sharing one scale/zero; -1 = one group per row (GPTQModel's kernels' set).")
     desc_act: bool = Field(False, description="Act-order: quantize columns by decreasing Hessian diagonal.")
     act_group_aware: bool | None = Field(None, description="GPTQModel's group-aware reordering; None = on unless "
                                          "desc_act (the two exclude each other).")
@@ -66,13 +67,6 @@ class GPTQOptions(_Strict):
     dtype: Literal["auto", "float16", "bfloat16"] = Field("auto", description="Activation dtype while quantizing; "
                                                           "auto = float16 on CUDA, bfloat16 on CPU.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
-
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v: int) -> int:
-        if v != -1 and v < 8:
-            raise ValueError("must be -1 (per row) or >= 8, e.g. 32, 64, 128")
-        return v
 
     @model_validator(mode="after")
     def _ordering(self) -> GPTQOptions:
@@ -408,6 +402,28 @@ def estimate_memory(config: dict[str, Any], bits: int = 4, group_size: int = 128
     }
 
 
+class HostEmbedding(nn.Module):
+    """An embedding table kept in host memory: ids go to the CPU, only the looked-up rows go to the GPU."""
+
+    def __init__(self, weight: torch.Tensor, device: torch.device) -> None:
+        super().__init__()
+        self.host = weight.detach().to("cpu", copy=True)
+        self.device = device
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids.cpu(), self.host).to(self.device, non_blocking=True)
+
+
+def offload_embeddings(model: nn.Module) -> int:
+    """Move a causal LM's input embedding table to host memory (not when tied to lm_head); returns GPU bytes freed."""
+    emb = model.get_input_embeddings()
+    if getattr(model.config, "tie_word_embeddings", False) or emb.weight.device.type == "cpu":
+        return 0
+    freed = emb.weight.numel() * emb.weight.element_size()
+    model.set_input_embeddings(HostEmbedding(emb.weight, emb.weight.device))
+    return freed
+
+
 def _category(name: str) -> str:
     for suffix in ("qweight", "qzeros", "scales", "g_idx"):
         if name.endswith("." + suffix):
@@ -456,6 +472,9 @@ def _materialize(cfg: QuantizeConfig, folder: str, gguf: str | None, tokenizer: 
 
     model = load_policy(cfg.model.model_copy(update={"lora": cfg.model.lora.model_copy(update={"rank": 0})}),
                         trainable=False)
+    model.hf_quantizer = None  # the weights are dequantized floats now; transformers would refuse to save them
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(scratch, safe_serialization=True)
     tokenizer.save_pretrained(scratch)
     return str(scratch)
