@@ -123,6 +123,10 @@ def main() -> int:
         shm = Path("/dev/shm")
         a.work = str(shm) if shm.exists() and shutil.disk_usage(shm).free > 40e9 else tempfile.gettempdir()
     res["work"] = a.work
+    if dev == "cuda":  # what the CUDA context alone takes, outside PyTorch's allocator
+        torch.zeros(1, device="cuda")
+        free, total = torch.cuda.mem_get_info()
+        res["cuda_context_gib"] = gib(total - free)
     work = Path(tempfile.mkdtemp(dir=a.work, prefix="q7b-"))
     src, qdir = work / "src", work / "gptq"
     res["build_source_s"] = round(build_source(src, shape, dev), 1)
@@ -164,7 +168,9 @@ def main() -> int:
             entry["load_s"] = round(time.time() - t0, 1)
             entry["kernels"] = sorted({type(m).__name__ for m in qm.model.modules() if hasattr(m, "qweight")})
             if dev == "cuda":
+                free, total = torch.cuda.mem_get_info()
                 entry["allocated_after_load_gib"] = gib(torch.cuda.memory_allocated())
+                entry["device_used_after_load_gib"] = gib(total - free)
             entry["decode"] = decode_speed(qm.model, shape["vocab_size"], dev, a.new_tokens)
             if dev == "cuda":
                 entry["peak_gib"] = gib(torch.cuda.max_memory_allocated())
