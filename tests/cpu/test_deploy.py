@@ -82,26 +82,50 @@ def stage_configs(objs: list[dict]) -> dict[str, dict]:
 # ----------------------------------------------------------------------------- rendering and validation
 
 
+@cache
+def _k8s_validator(api_version: str, kind: str) -> Any:
+    """kubernetes-validate's strict schema for one kind, built once (its validate() reloads every file per call)."""
+    import jsonschema
+    from kubernetes_validate import utils
+    from referencing import Registry, Resource
+
+    group = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
+    folder = f"kubernetes-json-schema/v{KUBE_VERSION}-local-strict"
+    schema = utils.schema_contents(f"{folder}/{kind.lower()}-{group}.json", KUBE_VERSION)
+    defs = utils.schema_contents(f"{folder}/_definitions.json", KUBE_VERSION)
+    registry = Resource.from_contents(defs) @ (Resource.from_contents(schema) @ Registry())
+    return jsonschema.validators.Draft202012Validator(schema, registry=registry)
+
+
+@cache
+def _crd_schemas() -> dict[tuple[str, str], dict]:
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    out = {}
+    for f in CRDS.glob("*.yaml"):
+        crd = yaml.load(f.read_text(), Loader=loader)  # noqa: S506 - a safe loader
+        for v in crd["spec"]["versions"]:
+            out[(f"{crd['spec']['group']}/{v['name']}", crd["spec"]["names"]["kind"])] = v["schema"]["openAPIV3Schema"]
+    return out
+
+
+def k8s_validate(obj: dict) -> None:
+    _k8s_validator(obj["apiVersion"], obj["kind"]).validate(obj)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_every_object_validates_against_kubernetes_and_crd_schemas(case: str) -> None:
     import jsonschema
-    import kubernetes_validate
 
     objs = render(CASES[case])
     assert objs
-    crd_schemas = {}
-    for f in CRDS.glob("*.yaml"):
-        crd = yaml.safe_load(f.read_text())
-        for v in crd["spec"]["versions"]:
-            crd_schemas[(f"{crd['spec']['group']}/{v['name']}", crd["spec"]["names"]["kind"])] = \
-                v["schema"]["openAPIV3Schema"]
+    crd_schemas = _crd_schemas()
     for obj in objs:
         key = (obj["apiVersion"], obj["kind"])
         if key in crd_schemas:  # (the CRDs use Go regex flags that Python's re rejects in unused patterns)
             schema = crd_schemas[key]
             jsonschema.validators.validator_for(schema)(schema).validate(obj)
         else:
-            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+            k8s_validate(obj)
         assert obj["metadata"]["namespace"] == "llm", obj["metadata"]["name"]
 
 
@@ -121,8 +145,9 @@ def test_helm_lint_is_clean(case: str) -> None:
     ({"training": {"downloads": [{"source": "s3://bucket/x", "dest": "x"}]}}, "/training/downloads/0/source"),
 ])
 def test_values_schema_rejects_bad_values_naming_the_field(bad: dict, field: str) -> None:
-    with helm_python.Chart.load(str(CHART)) as chart, pytest.raises(helm_python.HelmValuesError, match=re.escape(field)):
-        chart.render(bad, name="demo")
+    with helm_python.Chart.load(str(CHART)) as chart:
+        with pytest.raises(helm_python.HelmValuesError, match=re.escape(field)):
+            chart.render(bad, name="demo")
 
 
 def test_template_checks_refuse_an_admission_cap_below_the_engine_queue() -> None:
@@ -525,7 +550,8 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
             return self._send(200, {"status": "ready"})
         if self.headers.get("Authorization") != "Bearer sk-one":
             return self._send(401, {"error": {"message": "bad key"}})
-        self._send(200, {"object": "list", "data": [{"id": "other" if self.bad == "models" else "m", "object": "model"}]})
+        model = "other" if self.bad == "models" else "m"
+        self._send(200, {"object": "list", "data": [{"id": model, "object": "model"}]})
 
     def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -577,8 +603,6 @@ def test_k8s_manifests_are_in_sync_with_the_chart() -> None:
 
 
 def test_k8s_kustomizations_reference_existing_files_and_validate() -> None:
-    import kubernetes_validate
-
     k8s = ROOT / "k8s"
     for kfile in k8s.rglob("kustomization.yaml"):
         doc = yaml.safe_load(kfile.read_text())
@@ -588,7 +612,7 @@ def test_k8s_kustomizations_reference_existing_files_and_validate() -> None:
             if target.is_dir():
                 assert (target / "kustomization.yaml").exists()
             elif doc["kind"] == "Kustomization" or target.parent.name != "monitoring":
-                kubernetes_validate.validate(yaml.safe_load(target.read_text()), KUBE_VERSION, strict=True)
+                k8s_validate(yaml.safe_load(target.read_text()))
     overlay = yaml.safe_load((k8s / "overlays" / "pipeline" / "kustomization.yaml").read_text())
     assert overlay["components"] == ["../../components/training"]
 
@@ -632,8 +656,11 @@ def test_checkov_passes_on_rendered_chart_and_dockerfiles(tmp_path: Path) -> Non
     r = subprocess.run([str(checkov), "--config-file", str(ROOT / "helm" / "checkov.yaml"), "-d", str(tmp_path),
                         "-d", str(ROOT / "docker"), "-o", "json"],
                        capture_output=True, text=True, timeout=300, env={**os.environ, "BC_SKIP_MAPPING": "TRUE"})
-    reports = json.loads(r.stdout)
-    reports = reports if isinstance(reports, list) else [reports]
+    reports, pos, dec = [], 0, json.JSONDecoder()
+    while pos < len(r.stdout.rstrip()):  # one JSON document per framework, possibly several
+        doc, end = dec.raw_decode(r.stdout, pos)
+        reports.extend(doc if isinstance(doc, list) else [doc])
+        pos = end + len(r.stdout[end:]) - len(r.stdout[end:].lstrip())
     failed = [f"{c['check_id']} {c['resource']}" for rep in reports for c in rep["results"]["failed_checks"]]
     passed = sum(rep["summary"]["passed"] for rep in reports)
     assert {rep["check_type"] for rep in reports} == {"kubernetes", "dockerfile"}
