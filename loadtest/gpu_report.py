@@ -4,6 +4,7 @@ single-stream decoding, and the combined ``summary.json``/``summary.md`` of the 
 ``python -m loadtest.gpu_report levels --max N``                 -> ``1,2,4,...,N``
 ``python -m loadtest.gpu_report capacity --metrics-url U --log F`` -> the server's most concurrent sequences
 ``python -m loadtest.gpu_report summary --out DIR --ckpt PATH``   -> DIR/summary.json, DIR/summary.md
+``python -m loadtest.gpu_report tokenizer --ckpt PATH``          -> a tokenizer covering the model's whole vocabulary
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 from loadtest.report import atomic_write
 
 CAPACITY_METRICS = ("vllm:num_slots", "vllm:max_num_seqs", "colossal_rlhf:num_slots", "vllm:cache_config_info")
-_DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8, "I8": 1, "U8": 1, "F64": 8, "I16": 2}
+LEVEL_KEYS = ("mode", "value", "label", "requests", "successes", "requests_per_s", "output_tokens_per_s")
 
 
 def levels(max_conc: int) -> list[int]:
@@ -93,6 +94,32 @@ def copy_bandwidth(gib: float = 2.0, iters: int = 20) -> float:
     return 2 * n * iters / secs
 
 
+def full_vocab_tokenizer(ckpt: Path) -> int:
+    """Replace the checkpoint's tokenizer with a word-level one covering all ``vocab_size`` ids.
+
+    ``make_llama7b_gptq.py`` ships a 300-token tokenizer for a 32,000-id model: the ids a random model samples
+    mostly decode to nothing, so a server streams empty deltas and the client sees no token arrive. With one
+    word per id every sampled token is visible text, and each word of a synthetic prompt is one token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from loadtest.prompts import _WORDS
+
+    vocab_size = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    words = ["<unk>", "<s>", "</s>", *dict.fromkeys(_WORDS)]
+    words += [f"w{i}" for i in range(len(words), vocab_size)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words[:vocab_size])}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<unk>")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+        (ckpt / f).unlink(missing_ok=True)
+    tok.save_pretrained(ckpt)
+    return len(tok)
+
+
 def peak_mib(csv_path: Path) -> float | None:
     """Highest ``memory.used`` (MiB) in an ``nvidia-smi --query-gpu=memory.used -lms`` log (first GPU)."""
     if not csv_path.exists():
@@ -125,7 +152,7 @@ def summary(out: Path, ckpt: Path, bandwidth: float | None) -> dict[str, Any]:
             "peak_gpu_memory_mib": peak_mib(out / f"{name}_gpu_mem.csv"),
             "best": r["summary"]["best"], "peak_output_tokens_per_s": r["summary"]["peak_output_tokens_per_s"],
             "server_counts_agree": r["summary"].get("server_counts_agree"),
-            "levels": [{k: lv[k] for k in ("value", "requests", "successes", "requests_per_s", "output_tokens_per_s")}
+            "levels": [{k: lv[k] for k in LEVEL_KEYS}
                        | {"ttft_p50": lv["ttft"]["p50"], "ttft_p95": lv["ttft"]["p95"], "ttft_p99": lv["ttft"]["p99"],
                           "itl_p50": lv["itl"]["p50"], "itl_p95": lv["itl"]["p95"], "itl_p99": lv["itl"]["p99"],
                           "e2e_p50": lv["e2e"]["p50"], "e2e_p99": lv["e2e"]["p99"], "slo_met": lv["slo"]["met"],
@@ -178,10 +205,10 @@ def markdown(res: dict[str, Any]) -> str:
                       f"{100 * row['fraction_of_limit_all']:.1f}% counting all tensors)")
             lines.append(s)
         lines.append(f"- Server /metrics counts agree with the client: {row['server_counts_agree']}")
-        lines += ["", "| concurrency | req | ok | req/s | out tok/s | TTFT p50/p95/p99 ms | ITL p50/p95/p99 ms | "
+        lines += ["", "| level | req | ok | req/s | out tok/s | TTFT p50/p95/p99 ms | ITL p50/p95/p99 ms | "
                       "E2E p50/p99 ms | SLO | errors |", "|---:|---:|---:|---:|---:|---|---|---|---|---|"]
         for lv in row["levels"]:
-            lines.append(f"| {lv['value']:g} | {lv['requests']} | {lv['successes']} | {lv['requests_per_s']:.2f} | "
+            lines.append(f"| {lv['label']} | {lv['requests']} | {lv['successes']} | {lv['requests_per_s']:.2f} | "
                          f"{lv['output_tokens_per_s']:.1f} | {_ms(lv['ttft_p50'])}/{_ms(lv['ttft_p95'])}/"
                          f"{_ms(lv['ttft_p99'])} | {_ms(lv['itl_p50'])}/{_ms(lv['itl_p95'])}/{_ms(lv['itl_p99'])} | "
                          f"{_ms(lv['e2e_p50'])}/{_ms(lv['e2e_p99'])} | {'yes' if lv['slo_met'] else 'no'} | "
@@ -203,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--out", type=Path, required=True)
     sm.add_argument("--ckpt", type=Path, required=True)
     sm.add_argument("--no-bandwidth", action="store_true", help="Skip the CUDA copy measurement.")
+    tk = sub.add_parser("tokenizer")
+    tk.add_argument("--ckpt", type=Path, required=True)
     a = ap.parse_args(argv)
     if a.cmd == "levels":
         print(",".join(map(str, levels(a.max))))
@@ -211,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         if found is None:
             print(f"capacity: not found on /metrics or in the log; using {a.default}", file=sys.stderr)
         print(found or a.default)
+    elif a.cmd == "tokenizer":
+        print(f"tokenizer with {full_vocab_tokenizer(a.ckpt)} tokens written to {a.ckpt}")
     else:
         bw = None
         if not a.no_bandwidth:

@@ -55,6 +55,7 @@ make_ckpt() {
     [ -f "$tool" ] || { log "error: make_llama7b_gptq.py not found (set MAKE_GPTQ=PATH or carry shared/tools)"; exit 2; }
     log "writing the 7B-shaped GPTQ checkpoint to $CKPT with $tool"
     "$PY" "$tool" "$CKPT"
+    "$PY" -m loadtest.gpu_report tokenizer --ckpt "$CKPT"  # every sampled id must decode to visible text
 }
 
 SAMPLER=""
@@ -151,6 +152,6 @@ case "$PART" in
     project) run_project ;;
     baseline) run_baseline ;;
     summary) run_summary ;;
-    all) run_project; run_baseline; run_summary ;;
+    all) run_project; run_baseline || log "baseline failed"; run_summary ;;
     *) echo "usage: $0 project|baseline|summary|all" >&2; exit 2 ;;
 esac
