@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--api-key", help="Bearer token (default: env OPENAI_API_KEY).")
     t.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     t.add_argument("--no-stream", dest="stream", action="store_false", help="Non-streaming requests (TTFT = E2E).")
+    t.add_argument("--no-stream-usage", dest="stream_usage", action="store_false",
+                   help="Leave out stream_options.include_usage (for servers that reject it); tokens are then "
+                        "counted as content chunks.")
     t.add_argument("--metrics-url", help="Prometheus /metrics of the server: scraped before and after each level "
                                          "and compared with the client's counts.")
     t.add_argument("--timeout", type=float, default=600.0, help="Seconds one request may take.")
@@ -153,7 +156,8 @@ async def sweep(args: argparse.Namespace, prompts: list[Prompt], levels: list[Le
     key = args.api_key or os.environ.get("OPENAI_API_KEY")
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     base = api_base(args.url)
-    opts = RunOptions(base=base, model=args.model, endpoint=args.endpoint, stream=args.stream, headers=headers,
+    opts = RunOptions(base=base, model=args.model, endpoint=args.endpoint, stream=args.stream,
+                      stream_usage=args.stream_usage, headers=headers,
                       timeout=args.timeout, ignore_eos=args.ignore_eos, temperature=args.temperature,
                       extra_body=args.extra_body, requests=args.requests or None,
                       requests_per_concurrency=args.requests_per_concurrency, duration=args.duration or None,

@@ -74,14 +74,14 @@ def api_base(url: str) -> str:
 
 
 def build_body(model: str, prompt: Prompt, endpoint: Endpoint, stream: bool, ignore_eos: bool,
-               temperature: float, extra: dict[str, Any] | None) -> dict[str, Any]:
+               temperature: float, extra: dict[str, Any] | None, stream_usage: bool = True) -> dict[str, Any]:
     body: dict[str, Any] = {"model": model, "max_tokens": prompt.max_tokens, "temperature": temperature,
                             "stream": stream}
     if endpoint == "chat":
         body["messages"] = prompt.messages or [{"role": "user", "content": prompt.text}]
     else:
         body["prompt"] = prompt.text
-    if stream:
+    if stream and stream_usage:
         body["stream_options"] = {"include_usage": True}
     if ignore_eos:  # vLLM extension, also understood by this project's server: output length = max_tokens
         body["ignore_eos"] = True

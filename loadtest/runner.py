@@ -39,6 +39,7 @@ class RunOptions:
     model: str
     endpoint: Endpoint = "chat"
     stream: bool = True
+    stream_usage: bool = True  # send stream_options.include_usage (servers that reject it: off)
     headers: dict[str, str] = field(default_factory=dict)
     timeout: float = 600.0
     ignore_eos: bool = False
@@ -97,7 +98,7 @@ async def _phase(session: aiohttp.ClientSession, level: Level, prompts: _Prompts
 
     async def one() -> None:
         body = build_body(opts.model, prompts.next(), opts.endpoint, opts.stream, opts.ignore_eos,
-                          opts.temperature, opts.extra_body)
+                          opts.temperature, opts.extra_body, opts.stream_usage)
         r = await send_request(session, opts.base, body, opts.endpoint, opts.headers, opts.timeout)
         results.append(r)
         bar.update(1)

@@ -55,6 +55,12 @@ class FakeServer:
             return web.json_response({"error": {"message": f"scripted failure {status}", "type": "server_error",
                                                  "param": None, "code": status}}, status=status)
         n_out = body["max_tokens"]
+        if not body.get("stream"):
+            await asyncio.sleep(self.ttft + self.itl * (n_out - 1))
+            self._count(n_out)
+            return web.json_response({"choices": [{"index": 0, "finish_reason": "length", "message": {
+                "role": "assistant", "content": "".join(f" t{i}" for i in range(n_out))}}], "usage": {
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": n_out}})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         await asyncio.sleep(self.ttft)
@@ -70,10 +76,13 @@ class FakeServer:
                  "total_tokens": self.prompt_tokens + n_out}
             await resp.write(f"data: {json.dumps({'choices': [], 'usage': u})}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
+        self._count(n_out)
+        return resp
+
+    def _count(self, n_out: int) -> None:
         self.counts["vllm:prompt_tokens_total"] += self.prompt_tokens
         self.counts["vllm:generation_tokens_total"] += n_out
         self.counts["vllm:request_success_total"] += 1
-        return resp
 
     async def metrics(self, _: web.Request) -> web.Response:
         text = "".join(f'# TYPE {k} counter\n{k}{{model_name="fake"}} {v}\n{k}{{model_name="other"}} 1000\n'
@@ -244,17 +253,32 @@ def test_sweep_against_fake_server_writes_all_outputs(tmp_path):
 
 def test_highest_load_meeting_slos_and_chunk_counting(tmp_path):
     out = tmp_path / "lt"
-    # no usage in the stream: tokens are counted as content chunks; single-worker-like server gets slower with load
-    with FakeServer(ttft=0.02, itl=0.002, usage=False) as srv:
+    # no usage asked for (--no-stream-usage): tokens are counted as content chunks
+    with FakeServer(ttft=0.02, itl=0.002) as srv:
         proc = run_cli("--url", srv.url + "/v1", "--model", "fake", "--out", str(out), "--concurrency", "1,2",
                        "--requests", "6", "--warmup", "0", "--output-tokens", "4", "--slo", "ttft_p99<2s",
-                       "--no-plots", "--duration", "30")
+                       "--no-plots", "--duration", "30", "--no-stream-usage")
+        assert all("stream_options" not in b and b["stream"] for b in srv.bodies)
     assert proc.returncode == 0, proc.stderr
     res = json.loads((out / "results.json").read_text())
     assert all(lv["token_source"] == {"chunks": 6} and lv["output_tokens"] == 24 for lv in res["levels"])
     assert res["summary"]["best"]["concurrency"]["value"] == 2
     assert "highest load meeting the SLOs: **concurrency 2**" in (out / "report.md").read_text()
     assert not (out / "latency_vs_load.png").exists()
+
+
+def test_non_streaming_requests(tmp_path):
+    out = tmp_path / "lt"
+    with FakeServer(ttft=0.05, itl=0.01) as srv:
+        proc = run_cli("--url", srv.url, "--model", "fake", "--out", str(out), "--concurrency", "2", "--no-stream",
+                       "--requests", "4", "--warmup", "0", "--output-tokens", "5", "--no-plots",
+                       "--metrics-url", srv.url + "/metrics")
+        assert all(b["stream"] is False and "stream_options" not in b for b in srv.bodies)
+    assert proc.returncode == 0, proc.stderr
+    lv = json.loads((out / "results.json").read_text())["levels"][0]
+    assert lv["successes"] == 4 and lv["output_tokens"] == 20 and lv["token_source"] == {"usage": 4}
+    assert lv["ttft"]["p50"] >= 0.09 and lv["ttft"]["p50"] == pytest.approx(lv["e2e"]["p50"], rel=0.05)
+    assert lv["itl"]["p50"] is None and lv["server_check"]["agree"]
 
 
 def test_server_errors_are_counted_by_status(tmp_path):
