@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "counted as content chunks.")
     t.add_argument("--metrics-url", help="Prometheus /metrics of the server: scraped before and after each level "
                                          "and compared with the client's counts.")
+    t.add_argument("--metrics-settle", type=float, default=10.0,
+                   help="Seconds to wait at most for the server's counters to count a level's requests.")
     t.add_argument("--timeout", type=float, default=600.0, help="Seconds one request may take.")
     t.add_argument("--extra-body", type=json.loads, help="JSON object merged into every request body.")
 
@@ -162,7 +164,8 @@ async def sweep(args: argparse.Namespace, prompts: list[Prompt], levels: list[Le
                       extra_body=args.extra_body, requests=args.requests or None,
                       requests_per_concurrency=args.requests_per_concurrency, duration=args.duration or None,
                       warmup=args.warmup, max_concurrency=args.max_concurrency, seed=args.seed,
-                      progress=args.progress, metrics_url=args.metrics_url)
+                      progress=args.progress, metrics_url=args.metrics_url,
+                      metrics_settle=args.metrics_settle)
     limit = max([int(lv.value) for lv in levels if lv.mode == "concurrency"] + [args.max_concurrency or 0, 100])
     connector = aiohttp.TCPConnector(limit=limit + 8)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)

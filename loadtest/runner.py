@@ -18,7 +18,7 @@ from typing import Any, Literal
 import aiohttp
 
 from loadtest.client import Endpoint, Prompt, RequestResult, build_body, send_request
-from loadtest.stats import parse_prometheus
+from loadtest.stats import SERVER_COUNTERS, parse_prometheus
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class RunOptions:
     seed: int = 0
     progress: bool = True
     metrics_url: str | None = None
-    metrics_settle: float = 0.5
+    metrics_settle: float = 10.0  # most seconds to wait for the server's counters to settle
 
 
 @dataclass
@@ -153,27 +153,47 @@ async def scrape(session: aiohttp.ClientSession, url: str, model: str | None) ->
         return parse_prometheus(await resp.text(), model)
 
 
+async def settled_scrape(session: aiohttp.ClientSession, opts: RunOptions, base: dict[str, float],
+                         want: int) -> dict[str, float]:
+    """Scrape until the server's success counter has counted ``want`` requests more than in ``base``, for at
+    most ``opts.metrics_settle`` seconds: servers that export metrics on a timer count a finished request a
+    little after its last byte."""
+    key = SERVER_COUNTERS["successes"]
+    deadline = time.perf_counter() + opts.metrics_settle
+    cur = await scrape(session, opts.metrics_url, opts.model)
+    while key in cur and cur[key] - base.get(key, 0.0) < want and time.perf_counter() < deadline:
+        await asyncio.sleep(0.25)
+        cur = await scrape(session, opts.metrics_url, opts.model)
+    return cur
+
+
 async def run_level(session: aiohttp.ClientSession, level: Level, prompts: list[Prompt],
                     opts: RunOptions) -> LevelRun:
+    """Warm-up, scrape, measure, scrape. The server's counters are read once they have counted the warm-up
+    (``before``) and the measured requests (``after``), so the difference is this level's exactly."""
     feed = _Prompts(prompts)
-    warm: list[RequestResult] = []
-    if opts.warmup:
-        warm, _ = await _phase(session, level, feed, opts, opts.warmup, None, "warm-up")
-    before = after = None
+    start = before = after = None
     err = None
     if opts.metrics_url:
         try:
-            before = await scrape(session, opts.metrics_url, opts.model)
+            start = await scrape(session, opts.metrics_url, opts.model)
+        except (aiohttp.ClientError, TimeoutError, RuntimeError) as e:
+            err = f"{type(e).__name__}: {e}"
+    warm: list[RequestResult] = []
+    if opts.warmup:
+        warm, _ = await _phase(session, level, feed, opts, opts.warmup, None, "warm-up")
+    if start is not None:
+        try:
+            before = await settled_scrape(session, opts, start, sum(r.ok for r in warm))
         except (aiohttp.ClientError, TimeoutError, RuntimeError) as e:
             err = f"{type(e).__name__}: {e}"
     count = opts.requests
     if count and level.mode == "concurrency":
         count = max(count, opts.requests_per_concurrency * int(level.value))
     results, duration = await _phase(session, level, feed, opts, count, opts.duration, "measure")
-    if opts.metrics_url and before is not None:
-        await asyncio.sleep(opts.metrics_settle)  # servers may count a request just after its last byte
+    if before is not None:
         try:
-            after = await scrape(session, opts.metrics_url, opts.model)
+            after = await settled_scrape(session, opts, before, sum(r.ok for r in results))
         except (aiohttp.ClientError, TimeoutError, RuntimeError) as e:
             err = f"{type(e).__name__}: {e}"
     return LevelRun(level, results, duration, warm, before, after, err)

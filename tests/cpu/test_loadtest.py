@@ -38,9 +38,9 @@ class FakeServer:
     ``fail_every``-th request answers ``fail_status``. Counts what it served on /metrics (vLLM names)."""
 
     def __init__(self, ttft: float = 0.03, itl: float = 0.005, fail_every: int = 0, fail_status: int = 500,
-                 usage: bool = True, prompt_tokens: int = 7):
+                 usage: bool = True, prompt_tokens: int = 7, count_delay: float = 0.0):
         self.ttft, self.itl, self.fail_every, self.fail_status = ttft, itl, fail_every, fail_status
-        self.usage, self.prompt_tokens = usage, prompt_tokens
+        self.usage, self.prompt_tokens, self.count_delay = usage, prompt_tokens, count_delay
         self.n = 0
         self.counts = {"vllm:prompt_tokens_total": 0, "vllm:generation_tokens_total": 0,
                        "vllm:request_success_total": 0}
@@ -80,6 +80,12 @@ class FakeServer:
         return resp
 
     def _count(self, n_out: int) -> None:
+        if self.count_delay:  # like a server exporting its metrics on a timer
+            asyncio.get_running_loop().call_later(self.count_delay, self._add, n_out)
+        else:
+            self._add(n_out)
+
+    def _add(self, n_out: int) -> None:
         self.counts["vllm:prompt_tokens_total"] += self.prompt_tokens
         self.counts["vllm:generation_tokens_total"] += n_out
         self.counts["vllm:request_success_total"] += 1
@@ -269,9 +275,9 @@ def test_highest_load_meeting_slos_and_chunk_counting(tmp_path):
 
 def test_non_streaming_requests(tmp_path):
     out = tmp_path / "lt"
-    with FakeServer(ttft=0.05, itl=0.01) as srv:
+    with FakeServer(ttft=0.05, itl=0.01, count_delay=1.0) as srv:  # counters lag: the scrape waits for them
         proc = run_cli("--url", srv.url, "--model", "fake", "--out", str(out), "--concurrency", "2", "--no-stream",
-                       "--requests", "4", "--warmup", "0", "--output-tokens", "5", "--no-plots",
+                       "--requests", "4", "--warmup", "1", "--output-tokens", "5", "--no-plots",
                        "--metrics-url", srv.url + "/metrics")
         assert all(b["stream"] is False and "stream_options" not in b for b in srv.bodies)
     assert proc.returncode == 0, proc.stderr
