@@ -37,7 +37,7 @@ from training.data import (
     tokenize_conversation,
     tokenize_prompt,
 )
-from training.metrics import Throughput, train_flops_per_token
+from training.metrics import Throughput, read_metrics, train_flops_per_token
 from training.models import (
     count_parameters,
     last_token_values,
@@ -51,8 +51,9 @@ from training.models import (
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen: GenerationConfig,
-           eos_ids: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample continuations of left-padded prompts with a KV cache, through the boosted model's forward.
+           eos_ids: list[int], pad_id: int, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample (or, ``greedy``, decode) continuations of left-padded prompts with a KV cache, through the boosted
+    model's forward.
 
     Returns (sequences [B, P+R], attention mask [B, P+R]); a row stops after its first EOS.
     """
@@ -68,7 +69,9 @@ def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
                     use_cache=True)
         past = out.past_key_values
         logits = out.logits[:, -1].float() / gen.temperature
-        if gen.top_k:
+        if greedy:
+            logits = logits.masked_fill(logits < logits.max(-1, keepdim=True).values, float("-inf"))
+        elif gen.top_k:
             kth = torch.topk(logits, min(gen.top_k, logits.size(-1))).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if gen.top_p < 1:
@@ -76,7 +79,7 @@ def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
             cum = sorted_logits.softmax(-1).cumsum(-1)
             drop = cum - sorted_logits.softmax(-1) > gen.top_p
             logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-        nxt = torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+        nxt = logits.argmax(-1) if greedy else torch.multinomial(logits.softmax(-1), 1).squeeze(1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         tokens.append(nxt)
         mask = torch.cat([mask, (~done).long().unsqueeze(1)], dim=1)
@@ -137,6 +140,31 @@ def make_experience(actor, critic, ref, reward_model, prompts: dict[str, torch.T
     return Experience(seq, mask, action_mask, P, logprobs.float(), values, advantages, returns, stats)
 
 
+@torch.no_grad()
+def evaluate_reward(actor, reward_model, prompts: list[list[int]], cfg: PPOConfig, eos_ids: list[int], pad_id: int,
+                    device: torch.device) -> dict[str, float]:
+    """Mean reward-model score and length of greedy answers to held-out prompts, sharded over ranks.
+
+    Every rank runs the same number of batches (collective plugins need that); padding prompts weigh zero.
+    """
+    world, rank = engine.world_size(), engine.rank()
+    span = math.ceil(len(prompts) / world) * world
+    mine = [(prompts[i], 1.0) if i < len(prompts) else (prompts[0], 0.0) for i in range(rank, span, world)]
+    totals = torch.zeros(3, dtype=torch.float64)
+    with engine.eval_mode(actor):
+        for i in range(0, len(mine), cfg.ppo.rollout_batch_size):
+            chunk = mine[i:i + cfg.ppo.rollout_batch_size]
+            batch = {k: v.to(device) for k, v in collate_prompts([c[0] for c in chunk], pad_id=pad_id).items()}
+            seq, mask = sample(actor, batch["input_ids"], batch["attention_mask"], cfg.ppo.generation, eos_ids, pad_id,
+                               greedy=True)
+            score = last_token_values(token_values(reward_model, seq, mask), mask).float().cpu()
+            length = mask[:, batch["input_ids"].size(1):].sum(1).float().cpu()
+            weight = torch.tensor([c[1] for c in chunk])
+            totals += torch.stack([(score * weight).sum(), (length * weight).sum(), weight.sum()]).double()
+    reward, length, count = (engine.all_reduce_mean(float(x), device) * world for x in totals)
+    return {"reward": reward / max(count, 1.0), "response_length": length / max(count, 1.0), "prompts": count}
+
+
 def _pad_to(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return F.pad(x, (0, width - x.size(1)), value=value)
 
@@ -183,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     stage = runner.start("ppo", cfg, resume=args.resume)
 
     tokenizer = load_tokenizer(cfg.model)
-    prompt_rows, _, data_report = runner.load_data(cfg.data, "prompt", cfg.train.seed)
-    prompts, data_report["prompts_too_long"] = runner.tokenize_all(
-        prompt_rows, partial(tokenize_prompt, tokenizer=tokenizer, max_length=cfg.data.max_length), "prompt")
+    prompt_rows, eval_rows, data_report = runner.load_data(cfg.data, "prompt", cfg.train.seed)
+    tokenize = partial(tokenize_prompt, tokenizer=tokenizer, max_length=cfg.data.max_length)
+    prompts, data_report["prompts_too_long"] = runner.tokenize_all(prompt_rows, tokenize, "prompt")
+    eval_prompts = [tokenize(row) for row in eval_rows]
     ptx: list = []
     if p.ptx_data and p.ptx_coef > 0:
         ptx_rows, ptx_stats = load_rows(p.ptx_data, "sft", on_error=cfg.data.on_error)
@@ -235,6 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     logger = runner.make_logger(stage, steps)
     meter = Throughput(stage.device, train_flops_per_token(actor_t.unwrap().config, n_params, cfg.data.max_length))
     last: dict[str, float] = {}
+    evaluate = partial(evaluate_reward, actor_t.model, reward_model, eval_prompts, cfg, eos_ids, pad_id, stage.device)
+    before: dict[str, float] = {}
+    if eval_prompts and stage.start_step == 0:
+        before = evaluate()  # the policy before PPO
+        logger.log(0, before, split="eval")
+    elif eval_prompts and engine.is_main():
+        before = next((r for r in read_metrics(stage.output_dir, "eval") if r["step"] == 0), {})
     for step in range(stage.start_step + 1, steps + 1):
         batch = {k: v.to(stage.device) for k, v in next(prompt_batches).items()}
         exp = make_experience(actor_t.model, critic_t.model, ref, reward_model, batch, cfg, eos_ids, pad_id)
@@ -265,10 +301,18 @@ def main(argv: list[str] | None = None) -> int:
             last.update({k: engine.all_reduce_mean(v, stage.device) for k, v in exp.stats.items()})
             last.update(lr=actor_t.lr, critic_lr=critic_t.lr, **meter.report())
             logger.log(step, last)
+        if eval_prompts and cfg.log.eval_every and step % cfg.log.eval_every == 0 and step != steps:
+            logger.log(step, evaluate(), split="eval")
         runner.maybe_crash(step)
         if cfg.checkpoint.save_every and (step % cfg.checkpoint.save_every == 0 or step == steps):
             state = {"sampler": prompt_sampler.state_dict(), "ptx_sampler": ptx_sampler.state_dict(), "metrics": last}
             stage.checkpointer.save(step, [actor_t, critic_t], tokenizer, state)
+    eval_metrics: dict[str, float] = {}
+    if eval_prompts:
+        after = evaluate()
+        logger.log(steps, after, split="eval")
+        eval_metrics = {"eval_reward_before": before.get("reward"), "eval_reward_after": after["reward"],
+                        "eval_prompts": after["prompts"]}
     logger.close()
 
     export_model(actor_t, stage.output_dir / "actor", tokenizer)
@@ -277,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "critic": str(stage.output_dir / "critic")},
                   inputs={"model": cfg.model.path, "reward_model": p.reward_model_path, "data": cfg.data.train,
                           **data_report},
-                  metrics={**{"final_" + k: v for k, v in last.items()}, "steps": steps, "parameters": n_params,
+                  metrics={**{"final_" + k: v for k, v in last.items()}, **eval_metrics, "steps": steps,
+                           "parameters": n_params,
                            "trainable_parameters": n_trainable})
     return 0
 

@@ -118,8 +118,11 @@ def reward_model(tiny_model, tmp_path_factory) -> Path:
 
 def ppo_config(tiny_model: Path, reward_model: Path, tmp_path: Path, out: Path, **train) -> Path:
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"instruction": q} for q in QUESTIONS])
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", [{"prompt": q} for q in ("Name a color.", "Count to two.",
+                                                                                 "Say hello.")])
     ptx = write_jsonl(tmp_path / "ptx.jsonl", SFT_ROWS)
     cfg = base_config(tiny_model, [str(prompts)], out, max_steps=3, micro_batch_size=2, lr=1e-3, **train)
+    cfg["data"]["eval"] = [str(held_out)]
     cfg["ppo"] = {"reward_model_path": str(reward_model), "ptx_data": [str(ptx)], "ptx_coef": 0.5,
                   "rollout_batch_size": 4, "ppo_epochs": 2, "kl_coef": 0.1,
                   "generation": {"max_new_tokens": 8, "temperature": 1.0, "top_k": 20}}
@@ -146,6 +149,11 @@ def test_ppo_changes_policy_with_zero_initial_kl(tiny_model, reward_model, tmp_p
                            AutoModelForTokenClassification.from_pretrained(reward_model).score.weight)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["outputs"]["actor"].endswith("actor") and manifest["inputs"]["ptx_rows"] == 4
+    evals = read_metrics(out, "eval")  # greedy answers to held-out prompts, scored by the RM, before and after
+    assert [r["step"] for r in evals] == [0, 3] and all(r["prompts"] == 3 for r in evals)
+    assert manifest["metrics"]["eval_reward_before"] == pytest.approx(evals[0]["reward"], abs=1e-5)
+    assert manifest["metrics"]["eval_reward_after"] == pytest.approx(evals[1]["reward"], abs=1e-5)
+    assert evals[0]["reward"] != evals[1]["reward"]  # the policy moved
 
 
 def test_sft_kill_and_resume_matches_uninterrupted_run(tiny_model, tmp_path):
