@@ -1,0 +1,340 @@
+"""Engine benchmark: tokens/s and latency at batch 1..N, next to Hugging Face ``generate`` on the same model.
+
+    python -m serving.bench --model PATH [--gpu-memory-gb 4] [--batch-sizes 1,2,4] [--prompt-len 128]
+                            [--gen-len 128] [--kv-cache-dtype int8] [--max-model-len 512] [--out FILE.json]
+
+Each phase runs in its own process (clean ``nvidia-smi`` readings, no cache left over from another phase):
+``engine`` (this project's engine), ``generate`` (HF ``generate``, what ColossalChat's inference did) and,
+with ``--hf-continuous-batching``, transformers' own ``generate_batch``. All phases run under the same
+``torch.cuda.set_per_process_memory_fraction`` cap. Prints one JSON document (and writes it to ``--out``).
+Weights are whatever the checkpoint holds: random weights are honest for speed and memory, not quality.
+No Ray, FastAPI or pydantic needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+
+
+def _smi_sampler(stop: threading.Event, out: dict[str, int]) -> None:
+    """Poll nvidia-smi for this process's (or the GPU's) used memory in MiB; keep the maximum."""
+    pid = str(os.getpid())
+    while not stop.is_set():
+        try:
+            apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,"
+                                   "nounits"], capture_output=True, text=True, timeout=10).stdout
+            for line in apps.splitlines():
+                p, mem = (x.strip() for x in line.split(","))
+                if p == pid:
+                    out["process_mib"] = max(out.get("process_mib", 0), int(mem))
+            used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                                  capture_output=True, text=True, timeout=10).stdout.split()
+            if used:
+                out["gpu_used_mib"] = max(out.get("gpu_used_mib", 0), int(used[0]))
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return
+        stop.wait(0.25)
+
+
+def measure_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted), 512 MiB buffers."""
+    import torch
+
+    n = 512 * 1024**2
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    reps = 20
+    for _ in range(reps):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    bw = 2 * n * reps / (time.perf_counter() - t)
+    del a, b
+    torch.cuda.empty_cache()
+    return bw
+
+
+def _cap(gb: float | None) -> None:
+    import torch
+
+    if torch.cuda.is_available() and gb:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, gb * GIB / total))
+
+
+def _prompts(vocab: int, batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, max(11, vocab - 10), (batch, length), generator=g).tolist()
+
+
+def phase_engine(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from serving.engine import EngineOptions, LLMEngine, SamplingParams
+
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    result: dict[str, Any] = {}
+    if cuda:
+        result["bandwidth_gbps"] = round(measure_bandwidth() / 1e9, 1)
+    opts = EngineOptions(device="cuda" if cuda else "cpu", gpu_memory_gb=args.gpu_memory_gb,
+                         max_model_len=args.max_model_len, max_num_seqs=max(args.batch_sizes),
+                         kv_cache_dtype=args.kv_cache_dtype, embed_on_host=args.embed_on_host,
+                         lm_head_int8=args.lm_head_int8, cuda_graphs=not args.no_cuda_graphs,
+                         gptq_backend=args.gptq_backend, warmup=True, max_waiting=1024)
+    eng = LLMEngine(args.model, opts)
+    stop = threading.Event()
+    smi: dict[str, int] = {}
+    sampler = threading.Thread(target=_smi_sampler, args=(stop, smi), daemon=True)
+    if cuda:
+        sampler.start()
+    eng.load_and_start()
+    result["engine"] = eng.info
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    vocab = eng.runner.vocab
+    runs = []
+    for b in args.batch_sizes:
+        if b > eng.num_slots:
+            runs.append({"batch": b, "skipped": f"budget holds {eng.num_slots} concurrent sequences"})
+            continue
+        runs.append(_engine_run(eng, SamplingParams, _prompts(vocab, b, args.prompt_len, seed=b), args.gen_len))
+        print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    if cuda:
+        torch.cuda.synchronize()
+        result["peak_allocated_serving_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        result["reserved_mib"] = round(torch.cuda.memory_reserved() / 2**20)
+        stop.set()
+        sampler.join(timeout=5)
+        result["nvidia_smi_max"] = smi
+        wbytes = eng.info["weights_bytes_on_gpu"]
+        if result.get("bandwidth_gbps"):
+            result["bandwidth_limit_tok_s"] = round(result["bandwidth_gbps"] * 1e9 / wbytes, 1)
+    result["runs"] = runs
+    result["max_concurrency"] = eng.num_slots
+    eng.shutdown()
+    return result
+
+
+def _engine_run(eng: Any, sampling_cls: Any, prompts: list[list[int]], gen_len: int) -> dict[str, Any]:
+    done = threading.Event()
+    lock = threading.Lock()
+    first: dict[int, float] = {}
+    last: dict[int, float] = {}
+    counts: dict[int, int] = {}
+    remaining = [len(prompts)]
+    errors: list[str] = []
+
+    def make_sink(i: int):
+        def sink(o: Any) -> None:
+            now = time.perf_counter()
+            with lock:
+                if isinstance(o, BaseException):
+                    errors.append(repr(o))
+                    done.set()
+                    return
+                first.setdefault(i, now)
+                last[i] = now
+                counts[i] = o.completion_tokens
+                if o.finish_reason:
+                    remaining[0] -= 1
+                    if remaining[0] == 0:
+                        done.set()
+        return sink
+
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        eng.add_request(p, sampling_cls(max_tokens=gen_len, temperature=0.0, ignore_eos=True), make_sink(i))
+    if not done.wait(1800):
+        raise RuntimeError("benchmark run did not finish")
+    if errors:
+        return {"batch": len(prompts), "error": errors[0]}
+    wall = time.perf_counter() - t0
+    total = sum(counts.values())
+    ttft = sorted(first[i] - t0 for i in first)
+    decode = [(counts[i] - 1) / (last[i] - first[i]) for i in counts if last[i] > first[i]]
+    return {"batch": len(prompts), "prompt_len": len(prompts[0]), "gen_len": gen_len, "wall_s": round(wall, 3),
+            "tokens": total, "aggregate_tok_s": round(total / wall, 1),
+            "per_stream_decode_tok_s": round(sum(decode) / max(1, len(decode)), 1),
+            "ttft_s_median": round(ttft[len(ttft) // 2], 4), "ttft_s_max": round(ttft[-1], 4)}
+
+
+def _load_hf(args: argparse.Namespace):
+    import torch
+
+    from serving.engine import load_model, resolve_device
+
+    dev = resolve_device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    model, _ = load_model(Path(args.model), dev, "auto", args.gptq_backend)
+    return model, dev
+
+
+def phase_generate(args: argparse.Namespace) -> dict[str, Any]:
+    """Plain HF ``generate`` (dynamic cache, padding-free equal-length prompts) under the same cap."""
+    import torch
+
+    _cap(args.gpu_memory_gb)
+    model, dev = _load_hf(args)
+    cuda = dev.type == "cuda"
+    out: dict[str, Any] = {"runs": []}
+    if cuda:
+        torch.cuda.synchronize()
+        out["allocated_after_load_mib"] = round(torch.cuda.memory_allocated() / 2**20)
+    vocab = model.config.vocab_size
+    for b in args.batch_sizes:
+        ids = torch.tensor(_prompts(vocab, b, args.prompt_len, seed=b), device=dev)
+        try:
+            with torch.inference_mode():
+                model.generate(ids[:, :8], max_new_tokens=4, do_sample=False, min_new_tokens=4)  # warm-up
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t = time.perf_counter()
+                res = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.gen_len,
+                                     min_new_tokens=args.gen_len, do_sample=False)
+                if cuda:
+                    torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+            n = (res.shape[1] - ids.shape[1]) * b
+            run = {"batch": b, "wall_s": round(wall, 3), "tokens": n, "aggregate_tok_s": round(n / wall, 1)}
+            if cuda:
+                run["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        except torch.OutOfMemoryError as e:
+            run = {"batch": b, "oom": str(e).splitlines()[0][:200]}
+            if cuda:
+                torch.cuda.empty_cache()
+        out["runs"].append(run)
+        print(json.dumps(run), file=sys.stderr, flush=True)
+        if "oom" in run:
+            break
+    ok = [r for r in out["runs"] if "aggregate_tok_s" in r]
+    out["best_aggregate_tok_s"] = max((r["aggregate_tok_s"] for r in ok), default=None)
+    return out
+
+
+def phase_hf_cb(args: argparse.Namespace) -> dict[str, Any]:
+    """transformers' continuous batching (``generate_batch``), the candidate we measured and did not keep."""
+    import torch
+    from transformers import GenerationConfig
+
+    _cap(args.gpu_memory_gb)
+    model, dev = _load_hf(args)
+    out: dict[str, Any] = {"runs": []}
+    vocab = model.config.vocab_size
+    for b in args.batch_sizes:
+        prompts = _prompts(vocab, b, args.prompt_len, seed=b)
+        gc = GenerationConfig(max_new_tokens=args.gen_len, min_new_tokens=args.gen_len, do_sample=False,
+                              eos_token_id=-1, num_blocks=max(16, b * (args.prompt_len + args.gen_len) // 32 + 8),
+                              block_size=32, max_batch_tokens=max(256, args.prompt_len * 2))
+        try:
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            res = model.generate_batch(inputs=prompts, generation_config=gc)
+            wall = time.perf_counter() - t
+            n = sum(len(r.generated_tokens) for r in res.values())
+            run = {"batch": b, "wall_s": round(wall, 3), "tokens": n, "aggregate_tok_s": round(n / wall, 1)}
+            if dev.type == "cuda":
+                run["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
+        except Exception as e:  # noqa: BLE001 - a candidate's failure is a result to report
+            run = {"batch": b, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        out["runs"].append(run)
+        print(json.dumps(run), file=sys.stderr, flush=True)
+        if "error" in run:
+            break
+    return out
+
+
+PHASES = {"engine": phase_engine, "generate": phase_generate, "hf_cb": phase_hf_cb}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--gpu-memory-gb", type=float, default=4.0)
+    p.add_argument("--batch-sizes", default="1,2,4,8", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen-len", type=int, default=128)
+    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--kv-cache-dtype", default="int8", choices=["auto", "int8"])
+    p.add_argument("--embed-on-host", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--lm-head-int8", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--gptq-backend", default="auto", choices=["auto", "marlin", "exllama_v2", "triton", "torch"])
+    p.add_argument("--phases", default="engine,generate", help="comma list of: engine, generate, hf_cb")
+    p.add_argument("--hf-continuous-batching", action="store_true", help="also run the hf_cb phase")
+    p.add_argument("--phase", help=argparse.SUPPRESS)
+    p.add_argument("--out", help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.phase:  # child process
+        print(json.dumps(PHASES[args.phase](args)))
+        return 0
+    phases = [x for x in args.phases.split(",") if x]
+    if args.hf_continuous_batching and "hf_cb" not in phases:
+        phases.append("hf_cb")
+    raw = sys.argv[1:] if argv is None else argv
+    report: dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k != "phase"}, "started": time.time()}
+    for ph in phases:
+        t = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "serving.bench", *raw, "--phase", ph], capture_output=True,
+                              text=True)
+        sys.stderr.write(proc.stderr[-4000:])
+        try:
+            report[ph] = json.loads(proc.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            report[ph] = {"error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-2000:]}
+        report[ph]["phase_s"] = round(time.monotonic() - t, 1)
+    _summarize(report)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(text)
+        tmp.replace(args.out)
+    return 0
+
+
+def _summarize(report: dict[str, Any]) -> None:
+    eng, gen = report.get("engine", {}), report.get("generate", {})
+    runs = [r for r in eng.get("runs", []) if "aggregate_tok_s" in r]
+    if not runs:
+        return
+    s: dict[str, Any] = {"max_concurrency": eng.get("max_concurrency"),
+                         "peak_allocated_serving_mib": eng.get("peak_allocated_serving_mib"),
+                         "nvidia_smi_max": eng.get("nvidia_smi_max")}
+    b1 = next((r for r in runs if r["batch"] == 1), None)
+    if b1:
+        s["batch1_decode_tok_s"] = b1["per_stream_decode_tok_s"]
+        if eng.get("bandwidth_limit_tok_s"):
+            s["batch1_fraction_of_bandwidth_limit"] = round(b1["per_stream_decode_tok_s"] /
+                                                            eng["bandwidth_limit_tok_s"], 3)
+    best = max(runs, key=lambda r: r["aggregate_tok_s"])
+    s["best_aggregate_tok_s"] = best["aggregate_tok_s"]
+    s["best_aggregate_batch"] = best["batch"]
+    if gen.get("best_aggregate_tok_s"):
+        s["generate_best_aggregate_tok_s"] = gen["best_aggregate_tok_s"]
+        s["speedup_vs_generate"] = round(best["aggregate_tok_s"] / gen["best_aggregate_tok_s"], 2)
+    report["summary"] = s
+
+
+if __name__ == "__main__":
+    sys.exit(main())

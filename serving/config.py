@@ -1,0 +1,159 @@
+"""Serving configuration: one pydantic ``ServeConfig`` loaded from YAML with ``key.sub=value`` overrides.
+
+Groups: ``engine`` (model loading, KV cache, memory budget, batching), ``deployment`` (Ray Serve replicas,
+resources, admission, autoscaling) and the HTTP/API options at the top level. Unknown keys are rejected.
+Example files: ``serving/configs/*.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from training.config import ConfigError, load_config
+
+DEFAULT_PORT = 8000
+DEFAULT_GPU_MEMORY_GB = 4.0
+DEFAULT_MAX_MODEL_LEN = 2048
+DEFAULT_MAX_NUM_SEQS = 32
+DEFAULT_MAX_WAITING = 64
+
+__all__ = ["ConfigError", "DeploymentConfig", "EngineConfig", "ServeConfig", "load_serve_config", "resolve_model_path"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class EngineConfig(_Strict):
+    """The LLM engine of one replica."""
+
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: CUDA when available, else CPU.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Activation/weight dtype for non-quantized parts. auto: fp16 on CUDA, fp32 on CPU.")
+    gpu_memory_gb: float | None = Field(
+        DEFAULT_GPU_MEMORY_GB, gt=0,
+        description="Budget for the whole replica on the GPU (weights, KV cache, activations, graphs); the KV "
+                    "cache gets what is left. Enforced with torch.cuda.set_per_process_memory_fraction. "
+                    "Ignored on CPU. null: no cap (cache sized by kv_cache_tokens or max_num_seqs*max_model_len).")
+    cpu_kv_cache_gb: float = Field(0.5, gt=0, description="KV cache budget on CPU.")
+    max_model_len: int = Field(DEFAULT_MAX_MODEL_LEN, ge=16, description="Longest prompt + completion, in tokens.")
+    max_num_seqs: int = Field(DEFAULT_MAX_NUM_SEQS, ge=1, le=256,
+                              description="Most sequences decoding at once (upper bound; the budget may allow fewer).")
+    max_waiting: int = Field(DEFAULT_MAX_WAITING, ge=0,
+                             description="Requests allowed to wait for a free slot; beyond it the API answers 429.")
+    max_prefill_tokens: int = Field(4096, ge=16, description="Prompt tokens prefilled per engine step at most.")
+    kv_cache_dtype: Literal["auto", "int8"] = Field(
+        "auto", description="auto: the model dtype. int8: per-token-per-head scaled int8 (half the bytes).")
+    kv_cache_tokens: int | None = Field(None, ge=16, description="Fix the KV cache size in tokens instead of sizing "
+                                                                 "it from the memory budget.")
+    embed_on_host: bool | None = Field(None, description="Keep the embedding table in host memory (saves "
+                                                         "vocab*hidden*2 bytes of GPU memory). None: on when a "
+                                                         "gpu_memory_gb budget is set.")
+    lm_head_int8: bool = Field(False, description="Store lm_head as int8 with per-row scales (half its bytes).")
+    cuda_graphs: bool = Field(True, description="Capture the decode step as CUDA graphs (CUDA only).")
+    graph_batch_sizes: list[int] = Field([1, 2, 4, 8, 16, 24, 32, 48, 64],
+                                         description="Batch-size buckets captured as CUDA graphs.")
+    gptq_backend: Literal["auto", "marlin", "exllama_v2", "triton", "torch"] = Field(
+        "auto", description="GPTQModel kernel for GPTQ checkpoints. auto: marlin on CUDA, torch on CPU.")
+    warmup: bool = Field(True, description="Run a short generation before reporting ready.")
+    seed: int = Field(0, description="Seed for requests that give none.")
+
+    @model_validator(mode="after")
+    def _buckets(self) -> EngineConfig:
+        if not self.graph_batch_sizes or any(b < 1 for b in self.graph_batch_sizes):
+            raise ValueError("graph_batch_sizes must be a non-empty list of positive integers")
+        return self
+
+
+class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling (replaces ``num_replicas``)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(16, gt=0, description="Per-replica load the autoscaler aims for.")
+    upscale_delay_s: float = Field(30, ge=0)
+    downscale_delay_s: float = Field(600, ge=0)
+    metrics_interval_s: float = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+    def to_ray(self) -> dict:
+        return self.model_dump(exclude_none=True)
+
+
+class DeploymentConfig(_Strict):
+    """Ray Serve deployment options of the LLM server."""
+
+    name: str = Field("LLMServer", description="Ray Serve deployment name.")
+    num_replicas: int = Field(1, ge=1, description="Fixed replica count (ignored when autoscaling is set).")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (1 on a GPU node).")
+    num_cpus: float = Field(1, ge=0, description="CPUs per replica.")
+    max_ongoing_requests: int = Field(96, ge=1, description="Ray Serve's per-replica concurrency cap; keep it at "
+                                                            "least max_num_seqs + max_waiting so our own admission "
+                                                            "(429) answers first.")
+    max_queued_requests: int = Field(-1, ge=-1, description="Ray Serve's proxy-side queue bound (-1: unbounded).")
+    health_check_period_s: float = Field(10, gt=0)
+    health_check_timeout_s: float = Field(30, gt=0)
+    graceful_shutdown_timeout_s: float = Field(20, ge=0)
+    autoscaling: AutoscalingConfig | None = Field(None, description="Set to enable Ray Serve autoscaling.")
+
+
+class ServeConfig(_Strict):
+    """Everything ``python -m serving`` needs."""
+
+    model: str | None = Field(None, description="HF folder, GPTQ folder, or a stage output folder with manifest.json.")
+    served_model_name: str | None = Field(None, description="Name clients pass as `model`. Default: folder name.")
+    tokenizer: str | None = Field(None, description="Tokenizer folder when it differs from the model folder.")
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's.")
+    host: str = Field("0.0.0.0", description="HTTP bind address.")
+    port: int = Field(DEFAULT_PORT, ge=1, le=65535)
+    root_path: str = Field("", description="Path prefix when served behind a proxy.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    request_timeout_s: float = Field(600, gt=0, description="Longest a request may run before it is cancelled.")
+    ray_address: str | None = Field(None, description="Existing Ray cluster to join (default: start a local one).")
+    ray_metrics_export_port: int | None = Field(8080, description="Port where Ray exports Ray Serve's own "
+                                                                  "Prometheus metrics (None: Ray's default).")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return Path(self.model or "model").resolve().name
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A model folder, or a stage output folder whose manifest names the model folder."""
+    p = Path(path)
+    manifest = p / "manifest.json"
+    if manifest.is_file() and not (p / "config.json").is_file():
+        data = json.loads(manifest.read_text())
+        model = (data.get("outputs") or {}).get("model")
+        if not model:
+            raise ConfigError(f"model: {manifest} has no outputs.model")
+        mp = Path(model)
+        return mp if mp.is_absolute() else (p / mp if (p / mp).exists() else mp)
+    if not (p / "config.json").is_file():
+        raise ConfigError(f"model: {p} is not a model folder (no config.json) nor a stage output (no manifest.json)")
+    return p
+
+
+def load_serve_config(path: str | None, overrides: list[str] | None = None, model: str | None = None) -> ServeConfig:
+    cfg = load_config(ServeConfig, path, overrides)
+    if model is not None:
+        cfg.model = model
+    if not cfg.model:
+        raise ConfigError("model: required (set `model:` in the config or pass --model PATH)")
+    resolve_model_path(cfg.model)
+    return cfg

@@ -1,0 +1,930 @@
+"""The LLM engine of one replica: continuous batching over a fixed-slot KV cache, CUDA-graph decode.
+
+Design (see README "Serving"):
+- The loaded Hugging Face model (fp16/bf16, or GPTQ through GPTQModel, whose QuantLinear modules replace the
+  linears) provides the weights; ``LlamaRunner`` runs a compact Llama-family forward over them with its own
+  attention over ``KVCache`` (one slot of ``max_model_len`` tokens per running sequence, optionally int8).
+- The cache is sized from ``gpu_memory_gb``: the budget minus what the loaded weights and a measured
+  activation peak take. The process is capped with ``torch.cuda.set_per_process_memory_fraction``.
+- A background thread runs the scheduler: each step admits waiting requests (chunked prefill into a free
+  slot), then decodes one token for every running sequence. New requests join at token granularity;
+  finished ones leave and the last slot is moved into the hole so the batch stays dense (rows 0..B-1).
+- On CUDA the decode step (all layers, norm, lm_head) is captured as a CUDA graph per (batch bucket, context
+  bucket); sampling, stop checks and detokenization run outside the graph.
+- Callers use ``generate()`` (async iterator of ``StepOutput``); leaving the iterator early aborts the
+  sequence and frees its slot.
+
+Imports only torch/transformers (+gptqmodel for GPTQ checkpoints): no Ray, FastAPI or pydantic, so the
+benchmark runs on machines without them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger("serving.engine")
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+GIB = 1024**3
+
+
+class EngineError(Exception):
+    """Base of the engine's errors; ``status`` is the HTTP status the API maps it to."""
+
+    status = 500
+    param: str | None = None
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        if param is not None:
+            self.param = param
+
+
+class QueueFullError(EngineError):
+    status = 429
+
+
+class ContextLengthError(EngineError):
+    status = 400
+    param = "messages"
+
+
+class EngineDeadError(EngineError):
+    status = 503
+
+
+# ----------------------------------------------------------------------------------------------- requests
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    ignore_eos: bool = False
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class StepOutput:
+    """New text/tokens of one sequence since its last output; ``finish_reason`` set on the last one."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class RequestTimes:
+    arrival: float
+    scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+
+
+class Sequence:
+    __slots__ = ("id", "prompt_ids", "params", "sink", "output_ids", "slot", "pos", "text", "emitted",
+                 "prefix_offset", "read_offset", "pending_ids", "pending_lp", "generator", "times", "finished",
+                 "finish_reason", "counts", "stop_hold")
+
+    def __init__(self, seq_id: str, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Any], None]):
+        self.id = seq_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.sink = sink
+        self.output_ids: list[int] = []
+        self.slot = -1
+        self.pos = 0  # tokens in the cache
+        self.text = ""
+        self.emitted = 0  # chars of text already sent
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.pending_ids: list[int] = []
+        self.pending_lp: list[TokenLogprob] = []
+        self.generator: torch.Generator | None = None
+        self.times = RequestTimes(arrival=time.monotonic())
+        self.finished = False
+        self.finish_reason: str | None = None
+        self.counts: torch.Tensor | None = None  # token counts for presence/frequency penalties
+        self.stop_hold = max((len(s) for s in params.stop), default=1) - 1
+
+
+class StatsListener:
+    """Hooks the engine calls from its thread (``serving.metrics.EngineMetrics`` implements them)."""
+
+    def on_admitted(self, seq: Sequence) -> None: ...
+    def on_token(self, seq: Sequence, now: float) -> None: ...
+    def on_finished(self, seq: Sequence) -> None: ...
+    def on_step(self, running: int, waiting: int, kv_usage: float) -> None: ...
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+def _is_gptq(path: Path) -> bool:
+    if (path / "quantize_config.json").is_file():
+        return True
+    cfg = json.loads((path / "config.json").read_text())
+    q = cfg.get("quantization_config") or {}
+    return q.get("quant_method") == "gptq"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise EngineError("engine.device is cuda but CUDA is not available")
+        dev = torch.device(device)
+        return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device)
+
+
+def load_model(path: Path, device: torch.device, dtype: str = "auto", gptq_backend: str = "auto",
+               ) -> tuple[nn.Module, bool]:
+    """Load an HF causal LM (fp16/bf16/fp32) or a GPTQ checkpoint (GPTQModel kernels). Returns (model, is_gptq)."""
+    cfg = json.loads((path / "config.json").read_text())
+    if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise EngineError(f"model type {cfg.get('model_type')!r} is not supported (supported: "
+                          f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+    if _is_gptq(path):
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
+        from gptqmodel import BACKEND, GPTQModel
+
+        if gptq_backend == "auto":
+            gptq_backend = "marlin" if device.type == "cuda" else "torch"
+        backend = {"marlin": BACKEND.MARLIN, "exllama_v2": BACKEND.EXLLAMA_V2, "triton": BACKEND.TRITON,
+                   "torch": BACKEND.TORCH}[gptq_backend]
+        kwargs: dict[str, Any] = {}
+        if device.type == "cuda":
+            kwargs["dtype"] = torch.float16
+        wrapped = GPTQModel.load(str(path), backend=backend, device=str(device), **kwargs)
+        model = wrapped.model
+        return model.eval(), True
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
+    if torch_dtype is None:
+        torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, low_cpu_mem_usage=True)
+    return model.to(device).eval(), False
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 linear with per-row scales, dequantized in chunks (no full-size temporary)."""
+
+    def __init__(self, weight: torch.Tensor, chunk: int = 4096):
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
+        self.register_buffer("weight", torch.round(w / scale).to(torch.int8))
+        self.register_buffer("scale", scale.squeeze(1).to(weight.dtype))
+        self.chunk = chunk
+        self.out_features = weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = self.chunk
+        parts = [F.linear(x, self.weight[s:s + step].to(x.dtype)) for s in range(0, self.out_features, step)]
+        return torch.cat(parts, dim=-1) * self.scale
+
+
+class KVCache:
+    """Per-layer K/V for ``slots`` sequences of up to ``max_len`` tokens: [L, slots, kv_heads, max_len, head_dim]."""
+
+    def __init__(self, layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, quantized: bool):
+        shape = (layers, slots, kv_heads, max_len, head_dim)
+        self.quantized, self.dtype, self.slots, self.max_len = quantized, dtype, slots, max_len
+        store = torch.int8 if quantized else dtype
+        self.k = torch.zeros(shape, dtype=store, device=device)
+        self.v = torch.zeros(shape, dtype=store, device=device)
+        if quantized:
+            self.ks = torch.ones(shape[:-1] + (1,), dtype=dtype, device=device)
+            self.vs = torch.ones(shape[:-1] + (1,), dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, quantized: bool) -> int:
+        elem = 1 if quantized else torch.tensor([], dtype=dtype).element_size()
+        scale = 2 * torch.tensor([], dtype=dtype).element_size() if quantized else 0
+        return layers * kv_heads * (2 * head_dim * elem + scale)
+
+    def nbytes(self) -> int:
+        n = self.k.numel() * self.k.element_size() * 2
+        if self.quantized:
+            n += self.ks.numel() * self.ks.element_size() * 2
+        return n
+
+    def _q(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-6) / 127.0
+        return torch.round(x.float() / s).clamp(-127, 127).to(torch.int8), s.to(self.dtype)
+
+    def write_tokens(self, layer: int, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """One token per row: k/v [B, kv_heads, head_dim] at (slots[b], pos[b])."""
+        if self.quantized:
+            (kq, ksc), (vq, vsc) = self._q(k), self._q(v)
+            self.k[layer][slots, :, pos] = kq
+            self.v[layer][slots, :, pos] = vq
+            self.ks[layer][slots, :, pos] = ksc
+            self.vs[layer][slots, :, pos] = vsc
+        else:
+            self.k[layer][slots, :, pos] = k
+            self.v[layer][slots, :, pos] = v
+
+    def write_range(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """A chunk of one sequence: k/v [kv_heads, T, head_dim] at positions start..start+T-1."""
+        end = start + k.shape[1]
+        if self.quantized:
+            (kq, ksc), (vq, vsc) = self._q(k), self._q(v)
+            self.k[layer, slot, :, start:end] = kq
+            self.v[layer, slot, :, start:end] = vq
+            self.ks[layer, slot, :, start:end] = ksc
+            self.vs[layer, slot, :, start:end] = vsc
+        else:
+            self.k[layer, slot, :, start:end] = k
+            self.v[layer, slot, :, start:end] = v
+
+    def read(self, layer: int, slots: slice, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.k[layer, slots, :, :ctx], self.v[layer, slots, :, :ctx]
+        if self.quantized:
+            k = k.to(self.dtype) * self.ks[layer, slots, :, :ctx]
+            v = v.to(self.dtype) * self.vs[layer, slots, :, :ctx]
+        return k, v
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for t in ((self.k, self.v, self.ks, self.vs) if self.quantized else (self.k, self.v)):
+            t[:, dst, :, :length].copy_(t[:, src, :, :length])
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+class LlamaRunner:
+    """A compact Llama-family forward that reuses the loaded model's modules, with attention over ``KVCache``."""
+
+    def __init__(self, model: nn.Module, device: torch.device, embed_on_host: bool, lm_head_int8: bool):
+        inner = model.model
+        cfg = model.config
+        self.config = cfg
+        self.device = device
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.rotary = inner.rotary_emb
+        self.hidden = cfg.hidden_size
+        self.n_heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.n_heads
+        self.groups = self.n_heads // self.kv_heads
+        self.vocab = cfg.vocab_size
+        emb = inner.embed_tokens
+        self.dtype = self.norm.weight.dtype
+        self.embed_on_host = embed_on_host and device.type == "cuda"
+        if self.embed_on_host and getattr(model.lm_head, "weight", None) is emb.weight:
+            logger.warning("embed_on_host ignored: the embedding is tied to lm_head")
+            self.embed_on_host = False
+        if self.embed_on_host:
+            self.embed_weight = emb.weight.detach().to("cpu").pin_memory()
+            emb.weight = nn.Parameter(torch.empty(0, device=device), requires_grad=False)
+        else:
+            self.embed_weight = emb.weight.detach()
+        self.lm_head: nn.Module = model.lm_head
+        if lm_head_int8 and isinstance(model.lm_head, nn.Linear):
+            self.lm_head = Int8Linear(model.lm_head.weight).to(device)
+            model.lm_head = nn.Identity()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.cache: KVCache | None = None
+
+    # -- pieces
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids on CPU (long) -> hidden states on the device."""
+        if self.embed_on_host:
+            return F.embedding(ids, self.embed_weight).to(self.device, non_blocking=True)
+        return F.embedding(ids.to(self.device), self.embed_weight)
+
+    def _qkv(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        b, t, _ = x.shape
+        q = attn.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = attn.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        v = attn.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+        return _rotate(q, c, s), _rotate(k, c, s), v
+
+    def _mlp_block(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    # -- prefill: one sequence, one chunk, attention over the cache (earlier chunks) plus itself
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], slot: int, start: int, want_logits: bool) -> torch.Tensor | None:
+        cache = self.cache
+        t = len(ids)
+        h = self.embed(torch.tensor(ids, dtype=torch.long)).unsqueeze(0)
+        pos = torch.arange(start, start + t, device=self.device)
+        cos, sin = self.rotary(h, pos.unsqueeze(0))
+        end = start + t
+        mask = torch.arange(end, device=self.device)[None, :] <= pos[:, None]  # [t, end]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)
+            cache.write_range(i, slot, start, k[0], v[0])
+            kk, vv = cache.read(i, slice(slot, slot + 1), end)
+            if self.groups > 1:
+                kk, vv = kk.repeat_interleave(self.groups, dim=1), vv.repeat_interleave(self.groups, dim=1)
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim))
+            h = self._mlp_block(layer, h)
+        if not want_logits:
+            return None
+        return self.lm_head(self.norm(h[:, -1:]))[0, -1].float()
+
+    # -- decode: rows 0..b-1 of the cache, one token each
+    def decode(self, h: torch.Tensor, pos: torch.Tensor, ctx: int) -> torch.Tensor:
+        """h [b,1,H] on device, pos [b] long on device; returns logits [b, V] float."""
+        cache = self.cache
+        b = h.shape[0]
+        rows = torch.arange(b, device=self.device)
+        cos, sin = self.rotary(h, pos.unsqueeze(1))
+        mask = (torch.arange(ctx, device=self.device)[None, :] <= pos[:, None]).view(b, 1, 1, ctx)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)  # q [b,nh,1,hd]
+            cache.write_tokens(i, rows, pos, k[:, :, 0], v[:, :, 0])
+            kk, vv = cache.read(i, slice(0, b), ctx)  # [b,kvh,ctx,hd]
+            qg = q.reshape(b, self.kv_heads, self.groups, self.head_dim)  # query heads grouped per kv head
+            o = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask)
+            h = h + attn.o_proj(o.reshape(b, 1, self.n_heads * self.head_dim))
+            h = self._mlp_block(layer, h)
+        return self.lm_head(self.norm(h))[:, 0].float()
+
+
+class DecodeGraphs:
+    """CUDA graphs of ``LlamaRunner.decode`` per (batch bucket, context bucket), sharing one memory pool."""
+
+    def __init__(self, runner: LlamaRunner, batch_sizes: list[int], ctx_sizes: list[int]):
+        self.runner = runner
+        self.batch_sizes = sorted(batch_sizes)
+        self.ctx_sizes = sorted(ctx_sizes)
+        bmax = self.batch_sizes[-1]
+        dev = runner.device
+        self.h = torch.zeros(bmax, 1, runner.hidden, dtype=runner.dtype, device=dev)
+        self.pos = torch.zeros(bmax, dtype=torch.long, device=dev)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for b in reversed(self.batch_sizes):
+                for ctx in reversed(self.ctx_sizes):
+                    h, pos = self.h[:b], self.pos[:b]
+                    for _ in range(2):  # warm up kernels/workspaces outside capture
+                        self.runner.decode(h, pos, ctx)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=self.pool, stream=stream):
+                        out = self.runner.decode(h, pos, ctx)
+                    if self.pool is None:
+                        self.pool = g.pool()
+                    self.graphs[(b, ctx)] = (g, out)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    def run(self, h: torch.Tensor, pos: torch.Tensor, ctx: int) -> torch.Tensor:
+        n = h.shape[0]
+        b = next(x for x in self.batch_sizes if x >= n)
+        c = next(x for x in self.ctx_sizes if x >= ctx)
+        self.h[:n].copy_(h)
+        self.pos[:n].copy_(pos)
+        if b > n:
+            self.pos[n:b].zero_()
+        g, out = self.graphs[(b, c)]
+        g.replay()
+        return out[:n]
+
+
+def _buckets(limit: int, first: int = 64) -> list[int]:
+    out, x = [], first
+    while x < limit:
+        out.append(x)
+        x *= 2
+    out.append(limit)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- engine
+
+
+@dataclass
+class EngineOptions:
+    """Plain mirror of ``serving.config.EngineConfig`` (the engine must not need pydantic)."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    gpu_memory_gb: float | None = 4.0
+    cpu_kv_cache_gb: float = 0.5
+    max_model_len: int = 2048
+    max_num_seqs: int = 32
+    max_waiting: int = 64
+    max_prefill_tokens: int = 4096
+    prefill_chunk: int = 512
+    kv_cache_dtype: str = "auto"
+    kv_cache_tokens: int | None = None
+    embed_on_host: bool | None = None
+    lm_head_int8: bool = False
+    cuda_graphs: bool = True
+    graph_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 24, 32, 48, 64])
+    gptq_backend: str = "auto"
+    warmup: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> EngineOptions:
+        data = cfg.model_dump() if hasattr(cfg, "model_dump") else dict(cfg)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+class LLMEngine:
+    """Owns model, tokenizer, KV cache and the scheduler thread. ``load()`` then ``start()``; thread-safe API."""
+
+    def __init__(self, model_path: str | Path, options: EngineOptions | None = None, tokenizer_path: str | None = None,
+                 chat_template: str | None = None, stats: StatsListener | None = None):
+        self.path = Path(model_path)
+        self.opts = options or EngineOptions()
+        self.tokenizer_path = tokenizer_path
+        self.chat_template = chat_template
+        self.stats = stats or StatsListener()
+        self.device = resolve_device(self.opts.device)
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.info: dict[str, Any] = {}
+        self._inbox: queue.Queue = queue.Queue()
+        self._aborts: set[str] = set()
+        self._lock = threading.Lock()
+        self._num_waiting = 0
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.tokenizer = None
+        self.runner: LlamaRunner | None = None
+        self.graphs: DecodeGraphs | None = None
+        self.max_model_len = self.opts.max_model_len
+        self.num_slots = 0
+
+    # ------------------------------------------------------------------ setup
+    def load(self) -> None:
+        """Load weights and tokenizer, size and allocate the KV cache, capture graphs, warm up."""
+        from transformers import AutoTokenizer
+
+        t0 = time.monotonic()
+        o = self.opts
+        cuda = self.device.type == "cuda"
+        budget = None
+        if cuda:
+            torch.cuda.set_device(self.device)
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            if o.gpu_memory_gb is not None:
+                budget = int(o.gpu_memory_gb * GIB)
+                torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path or str(self.path))
+        if self.chat_template:
+            self.tokenizer.chat_template = self.chat_template
+        model, is_gptq = load_model(self.path, self.device, o.dtype, o.gptq_backend)
+        cfg_len = getattr(model.config, "max_position_embeddings", None) or o.max_model_len
+        self.max_model_len = min(o.max_model_len, cfg_len)
+        embed_on_host = o.embed_on_host if o.embed_on_host is not None else (cuda and budget is not None)
+        self.runner = runner = LlamaRunner(model, self.device, embed_on_host, o.lm_head_int8)
+        self._model = model
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        weights_bytes = torch.cuda.memory_allocated(self.device) if cuda else 0
+        quant = o.kv_cache_dtype == "int8"
+        per_tok = KVCache.bytes_per_token(len(runner.layers), runner.kv_heads, runner.head_dim, runner.dtype, quant)
+        chunk = min(o.prefill_chunk, self.max_model_len)
+        # measure the activation peak of a prefill chunk and of the largest decode batch with a small cache
+        bmax = min(o.max_num_seqs, max(o.graph_batch_sizes))
+        act_bytes = 0
+        if cuda:
+            probe_slots = 1
+            runner.cache = KVCache(len(runner.layers), probe_slots, self.max_model_len, runner.kv_heads,
+                                   runner.head_dim, runner.dtype, self.device, quant)
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            runner.prefill([0] * chunk, 0, 0, want_logits=True)
+            torch.cuda.synchronize()
+            act_bytes = torch.cuda.max_memory_allocated(self.device) - base
+            # decode at bmax rows reads bmax cache rows: its activations scale with rows * ctx
+            dec_extra = bmax * self.max_model_len * runner.kv_heads * runner.head_dim * 2 * \
+                torch.tensor([], dtype=runner.dtype).element_size() if quant else 0
+            act_bytes = max(act_bytes, dec_extra + bmax * runner.vocab * 8)
+            runner.cache = None
+            torch.cuda.empty_cache()
+        if o.kv_cache_tokens is not None:
+            kv_tokens = o.kv_cache_tokens
+        elif cuda and budget is not None:
+            graph_reserve = 96 * 1024**2 if o.cuda_graphs else 0
+            free = budget - weights_bytes - int(act_bytes * 1.25) - graph_reserve - 64 * 1024**2
+            kv_tokens = max(0, free // per_tok)
+        elif cuda:
+            kv_tokens = o.max_num_seqs * self.max_model_len
+        else:
+            kv_tokens = int(o.cpu_kv_cache_gb * GIB) // per_tok
+        self.num_slots = min(o.max_num_seqs, kv_tokens // self.max_model_len)
+        if self.num_slots < 1:
+            raise EngineError(
+                f"the memory budget leaves room for {kv_tokens} cached tokens, less than one sequence of "
+                f"max_model_len={self.max_model_len}: raise engine.gpu_memory_gb, lower engine.max_model_len, or "
+                f"set engine.kv_cache_dtype=int8 / engine.embed_on_host / engine.lm_head_int8")
+        runner.cache = KVCache(len(runner.layers), self.num_slots, self.max_model_len, runner.kv_heads,
+                               runner.head_dim, runner.dtype, self.device, quant)
+        self.ctx_buckets = _buckets(self.max_model_len)
+        if cuda and o.cuda_graphs:
+            sizes = sorted({min(b, self.num_slots) for b in o.graph_batch_sizes})
+            self.graphs = DecodeGraphs(runner, sizes, self.ctx_buckets)
+            try:
+                self.graphs.capture()
+            except RuntimeError as e:  # a kernel that cannot be captured: run eager, say so
+                logger.warning("CUDA graph capture failed, decoding eagerly: %s", e)
+                self.graphs = None
+                self.info["cuda_graphs_error"] = str(e)[:500]
+                torch.cuda.synchronize()
+        self.eos_ids = self._eos_ids(model)
+        self.info.update({
+            "model": str(self.path), "gptq": is_gptq, "device": str(self.device), "dtype": str(runner.dtype),
+            "layers": len(runner.layers), "kv_cache_dtype": "int8" if quant else str(runner.dtype),
+            "kv_bytes_per_token": per_tok, "kv_cache_bytes": runner.cache.nbytes(), "num_slots": self.num_slots,
+            "max_model_len": self.max_model_len, "embed_on_host": runner.embed_on_host,
+            "lm_head_int8": isinstance(runner.lm_head, Int8Linear), "cuda_graphs": self.graphs is not None,
+            "weights_bytes_on_gpu": weights_bytes, "activation_probe_bytes": act_bytes,
+            "gpu_memory_budget_bytes": budget, "load_s": round(time.monotonic() - t0, 2),
+        })
+        if cuda:
+            torch.cuda.synchronize()
+            self.info["allocated_after_load_bytes"] = torch.cuda.memory_allocated(self.device)
+            self.info["peak_allocated_load_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        logger.info("engine loaded %s", json.dumps(self.info))
+
+    def _eos_ids(self, model: nn.Module) -> set[int]:
+        ids: set[int] = set()
+        for src in (getattr(model, "generation_config", None), model.config):
+            e = getattr(src, "eos_token_id", None) if src is not None else None
+            if isinstance(e, int):
+                ids.add(e)
+            elif isinstance(e, list | tuple):
+                ids.update(int(x) for x in e)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    def start(self) -> None:
+        """Start the scheduler thread; warm up; then set ``ready``."""
+        self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+        self._thread.start()
+
+    def load_and_start(self) -> None:
+        try:
+            self.load()
+            self.start()
+            if self.opts.warmup:
+                self._warmup()
+            self.ready.set()
+        except BaseException as e:  # noqa: BLE001 - recorded for /ready and re-raised
+            self.error = e
+            logger.exception("engine failed to start")
+            raise
+
+    def _warmup(self) -> None:
+        done = threading.Event()
+        outs: list[StepOutput] = []
+
+        def sink(o: Any) -> None:
+            outs.append(o)
+            if isinstance(o, BaseException) or o.finish_reason:
+                done.set()
+
+        self.add_request([self.tokenizer.eos_token_id or 0] * 4, SamplingParams(max_tokens=4, ignore_eos=True),
+                         sink, seq_id="warmup")
+        if not done.wait(600):
+            raise EngineError("warm-up generation did not finish")
+        if isinstance(outs[-1], BaseException):
+            raise outs[-1]
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None and (self._thread is None or self._thread.is_alive())
+
+    # ------------------------------------------------------------------ API (any thread)
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Any], None],
+                    seq_id: str | None = None) -> Sequence:
+        if not self.alive:
+            raise EngineDeadError("the engine is not running")
+        n = len(prompt_ids)
+        if n == 0:
+            raise EngineError("the prompt is empty", param="messages")
+        if n + params.max_tokens > self.max_model_len:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{n + params.max_tokens} tokens ({n} in the messages, {params.max_tokens} in the completion). "
+                f"Please reduce the length of the messages or completion.")
+        seq = Sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), params, sink)
+        with self._lock:
+            if self._num_waiting >= self.opts.max_waiting + max(0, self.num_slots - len(self._running)):
+                raise QueueFullError(f"the server is at capacity ({self.num_slots} running, "
+                                     f"{self._num_waiting} waiting); retry later")
+            self._num_waiting += 1
+        self._inbox.put(seq)
+        return seq
+
+    def abort(self, seq_id: str) -> None:
+        self._inbox.put(("abort", seq_id))
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[StepOutput]:
+        """Stream ``StepOutput``s; raises ``EngineError`` subclasses; closing early aborts the sequence."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        seq = self.add_request(prompt_ids, params, lambda o: loop.call_soon_threadsafe(q.put_nowait, o), request_id)
+        finished = False
+        try:
+            while True:
+                out = await q.get()
+                if isinstance(out, BaseException):
+                    finished = True
+                    raise out
+                if out.finish_reason is not None:
+                    finished = True
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(seq.id)
+
+    def load_stats(self) -> dict[str, Any]:
+        return {"running": len(self._running), "waiting": self._num_waiting, "slots": self.num_slots,
+                "kv_usage": self._kv_usage()}
+
+    def _kv_usage(self) -> float:
+        if not self.num_slots:
+            return 0.0
+        return sum(s.pos for s in list(self._running)) / (self.num_slots * self.max_model_len)
+
+    # ------------------------------------------------------------------ scheduler thread
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox(block=not self._running and not self._waiting)
+                if self._stop.is_set():
+                    break
+                self._admit()
+                if self._running:
+                    self._decode_step()
+                self.stats.on_step(len(self._running), self._num_waiting, self._kv_usage())
+        except BaseException as e:  # noqa: BLE001 - the loop must report any failure to every caller
+            logger.exception("engine loop died")
+            self.error = e
+            for s in list(self._running) + list(self._waiting):
+                s.sink(EngineDeadError(f"engine failure: {e}"))
+            self._running.clear()
+            self._waiting.clear()
+
+    def _drain_inbox(self, block: bool) -> None:
+        items = []
+        try:
+            items.append(self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait())
+            while True:
+                items.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        for it in items:
+            if it is None:
+                continue
+            if isinstance(it, tuple):
+                self._aborts.add(it[1])
+            else:
+                self._waiting.append(it)
+        if self._aborts:
+            for s in [s for s in self._waiting if s.id in self._aborts]:
+                self._waiting.remove(s)
+                with self._lock:
+                    self._num_waiting -= 1
+                s.finish_reason = "abort"
+                self._finish(s, notify=False)
+            for s in [s for s in self._running if s.id in self._aborts]:
+                s.finish_reason = "abort"
+                self._finish(s, notify=False)
+            self._aborts.clear()
+
+    def _admit(self) -> None:
+        budget = self.opts.max_prefill_tokens
+        while self._waiting and len(self._running) < self.num_slots and budget > 0:
+            seq = self._waiting.popleft()
+            with self._lock:
+                self._num_waiting -= 1
+            seq.slot = len(self._running)
+            seq.times.scheduled = time.monotonic()
+            self._running.append(seq)
+            self.stats.on_admitted(seq)
+            try:
+                ids = seq.prompt_ids
+                chunk = self.opts.prefill_chunk
+                logits = None
+                for s in range(0, len(ids), chunk):
+                    last = s + chunk >= len(ids)
+                    logits = self.runner.prefill(ids[s:s + chunk], seq.slot, s, want_logits=last)
+                seq.pos = len(ids)
+                budget -= len(ids)
+                token, lps = self._sample(logits[None], [seq])
+                self._append(seq, token[0], lps[0] if lps else None)
+            except EngineError as e:
+                seq.sink(e)
+                self._finish(seq, notify=False)
+
+    @torch.inference_mode()
+    def _decode_step(self) -> None:
+        seqs = self._running
+        last = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long)
+        pos_list = [s.pos for s in seqs]
+        h = self.runner.embed(last).unsqueeze(1)
+        pos = torch.tensor(pos_list, dtype=torch.long).to(self.device, non_blocking=True)
+        ctx = next(c for c in self.ctx_buckets if c >= max(pos_list) + 1)
+        if self.graphs is not None:
+            logits = self.graphs.run(h, pos, ctx)
+        else:
+            logits = self.runner.decode(h, pos, ctx)
+        for s in seqs:
+            s.pos += 1
+        tokens, lps = self._sample(logits, seqs)
+        for i, s in enumerate(list(seqs)):
+            self._append(s, tokens[i], lps[i] if lps else None)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob] | None]:
+        logits = logits.float()
+        params = [s.params for s in seqs]
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            logits = logits.clone()
+            for i, s in enumerate(seqs):
+                p = s.params
+                if (p.presence_penalty or p.frequency_penalty) and s.output_ids:
+                    if s.counts is None:
+                        s.counts = torch.zeros(logits.shape[-1], device=logits.device)
+                        s.counts.index_add_(0, torch.tensor(s.output_ids, device=logits.device),
+                                            torch.ones(len(s.output_ids), device=logits.device))
+                    logits[i] -= p.frequency_penalty * s.counts + p.presence_penalty * (s.counts > 0).float()
+        need_lp = any(p.logprobs for p in params)
+        logprobs = torch.log_softmax(logits, dim=-1) if need_lp else None
+        temps = [p.temperature for p in params]
+        greedy = logits.argmax(dim=-1)
+        if all(t == 0 for t in temps):
+            chosen = greedy
+        else:
+            t = torch.tensor([max(x, 1e-5) for x in temps], device=logits.device)[:, None]
+            probs = torch.softmax(logits / t, dim=-1)
+            if any(p.top_p < 1.0 for p in params):
+                sp, si = probs.sort(dim=-1, descending=True)
+                cum = sp.cumsum(dim=-1)
+                top_p = torch.tensor([p.top_p for p in params], device=logits.device)[:, None]
+                sp = sp.masked_fill(cum - sp > top_p, 0.0)
+                probs = torch.zeros_like(probs).scatter_(-1, si, sp)
+            chosen = greedy.clone()
+            unseeded = [i for i, p in enumerate(params) if p.temperature > 0 and p.seed is None]
+            if unseeded:
+                idx = torch.tensor(unseeded, device=logits.device)
+                chosen[idx] = torch.multinomial(probs[idx], 1).squeeze(1)
+            for i, s in enumerate(seqs):
+                if s.params.temperature > 0 and s.params.seed is not None:
+                    if s.generator is None:
+                        s.generator = torch.Generator(device=logits.device).manual_seed(s.params.seed)
+                    chosen[i] = torch.multinomial(probs[i], 1, generator=s.generator)[0]
+        tokens = chosen.tolist()
+        if logprobs is None:
+            return tokens, None
+        out: list[TokenLogprob] = []
+        kmax = max(p.top_logprobs for p in params)
+        top_v, top_i = (logprobs.topk(kmax, dim=-1) if kmax else (None, None))
+        chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+        top_v = top_v.tolist() if top_v is not None else None
+        top_i = top_i.tolist() if top_i is not None else None
+        for i, p in enumerate(params):
+            top = list(zip(top_i[i][:p.top_logprobs], top_v[i][:p.top_logprobs], strict=True)) if kmax else []
+            out.append(TokenLogprob(tokens[i], chosen_lp[i], top))
+        return tokens, out
+
+    def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> None:
+        now = time.monotonic()
+        if seq.times.first_token is None:
+            seq.times.first_token = now
+        self.stats.on_token(seq, now)
+        seq.times.last_token = now
+        p = seq.params
+        if seq.counts is not None:
+            seq.counts[token] += 1
+        if not p.ignore_eos and (token in self.eos_ids or token in p.stop_token_ids):
+            seq.output_ids.append(token)
+            seq.finish_reason = "stop"
+            self._finish(seq)
+            return
+        seq.output_ids.append(token)
+        seq.pending_ids.append(token)
+        if lp is not None:
+            seq.pending_lp.append(lp)
+        self._detok(seq)
+        if p.stop:
+            start = max(0, seq.emitted - seq.stop_hold - 1)
+            hits = [i for i in (seq.text.find(s, start) for s in p.stop) if i >= 0]
+            if hits:
+                seq.text = seq.text[:min(hits)]
+                seq.finish_reason = "stop"
+                self._finish(seq)
+                return
+        if len(seq.output_ids) >= p.max_tokens or seq.pos + 1 >= self.max_model_len:
+            seq.finish_reason = "length"
+            self._finish(seq)
+            return
+        limit = len(seq.text) - seq.stop_hold if p.stop else len(seq.text)
+        if limit > seq.emitted or (seq.pending_ids and not p.stop):
+            self._emit(seq, limit, None)
+
+    def _detok(self, seq: Sequence) -> None:
+        ids = seq.output_ids
+        tok = self.tokenizer
+        prefix = tok.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
+        full = tok.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            seq.text += full[len(prefix):]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+
+    def _emit(self, seq: Sequence, upto: int, finish: str | None) -> None:
+        upto = max(upto, seq.emitted)
+        text = seq.text[seq.emitted:upto]
+        seq.emitted = upto
+        out = StepOutput(text, seq.pending_ids, seq.pending_lp if seq.params.logprobs else None, finish,
+                         len(seq.prompt_ids), len(seq.output_ids))
+        seq.pending_ids, seq.pending_lp = [], []
+        seq.sink(out)
+
+    def _finish(self, seq: Sequence, notify: bool = True) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        seq.times.finished = time.monotonic()
+        if notify:
+            self._emit(seq, len(seq.text), seq.finish_reason)
+        if seq in self._running:
+            i = self._running.index(seq)
+            lastseq = self._running[-1]
+            if lastseq is not seq:  # keep rows dense: move the last row's cache into the hole
+                self.runner.cache.move(lastseq.slot, seq.slot, lastseq.pos)
+                lastseq.slot = seq.slot
+                self._running[i] = lastseq
+            self._running.pop()
+        self.stats.on_finished(seq)
