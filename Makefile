@@ -15,7 +15,7 @@ CHECKOV_VENV ?= .venv-checkov
 CHECKOV ?= checkov==3.3.30
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: setup test lint demo serve chat browser clean k8s
+.PHONY: setup test lint demo serve chat browser clean k8s quality
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ demo: $(STAMP)
 # Serve the demo's quantized model again (web chat at http://127.0.0.1:$(PORT)/).
 serve: $(STAMP)
 	$(PY) -m training.demo serve --port $(PORT)
+
+# Real-data quality run (not CI): RM held-out accuracy and PPO reward before/after on Anthropic HH.
+quality: $(STAMP)
+	$(PY) -m training.pipeline --config training/configs/quality/pipeline.yaml
 
 # Terminal chat with a running server.
 chat: $(STAMP)
