@@ -3,7 +3,8 @@ single-stream decoding, and the combined ``summary.json``/``summary.md`` of the 
 
 ``python -m loadtest.gpu_report levels --max N``                 -> ``1,2,4,...,N``
 ``python -m loadtest.gpu_report capacity --metrics-url U --log F`` -> the server's most concurrent sequences
-``python -m loadtest.gpu_report summary --out DIR --ckpt PATH``   -> DIR/summary.json, DIR/summary.md
+``python -m loadtest.gpu_report facts --out DIR --ckpt PATH``     -> DIR/facts.json (weight bytes, copy bandwidth)
+``python -m loadtest.gpu_report summary --out DIR``               -> DIR/summary.json, DIR/summary.md
 ``python -m loadtest.gpu_report tokenizer --ckpt PATH``          -> a tokenizer covering the model's whole vocabulary
 """
 
@@ -137,11 +138,28 @@ def _load(p: Path) -> dict[str, Any] | None:
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def summary(out: Path, ckpt: Path, bandwidth: float | None) -> dict[str, Any]:
+def facts(out: Path, ckpt: Path, measure_bandwidth: bool) -> dict[str, Any]:
+    """Write ``facts.json`` (weight bytes, copy bandwidth) so a summary can be redone without the GPU or the
+    checkpoint (e.g. here, from the folders brought back)."""
+    f: dict[str, Any] = _load(out / "facts.json") or {}
+    if ckpt.exists():
+        f["checkpoint"], f["weight_bytes"] = str(ckpt), weight_bytes(ckpt)
+    if measure_bandwidth and not f.get("copy_bandwidth_bytes_per_s"):
+        import torch
+
+        if torch.cuda.is_available():
+            f["copy_bandwidth_bytes_per_s"] = copy_bandwidth()
+            f["device"] = torch.cuda.get_device_name()
+    atomic_write(out / "facts.json", json.dumps(f, indent=2) + "\n")
+    return f
+
+
+def summary(out: Path) -> dict[str, Any]:
+    f = _load(out / "facts.json") or {}
+    wb, bandwidth = f.get("weight_bytes"), f.get("copy_bandwidth_bytes_per_s")
     runs = {name: _load(out / name / "results.json") for name in ("project", "baseline")}
-    wb = weight_bytes(ckpt) if ckpt.exists() else None
-    res: dict[str, Any] = {"checkpoint": str(ckpt), "weight_bytes": wb, "copy_bandwidth_bytes_per_s": bandwidth,
-                           "runs": {}}
+    res: dict[str, Any] = {"checkpoint": f.get("checkpoint"), "device": f.get("device"), "weight_bytes": wb,
+                           "copy_bandwidth_bytes_per_s": bandwidth, "runs": {}}
     for name, r in runs.items():
         if r is None:
             res["runs"][name] = None
@@ -183,7 +201,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(f"Checkpoint `{res['checkpoint']}`: {wb['all'] / 2**30:.2f} GiB of tensors "
                      f"({wb['without_embedding'] / 2**30:.2f} GiB without the embedding table).")
     if bw:
-        lines.append(f"Device copy bandwidth (read + write): {bw / 1e9:.0f} GB/s.")
+        lines.append(f"Device copy bandwidth (read + write) on {res.get('device')}: {bw / 1e9:.0f} GB/s.")
     lines.append("")
     for name, row in res["runs"].items():
         if row is None:
@@ -226,10 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     cap.add_argument("--metrics-url")
     cap.add_argument("--log", type=Path)
     cap.add_argument("--default", type=int, default=32)
+    fc = sub.add_parser("facts")
+    fc.add_argument("--out", type=Path, required=True)
+    fc.add_argument("--ckpt", type=Path, required=True)
+    fc.add_argument("--no-bandwidth", action="store_true", help="Skip the CUDA copy measurement.")
     sm = sub.add_parser("summary")
     sm.add_argument("--out", type=Path, required=True)
-    sm.add_argument("--ckpt", type=Path, required=True)
-    sm.add_argument("--no-bandwidth", action="store_true", help="Skip the CUDA copy measurement.")
     tk = sub.add_parser("tokenizer")
     tk.add_argument("--ckpt", type=Path, required=True)
     a = ap.parse_args(argv)
@@ -242,13 +262,10 @@ def main(argv: list[str] | None = None) -> int:
         print(found or a.default)
     elif a.cmd == "tokenizer":
         print(f"tokenizer with {full_vocab_tokenizer(a.ckpt)} tokens written to {a.ckpt}")
+    elif a.cmd == "facts":
+        print(json.dumps(facts(a.out, a.ckpt, not a.no_bandwidth)))
     else:
-        bw = None
-        if not a.no_bandwidth:
-            import torch
-
-            bw = copy_bandwidth() if torch.cuda.is_available() else None
-        print(markdown(summary(a.out, a.ckpt, bw)))
+        print(markdown(summary(a.out)))
     return 0
 
 

@@ -4,18 +4,24 @@
 # `generate` (loadtest.baseline_server, static batches as ColossalChat's inference did), then a summary with peak
 # GPU memory (nvidia-smi), the highest load meeting the SLOs and single-stream tok/s against the bandwidth limit.
 #
-# Usage, from the repo root on the GPU machine (each part fits the 10-minute limit of one `run` call; the
-# checkpoint is made once in $CKPT and reused while the machine stays warm):
-#   bash loadtest/gpu_sweep.sh project    # make the checkpoint if missing, serve it, sweep  -> $OUT/project/
-#   bash loadtest/gpu_sweep.sh baseline   # same checkpoint, same levels, HF generate       -> $OUT/baseline/
-#   bash loadtest/gpu_sweep.sh summary    # bandwidth + combined table                      -> $OUT/summary.{json,md}
-#   bash loadtest/gpu_sweep.sh all        # the three in a row (about 15 minutes: split it across calls)
+# Usage, from the repo root on the GPU machine; each part fits the 10-minute limit of one `run` call. Everything
+# is written to $WORK (/tmp, kept while the machine stays warm: the checkpoint is made once) and copied to $OUT
+# (the folder a `run` call brings back) at the end of each part, with summary.{json,md} of what exists so far:
+#   bash loadtest/gpu_sweep.sh project    # checkpoint if missing, bandwidth, serve it, sweep  -> project/
+#   bash loadtest/gpu_sweep.sh baseline   # same checkpoint, same levels, HF generate          -> baseline/
+#   bash loadtest/gpu_sweep.sh all        # both in a row (about 12-15 minutes: too long for one call)
+# If the machine went cold between the calls, the baseline part remakes the checkpoint and takes MAX_CONC (env,
+# else 32); put both parts' folders side by side here and run `python -m loadtest.gpu_report summary --out DIR`.
 # Plots: the GPU machine has no matplotlib; redraw here with `python -m loadtest.report DIR/project DIR/baseline`.
-# CPU dry run with the tiny test model: DEVICE=cpu CKPT=/path/tiny MAX_CONC=2 LEVEL_S=5 bash loadtest/gpu_sweep.sh all
+# Needs on the GPU machine: the serving stack's wheels (.whl*/install.sh, for `python -m serving`) and gptqmodel
+# (for the baseline's GPTQ loading), and shared/tools/make_llama7b_gptq.py (MAKE_GPTQ=PATH to point at it).
+# CPU dry run with the tiny test model: PY=.venv/bin/python DEVICE=cpu CKPT=/path/tiny NAME=tiny MAX_CONC=2 \
+#   LEVEL_S=5 IN_TOK=16 OUT_TOK=8 bash loadtest/gpu_sweep.sh baseline
 set -euo pipefail
 
 PART=${1:-all}
-OUT=${OUT:-runs/gpu-sweep}
+WORK=${WORK:-/tmp/gpu-sweep}
+OUT=${OUT:-$WORK}
 CKPT=${CKPT:-/tmp/llama7b-gptq}
 NAME=${NAME:-llama7b-gptq}
 BUDGET_GB=${BUDGET_GB:-4}
@@ -32,7 +38,8 @@ BPORT=${BPORT:-8001}
 WAIT_S=${WAIT_S:-420}
 SERVE_ARGS=${SERVE_ARGS:-}        # extra key=value overrides for python -m serving
 PY=${PY:-python3}
-mkdir -p "$OUT"
+mkdir -p "$WORK" "$OUT"
+WORK=$(cd "$WORK" && pwd)
 OUT=$(cd "$OUT" && pwd)
 
 # Carried cp312 wheels (the GPU machine's Python); skipped elsewhere, e.g. in a CPU dry run.
@@ -75,7 +82,11 @@ stop_server() {
     kill -KILL -- "-$SERVER" 2>/dev/null || true
     SERVER=""
 }
-cleanup() { stop_server; stop_sampler; }
+cleanup() {  # also on failure: the logs go back with $OUT
+    stop_server
+    stop_sampler
+    if [ "$OUT" != "$WORK" ]; then cp -r "$WORK/." "$OUT/" 2>/dev/null || true; fi
+}
 trap cleanup EXIT
 
 wait_ready() {  # url log
@@ -97,9 +108,16 @@ sweep() {  # url levels outdir
         --metrics-url "${1%/}/metrics" "${slo_args[@]}" --no-progress --no-plots
 }
 
+facts() {  # weight bytes and copy bandwidth, measured while no server holds the GPU
+    local extra=()
+    [ "$DEVICE" = cuda ] || extra+=(--no-bandwidth)
+    "$PY" -m loadtest.gpu_report facts --out "$WORK" --ckpt "$CKPT" "${extra[@]}"
+}
+
 run_project() {
     make_ckpt
-    cat > "$OUT/serve.yaml" <<EOF
+    facts
+    cat > "$WORK/serve.yaml" <<EOF
 model: $CKPT
 served_model_name: $NAME
 host: 127.0.0.1
@@ -108,50 +126,64 @@ engine:
   device: $DEVICE
   gpu_memory_gb: $BUDGET_GB
 EOF
-    start_sampler "$OUT/project_gpu_mem.csv"
+    start_sampler "$WORK/project_gpu_mem.csv"
     log "starting the project server (budget $BUDGET_GB GiB)"
     # shellcheck disable=SC2086
-    setsid "$PY" -m serving --config "$OUT/serve.yaml" $SERVE_ARGS > "$OUT/project_server.log" 2>&1 &
+    setsid "$PY" -m serving --config "$WORK/serve.yaml" $SERVE_ARGS > "$WORK/project_server.log" 2>&1 &
     SERVER=$!
-    wait_ready "http://127.0.0.1:$PORT/ready" "$OUT/project_server.log"
+    wait_ready "http://127.0.0.1:$PORT/ready" "$WORK/project_server.log"
     local max
     max=${MAX_CONC:-$("$PY" -m loadtest.gpu_report capacity --metrics-url "http://127.0.0.1:$PORT/metrics" \
-                      --log "$OUT/project_server.log")}
-    echo "$max" > "$OUT/max_concurrency.txt"
+                      --log "$WORK/project_server.log")}
+    echo "$max" > "$WORK/max_concurrency.txt"
     local lv; lv=$("$PY" -m loadtest.gpu_report levels --max "$max")
     log "max concurrency $max; levels $lv"
-    sweep "http://127.0.0.1:$PORT" "$lv" "$OUT/project" || log "project sweep: some levels failed"
-    curl -fsS "http://127.0.0.1:$PORT/metrics" > "$OUT/project_metrics.txt" || true
+    sweep "http://127.0.0.1:$PORT" "$lv" "$WORK/project" || log "project sweep: some levels failed"
+    curl -fsS "http://127.0.0.1:$PORT/metrics" > "$WORK/project_metrics.txt" || true
     stop_server
     stop_sampler
     command -v ray >/dev/null && ray stop --force >/dev/null 2>&1 || true
+    gpu_idle
+}
+
+gpu_idle() {  # wait (30 s at most) until the GPU has given the server's memory back, for clean baseline readings
+    command -v nvidia-smi >/dev/null && [ "$DEVICE" = cuda ] || return 0
+    local used
+    for _ in $(seq 1 30); do
+        used=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+        (( ${used:-0} < 1024 )) && return 0
+        sleep 1
+    done
+    log "warning: ${used} MiB still in use on the GPU"
 }
 
 run_baseline() {
     make_ckpt
-    local max=${MAX_CONC:-$(cat "$OUT/max_concurrency.txt" 2>/dev/null || echo 32)}
+    gpu_idle
+    facts
+    local max=${MAX_CONC:-$(cat "$WORK/max_concurrency.txt" 2>/dev/null || echo 32)}
     local lv; lv=$("$PY" -m loadtest.gpu_report levels --max "$max")
-    start_sampler "$OUT/baseline_gpu_mem.csv"
+    start_sampler "$WORK/baseline_gpu_mem.csv"
     log "starting the transformers-generate baseline (static batches of $BASELINE_BATCH); levels $lv"
     setsid "$PY" -m loadtest.baseline_server --model "$CKPT" --name "$NAME" --port "$BPORT" \
-        --max-batch-size "$BASELINE_BATCH" --device "$DEVICE" > "$OUT/baseline_server.log" 2>&1 &
+        --max-batch-size "$BASELINE_BATCH" --device "$DEVICE" > "$WORK/baseline_server.log" 2>&1 &
     SERVER=$!
-    wait_ready "http://127.0.0.1:$BPORT/health" "$OUT/baseline_server.log"
-    sweep "http://127.0.0.1:$BPORT" "$lv" "$OUT/baseline" || log "baseline sweep: some levels failed"
+    wait_ready "http://127.0.0.1:$BPORT/health" "$WORK/baseline_server.log"
+    sweep "http://127.0.0.1:$BPORT" "$lv" "$WORK/baseline" || log "baseline sweep: some levels failed"
     stop_server
     stop_sampler
 }
 
-run_summary() {
-    local extra=()
-    [ "$DEVICE" = cuda ] || extra+=(--no-bandwidth)
-    "$PY" -m loadtest.gpu_report summary --out "$OUT" --ckpt "$CKPT" "${extra[@]}"
+publish() {  # summary of what exists, then everything to $OUT
+    "$PY" -m loadtest.gpu_report summary --out "$WORK" || log "summary failed"
+    if [ "$OUT" != "$WORK" ]; then cp -r "$WORK/." "$OUT/"; fi
+    log "results in $OUT"
 }
 
 case "$PART" in
-    project) run_project ;;
-    baseline) run_baseline ;;
-    summary) run_summary ;;
-    all) run_project; run_baseline || log "baseline failed"; run_summary ;;
+    project) run_project; publish ;;
+    baseline) rc=0; run_baseline || rc=$?; publish; exit $rc ;;
+    summary) publish ;;
+    all) run_project; publish; run_baseline || log "baseline failed"; publish ;;
     *) echo "usage: $0 project|baseline|summary|all" >&2; exit 2 ;;
 esac

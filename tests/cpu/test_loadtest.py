@@ -391,10 +391,10 @@ def test_sweep_against_baseline_generate_server(tiny_model, tmp_path):
         gpu_out = tmp_path / "gpu"
         gpu_out.mkdir()
         out.rename(gpu_out / "baseline")
-        summ = subprocess.run([sys.executable, "-m", "loadtest.gpu_report", "summary", "--out", str(gpu_out),
-                               "--ckpt", str(tiny_model), "--no-bandwidth"], cwd=ROOT, env=ENV,
-                              capture_output=True, text=True, timeout=60)
-        assert summ.returncode == 0, summ.stderr
+        for cmd in (["facts", "--ckpt", str(tiny_model), "--no-bandwidth"], ["summary"]):
+            summ = subprocess.run([sys.executable, "-m", "loadtest.gpu_report", *cmd, "--out", str(gpu_out)],
+                                  cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+            assert summ.returncode == 0, summ.stderr
         s = json.loads((gpu_out / "summary.json").read_text())
         assert s["runs"]["project"] is None and s["weight_bytes"]["all"] > s["weight_bytes"]["without_embedding"]
         b = s["runs"]["baseline"]
