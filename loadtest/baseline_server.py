@@ -198,7 +198,7 @@ class Baseline:
         if len(ids) + max_tokens > self.max_model_len:
             return _err(400, f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceeds {self.max_model_len}",
                         "max_tokens")
-        ignore_eos = bool(body.get("ignore_eos")) or (body.get("min_tokens") or 0) >= max_tokens
+        ignore_eos = bool(body.get("ignore_eos")) or (body.get("min_tokens") or 0) >= max_tokens  # vLLM extensions
         job = Job(list(ids), max_tokens, ignore_eos, float(body.get("temperature") or 0.0), asyncio.Queue(),
                   asyncio.get_running_loop())
         await self.pending.put(job)

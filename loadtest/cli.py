@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--tokenizer", help="Tokenizer folder to make synthetic prompts exactly --input-tokens long.")
     w.add_argument("--output-tokens", type=int, default=128, help="max_tokens of every request.")
     w.add_argument("--ignore-eos", action="store_true", help="Ask for exactly --output-tokens tokens "
-                                                             "(ignore_eos/min_tokens, a vLLM extension).")
+                                                             "(ignore_eos, a vLLM extension).")
     w.add_argument("--temperature", type=float, default=0.0)
     w.add_argument("--seed", type=int, default=0)
 

@@ -83,9 +83,8 @@ def build_body(model: str, prompt: Prompt, endpoint: Endpoint, stream: bool, ign
         body["prompt"] = prompt.text
     if stream and stream_usage:
         body["stream_options"] = {"include_usage": True}
-    if ignore_eos:  # vLLM extension, also understood by this project's server: output length = max_tokens
+    if ignore_eos:  # vLLM's extension (sampling parameter ignore_eos): output length = max_tokens
         body["ignore_eos"] = True
-        body["min_tokens"] = prompt.max_tokens
     if extra:
         body.update(extra)
     return body

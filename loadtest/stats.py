@@ -24,6 +24,7 @@ SERVER_COUNTERS = {
     "output_tokens": "vllm:generation_tokens_total",
     "successes": "vllm:request_success_total",
 }
+SERVER_ERRORS = "vllm:request_errors_total"
 SERVER_HISTOGRAMS = {"ttft": "vllm:time_to_first_token_seconds", "e2e": "vllm:e2e_request_latency_seconds",
                      "itl": "vllm:inter_token_latency_seconds", "tpot": "vllm:time_per_output_token_seconds"}
 
@@ -167,6 +168,8 @@ def parse_prometheus(text: str, model: str | None = None) -> dict[str, float]:
 def server_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
     """Counts the server recorded during a level, keyed like the client's, plus its mean latencies."""
     d = {k: after.get(n, 0.0) - before.get(n, 0.0) for k, n in SERVER_COUNTERS.items() if n in after}
+    if SERVER_ERRORS in after:  # reported, not compared: a proxy in front may refuse requests the app never sees
+        d["http_errors"] = after[SERVER_ERRORS] - before.get(SERVER_ERRORS, 0.0)
     for key, name in SERVER_HISTOGRAMS.items():
         c, s = f"{name}_count", f"{name}_sum"
         if c in after and s in after:

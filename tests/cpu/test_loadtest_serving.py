@@ -83,7 +83,7 @@ def test_sweep_against_project_server_matches_its_metrics(server, tmp_path):
     out = tmp_path / "lt"
     proc = _loadtest("--url", server, "--model", "tiny", "--out", str(out), "--concurrency", "1,3", "--rate", "inf",
                      "--requests", "6", "--warmup", "1", "--input-tokens", "12", "--output-tokens", "8",
-                     "--ignore-eos", "--metrics-url", server + "/metrics", "--slo", "ttft_p99<60s")
+                     "--metrics-url", server + "/metrics", "--slo", "ttft_p99<60s")
     assert proc.returncode == 0, proc.stderr
     assert {p.name for p in out.iterdir()} >= {"results.json", "levels.csv", "requests.jsonl", "report.md",
                                                "throughput_latency.png", "latency_vs_load.png"}
@@ -91,7 +91,7 @@ def test_sweep_against_project_server_matches_its_metrics(server, tmp_path):
     assert res["target"]["models"] == ["tiny"]
     for lv in res["levels"]:
         assert lv["successes"] == 6 and lv["errors"] == {}, lv
-        assert lv["token_source"] == {"usage": 6} and lv["output_tokens"] == 48  # ignore_eos: max_tokens each
+        assert lv["token_source"] == {"usage": 6} and 6 <= lv["output_tokens"] <= 48  # random model: EOS may come
         assert lv["prompt_tokens"] >= 6 * 12
         assert lv["ttft"]["p50"] > 0 and lv["itl"]["p50"] > 0
         check = lv["server_check"]
