@@ -243,7 +243,7 @@ def write_all(out: Path, result: dict[str, Any], per_level_requests: list[tuple[
               plots: bool = True) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
-    if plots and result["levels"]:
+    if plots and any(lv["successes"] for lv in result["levels"]):
         try:
             paths += write_plots(out, result["levels"], [c for lv in result["levels"][:1]
                                                          for c in lv["slo"]["checks"]])

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -33,7 +35,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    """``python -m serving`` on the tiny model, API keys on, Ray's temp files under the test's folder."""
+    """``python -m serving`` on the tiny model, API keys on, Ray's temp files in a fresh folder."""
     tmp = tmp_path_factory.mktemp("serve")
     port = _free_port()
     cfg = tmp / "serve.yaml"
@@ -42,7 +44,7 @@ def server(tiny_model, tmp_path_factory):
                    "engine:\n  device: cpu\n  max_model_len: 256\n  max_num_seqs: 4\n  cpu_kv_cache_gb: 0.05\n"
                    "deployment:\n  num_cpus: 0\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "API_KEYS": API_KEY,
-           "RAY_TMPDIR": str(tmp / "ray"), "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_TMPDIR": tempfile.mkdtemp(prefix="lt-ray-"), "RAY_USAGE_STATS_ENABLED": "0"}  # short: socket paths
     log = (tmp / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "serving", "--config", str(cfg)], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -71,6 +73,7 @@ def server(tiny_model, tmp_path_factory):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
         log.close()
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
 
 
 def _loadtest(*args: str, key: str | None = API_KEY, timeout: float = 300) -> subprocess.CompletedProcess:
