@@ -33,19 +33,26 @@ def levels(max_conc: int) -> list[int]:
     return [*out, max_conc]
 
 
+def capacity_from_metrics(text: str) -> int | None:
+    """A capacity gauge's value, or the ``num_slots``/``max_num_seqs`` label of an ``..._info`` gauge."""
+    for line in text.splitlines():
+        for name in CAPACITY_METRICS:
+            if line.startswith(name):
+                m = re.search(r'(?:num_slots|max_num_seqs)="(\d+)"', line)
+                if m:
+                    return int(m.group(1))
+                if not name.endswith("_info"):
+                    return int(float(line.split()[-1]))
+    return None
+
+
 def capacity(metrics_url: str | None, log: Path | None) -> int | None:
-    """Most sequences the server decodes at once: a capacity gauge on /metrics, else ``"num_slots": N`` in its log."""
+    """Most sequences the server decodes at once: from /metrics, else ``"num_slots": N`` in its log."""
     if metrics_url:
         try:
-            text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
-            for line in text.splitlines():
-                for name in CAPACITY_METRICS:
-                    if line.startswith(name):
-                        m = re.search(r'num_slots="?(\d+)|max_num_seqs="?(\d+)', line)
-                        if m:
-                            return int(m.group(1) or m.group(2))
-                        if not line.startswith("vllm:cache_config_info"):
-                            return int(float(line.split()[-1]))
+            found = capacity_from_metrics(urllib.request.urlopen(metrics_url, timeout=10).read().decode())
+            if found:
+                return found
         except OSError:
             pass
     if log and log.exists():

@@ -39,6 +39,9 @@ PORT=${PORT:-8000}
 BPORT=${BPORT:-8001}
 WAIT_S=${WAIT_S:-420}
 SERVE_ARGS=${SERVE_ARGS:-}        # extra key=value overrides for python -m serving
+MAX_NUM_SEQS=${MAX_NUM_SEQS:-64}  # upper bound only: the 4 GiB budget decides how many slots fit
+if [ "$DEVICE" = cuda ]; then SERVE_CONFIG=${SERVE_CONFIG:-serving/configs/gptq-4gb.yaml}
+else SERVE_CONFIG=${SERVE_CONFIG:-serving/configs/cpu-small.yaml}; fi
 PY=${PY:-python3}
 mkdir -p "$WORK" "$OUT"
 WORK=$(cd "$WORK" && pwd)
@@ -120,19 +123,12 @@ facts() {  # weight bytes and copy bandwidth, measured while no server holds the
 run_project() {
     make_ckpt
     facts
-    cat > "$WORK/serve.yaml" <<EOF
-model: $CKPT
-served_model_name: $NAME
-host: 127.0.0.1
-port: $PORT
-engine:
-  device: $DEVICE
-  gpu_memory_gb: $BUDGET_GB
-EOF
     start_sampler "$WORK/project_gpu_mem.csv"
-    log "starting the project server (budget $BUDGET_GB GiB)"
+    log "starting the project server ($SERVE_CONFIG, budget $BUDGET_GB GiB, at most $MAX_NUM_SEQS sequences)"
     # shellcheck disable=SC2086
-    setsid "$PY" -m serving --config "$WORK/serve.yaml" $SERVE_ARGS > "$WORK/project_server.log" 2>&1 &
+    setsid "$PY" -m serving --config "$SERVE_CONFIG" --model "$CKPT" served_model_name="$NAME" host=127.0.0.1 \
+        port="$PORT" engine.device="$DEVICE" engine.gpu_memory_gb="$BUDGET_GB" engine.max_num_seqs="$MAX_NUM_SEQS" \
+        deployment.max_ongoing_requests=$(( MAX_NUM_SEQS + 64 )) $SERVE_ARGS > "$WORK/project_server.log" 2>&1 &
     SERVER=$!
     wait_ready "http://127.0.0.1:$PORT/ready" "$WORK/project_server.log"
     local max

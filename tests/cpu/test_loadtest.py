@@ -337,9 +337,14 @@ def test_bad_arguments_exit_2(tmp_path):
 def test_gpu_helpers_levels_and_full_vocab_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
-    from loadtest.gpu_report import full_vocab_tokenizer, levels
+    from loadtest.gpu_report import capacity, capacity_from_metrics, full_vocab_tokenizer, levels
 
     assert levels(1) == [1] and levels(12) == [1, 2, 4, 8, 12] and levels(16) == [1, 2, 4, 8, 16]
+    assert capacity_from_metrics('# HELP x\nvllm:cache_config_info{cache_dtype="int8",model_name="m",'
+                                 'num_slots="6"} 1.0\n') == 6
+    assert capacity_from_metrics("vllm:num_requests_running 0\n") is None
+    (tmp_path / "server.log").write_text('INFO engine loaded {"kv_bytes_per_token": 256, "num_slots": 11}\n')
+    assert capacity(None, tmp_path / "server.log") == 11
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 700}))
     (tmp_path / "merges.txt").write_text("stale")
     assert full_vocab_tokenizer(tmp_path) == 700 and not (tmp_path / "merges.txt").exists()
