@@ -226,13 +226,18 @@ def markdown(result: dict[str, Any]) -> str:
     if checks:
         names = [n for n in ("successes", "prompt_tokens", "output_tokens")
                  if any(n in lv["server_check"]["counters"] for lv in checks)]
-        lines += ["", "Client vs server (`/metrics` deltas per level, client / server):", "",
-                  "| level | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        lat = [m for m in ("ttft", "e2e") if any(lv["server"].get(f"{m}_mean_s") is not None for lv in checks)]
+        lines += ["", "Client vs server (`/metrics` deltas per level, client / server; the client's latencies "
+                      "add the network and the HTTP stack):", "",
+                  "| level | " + " | ".join(names + [f"{m.upper()} mean ms" for m in lat]) + " |",
+                  "|---|" + "---:|" * (len(names) + len(lat))]
         for lv in checks:
             cells = []
             for n in names:
                 c = lv["server_check"]["counters"].get(n)
                 cells.append("-" if c is None else f"{c['client']:g} / {c['server']:g}" + ("" if c["match"] else " ❗"))
+            for m in lat:
+                cells.append(f"{_ms(lv[m]['mean'])} / {_ms(lv['server'].get(f'{m}_mean_s'))}")
             lines.append(f"| {lv['label']} | " + " | ".join(cells) + " |")
     lines += ["", "![throughput vs latency](throughput_latency.png)", "", "![latency vs load](latency_vs_load.png)",
               "", "Files: `results.json` (schema in `loadtest/report.py`), `levels.csv`, `requests.jsonl`.", ""]
