@@ -177,6 +177,30 @@ def test_sft_kill_and_resume_matches_uninterrupted_run(tiny_model, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-000004", "step-000006"]
 
 
+def test_lora_with_gradient_checkpointing_resumes_and_exports_merged_model(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS * 2)
+    cfg = base_config(tiny_model, [str(data)], tmp_path / "straight", max_steps=4, micro_batch_size=2)
+    cfg["model"].update(lora={"rank": 4, "alpha": 8}, gradient_checkpointing=True)
+    run_stage("training.sft", write_config(tmp_path / "a.yaml", cfg))
+    killed = {**cfg, "checkpoint": {"output_dir": str(tmp_path / "killed"), "save_every": 2}}
+    proc = run_stage("training.sft", write_config(tmp_path / "b.yaml", killed),
+                     env={"TRAINING_CRASH_AFTER_STEP": "3"}, check=False)
+    assert proc.returncode == 17
+    run_stage("training.sft", tmp_path / "b.yaml", "--resume")
+    assert losses_by_step(tmp_path / "killed") == pytest.approx(losses_by_step(tmp_path / "straight"), rel=1e-5)
+
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "straight" / "model")  # a plain model: LoRA merged
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    q_merged = merged.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(q_merged, base.model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(merged.lm_head.weight, base.lm_head.weight)  # not a LoRA target: untouched
+    manifest = json.loads((tmp_path / "straight" / "manifest.json").read_text())
+    assert 0 < manifest["metrics"]["trainable_parameters"] < manifest["metrics"]["parameters"] / 10
+
+
 def test_ppo_kill_and_resume_restores_actor_and_critic(tiny_model, reward_model, tmp_path):
     ref_out, out = tmp_path / "straight", tmp_path / "killed"
     run_stage("training.ppo", ppo_config(tiny_model, reward_model, tmp_path, ref_out))
