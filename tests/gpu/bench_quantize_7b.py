@@ -73,6 +73,37 @@ def build_source(folder: Path, shape: dict, device: str) -> float:
     return time.time() - t0
 
 
+def random_gptq(folder: Path, shape: dict) -> None:
+    """A GPTQ 4-bit g128 folder with random packed weights (skips quantizing when only loading is measured)."""
+    from safetensors.torch import save_file
+
+    h, inter, layers, vocab = (shape[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                   "vocab_size"))
+    folder.mkdir(parents=True)
+    t = {"model.embed_tokens.weight": (torch.randn(vocab, h) * 0.02).half(), "model.norm.weight": torch.ones(h).half(),
+         "lm_head.weight": (torch.randn(vocab, h) * 0.02).half()}
+    for i in range(layers):
+        for name, (fi, fo) in {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h, h), "self_attn.v_proj": (h, h),
+                               "self_attn.o_proj": (h, h), "mlp.gate_proj": (h, inter), "mlp.up_proj": (h, inter),
+                               "mlp.down_proj": (inter, h)}.items():
+            p = f"model.layers.{i}.{name}"
+            t[p + ".qweight"] = torch.randint(-2**31, 2**31 - 1, (fi // 8, fo), dtype=torch.int32)
+            t[p + ".qzeros"] = torch.full((fi // 128, fo // 8), 0x77777777, dtype=torch.int32)
+            t[p + ".scales"] = torch.full((fi // 128, fo), 0.004, dtype=torch.float16)
+            t[p + ".g_idx"] = torch.arange(fi, dtype=torch.int32) // 128
+        for n in ("input_layernorm", "post_attention_layernorm"):
+            t[f"model.layers.{i}.{n}.weight"] = torch.ones(h).half()
+    save_file(t, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    q = {"bits": 4, "group_size": 128, "desc_act": False, "sym": True, "quant_method": "gptq",
+         "checkpoint_format": "gptq"}
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", **shape, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "float16",
+        "tie_word_embeddings": False, "quantization_config": q}))
+    (folder / "quantize_config.json").write_text(json.dumps(q))
+    make_tokenizer(folder, shape["vocab_size"])
+
+
 def decode_speed(model, vocab: int, device: str, new_tokens: int) -> dict:
     ids = torch.randint(3, vocab, (1, 32), device=device, generator=torch.Generator(device).manual_seed(0))
     kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -101,6 +132,7 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--backends", default="marlin,exllama_v2,torch")
+    p.add_argument("--random-gptq", action="store_true", help="Skip quantizing: load a random packed checkpoint.")
     p.add_argument("--work", default=None, help="Scratch folder; default /dev/shm when it has 40 GB free, else /tmp.")
     a = p.parse_args()
     out, dev = Path(a.out), a.device
@@ -108,7 +140,7 @@ def main() -> int:
     from gptqmodel import GPTQModel
     from gptqmodel import QuantizeConfig as GPTQModelConfig
 
-    from training.quantize import estimate_memory, measure_checkpoint, offload_embeddings
+    from training.quantize import estimate_memory, measure_checkpoint
 
     res: dict = {"shape": shape, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
                  "torch": torch.__version__, "calibration": {"samples": a.samples, "tokens_each": a.seq}}
@@ -129,6 +161,10 @@ def main() -> int:
         res["cuda_context_gib"] = gib(total - free)
     work = Path(tempfile.mkdtemp(dir=a.work, prefix="q7b-"))
     src, qdir = work / "src", work / "gptq"
+    if a.random_gptq:
+        random_gptq(qdir, shape)
+        res["checkpoint"] = measure_checkpoint(qdir)
+        return load_backends(res, a, qdir, shape, out)
     res["build_source_s"] = round(build_source(src, shape, dev), 1)
     save(res, out)
 
@@ -155,7 +191,15 @@ def main() -> int:
     res["estimate_embed_on_host_lm_head4_kv8"] = estimate_memory(config, 4, 128, embed_on_gpu=False, lm_head_bits=4,
                                                                  kv_cache_bytes=1)
     save(res, out)
+    return load_backends(res, a, qdir, shape, out)
 
+
+def load_backends(res: dict, a: argparse.Namespace, qdir: Path, shape: dict, out: Path) -> int:
+    from gptqmodel import GPTQModel
+
+    from training.quantize import offload_embeddings
+
+    dev = a.device
     res["backends"] = {}
     for b in a.backends.split(","):
         entry: dict = {}
