@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_PIPELINE = "training/configs/demo/pipeline.yaml"
-DEFAULT_SERVE_CONFIG = "serving/configs/cpu.yaml"
+DEFAULT_SERVE_CONFIG = "serving/configs/cpu-small.yaml"
 DEFAULT_MODEL = "runs/demo/quantize"
 QUESTIONS = ("What is the capital of France? Answer in one sentence.", "中国的首都是哪里？")
 READY_TIMEOUT_S = 900

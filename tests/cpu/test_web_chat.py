@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -69,7 +70,8 @@ def server(tiny_model, tmp_path_factory):
         "deployment": {"num_cpus": 1},
     }))
     log = tmp / "serve.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "RAY_TMPDIR": str(tmp)}
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "RAY_TMPDIR": ray_tmp}
     env.pop("API_KEYS", None)
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "serving", "--config", str(cfg), "--model", str(tiny_model)],
@@ -86,6 +88,7 @@ def server(tiny_model, tmp_path_factory):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 # Records the assistant bubble's text at every DOM change, so the test can tell a streamed reply
