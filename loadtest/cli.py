@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop-after-miss", type=int, default=0,
                    help="Stop a mode's sweep after this many consecutive levels missed the SLOs (0: never).")
 
+    s.add_argument("--smoke", action="store_true",
+                   help="Quick check that the target works: concurrency 1, 3 requests of 16 tokens, no warm-up.")
+
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, help="Output folder (default runs/loadtest-<time>).")
     o.add_argument("--no-plots", dest="plots", action="store_false")
@@ -219,6 +222,9 @@ def _print_level(lv: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.concurrency, args.rate, args.requests, args.warmup = [1], None, 3, 0
+        args.output_tokens, args.input_tokens, args.duration = 16, 32, 60.0
     if not args.concurrency and not args.rate:
         args.concurrency = [1, 2, 4, 8]
     if not args.requests and not args.duration:

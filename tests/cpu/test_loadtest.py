@@ -287,6 +287,13 @@ def test_non_streaming_requests(tmp_path):
     assert lv["itl"]["p50"] is None and lv["server_check"]["agree"]
 
 
+def test_smoke_mode(tmp_path):
+    with FakeServer(ttft=0.01, itl=0.001) as srv:
+        proc = run_cli("--url", srv.url, "--model", "fake", "--out", str(tmp_path / "s"), "--smoke", "--no-plots")
+        assert srv.n == 3 and all(b["max_tokens"] == 16 for b in srv.bodies)
+    assert proc.returncode == 0 and "[concurrency 1] 3/3 ok" in proc.stderr, proc.stderr
+
+
 def test_server_errors_are_counted_by_status(tmp_path):
     out = tmp_path / "lt"
     with FakeServer(ttft=0.01, itl=0.001, fail_every=3, fail_status=500) as srv:
