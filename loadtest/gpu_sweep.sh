@@ -94,9 +94,13 @@ cleanup() {  # also on failure: the logs go back with $OUT
 }
 trap cleanup EXIT
 
+http_ok() {  # GET $1 answers 200 (no curl needed)
+    "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=3)' "$1" 2>/dev/null
+}
+
 wait_ready() {  # url log
     local t0=$SECONDS
-    until curl -fs -o /dev/null "$1"; do
+    until http_ok "$1"; do
         if ! kill -0 "$SERVER" 2>/dev/null; then log "error: server exited; last log lines:"; tail -40 "$2" >&2; exit 1; fi
         if (( SECONDS - t0 > WAIT_S )); then log "error: $1 not ready after $WAIT_S s"; tail -40 "$2" >&2; exit 1; fi
         sleep 2
@@ -138,7 +142,8 @@ run_project() {
     local lv; lv=$("$PY" -m loadtest.gpu_report levels --max "$max")
     log "max concurrency $max; levels $lv"
     sweep "http://127.0.0.1:$PORT" "$lv" "$WORK/project" || log "project sweep: some levels failed"
-    curl -fsS "http://127.0.0.1:$PORT/metrics" > "$WORK/project_metrics.txt" || true
+    "$PY" -c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1]).read().decode())' \
+        "http://127.0.0.1:$PORT/metrics" > "$WORK/project_metrics.txt" || true
     stop_server
     stop_sampler
     command -v ray >/dev/null && ray stop --force >/dev/null 2>&1 || true
