@@ -6,11 +6,15 @@ The LLaMA-7B-shaped timing and sizes are a benchmark, not a test: ``tests/gpu/be
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_tiny_llama, run_stage
-from test_quantize import write_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cpu"))
+from test_quantize import write_config  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
