@@ -11,7 +11,8 @@ Writes ``output_dir/model`` (a standard GPTQ folder: safetensors with qweight/qz
 quantize_config.json, config.json with quantization_config, tokenizer and chat template),
 ``output_dir/quality.json`` and, last, ``manifest.json``. The model folder is assembled under a
 ``.tmp-`` name and renamed into place, so a killed Job never leaves a half checkpoint a server could load.
-Set ``GPTQMODEL_CPU_WORKERS=2`` on a 2-core machine.
+GPTQ is one pass, so ``--resume`` (accepted like every stage) starts it over; a completed folder is only
+replaced once the new checkpoint is whole. Set ``GPTQMODEL_CPU_WORKERS=2`` on a 2-core machine.
 """
 
 from __future__ import annotations
