@@ -114,7 +114,10 @@ def drive_page(url: str, chromium: str) -> dict:
             page.on("request", lambda r: seen["requests"].append(json.loads(r.post_data))
                     if r.url.endswith("/v1/chat/completions") and r.post_data else None)
             page.goto(url + "/")
-            page.wait_for_function("document.querySelector('#model').options.length > 0", timeout=30_000)
+            page.wait_for_function("document.querySelector('#model').options.length > 0 || "
+                                   "document.querySelector('#error').textContent", timeout=60_000)
+            error = page.locator("#error").inner_text()
+            assert not error, f"the page could not list models: {error}"
             seen["models"] = page.eval_on_selector_all("#model option", "els => els.map(e => e.value)")
             page.fill("#max_tokens", "24")
             page.fill("#temperature", "0")
