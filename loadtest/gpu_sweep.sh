@@ -82,9 +82,12 @@ stop_sampler() { [ -n "$SAMPLER" ] && kill "$SAMPLER" 2>/dev/null; SAMPLER=""; }
 SERVER=""
 stop_server() {
     [ -z "$SERVER" ] && return
-    kill -INT -- "-$SERVER" 2>/dev/null || kill -INT "$SERVER" 2>/dev/null || true
-    for _ in $(seq 1 30); do kill -0 "$SERVER" 2>/dev/null || break; sleep 1; done
-    kill -KILL -- "-$SERVER" 2>/dev/null || true
+    local group
+    group=$(ps -o pgid= -p "$SERVER" 2>/dev/null | tr -d ' ')  # setsid made it a group leader: Ray's children too
+    group=${group:-$SERVER}
+    kill -INT -- "-$group" 2>/dev/null || kill -INT "$SERVER" 2>/dev/null || true
+    for _ in $(seq 1 30); do kill -0 -- "-$group" 2>/dev/null || break; sleep 1; done
+    kill -KILL -- "-$group" 2>/dev/null || true
     SERVER=""
 }
 cleanup() {  # also on failure: the logs go back with $OUT
