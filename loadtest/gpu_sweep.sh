@@ -84,7 +84,14 @@ stop_server() {
     [ -z "$SERVER" ] && return
     local group
     group=$(ps -o pgid= -p "$SERVER" 2>/dev/null | tr -d ' ')  # setsid made it a group leader: Ray's children too
-    group=${group:-$SERVER}
+    [ "$group" = "$SERVER" ] || group=""  # never signal a group the server does not lead (ours)
+    if [ -z "$group" ]; then
+        kill -INT "$SERVER" 2>/dev/null || true
+        for _ in $(seq 1 30); do kill -0 "$SERVER" 2>/dev/null || break; sleep 1; done
+        kill -KILL "$SERVER" 2>/dev/null || true
+        SERVER=""
+        return
+    fi
     kill -INT -- "-$group" 2>/dev/null || kill -INT "$SERVER" 2>/dev/null || true
     for _ in $(seq 1 30); do kill -0 -- "-$group" 2>/dev/null || break; sleep 1; done
     kill -KILL -- "-$group" 2>/dev/null || true
