@@ -95,7 +95,8 @@ def phase_engine(args: argparse.Namespace) -> dict[str, Any]:
                          max_model_len=args.max_model_len, max_num_seqs=max(args.batch_sizes),
                          kv_cache_dtype=args.kv_cache_dtype, embed_on_host=args.embed_on_host,
                          lm_head_int8=args.lm_head_int8, cuda_graphs=not args.no_cuda_graphs,
-                         gptq_backend=args.gptq_backend, warmup=True, max_waiting=1024)
+                         gptq_backend=args.gptq_backend, warmup=True, max_waiting=1024,
+                         prefill_chunk=args.prefill_chunk)
     eng = LLMEngine(args.model, opts)
     stop = threading.Event()
     smi: dict[str, int] = {}
@@ -266,11 +267,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--gpu-memory-gb", type=float, default=4.0)
+    p.add_argument("--gpu-memory-gb", type=float, default=4.0, help="0: no cap")
     p.add_argument("--batch-sizes", default="1,2,4,8", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--kv-cache-dtype", default="int8", choices=["auto", "int8"])
     p.add_argument("--embed-on-host", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--lm-head-int8", action=argparse.BooleanOptionalAction, default=False)
@@ -285,7 +287,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.gpu_memory_gb is not None and args.gpu_memory_gb <= 0:
+        args.gpu_memory_gb = None  # no cap
     if args.phase:  # child process
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
         print(json.dumps(PHASES[args.phase](args)))
         return 0
     phases = [x for x in args.phases.split(",") if x]

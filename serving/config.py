@@ -47,6 +47,7 @@ class EngineConfig(_Strict):
     max_waiting: int = Field(DEFAULT_MAX_WAITING, ge=0,
                              description="Requests allowed to wait for a free slot; beyond it the API answers 429.")
     max_prefill_tokens: int = Field(4096, ge=16, description="Prompt tokens prefilled per engine step at most.")
+    prefill_chunk: int = Field(256, ge=16, description="Prompt tokens per prefill forward (bounds activation memory).")
     kv_cache_dtype: Literal["auto", "int8"] = Field(
         "auto", description="auto: the model dtype. int8: per-token-per-head scaled int8 (half the bytes).")
     kv_cache_tokens: int | None = Field(None, ge=16, description="Fix the KV cache size in tokens instead of sizing "

@@ -208,10 +208,10 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, chunk: int = 4096):
         super().__init__()
-        w = weight.detach().float()
+        w = weight.detach().to("cpu", torch.float32)  # quantize in host memory: no fp32 copy on the GPU
         scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
-        self.register_buffer("weight", torch.round(w / scale).to(torch.int8))
-        self.register_buffer("scale", scale.squeeze(1).to(weight.dtype))
+        self.register_buffer("weight", torch.round(w / scale).to(torch.int8).to(weight.device))
+        self.register_buffer("scale", scale.squeeze(1).to(weight.dtype).to(weight.device))
         self.chunk = chunk
         self.out_features = weight.shape[0]
 
@@ -324,8 +324,13 @@ class LlamaRunner:
             self.embed_weight = emb.weight.detach()
         self.lm_head: nn.Module = model.lm_head
         if lm_head_int8 and isinstance(model.lm_head, nn.Linear):
-            self.lm_head = Int8Linear(model.lm_head.weight).to(device)
+            weight = model.lm_head.weight
             model.lm_head = nn.Identity()
+            self.lm_head = Int8Linear(weight.to("cpu"))
+            del weight
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.lm_head = self.lm_head.to(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
         self.cache: KVCache | None = None
@@ -465,7 +470,7 @@ class EngineOptions:
     max_num_seqs: int = 32
     max_waiting: int = 64
     max_prefill_tokens: int = 4096
-    prefill_chunk: int = 512
+    prefill_chunk: int = 256
     kv_cache_dtype: str = "auto"
     kv_cache_tokens: int | None = None
     embed_on_host: bool | None = None
@@ -480,6 +485,32 @@ class EngineOptions:
     def from_config(cls, cfg: Any) -> EngineOptions:
         data = cfg.model_dump() if hasattr(cfg, "model_dump") else dict(cfg)
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+class RequestStream:
+    """Async iterator over one sequence's ``StepOutput``s; ``cancel()`` aborts it and frees its slot."""
+
+    def __init__(self, engine: LLMEngine, seq: Sequence, q: asyncio.Queue):
+        self.engine, self.seq, self.q, self.done = engine, seq, q, False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> StepOutput:
+        if self.done:
+            raise StopAsyncIteration
+        out = await self.q.get()
+        if isinstance(out, BaseException):
+            self.done = True
+            raise out
+        if out.finish_reason is not None:
+            self.done = True
+        return out
+
+    def cancel(self) -> None:
+        if not self.done:
+            self.done = True
+            self.engine.abort(self.seq.id)
 
 
 class LLMEngine:
@@ -565,32 +596,30 @@ class LLMEngine:
         if o.kv_cache_tokens is not None:
             kv_tokens = o.kv_cache_tokens
         elif cuda and budget is not None:
-            graph_reserve = 96 * 1024**2 if o.cuda_graphs else 0
+            graph_reserve = act_bytes if o.cuda_graphs else 0  # first guess; the fit loop below measures
             free = budget - weights_bytes - int(act_bytes * 1.25) - graph_reserve - 64 * 1024**2
             kv_tokens = max(0, free // per_tok)
         elif cuda:
             kv_tokens = o.max_num_seqs * self.max_model_len
         else:
             kv_tokens = int(o.cpu_kv_cache_gb * GIB) // per_tok
-        self.num_slots = min(o.max_num_seqs, kv_tokens // self.max_model_len)
-        if self.num_slots < 1:
-            raise EngineError(
-                f"the memory budget leaves room for {kv_tokens} cached tokens, less than one sequence of "
-                f"max_model_len={self.max_model_len}: raise engine.gpu_memory_gb, lower engine.max_model_len, or "
-                f"set engine.kv_cache_dtype=int8 / engine.embed_on_host / engine.lm_head_int8")
-        runner.cache = KVCache(len(runner.layers), self.num_slots, self.max_model_len, runner.kv_heads,
-                               runner.head_dim, runner.dtype, self.device, quant)
         self.ctx_buckets = _buckets(self.max_model_len)
-        if cuda and o.cuda_graphs:
-            sizes = sorted({min(b, self.num_slots) for b in o.graph_batch_sizes})
-            self.graphs = DecodeGraphs(runner, sizes, self.ctx_buckets)
-            try:
-                self.graphs.capture()
-            except RuntimeError as e:  # a kernel that cannot be captured: run eager, say so
-                logger.warning("CUDA graph capture failed, decoding eagerly: %s", e)
-                self.graphs = None
-                self.info["cuda_graphs_error"] = str(e)[:500]
-                torch.cuda.synchronize()
+        act_need = int(act_bytes * 1.25) + 32 * 1024**2
+        for _attempt in range(4):  # allocate cache + graphs, then check the measured total against the budget
+            self._allocate(kv_tokens, quant)
+            if not (cuda and budget is not None and o.kv_cache_tokens is None):
+                break
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            over = torch.cuda.memory_reserved(self.device) + act_need - budget
+            if over <= 0:
+                break
+            kv_tokens -= max(self.max_model_len, -(-over // per_tok))
+            self.graphs = None
+            runner.cache = None
+            torch.cuda.empty_cache()
+        else:
+            raise EngineError("could not fit the KV cache and CUDA graphs into engine.gpu_memory_gb")
         self.eos_ids = self._eos_ids(model)
         self.info.update({
             "model": str(self.path), "gptq": is_gptq, "device": str(self.device), "dtype": str(runner.dtype),
@@ -606,6 +635,28 @@ class LLMEngine:
             self.info["allocated_after_load_bytes"] = torch.cuda.memory_allocated(self.device)
             self.info["peak_allocated_load_bytes"] = torch.cuda.max_memory_allocated(self.device)
         logger.info("engine loaded %s", json.dumps(self.info))
+
+    def _allocate(self, kv_tokens: int, quant: bool) -> None:
+        o, runner = self.opts, self.runner
+        self.num_slots = min(o.max_num_seqs, kv_tokens // self.max_model_len)
+        if self.num_slots < 1:
+            raise EngineError(
+                f"the memory budget leaves room for {max(0, kv_tokens)} cached tokens, less than one sequence of "
+                f"max_model_len={self.max_model_len}: raise engine.gpu_memory_gb, lower engine.max_model_len, or "
+                f"set engine.kv_cache_dtype=int8 / engine.embed_on_host / engine.lm_head_int8")
+        runner.cache = KVCache(len(runner.layers), self.num_slots, self.max_model_len, runner.kv_heads,
+                               runner.head_dim, runner.dtype, self.device, quant)
+        self.graphs = None
+        if self.device.type == "cuda" and o.cuda_graphs:
+            sizes = sorted({min(b, self.num_slots) for b in o.graph_batch_sizes})
+            graphs = DecodeGraphs(runner, sizes, self.ctx_buckets)
+            try:
+                graphs.capture()
+                self.graphs = graphs
+            except RuntimeError as e:  # a kernel that cannot be captured: run eager, say so
+                logger.warning("CUDA graph capture failed, decoding eagerly: %s", e)
+                self.info["cuda_graphs_error"] = str(e)[:500]
+                torch.cuda.synchronize()
 
     def _eos_ids(self, model: nn.Module) -> set[int]:
         ids: set[int] = set()
@@ -686,6 +737,15 @@ class LLMEngine:
 
     def abort(self, seq_id: str) -> None:
         self._inbox.put(("abort", seq_id))
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
+        """Admit a request now (raising ``QueueFullError``/``ContextLengthError`` here) and return its stream.
+
+        Must be called from the event loop that will consume the stream."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        seq = self.add_request(prompt_ids, params, lambda o: loop.call_soon_threadsafe(q.put_nowait, o), request_id)
+        return RequestStream(self, seq, q)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[StepOutput]:
