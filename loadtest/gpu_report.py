@@ -161,12 +161,26 @@ def facts(out: Path, ckpt: Path, measure_bandwidth: bool) -> dict[str, Any]:
     return f
 
 
+def engine_info(log: Path) -> dict[str, Any]:
+    """The serving engine's ``engine loaded {...}`` log record (slots, KV cache, weights on the GPU...)."""
+    if not log.exists():
+        return {}
+    found = re.findall(r"engine loaded (\{.*\})", log.read_text(errors="replace"))
+    try:
+        return json.loads(found[-1]) if found else {}
+    except ValueError:
+        return {}
+
+
 def summary(out: Path) -> dict[str, Any]:
     f = _load(out / "facts.json") or {}
     wb, bandwidth = f.get("weight_bytes"), f.get("copy_bandwidth_bytes_per_s")
     runs = {name: _load(out / name / "results.json") for name in ("project", "baseline")}
+    engine = engine_info(out / "project_server.log")
+    if wb and engine.get("weights_bytes_on_gpu"):
+        wb = {**wb, "engine_on_gpu": int(engine["weights_bytes_on_gpu"])}  # what the engine says it placed
     res: dict[str, Any] = {"checkpoint": f.get("checkpoint"), "device": f.get("device"), "weight_bytes": wb,
-                           "copy_bandwidth_bytes_per_s": bandwidth, "runs": {}}
+                           "copy_bandwidth_bytes_per_s": bandwidth, "engine": engine or None, "runs": {}}
     for name, r in runs.items():
         if r is None:
             res["runs"][name] = None
@@ -206,7 +220,14 @@ def markdown(res: dict[str, Any]) -> str:
     wb, bw = res.get("weight_bytes"), res.get("copy_bandwidth_bytes_per_s")
     if wb:
         lines.append(f"Checkpoint `{res['checkpoint']}`: {wb['all'] / 2**30:.2f} GiB of tensors "
-                     f"({wb['without_embedding'] / 2**30:.2f} GiB without the embedding table).")
+                     f"({wb['without_embedding'] / 2**30:.2f} GiB without the embedding table"
+                     + (f"; the engine placed {wb['engine_on_gpu'] / 2**30:.2f} GiB on the GPU" if "engine_on_gpu" in wb
+                        else "") + ").")
+    if res.get("engine"):
+        e = res["engine"]
+        lines.append(f"Project engine: {e.get('num_slots')} slots of {e.get('max_model_len')} tokens, KV cache "
+                     f"{(e.get('kv_cache_bytes') or 0) / 2**20:.0f} MiB ({e.get('kv_cache_dtype')}), budget "
+                     f"{(e.get('gpu_memory_budget_bytes') or 0) / 2**30:.2f} GiB, loaded in {e.get('load_s')} s.")
     if bw:
         lines.append(f"Device copy bandwidth (read + write) on {res.get('device')}: {bw / 1e9:.0f} GB/s.")
     lines.append("")
@@ -216,14 +237,23 @@ def markdown(res: dict[str, Any]) -> str:
             continue
         lines += [f"## {name}", ""]
         mem = row["peak_gpu_memory_mib"]
-        lines.append(f"- Peak GPU memory (nvidia-smi): {mem:.0f} MiB" if mem is not None else "- Peak GPU memory: -")
+        budget = (res.get("engine") or {}).get("gpu_memory_budget_bytes")
+        fit = "" if mem is None or not budget else (
+            f" ({'within' if mem <= budget / 2**20 else 'OVER'} the {budget / 2**20:.0f} MiB budget; nvidia-smi "
+            "counts the CUDA context too)")
+        lines.append(f"- Peak GPU memory (nvidia-smi, whole GPU): {mem:.0f} MiB{fit}" if mem is not None
+                     else "- Peak GPU memory: -")
         for mode, b in row["best"].items():
             lines.append(f"- Highest {mode} level meeting the SLOs: "
                          + ("none" if b is None else f"{b['label']} ({b['requests_per_s']:.2f} req/s, "
                                                      f"{b['output_tokens_per_s']:.0f} output tok/s)"))
         if "single_stream_decode_tokens_per_s" in row:
             s = f"- Single-stream decode: {row['single_stream_decode_tokens_per_s']:.1f} tok/s"
-            if "fraction_of_limit_without_embedding" in row:
+            if "fraction_of_limit_engine_on_gpu" in row:
+                s += (f" = {100 * row['fraction_of_limit_engine_on_gpu']:.1f}% of the bandwidth limit "
+                      f"({row['bandwidth_limit_tokens_per_s_engine_on_gpu']:.0f} tok/s reading the weights the "
+                      f"engine placed on the GPU once per token)")
+            elif "fraction_of_limit_without_embedding" in row:
                 s += (f" = {100 * row['fraction_of_limit_without_embedding']:.1f}% of the bandwidth limit "
                       f"({row['bandwidth_limit_tokens_per_s_without_embedding']:.0f} tok/s reading the weights "
                       f"without the embedding once per token; "
