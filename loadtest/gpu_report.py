@@ -237,7 +237,7 @@ def markdown(res: dict[str, Any]) -> str:
             continue
         lines += [f"## {name}", ""]
         mem = row["peak_gpu_memory_mib"]
-        budget = (res.get("engine") or {}).get("gpu_memory_budget_bytes")
+        budget = (res.get("engine") or {}).get("gpu_memory_budget_bytes") if name == "project" else None
         fit = "" if mem is None or not budget else (
             f" ({'within' if mem <= budget / 2**20 else 'OVER'} the {budget / 2**20:.0f} MiB budget; nvidia-smi "
             "counts the CUDA context too)")
