@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -141,7 +142,8 @@ class LLMServer:
                                 tokenizer_path=self.cfg.tokenizer, chat_template=self.cfg.chat_template,
                                 stats=self.metrics)
         self.created = now()
-        self._loader = asyncio.get_event_loop().run_in_executor(None, self._load)
+        self._loader = threading.Thread(target=self._load, name="model-loader", daemon=True)
+        self._loader.start()
 
     def _load(self) -> None:
         try:

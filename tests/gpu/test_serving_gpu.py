@@ -1,0 +1,58 @@
+"""Engine on CUDA: CUDA-graph decode agrees with eager decode, and the memory budget holds.
+
+The 7B measurements are a benchmark command, not a test:
+    python -m serving.bench --model /tmp/l7 --lm-head-int8 --batch-sizes 1,2,4,8 --out bench.json
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from serving.engine import EngineOptions, LLMEngine, SamplingParams
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+PROMPTS = ["Hello, how are", "The capital of France", "Two plus two", "Write a poem", "PPO improves"]
+
+
+def _run(eng: LLMEngine, max_tokens: int = 12) -> list[list[int]]:
+    async def one(p: str) -> list[int]:
+        ids = eng.tokenizer(p)["input_ids"]
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        return [t for o in [o async for o in eng.generate(ids, params)] for t in o.token_ids]
+
+    async def run() -> list[list[int]]:
+        return await asyncio.gather(*(one(p) for p in PROMPTS))
+
+    return asyncio.run(run())
+
+
+def test_cuda_graph_decode_matches_eager(tiny_model: Path):
+    outs = {}
+    for graphs in (False, True):
+        eng = LLMEngine(tiny_model, EngineOptions(device="cuda", dtype="float32", gpu_memory_gb=None,
+                                                  max_model_len=128, max_num_seqs=4, cuda_graphs=graphs))
+        eng.load_and_start()
+        try:
+            assert eng.info["cuda_graphs"] is graphs
+            outs[graphs] = _run(eng)
+        finally:
+            eng.shutdown()
+    assert outs[True] == outs[False]
+
+
+def test_budget_caps_allocations(tiny_model: Path):
+    torch.cuda.reset_peak_memory_stats()
+    eng = LLMEngine(tiny_model, EngineOptions(device="cuda", gpu_memory_gb=0.5, max_model_len=256, max_num_seqs=64,
+                                              kv_cache_dtype="int8"))
+    eng.load_and_start()
+    try:
+        _run(eng, 32)
+        assert torch.cuda.max_memory_allocated() <= 0.5 * 1024**3
+        assert eng.num_slots >= 4
+    finally:
+        eng.shutdown()
