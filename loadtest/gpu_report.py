@@ -227,7 +227,8 @@ def markdown(res: dict[str, Any]) -> str:
         e = res["engine"]
         lines.append(f"Project engine: {e.get('num_slots')} slots of {e.get('max_model_len')} tokens, KV cache "
                      f"{(e.get('kv_cache_bytes') or 0) / 2**20:.0f} MiB ({e.get('kv_cache_dtype')}), budget "
-                     f"{(e.get('gpu_memory_budget_bytes') or 0) / 2**30:.2f} GiB, loaded in {e.get('load_s')} s.")
+                     + (f"{e['gpu_memory_budget_bytes'] / 2**30:.2f} GiB" if e.get("gpu_memory_budget_bytes")
+                        else "none") + f", loaded in {e.get('load_s')} s.")
     if bw:
         lines.append(f"Device copy bandwidth (read + write) on {res.get('device')}: {bw / 1e9:.0f} GB/s.")
     lines.append("")
