@@ -292,6 +292,12 @@ def load_gptq(folder: str | Path, device: torch.device, backend: str = "auto") -
     """A GPTQ checkpoint through GPTQModel with the named kernel (auto, marlin, exllama_v2, torch, ...)."""
     from gptqmodel import GPTQModel
 
+    if backend == "auto" and device.type == "cpu":
+        cfg = json.loads((Path(folder) / "config.json").read_text())
+        g = cfg.get("quantization_config", {}).get("group_size", -1)
+        dims = [i for _, i, _ in linear_shapes(cfg)]
+        if g != -1 and any(d % g for d in dims):
+            backend = "torch"  # the CPU int4pack kernel auto picks needs whole groups (e.g. SmolLM2's 576 % 128)
     return GPTQModel.load(str(folder), device=str(device), backend=backend)
 
 
