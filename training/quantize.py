@@ -295,7 +295,10 @@ def load_gptq(folder: str | Path, device: torch.device, backend: str = "auto") -
     if backend == "auto" and device.type == "cpu":
         cfg = json.loads((Path(folder) / "config.json").read_text())
         g = cfg.get("quantization_config", {}).get("group_size", -1)
-        dims = [i for _, i, _ in linear_shapes(cfg)]
+        try:
+            dims = [i for _, i, _ in linear_shapes(cfg)]
+        except KeyError:  # not LLaMA-shaped: let GPTQModel choose
+            dims = []
         if g != -1 and any(d % g for d in dims):
             backend = "torch"  # the CPU int4pack kernel auto picks needs whole groups (e.g. SmolLM2's 576 % 128)
     return GPTQModel.load(str(folder), device=str(device), backend=backend)
