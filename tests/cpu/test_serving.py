@@ -6,7 +6,10 @@ One app for the whole module (module-scoped fixture); API keys are on, so every 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,7 +34,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model: Path, tmp_path_factory):
+def server(tiny_model: Path):
     ray = pytest.importorskip("ray")
     from ray import serve
 
@@ -43,9 +46,20 @@ def server(tiny_model: Path, tmp_path_factory):
         f"served_model_name={MODEL}", f"port={port}", "host=127.0.0.1", "engine.max_model_len=256",
         f"engine.max_num_seqs={SLOTS}", f"engine.max_waiting={WAITING}", "deployment.max_ongoing_requests=64",
         "deployment.health_check_period_s=2"], model=str(tiny_model))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")),
-             runtime_env={"env_vars": {"API_KEYS": f"other-key,{KEY}", "TOKENIZERS_PARALLELISM": "false"}})
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    # Ray Serve's proxy gets 5 s to report ready by default: too short on a busy 2-core CI box
+    slow_box = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+    saved = {k: os.environ.get(k) for k in slow_box}
+    os.environ.update(slow_box)
+    for attempt in range(3):  # Ray waits a fixed 30 s for its raylet; an overloaded 2-core box can miss that
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
+                     runtime_env={"env_vars": {"API_KEYS": f"other-key,{KEY}", "TOKENIZERS_PARALLELISM": "false"}})
+            break
+        except Exception:  # noqa: BLE001 - ray raises a bare Exception on a slow start
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(cfg), name="llm", route_prefix="/", blocking=False)
@@ -62,6 +76,12 @@ def server(tiny_model: Path, tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
