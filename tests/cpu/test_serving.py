@@ -51,6 +51,10 @@ def server(tiny_model: Path):
     slow_box = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
     saved = {k: os.environ.get(k) for k in slow_box}
     os.environ.update(slow_box)
+    import ray.serve._private.api as serve_api  # serve.start waits a fixed 60 s for the proxy
+
+    proxy_timeout = serve_api.HTTP_PROXY_TIMEOUT
+    serve_api.HTTP_PROXY_TIMEOUT = 600
     for attempt in range(3):  # Ray waits a fixed 30 s for its raylet; an overloaded 2-core box can miss that
         try:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
@@ -77,6 +81,7 @@ def server(tiny_model: Path):
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+        serve_api.HTTP_PROXY_TIMEOUT = proxy_timeout
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
