@@ -6,7 +6,6 @@ HTTP response without a second Ray hop. Replicas, GPUs, ``max_ongoing_requests``
 ``serving.app:app_builder`` with ``args: {config: FILE}``.
 """
 
-from __future__ import annotations
 
 import asyncio
 import json
