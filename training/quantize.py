@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from training import runner
 from training.config import CheckpointConfig, ConfigError, ModelConfig, _Strict
 
 log = logging.getLogger("training.quantize")
@@ -156,16 +157,6 @@ def check_model(cfg: QuantizeConfig) -> tuple[str, str | None, Any]:
         raise ConfigError(f"model.path: {cfg.model.path}: architecture {hf.model_type!r} has no GPTQ support in "
                           f"GPTQModel (supported include {', '.join(sorted(MODEL_MAP)[:12])}, ...)")
     return folder, gguf, hf
-
-
-def check_writable(output_dir: Path) -> None:
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"checkpoint.output_dir: {output_dir} is not writable ({e})") from e
 
 
 # ----------------------------------------------------------------------------- texts
@@ -539,7 +530,7 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
     out = Path(cfg.checkpoint.output_dir)
     device = _device(cfg.gptq.device)
     folder, gguf, hf = check_model(cfg)
-    check_writable(out)
+    runner.check_writable(out)
     tokenizer = load_tokenizer(cfg.model)
     calibration, cal_texts = calibration_set(cfg, tokenizer)
     held = eval_set(cfg, tokenizer, cal_texts) if cfg.report.enabled else []

@@ -46,7 +46,8 @@ class Stage:
         return int(self.state.get("step", 0))
 
 
-def _check_writable(folder: Path) -> None:
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and prove it takes a file, or raise a ConfigError naming checkpoint.output_dir."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-probe-{os.getpid()}"
@@ -64,7 +65,7 @@ def start(name: str, cfg: StageConfig, *, resume: bool) -> Stage:
         raise ConfigError(f"model.lora with train.plugin: {cfg.train.plugin} is not supported; use ddp for LoRA")
     out = Path(cfg.checkpoint.output_dir)
     if engine.is_main():
-        _check_writable(out)
+        check_writable(out)
     engine.barrier()
     ckpt = Checkpointer(out, cfg.checkpoint.keep_last)
     resume_from = ckpt.latest() if resume else None
