@@ -125,7 +125,7 @@ def drive_page(url: str, chromium: str) -> dict:
 
             page.fill("#input", "Hello there")
             page.press("#input", "Enter")  # Enter sends
-            page.wait_for_selector(".msg.assistant.streaming", timeout=30_000)
+            page.wait_for_selector(".msg.assistant", state="attached", timeout=120_000)
             page.wait_for_selector(".msg.assistant .meta", timeout=180_000)  # written when the stream ends
             seen["first_reply"] = page.locator(".msg.assistant .text").first.text_content()
             seen["snapshots"] = page.evaluate("window.__snapshots")
