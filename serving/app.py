@@ -340,8 +340,7 @@ class LLMServer:
         choices = [ChatCompletionChoice(index=i, message=ChatResponseMessage(content=texts[i]),
                                         logprobs=ChatLogprobs(content=lps[i]) if req.logprobs else None,
                                         finish_reason=finish[i]) for i in range(req.n)]
-        usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=sum(completion),
-                          total_tokens=len(prompt_ids) + sum(completion))
+        usage = UsageInfo.of(len(prompt_ids), sum(completion))
         resp = ChatCompletionResponse(id=cid, created=created, model=self.model_name, choices=choices, usage=usage)
         return JSONResponse(resp.model_dump())
 
@@ -367,8 +366,7 @@ class LLMServer:
                     yield chunk(ChatCompletionStreamChoice(index=i, delta=DeltaMessage(),
                                                            finish_reason=out.finish_reason))
             if include_usage:
-                usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=sum(completion),
-                                  total_tokens=len(prompt_ids) + sum(completion))
+                usage = UsageInfo.of(len(prompt_ids), sum(completion))
                 final = ChatCompletionStreamResponse(id=cid, created=created, model=self.model_name, choices=[],
                                                      usage=usage)
                 yield f"data: {final.model_dump_json()}\n\n"
@@ -402,8 +400,7 @@ class LLMServer:
             finish[i] = out.finish_reason or finish[i]
         choices = [CompletionChoice(index=i, text=texts[i], logprobs=lps[i] if req.logprobs is not None else None,
                                     finish_reason=finish[i]) for i in range(req.n)]
-        usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=sum(completion),
-                          total_tokens=len(prompt_ids) + sum(completion))
+        usage = UsageInfo.of(len(prompt_ids), sum(completion))
         return JSONResponse(CompletionResponse(id=cid, created=created, model=self.model_name, choices=choices,
                                                usage=usage).model_dump())
 
@@ -435,8 +432,7 @@ class LLMServer:
                                                                  finish_reason=out.finish_reason)])
                 yield f"data: {c.model_dump_json(exclude={'usage'} if not include_usage else None)}\n\n"
             if include_usage:
-                usage = UsageInfo(prompt_tokens=len(prompt_ids), completion_tokens=sum(completion),
-                                  total_tokens=len(prompt_ids) + sum(completion))
+                usage = UsageInfo.of(len(prompt_ids), sum(completion))
                 c = CompletionResponse(id=cid, created=created, model=self.model_name, choices=[], usage=usage)
                 yield f"data: {c.model_dump_json()}\n\n"
         except EngineError as e:
