@@ -112,6 +112,9 @@ wait_ready() {  # url log
     local t0=$SECONDS
     until http_ok "$1"; do
         if ! kill -0 "$SERVER" 2>/dev/null; then log "error: server exited; last log lines:"; tail -40 "$2" >&2; exit 1; fi
+        if grep -q -m1 "model load failed" "$2"; then  # Ray would restart the replica forever: stop at once
+            log "error: the model failed to load:"; grep -m3 -E "EngineError|budget fit|Error:" "$2" >&2; exit 1
+        fi
         if (( SECONDS - t0 > WAIT_S )); then log "error: $1 not ready after $WAIT_S s"; tail -40 "$2" >&2; exit 1; fi
         sleep 2
     done

@@ -40,6 +40,13 @@ from torch import nn
 
 logger = logging.getLogger("serving.engine")
 
+# Read when the CUDA allocator starts (first allocation), so set here, at import. Under a per-process cap the
+# default allocator strands hundreds of MiB in partly used segments (measured at 4 GiB: 305 MiB reserved but
+# unallocated, and the CUDA graphs no longer fitted); expandable segments grow and shrink one mapping instead.
+# GPTQModel sets its own value only when none is set. A user's setting wins.
+if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
+    os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 GIB = 1024**3
 
@@ -433,6 +440,21 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
 
+    def time_replay(self, reps: int = 20) -> dict[str, float]:
+        """Milliseconds per replay (the decode step alone: all layers and lm_head, no scheduling or sampling) at
+        the shortest and longest context bucket. Run before any request: it writes garbage into cache rows."""
+        out = {}
+        for (b, ctx), (graph, _) in sorted(self.graphs.items()):
+            if ctx in (self.ctx_sizes[0], self.ctx_sizes[-1]):
+                graph.replay()
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(reps):
+                    graph.replay()
+                torch.cuda.synchronize()
+                out[f"b{b}_ctx{ctx}"] = round((time.perf_counter() - t) / reps * 1000, 3)
+        return out
+
     def run(self, h: torch.Tensor, pos: torch.Tensor, ctx: int) -> torch.Tensor:
         n = h.shape[0]
         b = next(x for x in self.batch_sizes if x >= n)
@@ -541,6 +563,7 @@ class LLMEngine:
         self.graphs: DecodeGraphs | None = None
         self.max_model_len = self.opts.max_model_len
         self.num_slots = 0
+        self._fit_detail = ""
 
     # ------------------------------------------------------------------ setup
     def load(self) -> None:
@@ -595,32 +618,48 @@ class LLMEngine:
             torch.cuda.empty_cache()
         if o.kv_cache_tokens is not None:
             kv_tokens = o.kv_cache_tokens
+        act_need = int(act_bytes * 1.25) + 32 * 1024**2  # kept free for eager prefill outside the graph pool
+        if o.kv_cache_tokens is not None:
+            kv_tokens = o.kv_cache_tokens
         elif cuda and budget is not None:
-            graph_reserve = act_bytes if o.cuda_graphs else 0  # first guess; the fit loop below measures
-            free = budget - weights_bytes - int(act_bytes * 1.25) - graph_reserve - 64 * 1024**2
-            kv_tokens = max(0, free // per_tok)
+            graph_guess = 48 * 1024**2 if o.cuda_graphs else 0  # first guess; the fit loop below measures
+            kv_tokens = max(self.max_model_len, (budget - weights_bytes - act_need - graph_guess) // per_tok)
+            self._fit_detail = (f"budget {budget >> 20} MiB = weights {weights_bytes >> 20} MiB + activation "
+                                f"reserve {act_need >> 20} MiB + KV cache ({per_tok} B per token) + CUDA graphs")
+            logger.info("budget fit: %s; first try %d slots", self._fit_detail, kv_tokens // self.max_model_len)
         elif cuda:
             kv_tokens = o.max_num_seqs * self.max_model_len
         else:
             kv_tokens = int(o.cpu_kv_cache_gb * GIB) // per_tok
         self.ctx_buckets = _buckets(self.max_model_len)
-        act_need = int(act_bytes * 1.25) + 32 * 1024**2
-        for _attempt in range(4):  # allocate cache + graphs, then check the measured total against the budget
-            self._allocate(kv_tokens, quant)
-            if not (cuda and budget is not None and o.kv_cache_tokens is None):
-                break
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-            over = torch.cuda.memory_reserved(self.device) + act_need - budget
-            if over <= 0:
-                break
-            kv_tokens -= max(self.max_model_len, -(-over // per_tok))
+        fit = cuda and budget is not None and o.kv_cache_tokens is None
+        # allocate cache + graphs, measure the total against the budget, give up one slot at a time until it fits
+        for _attempt in range(o.max_num_seqs + 1):
+            try:
+                self._allocate(kv_tokens, quant, oom_raises=fit)
+            except torch.OutOfMemoryError as e:
+                over = self.max_model_len * per_tok
+                logger.info("budget fit: %d slots do not fit (%s); one fewer", self.num_slots, str(e)[:120])
+            else:
+                if not fit:
+                    break
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                over = torch.cuda.memory_reserved(self.device) + act_need - budget
+                if over <= 0:
+                    break
+                logger.info("budget fit: %d slots leave %d MiB too little for prefill", self.num_slots, over >> 20)
+            kv_tokens = min(kv_tokens, self.num_slots * self.max_model_len) - max(self.max_model_len,
+                                                                                  -(-over // per_tok))
             self.graphs = None
             runner.cache = None
+            torch.cuda.synchronize()
             torch.cuda.empty_cache()
         else:
             raise EngineError("could not fit the KV cache and CUDA graphs into engine.gpu_memory_gb")
         self.eos_ids = self._eos_ids(model)
+        if self.graphs is not None:
+            self.info["decode_graph_ms"] = self.graphs.time_replay()
         self.info.update({
             "model": str(self.path), "gptq": is_gptq, "device": str(self.device), "dtype": str(runner.dtype),
             "layers": len(runner.layers), "kv_cache_dtype": "int8" if quant else str(runner.dtype),
@@ -636,14 +675,18 @@ class LLMEngine:
             self.info["peak_allocated_load_bytes"] = torch.cuda.max_memory_allocated(self.device)
         logger.info("engine loaded %s", json.dumps(self.info))
 
-    def _allocate(self, kv_tokens: int, quant: bool) -> None:
+    def _allocate(self, kv_tokens: int, quant: bool, oom_raises: bool = False) -> None:
+        """Cache of ``kv_tokens // max_model_len`` slots, then CUDA graphs. A capture that runs out of memory
+        raises when ``oom_raises`` and a slot can still be given up (graphs are worth more than one slot);
+        any other capture failure falls back to eager decode."""
         o, runner = self.opts, self.runner
         self.num_slots = min(o.max_num_seqs, kv_tokens // self.max_model_len)
         if self.num_slots < 1:
             raise EngineError(
                 f"the memory budget leaves room for {max(0, kv_tokens)} cached tokens, less than one sequence of "
                 f"max_model_len={self.max_model_len}: raise engine.gpu_memory_gb, lower engine.max_model_len, or "
-                f"set engine.kv_cache_dtype=int8 / engine.embed_on_host / engine.lm_head_int8")
+                f"set engine.kv_cache_dtype=int8 / engine.embed_on_host / engine.lm_head_int8. "
+                f"{self._fit_detail}".strip())
         runner.cache = KVCache(len(runner.layers), self.num_slots, self.max_model_len, runner.kv_heads,
                                runner.head_dim, runner.dtype, self.device, quant)
         self.graphs = None
@@ -654,6 +697,9 @@ class LLMEngine:
                 graphs.capture()
                 self.graphs = graphs
             except RuntimeError as e:  # a kernel that cannot be captured: run eager, say so
+                del graphs
+                if isinstance(e, torch.OutOfMemoryError) and oom_raises and self.num_slots > 1:
+                    raise
                 logger.warning("CUDA graph capture failed, decoding eagerly: %s", e)
                 self.info["cuda_graphs_error"] = str(e)[:500]
                 torch.cuda.synchronize()
