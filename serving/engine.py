@@ -211,9 +211,10 @@ def load_model(path: Path, device: torch.device, dtype: str = "auto", gptq_backe
 
 
 class Int8Linear(nn.Module):
-    """Weight-only int8 linear with per-row scales, dequantized in chunks (no full-size temporary)."""
+    """Weight-only int8 linear with per-row scales, dequantized 1024 rows at a time: at hidden 4096 the fp16
+    temporary is 8 MiB, held by both the activation reserve and the CUDA graph pool of a 4 GiB replica."""
 
-    def __init__(self, weight: torch.Tensor, chunk: int = 4096):
+    def __init__(self, weight: torch.Tensor, chunk: int = 1024):
         super().__init__()
         w = weight.detach().to("cpu", torch.float32)  # quantize in host memory: no fp32 copy on the GPU
         scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
@@ -564,6 +565,9 @@ class LLMEngine:
         self.max_model_len = self.opts.max_model_len
         self.num_slots = 0
         self._fit_detail = ""
+        # Tests only: seconds added to every decode step, so that a tiny CPU model cannot finish a stream in the
+        # moment between a client's hang-up and the server noticing it (tests/cpu/test_serving.py).
+        self._test_step_delay = float(os.environ.get("SERVING_TEST_STEP_DELAY_S") or 0)
 
     # ------------------------------------------------------------------ setup
     def load(self) -> None:
@@ -597,12 +601,10 @@ class LLMEngine:
         quant = o.kv_cache_dtype == "int8"
         per_tok = KVCache.bytes_per_token(len(runner.layers), runner.kv_heads, runner.head_dim, runner.dtype, quant)
         chunk = min(o.prefill_chunk, self.max_model_len)
-        # measure the activation peak of a prefill chunk and of the largest decode batch with a small cache
-        bmax = min(o.max_num_seqs, max(o.graph_batch_sizes))
+        # measure the activation peak of one prefill chunk (eager, outside any graph pool) with a small cache
         act_bytes = 0
         if cuda:
-            probe_slots = 1
-            runner.cache = KVCache(len(runner.layers), probe_slots, self.max_model_len, runner.kv_heads,
+            runner.cache = KVCache(len(runner.layers), 1, self.max_model_len, runner.kv_heads,
                                    runner.head_dim, runner.dtype, self.device, quant)
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated(self.device)
@@ -610,22 +612,27 @@ class LLMEngine:
             runner.prefill([0] * chunk, 0, 0, want_logits=True)
             torch.cuda.synchronize()
             act_bytes = torch.cuda.max_memory_allocated(self.device) - base
-            # decode at bmax rows reads bmax cache rows: its activations scale with rows * ctx
-            dec_extra = bmax * self.max_model_len * runner.kv_heads * runner.head_dim * 2 * \
-                torch.tensor([], dtype=runner.dtype).element_size() if quant else 0
-            act_bytes = max(act_bytes, dec_extra + bmax * runner.vocab * 8)
             runner.cache = None
             torch.cuda.empty_cache()
-        if o.kv_cache_tokens is not None:
-            kv_tokens = o.kv_cache_tokens
-        act_need = int(act_bytes * 1.25) + 32 * 1024**2  # kept free for eager prefill outside the graph pool
+        # an eager decode step (no graphs) also needs, per running row, one layer's dequantized K and V (and their
+        # temporaries) and the logits; a graphed step keeps those in the graph pool, which the fit loop measures
+        elem = torch.tensor([], dtype=runner.dtype).element_size()
+        decode_row = (self.max_model_len * runner.kv_heads * runner.head_dim * 4 * elem if quant else 0) + \
+            runner.vocab * 8
+
+        def act_need(slots: int, graphed: bool) -> int:  # kept free beyond the cache (and graph pool)
+            return int(max(act_bytes, 0 if graphed else slots * decode_row) * 1.25) + 32 * 1024**2
+
         if o.kv_cache_tokens is not None:
             kv_tokens = o.kv_cache_tokens
         elif cuda and budget is not None:
             graph_guess = 48 * 1024**2 if o.cuda_graphs else 0  # first guess; the fit loop below measures
-            kv_tokens = max(self.max_model_len, (budget - weights_bytes - act_need - graph_guess) // per_tok)
+            reserve = act_need(0, True)
+            row_share = 0 if o.cuda_graphs else int(decode_row * 1.25) // self.max_model_len
+            kv_tokens = max(self.max_model_len,
+                            (budget - weights_bytes - reserve - graph_guess) // (per_tok + row_share))
             self._fit_detail = (f"budget {budget >> 20} MiB = weights {weights_bytes >> 20} MiB + activation "
-                                f"reserve {act_need >> 20} MiB + KV cache ({per_tok} B per token) + CUDA graphs")
+                                f"reserve {reserve >> 20} MiB + KV cache ({per_tok} B per token) + CUDA graphs")
             logger.info("budget fit: %s; first try %d slots", self._fit_detail, kv_tokens // self.max_model_len)
         elif cuda:
             kv_tokens = o.max_num_seqs * self.max_model_len
@@ -645,7 +652,8 @@ class LLMEngine:
                     break
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
-                over = torch.cuda.memory_reserved(self.device) + act_need - budget
+                over = (torch.cuda.memory_reserved(self.device) + act_need(self.num_slots, self.graphs is not None)
+                        - budget)
                 if over <= 0:
                     break
                 logger.info("budget fit: %d slots leave %d MiB too little for prefill", self.num_slots, over >> 20)
@@ -834,6 +842,8 @@ class LLMEngine:
                 self._admit()
                 if self._running:
                     self._decode_step()
+                    if self._test_step_delay:
+                        time.sleep(self._test_step_delay)
                 self.stats.on_step(len(self._running), self._num_waiting, self._kv_usage())
         except BaseException as e:  # noqa: BLE001 - the loop must report any failure to every caller
             logger.exception("engine loop died")

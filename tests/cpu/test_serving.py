@@ -48,7 +48,10 @@ def server(tiny_model: Path):
         "deployment.health_check_period_s=2"], model=str(tiny_model))
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     # Ray Serve's proxy gets 5 s to report ready by default: too short on a busy 2-core CI box
-    slow_box = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+    slow_box = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+                # 10 ms per decode step: a 200-token stream outlives its client's hang-up by 2 s, so the
+                # disconnect test sees aborts, never a race with natural completion (the replicas inherit it)
+                "SERVING_TEST_STEP_DELAY_S": "0.01"}
     saved = {k: os.environ.get(k) for k in slow_box}
     os.environ.update(slow_box)
     import ray.serve._private.api as serve_api  # serve.start waits a fixed 60 s for the proxy
