@@ -173,3 +173,25 @@ def test_config_validation(tmp_path: Path, tiny_model: Path):
     assert ServeConfig(model=str(stage)).model_name == "stage"
     with pytest.raises(ConfigError, match="not a model folder"):
         resolve_model_path(tmp_path)
+
+
+def test_bench_cli_runs_every_phase_and_counts_tokens(tiny_model: Path, tmp_path: Path):
+    """`python -m serving.bench` on CPU: the engine and both generate phases run in their own processes, count
+    exactly the tokens asked for, and the summary compares them (speed itself is a GPU benchmark, not a test)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "-m", "serving.bench", "--model", str(tiny_model), "--device", "cpu",
+                    "--batch-sizes", "1,3", "--prompt-len", "8", "--gen-len", "5", "--max-model-len", "64",
+                    "--phases", "engine,generate,generate_uncapped", "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    rep = json.loads(out.read_text())
+    runs = {r["batch"]: r for r in rep["engine"]["runs"]}
+    assert set(runs) == {1, 3} and all(runs[b]["tokens"] == b * 5 for b in runs)
+    for phase in ("generate", "generate_uncapped"):
+        assert [(r["batch"], r["tokens"]) for r in rep[phase]["runs"]] == [(1, 5), (3, 15)]
+    s = rep["summary"]
+    assert s["max_concurrency"] == 3 and s["best_aggregate_batch"] in (1, 3)
+    assert s["speedup_vs_generate_uncapped"] == round(s["best_aggregate_tok_s"] /
+                                                      rep["generate_uncapped"]["best_aggregate_tok_s"], 2)
