@@ -178,7 +178,7 @@ def _engine_run(eng: Any, sampling_cls: Any, prompts: list[list[int]], gen_len: 
 def _load_hf(args: argparse.Namespace):
     import torch
 
-    from serving.engine import load_model, resolve_device
+    from serving.model import load_model, resolve_device
 
     dev = resolve_device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     model, _ = load_model(Path(args.model), dev, "auto", args.gptq_backend)

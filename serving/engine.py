@@ -1,6 +1,6 @@
 """The LLM engine of one replica: continuous batching over a fixed-slot KV cache, CUDA-graph decode.
 
-Design (see README "Serving"):
+Design (see README "Serving"; the model side lives in ``serving.model``):
 - The loaded Hugging Face model (fp16/bf16, or GPTQ through GPTQModel, whose QuantLinear modules replace the
   linears) provides the weights; ``LlamaRunner`` runs a compact Llama-family forward over them with its own
   attention over ``KVCache`` (one slot of ``max_model_len`` tokens per running sequence, optionally int8).
@@ -35,33 +35,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+
+from serving.model import (
+    GIB,
+    DecodeGraphs,
+    EngineError,
+    Int8Linear,
+    KVCache,
+    LlamaRunner,
+    _buckets,
+    load_model,
+    resolve_device,
+)
 
 logger = logging.getLogger("serving.engine")
-
-# Read when the CUDA allocator starts (first allocation), so set here, at import. Under a per-process cap the
-# default allocator strands hundreds of MiB in partly used segments (measured at 4 GiB: 305 MiB reserved but
-# unallocated, and the CUDA graphs no longer fitted); expandable segments grow and shrink one mapping instead.
-# GPTQModel sets its own value only when none is set. A user's setting wins.
-if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")):
-    os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-GIB = 1024**3
-
-
-class EngineError(Exception):
-    """Base of the engine's errors; ``status`` is the HTTP status the API maps it to."""
-
-    status = 500
-    param: str | None = None
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        if param is not None:
-            self.param = param
-
 
 class QueueFullError(EngineError):
     status = 429
@@ -156,326 +143,6 @@ class StatsListener:
     def on_token(self, seq: Sequence, now: float) -> None: ...
     def on_finished(self, seq: Sequence) -> None: ...
     def on_step(self, running: int, waiting: int, kv_usage: float) -> None: ...
-
-
-# ----------------------------------------------------------------------------------------------- model
-
-
-def _is_gptq(path: Path) -> bool:
-    if (path / "quantize_config.json").is_file():
-        return True
-    cfg = json.loads((path / "config.json").read_text())
-    q = cfg.get("quantization_config") or {}
-    return q.get("quant_method") == "gptq"
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise EngineError("engine.device is cuda but CUDA is not available")
-        dev = torch.device(device)
-        return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
-    return torch.device(device)
-
-
-def load_model(path: Path, device: torch.device, dtype: str = "auto", gptq_backend: str = "auto",
-               ) -> tuple[nn.Module, bool]:
-    """Load an HF causal LM (fp16/bf16/fp32) or a GPTQ checkpoint (GPTQModel kernels). Returns (model, is_gptq)."""
-    cfg = json.loads((path / "config.json").read_text())
-    if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise EngineError(f"model type {cfg.get('model_type')!r} is not supported (supported: "
-                          f"{', '.join(SUPPORTED_MODEL_TYPES)})")
-    if _is_gptq(path):
-        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, min(2, os.cpu_count() or 1))))
-        from gptqmodel import BACKEND, GPTQModel
-
-        if gptq_backend == "auto":
-            gptq_backend = "marlin" if device.type == "cuda" else "torch"
-        backend = {"marlin": BACKEND.MARLIN, "exllama_v2": BACKEND.EXLLAMA_V2, "triton": BACKEND.TRITON,
-                   "torch": BACKEND.TORCH}[gptq_backend]
-        kwargs: dict[str, Any] = {}
-        if device.type == "cuda":
-            kwargs["dtype"] = torch.float16
-        wrapped = GPTQModel.load(str(path), backend=backend, device=str(device), **kwargs)
-        model = wrapped.model
-        return model.eval(), True
-    from transformers import AutoModelForCausalLM
-
-    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
-    if torch_dtype is None:
-        torch_dtype = torch.float16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, low_cpu_mem_usage=True)
-    return model.to(device).eval(), False
-
-
-class Int8Linear(nn.Module):
-    """Weight-only int8 linear with per-row scales, dequantized 1024 rows at a time: at hidden 4096 the fp16
-    temporary is 8 MiB, held by both the activation reserve and the CUDA graph pool of a 4 GiB replica."""
-
-    def __init__(self, weight: torch.Tensor, chunk: int = 1024):
-        super().__init__()
-        w = weight.detach().to("cpu", torch.float32)  # quantize in host memory: no fp32 copy on the GPU
-        scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
-        self.register_buffer("weight", torch.round(w / scale).to(torch.int8).to(weight.device))
-        self.register_buffer("scale", scale.squeeze(1).to(weight.dtype).to(weight.device))
-        self.chunk = chunk
-        self.out_features = weight.shape[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        step = self.chunk
-        parts = [F.linear(x, self.weight[s:s + step].to(x.dtype)) for s in range(0, self.out_features, step)]
-        return torch.cat(parts, dim=-1) * self.scale
-
-
-class KVCache:
-    """Per-layer K/V for ``slots`` sequences of up to ``max_len`` tokens: [L, slots, kv_heads, max_len, head_dim]."""
-
-    def __init__(self, layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, quantized: bool):
-        shape = (layers, slots, kv_heads, max_len, head_dim)
-        self.quantized, self.dtype, self.slots, self.max_len = quantized, dtype, slots, max_len
-        store = torch.int8 if quantized else dtype
-        self.k = torch.zeros(shape, dtype=store, device=device)
-        self.v = torch.zeros(shape, dtype=store, device=device)
-        if quantized:
-            self.ks = torch.ones(shape[:-1] + (1,), dtype=dtype, device=device)
-            self.vs = torch.ones(shape[:-1] + (1,), dtype=dtype, device=device)
-
-    @staticmethod
-    def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, quantized: bool) -> int:
-        elem = 1 if quantized else torch.tensor([], dtype=dtype).element_size()
-        scale = 2 * torch.tensor([], dtype=dtype).element_size() if quantized else 0
-        return layers * kv_heads * (2 * head_dim * elem + scale)
-
-    def nbytes(self) -> int:
-        n = self.k.numel() * self.k.element_size() * 2
-        if self.quantized:
-            n += self.ks.numel() * self.ks.element_size() * 2
-        return n
-
-    def _q(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-6) / 127.0
-        return torch.round(x.float() / s).clamp(-127, 127).to(torch.int8), s.to(self.dtype)
-
-    def write_tokens(self, layer: int, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """One token per row: k/v [B, kv_heads, head_dim] at (slots[b], pos[b])."""
-        if self.quantized:
-            (kq, ksc), (vq, vsc) = self._q(k), self._q(v)
-            self.k[layer][slots, :, pos] = kq
-            self.v[layer][slots, :, pos] = vq
-            self.ks[layer][slots, :, pos] = ksc
-            self.vs[layer][slots, :, pos] = vsc
-        else:
-            self.k[layer][slots, :, pos] = k
-            self.v[layer][slots, :, pos] = v
-
-    def write_range(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor):
-        """A chunk of one sequence: k/v [kv_heads, T, head_dim] at positions start..start+T-1."""
-        end = start + k.shape[1]
-        if self.quantized:
-            (kq, ksc), (vq, vsc) = self._q(k), self._q(v)
-            self.k[layer, slot, :, start:end] = kq
-            self.v[layer, slot, :, start:end] = vq
-            self.ks[layer, slot, :, start:end] = ksc
-            self.vs[layer, slot, :, start:end] = vsc
-        else:
-            self.k[layer, slot, :, start:end] = k
-            self.v[layer, slot, :, start:end] = v
-
-    def read(self, layer: int, slots: slice, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.k[layer, slots, :, :ctx], self.v[layer, slots, :, :ctx]
-        if self.quantized:
-            k = k.to(self.dtype) * self.ks[layer, slots, :, :ctx]
-            v = v.to(self.dtype) * self.vs[layer, slots, :, :ctx]
-        return k, v
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        for t in ((self.k, self.v, self.ks, self.vs) if self.quantized else (self.k, self.v)):
-            t[:, dst, :, :length].copy_(t[:, src, :, :length])
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
-
-
-class LlamaRunner:
-    """A compact Llama-family forward that reuses the loaded model's modules, with attention over ``KVCache``."""
-
-    def __init__(self, model: nn.Module, device: torch.device, embed_on_host: bool, lm_head_int8: bool):
-        inner = model.model
-        cfg = model.config
-        self.config = cfg
-        self.device = device
-        self.layers = list(inner.layers)
-        self.norm = inner.norm
-        self.rotary = inner.rotary_emb
-        self.hidden = cfg.hidden_size
-        self.n_heads = cfg.num_attention_heads
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.n_heads
-        self.groups = self.n_heads // self.kv_heads
-        self.vocab = cfg.vocab_size
-        emb = inner.embed_tokens
-        self.dtype = self.norm.weight.dtype
-        self.embed_on_host = embed_on_host and device.type == "cuda"
-        if self.embed_on_host and getattr(model.lm_head, "weight", None) is emb.weight:
-            logger.warning("embed_on_host ignored: the embedding is tied to lm_head")
-            self.embed_on_host = False
-        if self.embed_on_host:
-            self.embed_weight = emb.weight.detach().to("cpu").pin_memory()
-            emb.weight = nn.Parameter(torch.empty(0, device=device), requires_grad=False)
-        else:
-            self.embed_weight = emb.weight.detach()
-        self.lm_head: nn.Module = model.lm_head
-        if lm_head_int8 and isinstance(model.lm_head, nn.Linear):
-            weight = model.lm_head.weight
-            model.lm_head = nn.Identity()
-            self.lm_head = Int8Linear(weight.to("cpu"))
-            del weight
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.lm_head = self.lm_head.to(device)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.cache: KVCache | None = None
-
-    # -- pieces
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids on CPU (long) -> hidden states on the device."""
-        if self.embed_on_host:
-            return F.embedding(ids, self.embed_weight).to(self.device, non_blocking=True)
-        return F.embedding(ids.to(self.device), self.embed_weight)
-
-    def _qkv(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = attn.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        v = attn.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        if hasattr(attn, "q_norm"):
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-        return _rotate(q, c, s), _rotate(k, c, s), v
-
-    def _mlp_block(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return h + layer.mlp(layer.post_attention_layernorm(h))
-
-    # -- prefill: one sequence, one chunk, attention over the cache (earlier chunks) plus itself
-    @torch.inference_mode()
-    def prefill(self, ids: list[int], slot: int, start: int, want_logits: bool) -> torch.Tensor | None:
-        cache = self.cache
-        t = len(ids)
-        h = self.embed(torch.tensor(ids, dtype=torch.long)).unsqueeze(0)
-        pos = torch.arange(start, start + t, device=self.device)
-        cos, sin = self.rotary(h, pos.unsqueeze(0))
-        end = start + t
-        mask = torch.arange(end, device=self.device)[None, :] <= pos[:, None]  # [t, end]
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)
-            cache.write_range(i, slot, start, k[0], v[0])
-            kk, vv = cache.read(i, slice(slot, slot + 1), end)
-            if self.groups > 1:
-                kk, vv = kk.repeat_interleave(self.groups, dim=1), vv.repeat_interleave(self.groups, dim=1)
-            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
-            h = h + attn.o_proj(o.transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim))
-            h = self._mlp_block(layer, h)
-        if not want_logits:
-            return None
-        return self.lm_head(self.norm(h[:, -1:]))[0, -1].float()
-
-    # -- decode: rows 0..b-1 of the cache, one token each
-    def decode(self, h: torch.Tensor, pos: torch.Tensor, ctx: int) -> torch.Tensor:
-        """h [b,1,H] on device, pos [b] long on device; returns logits [b, V] float."""
-        cache = self.cache
-        b = h.shape[0]
-        rows = torch.arange(b, device=self.device)
-        cos, sin = self.rotary(h, pos.unsqueeze(1))
-        mask = (torch.arange(ctx, device=self.device)[None, :] <= pos[:, None]).view(b, 1, 1, ctx)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)  # q [b,nh,1,hd]
-            cache.write_tokens(i, rows, pos, k[:, :, 0], v[:, :, 0])
-            kk, vv = cache.read(i, slice(0, b), ctx)  # [b,kvh,ctx,hd]
-            qg = q.reshape(b, self.kv_heads, self.groups, self.head_dim)  # query heads grouped per kv head
-            o = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask)
-            h = h + attn.o_proj(o.reshape(b, 1, self.n_heads * self.head_dim))
-            h = self._mlp_block(layer, h)
-        return self.lm_head(self.norm(h))[:, 0].float()
-
-
-class DecodeGraphs:
-    """CUDA graphs of ``LlamaRunner.decode`` per (batch bucket, context bucket), sharing one memory pool."""
-
-    def __init__(self, runner: LlamaRunner, batch_sizes: list[int], ctx_sizes: list[int]):
-        self.runner = runner
-        self.batch_sizes = sorted(batch_sizes)
-        self.ctx_sizes = sorted(ctx_sizes)
-        bmax = self.batch_sizes[-1]
-        dev = runner.device
-        self.h = torch.zeros(bmax, 1, runner.hidden, dtype=runner.dtype, device=dev)
-        self.pos = torch.zeros(bmax, dtype=torch.long, device=dev)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = None
-
-    @torch.inference_mode()
-    def capture(self) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for b in reversed(self.batch_sizes):
-                for ctx in reversed(self.ctx_sizes):
-                    h, pos = self.h[:b], self.pos[:b]
-                    for _ in range(2):  # warm up kernels/workspaces outside capture
-                        self.runner.decode(h, pos, ctx)
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=self.pool, stream=stream):
-                        out = self.runner.decode(h, pos, ctx)
-                    if self.pool is None:
-                        self.pool = g.pool()
-                    self.graphs[(b, ctx)] = (g, out)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-
-    def time_replay(self, reps: int = 20) -> dict[str, float]:
-        """Milliseconds per replay (the decode step alone: all layers and lm_head, no scheduling or sampling) at
-        the shortest and longest context bucket. Run before any request: it writes garbage into cache rows."""
-        out = {}
-        for (b, ctx), (graph, _) in sorted(self.graphs.items()):
-            if ctx in (self.ctx_sizes[0], self.ctx_sizes[-1]):
-                graph.replay()
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                for _ in range(reps):
-                    graph.replay()
-                torch.cuda.synchronize()
-                out[f"b{b}_ctx{ctx}"] = round((time.perf_counter() - t) / reps * 1000, 3)
-        return out
-
-    def run(self, h: torch.Tensor, pos: torch.Tensor, ctx: int) -> torch.Tensor:
-        n = h.shape[0]
-        b = next(x for x in self.batch_sizes if x >= n)
-        c = next(x for x in self.ctx_sizes if x >= ctx)
-        self.h[:n].copy_(h)
-        self.pos[:n].copy_(pos)
-        if b > n:
-            self.pos[n:b].zero_()
-        g, out = self.graphs[(b, c)]
-        g.replay()
-        return out[:n]
-
-
-def _buckets(limit: int, first: int = 64) -> list[int]:
-    out, x = [], first
-    while x < limit:
-        out.append(x)
-        x *= 2
-    out.append(limit)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- engine
@@ -712,7 +379,7 @@ class LLMEngine:
                 self.info["cuda_graphs_error"] = str(e)[:500]
                 torch.cuda.synchronize()
 
-    def _eos_ids(self, model: nn.Module) -> set[int]:
+    def _eos_ids(self, model: torch.nn.Module) -> set[int]:
         ids: set[int] = set()
         for src in (getattr(model, "generation_config", None), model.config):
             e = getattr(src, "eos_token_id", None) if src is not None else None
