@@ -94,7 +94,7 @@ def phase_engine(args: argparse.Namespace) -> dict[str, Any]:
     opts = EngineOptions(device="cuda" if cuda else "cpu", gpu_memory_gb=args.gpu_memory_gb,
                          max_model_len=args.max_model_len, max_num_seqs=max(args.batch_sizes),
                          kv_cache_dtype=args.kv_cache_dtype, embed_on_host=args.embed_on_host,
-                         lm_head_int8=args.lm_head_int8, cuda_graphs=not args.no_cuda_graphs,
+                         lm_head_int8=args.lm_head_int8, cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
                          gptq_backend=args.gptq_backend, warmup=True, max_waiting=1024,
                          prefill_chunk=args.prefill_chunk)
     eng = LLMEngine(args.model, opts)
@@ -284,6 +284,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--embed-on-host", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--lm-head-int8", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--compile", action="store_true", help="engine.compile: torch.compile the decode layer")
     p.add_argument("--gptq-backend", default="auto", choices=["auto", "marlin", "exllama_v2", "triton", "torch"])
     p.add_argument("--phases", default="engine,generate",
                    help="comma list of: engine, generate (same cap), generate_uncapped, hf_cb")

@@ -57,6 +57,8 @@ class EngineConfig(_Strict):
                                                          "gpu_memory_gb budget is set.")
     lm_head_int8: bool = Field(False, description="Store lm_head as int8 with per-row scales (half its bytes).")
     cuda_graphs: bool = Field(True, description="Capture the decode step as CUDA graphs (CUDA only).")
+    compile: bool = Field(False, description="torch.compile the decode layer (one program for all layers) to fuse "
+                                             "its small element-wise kernels; adds compile time at start-up.")
     graph_batch_sizes: list[int] = Field([1, 2, 4, 8, 16, 24, 32, 48, 64],
                                          description="Batch-size buckets captured as CUDA graphs.")
     gptq_backend: Literal["auto", "marlin", "exllama_v2", "triton", "torch"] = Field(

@@ -111,18 +111,22 @@ class Int8Linear(nn.Module):
 
 
 class KVCache:
-    """Per-layer K/V for ``slots`` sequences of up to ``max_len`` tokens: [L, slots, kv_heads, max_len, head_dim]."""
+    """K/V for ``slots`` sequences of up to ``max_len`` tokens, one tensor per layer: [slots, kv_heads, max_len,
+    head_dim] (int8 with a per token and head scale when ``quantized``). Separate per-layer tensors let one
+    compiled decode layer serve every layer (same shapes, no storage offsets)."""
 
     def __init__(self, layers: int, slots: int, max_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, quantized: bool):
-        shape = (layers, slots, kv_heads, max_len, head_dim)
+        shape = (slots, kv_heads, max_len, head_dim)
         self.quantized, self.dtype, self.slots, self.max_len = quantized, dtype, slots, max_len
         store = torch.int8 if quantized else dtype
-        self.k = torch.zeros(shape, dtype=store, device=device)
-        self.v = torch.zeros(shape, dtype=store, device=device)
+        self.k = [torch.zeros(shape, dtype=store, device=device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=store, device=device) for _ in range(layers)]
+        self.ks: list[torch.Tensor | None] = [None] * layers
+        self.vs: list[torch.Tensor | None] = [None] * layers
         if quantized:
-            self.ks = torch.ones(shape[:-1] + (1,), dtype=dtype, device=device)
-            self.vs = torch.ones(shape[:-1] + (1,), dtype=dtype, device=device)
+            self.ks = [torch.ones(shape[:-1] + (1,), dtype=dtype, device=device) for _ in range(layers)]
+            self.vs = [torch.ones(shape[:-1] + (1,), dtype=dtype, device=device) for _ in range(layers)]
 
     @staticmethod
     def bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, quantized: bool) -> int:
@@ -130,51 +134,46 @@ class KVCache:
         scale = 2 * torch.tensor([], dtype=dtype).element_size() if quantized else 0
         return layers * kv_heads * (2 * head_dim * elem + scale)
 
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for t in (*self.k, *self.v, *self.ks, *self.vs) if t is not None]
+
     def nbytes(self) -> int:
-        n = self.k.numel() * self.k.element_size() * 2
-        if self.quantized:
-            n += self.ks.numel() * self.ks.element_size() * 2
-        return n
-
-    def _q(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-6) / 127.0
-        return torch.round(x.float() / s).clamp(-127, 127).to(torch.int8), s.to(self.dtype)
-
-    def write_tokens(self, layer: int, slots: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """One token per row: k/v [B, kv_heads, head_dim] at (slots[b], pos[b])."""
-        if self.quantized:
-            (kq, ksc), (vq, vsc) = self._q(k), self._q(v)
-            self.k[layer][slots, :, pos] = kq
-            self.v[layer][slots, :, pos] = vq
-            self.ks[layer][slots, :, pos] = ksc
-            self.vs[layer][slots, :, pos] = vsc
-        else:
-            self.k[layer][slots, :, pos] = k
-            self.v[layer][slots, :, pos] = v
+        return sum(t.numel() * t.element_size() for t in self._tensors())
 
     def write_range(self, layer: int, slot: int, start: int, k: torch.Tensor, v: torch.Tensor):
         """A chunk of one sequence: k/v [kv_heads, T, head_dim] at positions start..start+T-1."""
         end = start + k.shape[1]
         if self.quantized:
-            (kq, ksc), (vq, vsc) = self._q(k), self._q(v)
-            self.k[layer, slot, :, start:end] = kq
-            self.v[layer, slot, :, start:end] = vq
-            self.ks[layer, slot, :, start:end] = ksc
-            self.vs[layer, slot, :, start:end] = vsc
+            (kq, ksc), (vq, vsc) = quantize_int8(k, self.dtype), quantize_int8(v, self.dtype)
+            self.k[layer][slot, :, start:end] = kq
+            self.v[layer][slot, :, start:end] = vq
+            self.ks[layer][slot, :, start:end] = ksc
+            self.vs[layer][slot, :, start:end] = vsc
         else:
-            self.k[layer, slot, :, start:end] = k
-            self.v[layer, slot, :, start:end] = v
+            self.k[layer][slot, :, start:end] = k
+            self.v[layer][slot, :, start:end] = v
 
     def read(self, layer: int, slots: slice, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.k[layer, slots, :, :ctx], self.v[layer, slots, :, :ctx]
-        if self.quantized:
-            k = k.to(self.dtype) * self.ks[layer, slots, :, :ctx]
-            v = v.to(self.dtype) * self.vs[layer, slots, :, :ctx]
-        return k, v
+        return read_kv(self.k[layer], self.v[layer], self.ks[layer], self.vs[layer], slots, ctx, self.dtype)
 
     def move(self, src: int, dst: int, length: int) -> None:
-        for t in ((self.k, self.v, self.ks, self.vs) if self.quantized else (self.k, self.v)):
-            t[:, dst, :, :length].copy_(t[:, src, :, :length])
+        for t in self._tensors():
+            t[dst, :, :length].copy_(t[src, :, :length])
+
+
+def quantize_int8(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 over the last dim: (values, scale in ``dtype``)."""
+    s = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-6) / 127.0
+    return torch.round(x.float() / s).clamp(-127, 127).to(torch.int8), s.to(dtype)
+
+
+def read_kv(k: torch.Tensor, v: torch.Tensor, ks: torch.Tensor | None, vs: torch.Tensor | None, slots: slice,
+            ctx: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    k, v = k[slots, :, :ctx], v[slots, :, :ctx]
+    if ks is not None:
+        k = k.to(dtype) * ks[slots, :, :ctx]
+        v = v.to(dtype) * vs[slots, :, :ctx]
+    return k, v
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -223,6 +222,7 @@ class LlamaRunner:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         self.cache: KVCache | None = None
+        self.decode_layer_fn = decode_layer
 
     # -- pieces
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -277,16 +277,119 @@ class LlamaRunner:
         rows = torch.arange(b, device=self.device)
         cos, sin = self.rotary(h, pos.unsqueeze(1))
         mask = (torch.arange(ctx, device=self.device)[None, :] <= pos[:, None]).view(b, 1, 1, ctx)
+        step = self.decode_layer_fn
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)  # q [b,nh,1,hd]
-            cache.write_tokens(i, rows, pos, k[:, :, 0], v[:, :, 0])
-            kk, vv = cache.read(i, slice(0, b), ctx)  # [b,kvh,ctx,hd]
-            qg = q.reshape(b, self.kv_heads, self.groups, self.head_dim)  # query heads grouped per kv head
-            o = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask)
-            h = h + attn.o_proj(o.reshape(b, 1, self.n_heads * self.head_dim))
-            h = self._mlp_block(layer, h)
+            h = step(self, layer, h, cos, sin, mask, rows, pos, cache.k[i], cache.v[i], cache.ks[i], cache.vs[i], ctx)
         return self.lm_head(self.norm(h))[:, 0].float()
+
+    def compile_decode(self) -> bool:
+        """Decode through ``fused_decode_layer``: the element-wise work between the projections (RMSNorm, rotary,
+        int8 KV quantization and cache writes, dequantized reads, SiLU-gate, residuals) as four compiled
+        tensor-only programs shared by every layer (one per batch and context bucket), the projections (GPTQ
+        kernels or plain linears) eager in between. Llama/Mistral/Qwen2-style layers with SiLU MLPs only;
+        returns False (and keeps the eager path) for others."""
+        import torch._dynamo
+
+        cfg = self.config
+        ok = getattr(cfg, "hidden_act", "silu") == "silu" and all(
+            not hasattr(layer.self_attn, "q_norm") and hasattr(layer.input_layernorm, "variance_epsilon")
+            for layer in self.layers)
+        if not ok:
+            logger.warning("engine.compile: this architecture keeps the eager decode layer")
+            return False
+        dyn = torch._dynamo.config
+        for name in ("cache_size_limit", "recompile_limit"):
+            if hasattr(dyn, name):
+                setattr(dyn, name, max(getattr(dyn, name), 256))
+        self.eps = float(self.layers[0].input_layernorm.variance_epsilon)
+        # plain tensors, not Parameters: dynamo guards on a Parameter's identity and would compile per layer
+        self.norm_w = {id(layer): (layer.input_layernorm.weight.detach(),
+                                   layer.post_attention_layernorm.weight.detach()) for layer in self.layers}
+        self.fused = {name: torch.compile(fn, backend=COMPILE_BACKEND, dynamic=False)
+                      for name, fn in (("attn_in", _attn_in), ("attend", _attend), ("mlp_in", _mlp_in),
+                                       ("gate", _gate))}
+        self.decode_layer_fn = fused_decode_layer
+        return True
+
+
+# the torch.compile backend of ``LlamaRunner.compile_decode`` (tests on CPU use "aot_eager": no C++ build)
+COMPILE_BACKEND = "inductor"
+
+
+def decode_layer(r: LlamaRunner, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 mask: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                 ksc: torch.Tensor | None, vsc: torch.Tensor | None, ctx: int) -> torch.Tensor:
+    """One decoder layer for one new token per row: writes the token's K/V into this layer's cache tensors at
+    (rows, pos), attends over ``ctx`` cached positions, returns the new hidden states [b,1,H]."""
+    b = h.shape[0]
+    attn = layer.self_attn
+    q, k, v = r._qkv(attn, layer.input_layernorm(h), cos, sin)  # q [b,nh,1,hd], k/v [b,kvh,1,hd]
+    k, v = k[:, :, 0], v[:, :, 0]
+    if ksc is not None:
+        (k, ks), (v, vs) = quantize_int8(k, r.dtype), quantize_int8(v, r.dtype)
+        ksc[rows, :, pos] = ks
+        vsc[rows, :, pos] = vs
+    kc[rows, :, pos] = k
+    vc[rows, :, pos] = v
+    kk, vv = read_kv(kc, vc, ksc, vsc, slice(0, b), ctx, r.dtype)  # [b,kvh,ctx,hd]
+    qg = q.reshape(b, r.kv_heads, r.groups, r.head_dim)  # query heads grouped per kv head
+    o = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask)
+    h = h + attn.o_proj(o.reshape(b, 1, r.n_heads * r.head_dim))
+    return r._mlp_block(layer, h)
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _attn_in(h: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return _rms(h, w, eps)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            mask: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+            ksc: torch.Tensor | None, vsc: torch.Tensor | None, ctx: int, kv_heads: int,
+            head_dim: int) -> torch.Tensor:
+    """q [b,1,nh*hd], k/v [b,1,kvh*hd] straight from the projections -> attention output [b,1,nh*hd]."""
+    b = q.shape[0]
+    q = q.view(b, -1, head_dim)  # [b,nh,hd]
+    k = k.view(b, kv_heads, head_dim)
+    v = v.view(b, kv_heads, head_dim)
+    c, s = cos.view(b, 1, head_dim), sin.view(b, 1, head_dim)
+    q, k = _rotate(q, c, s), _rotate(k, c, s)
+    if ksc is not None:
+        (k, ks), (v, vs) = quantize_int8(k, q.dtype), quantize_int8(v, q.dtype)
+        ksc[rows, :, pos] = ks
+        vsc[rows, :, pos] = vs
+    kc[rows, :, pos] = k
+    vc[rows, :, pos] = v
+    kk, vv = read_kv(kc, vc, ksc, vsc, slice(0, b), ctx, q.dtype)  # [b,kvh,ctx,hd]
+    qg = q.view(b, kv_heads, -1, head_dim)  # query heads grouped per kv head
+    o = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask)
+    return o.reshape(b, 1, -1)
+
+
+def _mlp_in(h: torch.Tensor, o: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    h = h + o
+    return h, _rms(h, w, eps)
+
+
+def _gate(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return F.silu(g) * u
+
+
+def fused_decode_layer(r: LlamaRunner, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       mask: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
+                       ksc: torch.Tensor | None, vsc: torch.Tensor | None, ctx: int) -> torch.Tensor:
+    """``decode_layer`` with the element-wise work in the compiled programs of ``LlamaRunner.compile_decode``."""
+    f, attn, mlp = r.fused, layer.self_attn, layer.mlp
+    w_in, w_post = r.norm_w[id(layer)]
+    x = f["attn_in"](h, w_in, r.eps)
+    o = f["attend"](attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), cos, sin, mask, rows, pos, kc, vc, ksc, vsc, ctx,
+                    r.kv_heads, r.head_dim)
+    h, x = f["mlp_in"](h, attn.o_proj(o), w_post, r.eps)
+    return h + mlp.down_proj(f["gate"](mlp.gate_proj(x), mlp.up_proj(x)))
 
 
 class DecodeGraphs:
