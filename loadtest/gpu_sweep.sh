@@ -6,7 +6,8 @@
 #
 # Usage, from the repo root on the GPU machine; each part fits the 10-minute limit of one `run` call. Everything
 # is written to $WORK (/tmp, kept while the machine stays warm: the checkpoint is made once) and copied to $OUT
-# (the folder a `run` call brings back) at the end of each part, with summary.{json,md} of what exists so far:
+# (the folder a `run` call brings back; PACK=1 packs it into one gpu-sweep.tgz) at the end of each part, with
+# summary.{json,md} of what exists so far:
 #   bash loadtest/gpu_sweep.sh project    # checkpoint if missing, bandwidth, serve it, sweep  -> project/
 #   bash loadtest/gpu_sweep.sh baseline   # same checkpoint, same levels, HF generate          -> baseline/
 #   bash loadtest/gpu_sweep.sh all        # both in a row (about 12-15 minutes: too long for one call)
@@ -97,10 +98,14 @@ stop_server() {
     kill -KILL -- "-$group" 2>/dev/null || true
     SERVER=""
 }
+to_out() {  # $WORK -> $OUT: as files, or with PACK=1 as one gpu-sweep.tgz (a device call brings back 8 files at most)
+    [ "$OUT" = "$WORK" ] && return 0
+    if [ "${PACK:-0}" = 1 ]; then tar -C "$WORK" -czf "$OUT/gpu-sweep.tgz" .; else cp -r "$WORK/." "$OUT/"; fi
+}
 cleanup() {  # also on failure: the logs go back with $OUT
     stop_server
     stop_sampler
-    if [ "$OUT" != "$WORK" ]; then cp -r "$WORK/." "$OUT/" 2>/dev/null || true; fi
+    to_out 2>/dev/null || true
 }
 trap cleanup EXIT
 
@@ -193,7 +198,7 @@ run_baseline() {
 
 publish() {  # summary of what exists, then everything to $OUT
     "$PY" -m loadtest.gpu_report summary --out "$WORK" || log "summary failed"
-    if [ "$OUT" != "$WORK" ]; then cp -r "$WORK/." "$OUT/"; fi
+    to_out
     log "results in $OUT"
 }
 
