@@ -104,8 +104,9 @@ def test_compiled_decode_layer_matches_eager(tiny_model: Path, monkeypatch: pyte
     """engine.compile: the element-wise work of a decode layer runs as 4 compiled programs that every layer shares
     (dynamo + AOT autograd here; the "aot_eager" backend skips the C++/Triton build that CUDA gets), and the
     engine decodes token for token as the eager path does."""
-    import serving.model
     from torch._dynamo.utils import counters
+
+    import serving.model
 
     monkeypatch.setattr(serving.model, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
