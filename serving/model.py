@@ -222,7 +222,19 @@ class LlamaRunner:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         self.cache: KVCache | None = None
+        # SiLU Llama-style layers decode through tensor-only pieces (``fused_decode_layer``) that
+        # ``compile_decode`` can compile; other architectures go through their own modules (``decode_layer``)
+        self.fusable = getattr(cfg, "hidden_act", "silu") == "silu" and all(
+            not hasattr(layer.self_attn, "q_norm") and hasattr(layer.input_layernorm, "variance_epsilon")
+            for layer in self.layers)
         self.decode_layer_fn = decode_layer
+        if self.fusable:
+            self.eps = float(self.layers[0].input_layernorm.variance_epsilon)
+            # plain tensors, not Parameters: dynamo guards on a Parameter's identity and would compile per layer
+            self.norm_w = {id(layer): (layer.input_layernorm.weight.detach(),
+                                       layer.post_attention_layernorm.weight.detach()) for layer in self.layers}
+            self.fused = dict(FUSED_PIECES)
+            self.decode_layer_fn = fused_decode_layer
 
     # -- pieces
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -283,32 +295,21 @@ class LlamaRunner:
         return self.lm_head(self.norm(h))[:, 0].float()
 
     def compile_decode(self) -> bool:
-        """Decode through ``fused_decode_layer``: the element-wise work between the projections (RMSNorm, rotary,
-        int8 KV quantization and cache writes, dequantized reads, SiLU-gate, residuals) as four compiled
-        tensor-only programs shared by every layer (one per batch and context bucket), the projections (GPTQ
-        kernels or plain linears) eager in between. Llama/Mistral/Qwen2-style layers with SiLU MLPs only;
-        returns False (and keeps the eager path) for others."""
+        """Compile the pieces of ``fused_decode_layer``: the element-wise work between the projections (RMSNorm,
+        rotary, int8 KV quantization and cache writes, dequantized reads, SiLU-gate, residual) as four programs
+        shared by every layer (one per batch and context bucket), the projections (GPTQ kernels or plain
+        linears) staying eager in between. Returns False (eager decode) for architectures without the pieces."""
         import torch._dynamo
 
-        cfg = self.config
-        ok = getattr(cfg, "hidden_act", "silu") == "silu" and all(
-            not hasattr(layer.self_attn, "q_norm") and hasattr(layer.input_layernorm, "variance_epsilon")
-            for layer in self.layers)
-        if not ok:
+        if not self.fusable:
             logger.warning("engine.compile: this architecture keeps the eager decode layer")
             return False
         dyn = torch._dynamo.config
         for name in ("cache_size_limit", "recompile_limit"):
             if hasattr(dyn, name):
                 setattr(dyn, name, max(getattr(dyn, name), 256))
-        self.eps = float(self.layers[0].input_layernorm.variance_epsilon)
-        # plain tensors, not Parameters: dynamo guards on a Parameter's identity and would compile per layer
-        self.norm_w = {id(layer): (layer.input_layernorm.weight.detach(),
-                                   layer.post_attention_layernorm.weight.detach()) for layer in self.layers}
         self.fused = {name: torch.compile(fn, backend=COMPILE_BACKEND, dynamic=False)
-                      for name, fn in (("attn_in", _attn_in), ("attend", _attend), ("mlp_in", _mlp_in),
-                                       ("gate", _gate))}
-        self.decode_layer_fn = fused_decode_layer
+                      for name, fn in FUSED_PIECES.items()}
         return True
 
 
@@ -379,10 +380,14 @@ def _gate(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
 
 
+FUSED_PIECES = {"attn_in": _attn_in, "attend": _attend, "mlp_in": _mlp_in, "gate": _gate}
+
+
 def fused_decode_layer(r: LlamaRunner, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        mask: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor,
                        ksc: torch.Tensor | None, vsc: torch.Tensor | None, ctx: int) -> torch.Tensor:
-    """``decode_layer`` with the element-wise work in the compiled programs of ``LlamaRunner.compile_decode``."""
+    """``decode_layer`` for SiLU Llama-style layers: the element-wise work in tensor-only pieces (compiled by
+    ``LlamaRunner.compile_decode``, plain functions otherwise) between the projections."""
     f, attn, mlp = r.fused, layer.self_attn, layer.mlp
     w_in, w_post = r.norm_w[id(layer)]
     x = f["attn_in"](h, w_in, r.eps)

@@ -99,6 +99,22 @@ def test_int8_kv_cache_runs(tiny_model: Path):
         eng.shutdown()
 
 
+def test_generic_decode_layer_matches_generate(tiny_model: Path):
+    """The module-based decode layer (architectures without the fused pieces, e.g. Qwen3's q/k norms)."""
+    import serving.model
+
+    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=64, max_num_seqs=3))
+    eng.load_and_start()
+    try:
+        assert eng.runner.decode_layer_fn is serving.model.fused_decode_layer  # a Llama: the pieces by default
+        eng.runner.decode_layer_fn = serving.model.decode_layer
+        got = _generate_all(eng, PROMPTS[:3], max_tokens=6)
+        for p, toks in zip(PROMPTS[:3], got, strict=True):
+            assert toks == _reference(eng._model, eng.tokenizer, p, 6), p
+    finally:
+        eng.shutdown()
+
+
 @pytest.mark.parametrize("kv", ["auto", "int8"])
 def test_compiled_decode_layer_matches_eager(tiny_model: Path, monkeypatch: pytest.MonkeyPatch, kv: str):
     """engine.compile: the element-wise work of a decode layer runs as 4 compiled programs that every layer shares
