@@ -49,9 +49,10 @@ def server(tiny_model: Path):
     temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     # Ray Serve's proxy gets 5 s to report ready by default: too short on a busy 2-core CI box
     slow_box = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
-                # 10 ms per decode step: a 200-token stream outlives its client's hang-up by 2 s, so the
-                # disconnect test sees aborts, never a race with natural completion (the replicas inherit it)
-                "SERVING_TEST_STEP_DELAY_S": "0.01"}
+                # 50 ms per decode step: a 200-token stream lasts 10 s, longer than sending all of the queue
+                # test's requests and hanging up on them takes on a loaded 2-core box, so that test sees exactly
+                # its 429s and aborts, never a stream that finished first (the replicas inherit this)
+                "SERVING_TEST_STEP_DELAY_S": "0.05"}
     saved = {k: os.environ.get(k) for k in slow_box}
     os.environ.update(slow_box)
     import ray.serve._private.api as serve_api  # serve.start waits a fixed 60 s for the proxy
