@@ -6,7 +6,6 @@ HTTP response without a second Ray hop. Replicas, GPUs, ``max_ongoing_requests``
 ``serving.app:app_builder`` with ``args: {config: FILE}``.
 """
 
-
 import asyncio
 import json
 import logging

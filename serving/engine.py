@@ -50,6 +50,7 @@ from serving.model import (
 
 logger = logging.getLogger("serving.engine")
 
+
 class QueueFullError(EngineError):
     status = 429
 

@@ -322,20 +322,10 @@ def decode_layer(r: LlamaRunner, layer: nn.Module, h: torch.Tensor, cos: torch.T
                  ksc: torch.Tensor | None, vsc: torch.Tensor | None, ctx: int) -> torch.Tensor:
     """One decoder layer for one new token per row: writes the token's K/V into this layer's cache tensors at
     (rows, pos), attends over ``ctx`` cached positions, returns the new hidden states [b,1,H]."""
-    b = h.shape[0]
     attn = layer.self_attn
     q, k, v = r._qkv(attn, layer.input_layernorm(h), cos, sin)  # q [b,nh,1,hd], k/v [b,kvh,1,hd]
-    k, v = k[:, :, 0], v[:, :, 0]
-    if ksc is not None:
-        (k, ks), (v, vs) = quantize_int8(k, r.dtype), quantize_int8(v, r.dtype)
-        ksc[rows, :, pos] = ks
-        vsc[rows, :, pos] = vs
-    kc[rows, :, pos] = k
-    vc[rows, :, pos] = v
-    kk, vv = read_kv(kc, vc, ksc, vsc, slice(0, b), ctx, r.dtype)  # [b,kvh,ctx,hd]
-    qg = q.reshape(b, r.kv_heads, r.groups, r.head_dim)  # query heads grouped per kv head
-    o = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask)
-    h = h + attn.o_proj(o.reshape(b, 1, r.n_heads * r.head_dim))
+    o = _cache_attend(q[:, :, 0], k[:, :, 0], v[:, :, 0], mask, rows, pos, kc, vc, ksc, vsc, ctx)
+    h = h + attn.o_proj(o)
     return r._mlp_block(layer, h)
 
 
@@ -344,8 +334,22 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _attn_in(h: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    return _rms(h, w, eps)
+def _cache_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+                  pos: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, ksc: torch.Tensor | None,
+                  vsc: torch.Tensor | None, ctx: int) -> torch.Tensor:
+    """One new token per row, rotated q [b,nh,hd] and k/v [b,kvh,hd]: store k/v at (rows, pos) in this layer's
+    cache tensors (int8 with scales when ``ksc`` is given), attend over ``ctx`` cached positions; -> [b,1,nh*hd]."""
+    b, kv_heads, head_dim = k.shape
+    if ksc is not None:
+        (k, ks), (v, vs) = quantize_int8(k, q.dtype), quantize_int8(v, q.dtype)
+        ksc[rows, :, pos] = ks
+        vsc[rows, :, pos] = vs
+    kc[rows, :, pos] = k
+    vc[rows, :, pos] = v
+    kk, vv = read_kv(kc, vc, ksc, vsc, slice(0, b), ctx, q.dtype)  # [b,kvh,ctx,hd]
+    qg = q.reshape(b, kv_heads, -1, head_dim)  # query heads grouped per kv head
+    o = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask)
+    return o.reshape(b, 1, -1)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -354,21 +358,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor
             head_dim: int) -> torch.Tensor:
     """q [b,1,nh*hd], k/v [b,1,kvh*hd] straight from the projections -> attention output [b,1,nh*hd]."""
     b = q.shape[0]
-    q = q.view(b, -1, head_dim)  # [b,nh,hd]
-    k = k.view(b, kv_heads, head_dim)
-    v = v.view(b, kv_heads, head_dim)
     c, s = cos.view(b, 1, head_dim), sin.view(b, 1, head_dim)
-    q, k = _rotate(q, c, s), _rotate(k, c, s)
-    if ksc is not None:
-        (k, ks), (v, vs) = quantize_int8(k, q.dtype), quantize_int8(v, q.dtype)
-        ksc[rows, :, pos] = ks
-        vsc[rows, :, pos] = vs
-    kc[rows, :, pos] = k
-    vc[rows, :, pos] = v
-    kk, vv = read_kv(kc, vc, ksc, vsc, slice(0, b), ctx, q.dtype)  # [b,kvh,ctx,hd]
-    qg = q.view(b, kv_heads, -1, head_dim)  # query heads grouped per kv head
-    o = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=mask)
-    return o.reshape(b, 1, -1)
+    q = _rotate(q.view(b, -1, head_dim), c, s)  # [b,nh,hd]
+    k = _rotate(k.view(b, kv_heads, head_dim), c, s)
+    return _cache_attend(q, k, v.view(b, kv_heads, head_dim), mask, rows, pos, kc, vc, ksc, vsc, ctx)
 
 
 def _mlp_in(h: torch.Tensor, o: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,7 +373,7 @@ def _gate(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return F.silu(g) * u
 
 
-FUSED_PIECES = {"attn_in": _attn_in, "attend": _attend, "mlp_in": _mlp_in, "gate": _gate}
+FUSED_PIECES = {"attn_in": _rms, "attend": _attend, "mlp_in": _mlp_in, "gate": _gate}
 
 
 def fused_decode_layer(r: LlamaRunner, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
