@@ -82,7 +82,7 @@ def _prompts(vocab: int, batch: int, length: int, seed: int = 0) -> list[list[in
     return torch.randint(10, max(11, vocab - 10), (batch, length), generator=g).tolist()
 
 
-def phase_engine(args: argparse.Namespace) -> dict[str, Any]:
+def phase_engine(args: argparse.Namespace, compile_decode: bool | None = None) -> dict[str, Any]:
     import torch
 
     from serving.engine import EngineOptions, LLMEngine, SamplingParams
@@ -94,7 +94,8 @@ def phase_engine(args: argparse.Namespace) -> dict[str, Any]:
     opts = EngineOptions(device="cuda" if cuda else "cpu", gpu_memory_gb=args.gpu_memory_gb,
                          max_model_len=args.max_model_len, max_num_seqs=max(args.batch_sizes),
                          kv_cache_dtype=args.kv_cache_dtype, embed_on_host=args.embed_on_host,
-                         lm_head_int8=args.lm_head_int8, cuda_graphs=not args.no_cuda_graphs, compile=args.compile,
+                         lm_head_int8=args.lm_head_int8, cuda_graphs=not args.no_cuda_graphs,
+                         compile=args.compile if compile_decode is None else compile_decode,
                          gptq_backend=args.gptq_backend, warmup=True, max_waiting=1024,
                          prefill_chunk=args.prefill_chunk)
     eng = LLMEngine(args.model, opts)
@@ -266,8 +267,8 @@ def phase_hf_cb(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-PHASES = {"engine": phase_engine, "generate": phase_generate, "generate_uncapped": phase_generate_uncapped,
-          "hf_cb": phase_hf_cb}
+PHASES = {"engine": phase_engine, "engine_compiled": lambda a: phase_engine(a, compile_decode=True),
+          "generate": phase_generate, "generate_uncapped": phase_generate_uncapped, "hf_cb": phase_hf_cb}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -287,7 +288,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="engine.compile: torch.compile the decode layer")
     p.add_argument("--gptq-backend", default="auto", choices=["auto", "marlin", "exllama_v2", "triton", "torch"])
     p.add_argument("--phases", default="engine,generate",
-                   help="comma list of: engine, generate (same cap), generate_uncapped, hf_cb")
+                   help="comma list of: engine, engine_compiled (engine.compile on), generate (same cap), "
+                        "generate_uncapped, hf_cb")
     p.add_argument("--hf-continuous-batching", action="store_true", help="also run the hf_cb phase")
     p.add_argument("--phase", help=argparse.SUPPRESS)
     p.add_argument("--out", help="also write the JSON here")
@@ -350,6 +352,14 @@ def _summarize(report: dict[str, Any]) -> None:
         s["generate_at_budget_best_tok_s"] = gen.get("best_aggregate_tok_s")  # None: it did not fit the budget
         oom = [r["batch"] for r in gen.get("runs", []) if "oom" in r]
         s["generate_at_budget_oom_batch"] = oom[0] if oom else None
+    comp = [r for r in report.get("engine_compiled", {}).get("runs", []) if "aggregate_tok_s" in r]
+    c1 = next((r for r in comp if r["batch"] == 1), None)
+    if comp:
+        s["compiled_max_concurrency"] = report["engine_compiled"].get("max_concurrency")
+        s["compiled_best_aggregate_tok_s"] = max(r["aggregate_tok_s"] for r in comp)
+    if b1 and c1:
+        s["compiled_batch1_decode_tok_s"] = c1["per_stream_decode_tok_s"]
+        s["compiled_batch1_speedup"] = round(c1["per_stream_decode_tok_s"] / b1["per_stream_decode_tok_s"], 2)
     for name in ("generate", "generate_uncapped"):
         g = report.get(name, {})
         if g.get("best_aggregate_tok_s"):

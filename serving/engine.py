@@ -281,7 +281,12 @@ class LLMEngine:
             torch.cuda.reset_peak_memory_stats(self.device)
             runner.prefill([0] * chunk, 0, 0, want_logits=True)
             torch.cuda.synchronize()
-            act_bytes = torch.cuda.max_memory_allocated(self.device) - base
+            # what the first step leaves allocated (library workspaces, e.g. cuBLAS's) is counted once, in the
+            # reserved memory the fit loop reads; the reserve is the transient peak above it
+            kept = torch.cuda.memory_allocated(self.device)
+            act_bytes = torch.cuda.max_memory_allocated(self.device) - kept
+            self.info["memory_mib"] = {"weights": weights_bytes >> 20, "first_step_kept": (kept - base) >> 20,
+                                       "prefill_chunk_peak": act_bytes >> 20}
             runner.cache = None
             torch.cuda.empty_cache()
         # an eager decode step (no graphs) also needs, per running row, one layer's dequantized K and V (and their
@@ -322,11 +327,19 @@ class LLMEngine:
                     break
                 torch.cuda.synchronize()
                 torch.cuda.empty_cache()
-                over = (torch.cuda.memory_reserved(self.device) + act_need(self.num_slots, self.graphs is not None)
-                        - budget)
+                reserved = torch.cuda.memory_reserved(self.device)
+                allocated = torch.cuda.memory_allocated(self.device)
+                over = reserved + act_need(self.num_slots, self.graphs is not None) - budget
+                self.info["memory_mib"].update({
+                    "kv_cache": runner.cache.nbytes() >> 20, "allocated": allocated >> 20, "reserved": reserved >> 20,
+                    "other_allocated": (allocated - weights_bytes - runner.cache.nbytes()) >> 20,
+                    "reserved_not_allocated": (reserved - allocated) >> 20,
+                    "prefill_reserve": act_need(self.num_slots, self.graphs is not None) >> 20,
+                    "pools": _pool_summary(self.device)})
                 if over <= 0:
                     break
-                logger.info("budget fit: %d slots leave %d MiB too little for prefill", self.num_slots, over >> 20)
+                logger.info("budget fit: %d slots leave %d MiB too little for prefill: %s", self.num_slots,
+                            over >> 20, json.dumps(self.info["memory_mib"]))
             kv_tokens = min(kv_tokens, self.num_slots * self.max_model_len) - max(self.max_model_len,
                                                                                   -(-over // per_tok))
             self.graphs = None
@@ -715,3 +728,16 @@ class LLMEngine:
                 self._running[i] = lastseq
             self._running.pop()
         self.stats.on_finished(seq)
+
+
+def _pool_summary(device: torch.device) -> dict[str, list[int]]:
+    """[reserved, allocated] MiB per allocator pool ("main", or a CUDA-graph pool by id) from the snapshot."""
+    out: dict[str, list[int]] = {}
+    for seg in torch.cuda.memory_snapshot():
+        if seg.get("device", device.index) != device.index:
+            continue
+        pool = tuple(seg.get("segment_pool_id", (0, 0)))
+        tot = out.setdefault("main" if pool == (0, 0) else "graph" + ".".join(map(str, pool)), [0, 0])
+        tot[0] += seg["total_size"]
+        tot[1] += seg["allocated_size"]
+    return {k: [v[0] >> 20, v[1] >> 20] for k, v in out.items()}

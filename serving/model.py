@@ -313,8 +313,9 @@ class LlamaRunner:
         return True
 
 
-# the torch.compile backend of ``LlamaRunner.compile_decode`` (tests on CPU use "aot_eager": no C++ build)
-COMPILE_BACKEND = "inductor"
+# the torch.compile backend of ``LlamaRunner.compile_decode``; SERVING_COMPILE_BACKEND=aot_eager checks the
+# traced graphs without code generation (the CPU tests use it: no C++ build)
+COMPILE_BACKEND = os.environ.get("SERVING_COMPILE_BACKEND", "inductor")
 
 
 def decode_layer(r: LlamaRunner, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

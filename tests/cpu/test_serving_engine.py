@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -228,14 +229,19 @@ def test_bench_cli_runs_every_phase_and_counts_tokens(tiny_model: Path, tmp_path
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, "-m", "serving.bench", "--model", str(tiny_model), "--device", "cpu",
                     "--batch-sizes", "1,3", "--prompt-len", "8", "--gen-len", "5", "--max-model-len", "64",
-                    "--phases", "engine,generate,generate_uncapped", "--out", str(out)],
-                   check=True, capture_output=True, timeout=600)
+                    "--phases", "engine,engine_compiled,generate,generate_uncapped", "--out", str(out)],
+                   check=True, capture_output=True, timeout=600,
+                   env={**os.environ, "SERVING_COMPILE_BACKEND": "aot_eager"})
     rep = json.loads(out.read_text())
-    runs = {r["batch"]: r for r in rep["engine"]["runs"]}
-    assert set(runs) == {1, 3} and all(runs[b]["tokens"] == b * 5 for b in runs)
+    for phase in ("engine", "engine_compiled"):
+        runs = {r["batch"]: r for r in rep[phase]["runs"]}
+        assert set(runs) == {1, 3} and all(runs[b]["tokens"] == b * 5 for b in runs)
+    assert rep["engine_compiled"]["engine"]["compiled_decode"] is True
+    assert rep["engine"]["engine"]["compiled_decode"] is False
     for phase in ("generate", "generate_uncapped"):
         assert [(r["batch"], r["tokens"]) for r in rep[phase]["runs"]] == [(1, 5), (3, 15)]
     s = rep["summary"]
     assert s["max_concurrency"] == 3 and s["best_aggregate_batch"] in (1, 3)
+    assert s["compiled_batch1_speedup"] == round(s["compiled_batch1_decode_tok_s"] / s["batch1_decode_tok_s"], 2)
     assert s["speedup_vs_generate_uncapped"] == round(s["best_aggregate_tok_s"] /
                                                       rep["generate_uncapped"]["best_aggregate_tok_s"], 2)
