@@ -98,9 +98,11 @@ class Baseline:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "left"
         if (Path(self.path) / "quantize_config.json").exists():
-            from gptqmodel import GPTQModel
+            from gptqmodel import BACKEND, GPTQModel
 
-            self.model = GPTQModel.load(self.path, device=self.device)
+            # Marlin, as the project's engine (GPTQModel's auto choice on Hopper, Machete, downloads CUTLASS at load)
+            backend = BACKEND.MARLIN if self.device.startswith("cuda") else BACKEND.TORCH
+            self.model = GPTQModel.load(self.path, device=self.device, backend=backend)
         else:
             from transformers import AutoModelForCausalLM
 

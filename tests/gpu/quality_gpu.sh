@@ -7,6 +7,7 @@
 #   .whl:        colossalai, bitsandbytes, pydantic (see .whl/install.sh)
 # Calls:  bash tests/gpu/quality_gpu.sh stage   (carry .whl-smol-a; then again carrying .whl-smol-b)
 #         bash tests/gpu/quality_gpu.sh run     (carry .whl)  -> $OUT/quality.tgz (manifests, metrics, logs)
+#         bash tests/gpu/quality_gpu.sh quantize (carry .whl-gpu) -> $OUT/quant.tgz: GPTQ variants' quality reports
 set -euo pipefail
 STAGE=/tmp/smol
 mkdir -p "$STAGE"
@@ -32,5 +33,31 @@ case "${1:-}" in
         tar -czf "${OUT:-/tmp}/quality.tgz" /tmp/quality.log runs/quality-gpu/*/manifest.json \
             runs/quality-gpu/*/metrics.jsonl runs/quality-gpu/pipeline.json 2>/dev/null || true
         exit $rc ;;
-    *) echo "usage: $0 stage|run" >&2; exit 2 ;;
+    quantize)  # carry .whl-gpu: GPTQ variants of SmolLM2 on the GPU, each with its perplexity report
+        eval "$(bash .whl-gpu/install.sh)"
+        SITE=/tmp/site-smol
+        python3 -m pip install -q --no-index --no-deps --target "$SITE" "$STAGE"/gguf-*.whl >&2
+        GGUF=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+        [ -f "$GGUF" ] || cat "$STAGE"/SmolLM2-135M-Instruct.Q4_1.gguf.part0 "$STAGE"/SmolLM2-135M-Instruct.Q4_1.gguf.part1 > "$GGUF"
+        export PYTHONPATH=$SITE:$PYTHONPATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+        if [ ! -d ../shared/data/hh-rlhf-harmless-base ]; then
+            mkdir -p ../shared/data && cp -r "$STAGE"/shared-data/. ../shared/data/
+        fi
+        # name and overrides per variant (QUANT_VARIANTS="name:k=v,k=v name2:..." replaces the default grid)
+        VARIANTS=${QUANT_VARIANTS:-"g128:gptq.desc_act=false g128-act:gptq.desc_act=true g128-c512:calibration.num_samples=512,calibration.max_length=512 g128-act-c512:gptq.desc_act=true,calibration.num_samples=512,calibration.max_length=512"}
+        mkdir -p /tmp/quant
+        for v in $VARIANTS; do
+            name=${v%%:*}; overrides=${v#*:}
+            t=$SECONDS
+            # shellcheck disable=SC2046
+            timeout "${QUANT_TIMEOUT_S:-240}" python3 -m training.quantize --config training/configs/quantize.yaml \
+                model.path="$GGUF" checkpoint.output_dir="/tmp/quant/$name" calibration.max_length=256 \
+                report.eval.num_samples=24 report.backend=torch $(echo "$overrides" | tr ',' ' ') \
+                > "/tmp/quant/$name.log" 2>&1
+            echo "$name rc=$? $((SECONDS - t)) s"
+            python3 -c 'import json,sys; q=json.load(open(sys.argv[1])); print(json.dumps(q.get("perplexity", q))[:600])' \
+                "/tmp/quant/$name/quality.json" 2>/dev/null || tail -5 "/tmp/quant/$name.log"
+        done
+        (cd /tmp/quant && tar -czf "${OUT:-/tmp}/quant.tgz" ./*.log ./*/quality.json ./*/manifest.json 2>/dev/null) || true ;;
+    *) echo "usage: $0 stage|run|quantize" >&2; exit 2 ;;
 esac
