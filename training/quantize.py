@@ -64,10 +64,15 @@ class GPTQOptions(_Strict):
     damp_percent: float = Field(0.05, gt=0, lt=1, description="Hessian damping as a share of its mean diagonal.")
     damp_auto_increment: float = Field(0.01, ge=0, description="Added to damping when the Hessian is not PD.")
     true_sequential: bool = Field(True, description="Quantize sub-layers in order, each seeing earlier ones quantized.")
+    mse: float = Field(0.0, ge=0, description="Clipping search: > 0 shrinks each group's range step by step and keeps "
+                       "the grid with the least |error|^mse (2.4 is the GPTQ paper's choice); 0 = min/max range.")
+    gptaq_alpha: float | None = Field(None, gt=0, description="GPTAQ: fit each quantized layer to the inputs the "
+                                      "unquantized model would give it, with this weight (0.25 is GPTQModel's "
+                                      "default); None = plain GPTQ. About twice the calibration forwards.")
     lm_head: bool = Field(False, description="Also quantize lm_head (saves vocab x hidden x 1.5 bytes at 4 bits).")
     batch_size: int = Field(1, ge=1, description="Calibration samples per forward pass.")
-    dtype: Literal["auto", "float16", "bfloat16"] = Field("auto", description="Activation dtype while quantizing; "
-                                                          "auto = float16 on CUDA, bfloat16 on CPU.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Activation dtype while quantizing; auto = float16 on CUDA, bfloat16 on CPU.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
 
     @model_validator(mode="after")
@@ -487,7 +492,8 @@ def gptq_config(opts: GPTQOptions) -> Any:
     return GPTQModelConfig(bits=opts.bits, group_size=opts.group_size, desc_act=opts.desc_act, sym=opts.sym,
                            damp_percent=opts.damp_percent, damp_auto_increment=opts.damp_auto_increment,
                            true_sequential=opts.true_sequential, lm_head=opts.lm_head,
-                           act_group_aware=False if opts.desc_act else opts.act_group_aware)
+                           act_group_aware=False if opts.desc_act else opts.act_group_aware, mse=opts.mse,
+                           gptaq=None if opts.gptaq_alpha is None else {"alpha": opts.gptaq_alpha})
 
 
 def quantize_to(source: str, target: Path, cfg: QuantizeConfig, calibration: list[list[int]], tokenizer: Any,

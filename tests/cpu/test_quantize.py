@@ -259,3 +259,24 @@ def test_bad_input_fails_before_quantizing(case, tmp_path, tiny_model, capsys):
                 "output_not_writable": "checkpoint.output_dir", "bad_field": "gptq.bits"}[case]
     assert expected in err, err
     assert not (out / "model").exists()
+
+
+def test_clipping_search_and_gptaq_reach_gptqmodel_and_change_the_weights(run):
+    """`gptq.mse`, `gptq.gptaq_alpha` and `gptq.dtype=float32` go to GPTQModel (recorded in the checkpoint's
+    meta) and give other integer weights than the plain run on the same data; the format stays standard."""
+    from safetensors.torch import load_file
+
+    tmp = run["tmp"]
+    out = tmp / "out-mse"
+    config = write_config(tmp, run["src"], out, gptq={"mse": 2.4, "gptaq_alpha": 0.25, "dtype": "float32"},
+                          report={"enabled": False})
+    run_stage("training.quantize", config, env=ENV)
+    q = json.loads((out / "model" / "quantize_config.json").read_text())
+    assert (q["quant_method"], q["checkpoint_format"], q["bits"], q["group_size"]) == ("gptq", "gptq", 4, 32)
+    meta = json.dumps(q.get("meta", q))
+    assert '"mse": 2.4' in meta and '"alpha": 0.25' in meta, meta
+    plain, tuned = load_file(str(run["out"] / "model" / "model.safetensors")), load_file(
+        str(out / "model" / "model.safetensors"))
+    assert plain.keys() == tuned.keys()
+    changed = [k for k in plain if k.endswith(".qweight") and not torch.equal(plain[k], tuned[k])]
+    assert changed, "the options changed no quantized weight"
