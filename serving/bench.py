@@ -176,6 +176,75 @@ def _engine_run(eng: Any, sampling_cls: Any, prompts: list[list[int]], gen_len: 
             "ttft_s_median": round(ttft[len(ttft) // 2], 4), "ttft_s_max": round(ttft[-1], 4)}
 
 
+KERNEL_GROUPS = (("gptq_gemm", ("marlin", "gptq", "exllama", "dequant")), ("compiled", ("triton",)),
+                 ("cublas_gemm", ("gemm", "gemv", "cublas", "cutlass", "sm90_", "sm80_")),
+                 ("attention", ("flash", "fmha", "attention", "softmax")), ("copy_fill", ("copy", "fill", "memset",
+                                                                                         "memcpy", "cat")))
+
+
+def _kernel_group(name: str) -> str:
+    low = name.lower()
+    return next((g for g, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
+
+
+def phase_profile(args: argparse.Namespace) -> dict[str, Any]:
+    """Where a decode step's time goes: ``torch.profiler`` over batch-1 decode steps run eagerly (no CUDA graphs;
+    ``--compile`` as given), device kernels (CPU: operators) grouped by kind, with the top kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from serving.engine import EngineOptions, LLMEngine
+
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    opts = EngineOptions(device="cuda" if cuda else "cpu", gpu_memory_gb=args.gpu_memory_gb,
+                         max_model_len=args.max_model_len, max_num_seqs=1, kv_cache_dtype=args.kv_cache_dtype,
+                         embed_on_host=args.embed_on_host, lm_head_int8=args.lm_head_int8, cuda_graphs=False,
+                         compile=args.compile, gptq_backend=args.gptq_backend, warmup=False,
+                         prefill_chunk=args.prefill_chunk)
+    eng = LLMEngine(args.model, opts)
+    eng.load()
+    runner, steps = eng.runner, 10
+    h = runner.embed(torch.zeros(1, dtype=torch.long)).unsqueeze(1)
+    pos = torch.full((1,), min(args.prompt_len, eng.max_model_len - 1), dtype=torch.long, device=runner.device)
+    ctx = next(c for c in eng.ctx_buckets if c > int(pos[0]))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    with torch.inference_mode():
+        for _ in range(3):
+            runner.decode(h, pos, ctx)
+        sync()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        t = time.perf_counter()
+        with profile(activities=acts) as prof:
+            for _ in range(steps):
+                runner.decode(h, pos, ctx)
+            sync()
+        wall_ms = (time.perf_counter() - t) * 1000 / steps
+    rows = []
+    for ev in prof.key_averages():
+        if cuda:
+            if str(getattr(ev, "device_type", "")).endswith("CUDA"):  # kernels and copies, not the ops launching
+                rows.append((ev.key, ev.self_device_time_total, ev.count))
+        elif ev.key.startswith("aten::") and ev.self_cpu_time_total > 0:
+            rows.append((ev.key, ev.self_cpu_time_total, ev.count))
+    rows = [r for r in rows if r[1] > 0]
+    groups: dict[str, dict[str, float]] = {}
+    for name, us, count in rows:
+        g = groups.setdefault(_kernel_group(name), {"ms_per_step": 0.0, "kernels_per_step": 0.0})
+        g["ms_per_step"] += us / 1000 / steps
+        g["kernels_per_step"] += count / steps
+    busy = sum(g["ms_per_step"] for g in groups.values())
+    rows.sort(key=lambda r: -r[1])
+    return {"unit": "device kernels" if cuda else "CPU operators", "steps": steps, "batch": 1, "context": ctx,
+            "compiled_decode": eng.info.get("compiled_decode"), "wall_ms_per_step": round(wall_ms, 3),
+            "busy_ms_per_step": round(busy, 3),
+            "kernels_per_step": round(sum(g["kernels_per_step"] for g in groups.values()), 1),
+            "groups": {k: {"ms_per_step": round(v["ms_per_step"], 3), "share": round(v["ms_per_step"] / busy, 3),
+                           "kernels_per_step": round(v["kernels_per_step"], 1)}
+                       for k, v in sorted(groups.items(), key=lambda kv: -kv[1]["ms_per_step"])},
+            "top": [{"name": n[:120], "ms_per_step": round(us / 1000 / steps, 4), "calls_per_step": c / steps}
+                    for n, us, c in rows[:15]]}
+
+
 def _load_hf(args: argparse.Namespace):
     import torch
 
@@ -268,7 +337,8 @@ def phase_hf_cb(args: argparse.Namespace) -> dict[str, Any]:
 
 
 PHASES = {"engine": phase_engine, "engine_compiled": lambda a: phase_engine(a, compile_decode=True),
-          "generate": phase_generate, "generate_uncapped": phase_generate_uncapped, "hf_cb": phase_hf_cb}
+          "generate": phase_generate, "generate_uncapped": phase_generate_uncapped, "hf_cb": phase_hf_cb,
+          "profile": phase_profile}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -289,7 +359,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gptq-backend", default="auto", choices=["auto", "marlin", "exllama_v2", "triton", "torch"])
     p.add_argument("--phases", default="engine,generate",
                    help="comma list of: engine, engine_compiled (engine.compile on), generate (same cap), "
-                        "generate_uncapped, hf_cb")
+                        "generate_uncapped, hf_cb, profile (kernel time of one eager decode step by kind)")
     p.add_argument("--hf-continuous-batching", action="store_true", help="also run the hf_cb phase")
     p.add_argument("--phase", help=argparse.SUPPRESS)
     p.add_argument("--out", help="also write the JSON here")

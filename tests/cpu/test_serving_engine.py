@@ -229,7 +229,7 @@ def test_bench_cli_runs_every_phase_and_counts_tokens(tiny_model: Path, tmp_path
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, "-m", "serving.bench", "--model", str(tiny_model), "--device", "cpu",
                     "--batch-sizes", "1,3", "--prompt-len", "8", "--gen-len", "5", "--max-model-len", "64",
-                    "--phases", "engine,engine_compiled,generate,generate_uncapped", "--out", str(out)],
+                    "--phases", "engine,engine_compiled,generate,generate_uncapped,profile", "--out", str(out)],
                    check=True, capture_output=True, timeout=600,
                    env={**os.environ, "SERVING_COMPILE_BACKEND": "aot_eager"})
     rep = json.loads(out.read_text())
@@ -242,6 +242,10 @@ def test_bench_cli_runs_every_phase_and_counts_tokens(tiny_model: Path, tmp_path
         assert [(r["batch"], r["tokens"]) for r in rep[phase]["runs"]] == [(1, 5), (3, 15)]
     s = rep["summary"]
     assert s["max_concurrency"] == 3 and s["best_aggregate_batch"] in (1, 3)
+    prof = rep["profile"]  # CPU: operators by kind; their times add up to the step's busy time
+    assert prof["steps"] == 10 and prof["kernels_per_step"] > 10 and prof["top"]
+    assert abs(sum(g["ms_per_step"] for g in prof["groups"].values()) - prof["busy_ms_per_step"]) < 0.01
+    assert 0 < prof["busy_ms_per_step"] <= prof["wall_ms_per_step"] * 1.05
     assert s["compiled_batch1_speedup"] == round(s["compiled_batch1_decode_tok_s"] / s["batch1_decode_tok_s"], 2)
     assert s["speedup_vs_generate_uncapped"] == round(s["best_aggregate_tok_s"] /
                                                       rep["generate_uncapped"]["best_aggregate_tok_s"], 2)
