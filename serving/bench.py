@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _summarize(report: dict[str, Any]) -> None:
-    eng, gen = report.get("engine", {}), report.get("generate", {})
+    eng, gen = report.get("engine") or report.get("engine_compiled", {}), report.get("generate", {})
     runs = [r for r in eng.get("runs", []) if "aggregate_tok_s" in r]
     if not runs:
         return
@@ -422,7 +422,8 @@ def _summarize(report: dict[str, Any]) -> None:
         s["generate_at_budget_best_tok_s"] = gen.get("best_aggregate_tok_s")  # None: it did not fit the budget
         oom = [r["batch"] for r in gen.get("runs", []) if "oom" in r]
         s["generate_at_budget_oom_batch"] = oom[0] if oom else None
-    comp = [r for r in report.get("engine_compiled", {}).get("runs", []) if "aggregate_tok_s" in r]
+    comp = [r for r in report.get("engine_compiled", {}).get("runs", []) if "aggregate_tok_s" in r
+            and "engine" in report]  # compiled next to eager pieces
     c1 = next((r for r in comp if r["batch"] == 1), None)
     if comp:
         s["compiled_max_concurrency"] = report["engine_compiled"].get("max_concurrency")
