@@ -96,6 +96,7 @@ def phase_engine(args: argparse.Namespace, compile_decode: bool | None = None) -
                          kv_cache_dtype=args.kv_cache_dtype, embed_on_host=args.embed_on_host,
                          lm_head_int8=args.lm_head_int8, cuda_graphs=not args.no_cuda_graphs,
                          compile=args.compile if compile_decode is None else compile_decode,
+                         fuse_projections=args.fuse_projections,
                          gptq_backend=args.gptq_backend, warmup=True, max_waiting=1024,
                          prefill_chunk=args.prefill_chunk)
     eng = LLMEngine(args.model, opts)
@@ -199,7 +200,8 @@ def phase_profile(args: argparse.Namespace) -> dict[str, Any]:
     opts = EngineOptions(device="cuda" if cuda else "cpu", gpu_memory_gb=args.gpu_memory_gb,
                          max_model_len=args.max_model_len, max_num_seqs=1, kv_cache_dtype=args.kv_cache_dtype,
                          embed_on_host=args.embed_on_host, lm_head_int8=args.lm_head_int8, cuda_graphs=False,
-                         compile=args.compile, gptq_backend=args.gptq_backend, warmup=False,
+                         compile=args.compile, fuse_projections=args.fuse_projections,
+                         gptq_backend=args.gptq_backend, warmup=False,
                          prefill_chunk=args.prefill_chunk)
     eng = LLMEngine(args.model, opts)
     eng.load()
@@ -356,6 +358,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lm-head-int8", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--no-cuda-graphs", action="store_true")
     p.add_argument("--compile", action="store_true", help="engine.compile: torch.compile the decode layer")
+    p.add_argument("--fuse-projections", action="store_true", help="engine.fuse_projections: q/k/v, gate/up "
+                   "as one GEMM each")
     p.add_argument("--gptq-backend", default="auto", choices=["auto", "marlin", "exllama_v2", "triton", "torch"])
     p.add_argument("--phases", default="engine,generate",
                    help="comma list of: engine, engine_compiled (engine.compile on), generate (same cap), "

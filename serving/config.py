@@ -59,6 +59,9 @@ class EngineConfig(_Strict):
     cuda_graphs: bool = Field(True, description="Capture the decode step as CUDA graphs (CUDA only).")
     compile: bool = Field(False, description="torch.compile the decode layer (one program for all layers) to fuse "
                                              "its small element-wise kernels; adds compile time at start-up.")
+    fuse_projections: bool = Field(False, description="q/k/v and gate/up as one GEMM each (plain linears, "
+                                   "GPTQModel's Marlin layers); each fusion is checked against the separate "
+                                   "layers at load.")
     graph_batch_sizes: list[int] = Field([1, 2, 4, 8, 16, 24, 32, 48, 64],
                                          description="Batch-size buckets captured as CUDA graphs.")
     gptq_backend: Literal["auto", "marlin", "exllama_v2", "triton", "torch"] = Field(

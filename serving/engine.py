@@ -168,6 +168,7 @@ class EngineOptions:
     lm_head_int8: bool = False
     cuda_graphs: bool = True
     compile: bool = False
+    fuse_projections: bool = False
     graph_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 24, 32, 48, 64])
     gptq_backend: str = "auto"
     warmup: bool = True
@@ -261,7 +262,7 @@ class LLMEngine:
         cfg_len = getattr(model.config, "max_position_embeddings", None) or o.max_model_len
         self.max_model_len = min(o.max_model_len, cfg_len)
         embed_on_host = o.embed_on_host if o.embed_on_host is not None else (cuda and budget is not None)
-        self.runner = runner = LlamaRunner(model, self.device, embed_on_host, o.lm_head_int8)
+        self.runner = runner = LlamaRunner(model, self.device, embed_on_host, o.lm_head_int8, o.fuse_projections)
         compiled = runner.compile_decode() if o.compile else False
         self._model = model
         if cuda:
@@ -357,7 +358,8 @@ class LLMEngine:
             "kv_bytes_per_token": per_tok, "kv_cache_bytes": runner.cache.nbytes(), "num_slots": self.num_slots,
             "max_model_len": self.max_model_len, "embed_on_host": runner.embed_on_host,
             "lm_head_int8": isinstance(runner.lm_head, Int8Linear), "cuda_graphs": self.graphs is not None,
-            "compiled_decode": compiled,
+            "compiled_decode": compiled, "fused_projections": {"qkv": len(runner.fused_qkv),
+                                                                "gate_up": len(runner.fused_gate_up)},
             "weights_bytes_on_gpu": weights_bytes, "activation_probe_bytes": act_bytes,
             "gpu_memory_budget_bytes": budget, "load_s": round(time.monotonic() - t0, 2),
         })

@@ -110,6 +110,57 @@ class Int8Linear(nn.Module):
         return torch.cat(parts, dim=-1) * self.scale
 
 
+def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
+    """One module computing ``cat([m(x) for m in mods], -1)`` with one GEMM: plain ``nn.Linear`` (weights
+    concatenated) or GPTQModel's Marlin layers (Marlin's layout tiles the output dimension in 64-column blocks,
+    so the repacked weights and permuted scales concatenate along it). None when the modules do not qualify.
+    The result is checked against the separate modules on a random input; a mismatch also gives None."""
+    m0 = mods[0]
+    if all(type(m) is nn.Linear for m in mods):
+        if len({(m.in_features, m.weight.dtype, m.bias is None) for m in mods}) != 1:
+            return None
+        fused = nn.Linear(m0.in_features, sum(m.out_features for m in mods), bias=m0.bias is not None,
+                          device=m0.weight.device, dtype=m0.weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([m.weight for m in mods]))
+            if m0.bias is not None:
+                fused.bias.copy_(torch.cat([m.bias for m in mods]))
+    elif type(m0).__name__ in ("MarlinLinear", "MarlinQuantLinear"):
+        keys = ("in_features", "bits", "group_size", "desc_act", "sym")
+        if any(type(m) is not type(m0) or getattr(m, "bias", None) is not None or m.out_features % 64
+               or getattr(m, "_marlin_tile_padding", None) is not None or getattr(m, "desc_act", False)
+               or getattr(m, "adapter", None) is not None
+               or any(getattr(m, k, None) != getattr(m0, k, None) for k in keys) for m in mods):
+            return None
+        import copy
+
+        fused = copy.copy(m0)
+        fused._parameters, fused._buffers, fused._modules = dict(m0._parameters), dict(m0._buffers), {}
+        for name in ("qweight", "scales"):
+            t = torch.cat([getattr(m, name).data for m in mods], dim=1)
+            if name in fused._parameters:
+                fused._parameters[name] = nn.Parameter(t, requires_grad=False)
+            elif name in fused._buffers:
+                fused._buffers[name] = t
+            else:
+                fused.__dict__[name] = t
+        fused.out_features = sum(m.out_features for m in mods)
+    else:
+        return None
+    with torch.inference_mode():
+        dev = next(iter([*m0.parameters(), *m0.buffers()])).device
+        dtype = m0.weight.dtype if isinstance(m0, nn.Linear) else torch.float16
+        x = torch.randn(3, m0.in_features, device=dev, dtype=dtype,
+                        generator=torch.Generator(device=dev).manual_seed(0))
+        ref = torch.cat([m(x) for m in mods], dim=-1).float()
+        err = (fused(x).float() - ref).abs().max().item()
+    if not err <= 0.02 * ref.abs().max().item() + 1e-3:
+        logger.warning("fusing %s projections changed their output (max error %.3g): kept separate",
+                       type(m0).__name__, err)
+        return None
+    return fused
+
+
 class KVCache:
     """K/V for ``slots`` sequences of up to ``max_len`` tokens, one tensor per layer: [slots, kv_heads, max_len,
     head_dim] (int8 with a per token and head scale when ``quantized``). Separate per-layer tensors let one
@@ -185,7 +236,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 class LlamaRunner:
     """A compact Llama-family forward that reuses the loaded model's modules, with attention over ``KVCache``."""
 
-    def __init__(self, model: nn.Module, device: torch.device, embed_on_host: bool, lm_head_int8: bool):
+    def __init__(self, model: nn.Module, device: torch.device, embed_on_host: bool, lm_head_int8: bool,
+                 fuse_projections: bool = False):
         inner = model.model
         cfg = model.config
         self.config = cfg
@@ -222,6 +274,10 @@ class LlamaRunner:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         self.cache: KVCache | None = None
+        # q/k/v and gate/up as one GEMM each (``fuse_linears``), keyed by the attention / MLP module's id
+        self.fused_qkv: dict[int, nn.Module] = {}
+        self.fused_gate_up: dict[int, nn.Module] = {}
+        self.qkv_sizes = (self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
         # SiLU Llama-style layers decode through tensor-only pieces (``fused_decode_layer``) that
         # ``compile_decode`` can compile; other architectures go through their own modules (``decode_layer``)
         self.fusable = getattr(cfg, "hidden_act", "silu") == "silu" and all(
@@ -235,6 +291,41 @@ class LlamaRunner:
                                        layer.post_attention_layernorm.weight.detach()) for layer in self.layers}
             self.fused = dict(FUSED_PIECES)
             self.decode_layer_fn = fused_decode_layer
+        if fuse_projections:
+            self._fuse_projections()
+
+    def _fuse_projections(self) -> None:
+        """Replace each layer's q/k/v and gate/up projections by one fused module (freeing the separate ones)
+        where ``fuse_linears`` can; SiLU-gated MLPs only."""
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            names = [("q_proj", "k_proj", "v_proj")]
+            if self.fusable and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+                names.append(("gate_proj", "up_proj"))
+            for group in names:
+                owner = attn if group[0] == "q_proj" else mlp
+                fused = fuse_linears([getattr(owner, n) for n in group])
+                if fused is None:
+                    continue
+                (self.fused_qkv if owner is attn else self.fused_gate_up)[id(owner)] = fused
+                for n in group:
+                    setattr(owner, n, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.info("fused projections: q/k/v in %d of %d layers, gate/up in %d", len(self.fused_qkv),
+                    len(self.layers), len(self.fused_gate_up))
+
+    def project_qkv(self, attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        fused = self.fused_qkv.get(id(attn))
+        if fused is None:
+            return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        return fused(x).split(self.qkv_sizes, dim=-1)
+
+    def project_gate_up(self, mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        fused = self.fused_gate_up.get(id(mlp))
+        if fused is None:
+            return mlp.gate_proj(x), mlp.up_proj(x)
+        return fused(x).chunk(2, dim=-1)
 
     # -- pieces
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -245,9 +336,10 @@ class LlamaRunner:
 
     def _qkv(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = attn.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        v = attn.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(attn, x)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.kv_heads, self.head_dim)
+        v = v.view(b, t, self.kv_heads, self.head_dim)
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -255,7 +347,10 @@ class LlamaRunner:
         return _rotate(q, c, s), _rotate(k, c, s), v
 
     def _mlp_block(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        x = layer.post_attention_layernorm(h)
+        if id(layer.mlp) in self.fused_gate_up:
+            return h + layer.mlp.down_proj(_gate(*self.project_gate_up(layer.mlp, x)))
+        return h + layer.mlp(x)
 
     # -- prefill: one sequence, one chunk, attention over the cache (earlier chunks) plus itself
     @torch.inference_mode()
@@ -385,10 +480,10 @@ def fused_decode_layer(r: LlamaRunner, layer: nn.Module, h: torch.Tensor, cos: t
     f, attn, mlp = r.fused, layer.self_attn, layer.mlp
     w_in, w_post = r.norm_w[id(layer)]
     x = f["attn_in"](h, w_in, r.eps)
-    o = f["attend"](attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), cos, sin, mask, rows, pos, kc, vc, ksc, vsc, ctx,
-                    r.kv_heads, r.head_dim)
+    q, k, v = r.project_qkv(attn, x)
+    o = f["attend"](q, k, v, cos, sin, mask, rows, pos, kc, vc, ksc, vsc, ctx, r.kv_heads, r.head_dim)
     h, x = f["mlp_in"](h, attn.o_proj(o), w_post, r.eps)
-    return h + mlp.down_proj(f["gate"](mlp.gate_proj(x), mlp.up_proj(x)))
+    return h + mlp.down_proj(f["gate"](*r.project_gate_up(mlp, x)))
 
 
 class DecodeGraphs:

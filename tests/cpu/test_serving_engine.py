@@ -144,6 +144,44 @@ def test_compiled_decode_layer_matches_eager(tiny_model: Path, monkeypatch: pyte
     assert layers > 1 and 4 <= counters["frames"]["total"] <= 4 * 3 and not counters["graph_break"]
 
 
+@pytest.mark.parametrize("compile_", [False, True])
+def test_fused_projections_decode_as_the_separate_ones(tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       compile_: bool):
+    """engine.fuse_projections: q/k/v and gate/up become one linear each (the separate ones are freed), and the
+    engine (prefill and decode, eager or compiled pieces) generates what HF generate does."""
+    from transformers import AutoModelForCausalLM
+
+    import serving.model
+
+    monkeypatch.setattr(serving.model, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=64, max_num_seqs=3, fuse_projections=True,
+                                              compile=compile_))
+    eng.load_and_start()
+    try:
+        layers = eng.runner.layers
+        assert eng.info["fused_projections"] == {"qkv": len(layers), "gate_up": len(layers)}
+        assert all(layer.self_attn.q_proj is None and layer.mlp.up_proj is None for layer in layers)
+        got = _generate_all(eng, PROMPTS[:3], max_tokens=6, stagger=0.02)
+        ref_model = AutoModelForCausalLM.from_pretrained(str(tiny_model)).eval()
+        for p, toks in zip(PROMPTS[:3], got, strict=True):
+            assert toks == _reference(ref_model, eng.tokenizer, p, 6), p
+    finally:
+        eng.shutdown()
+
+
+def test_fuse_linears_refuses_what_it_cannot_fuse():
+    """Mixed input sizes or modules it does not know stay separate (None); a fused linear equals the parts."""
+    from serving.model import fuse_linears
+
+    a, b = torch.nn.Linear(8, 4), torch.nn.Linear(8, 6)
+    fused = fuse_linears([a, b])
+    x = torch.randn(2, 8)
+    assert torch.allclose(fused(x), torch.cat([a(x), b(x)], -1))
+    assert fuse_linears([a, torch.nn.Linear(6, 4)]) is None
+    assert fuse_linears([torch.nn.Identity(), torch.nn.Identity()]) is None
+
+
 def make_tiny_gptq(out: Path) -> Path:
     """A 2-layer GPTQ 4-bit checkpoint with random packed weights (the shared 7B tool, scaled down)."""
     from conftest import make_tokenizer

@@ -56,3 +56,27 @@ def test_budget_caps_allocations(tiny_model: Path):
         assert eng.num_slots >= 4
     finally:
         eng.shutdown()
+
+
+def test_marlin_projections_fuse(tmp_path: Path):
+    """engine.fuse_projections on GPTQModel's Marlin layers: q/k/v and gate/up fuse in every layer (the load-time
+    check against the separate layers passed) and greedy decoding gives the tokens of the unfused engine."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "cpu"))
+    from test_serving_engine import make_tiny_gptq
+
+    model = make_tiny_gptq(tmp_path / "gptq")
+    outs = {}
+    for fuse in (False, True):
+        eng = LLMEngine(model, EngineOptions(device="cuda", gpu_memory_gb=None, max_model_len=128, max_num_seqs=4,
+                                             gptq_backend="marlin", fuse_projections=fuse))
+        eng.load_and_start()
+        try:
+            layers = len(eng.runner.layers)
+            assert eng.info["fused_projections"] == ({"qkv": layers, "gate_up": layers} if fuse else
+                                                     {"qkv": 0, "gate_up": 0})
+            outs[fuse] = _run(eng)
+        finally:
+            eng.shutdown()
+    assert outs[True] == outs[False]
