@@ -72,7 +72,8 @@ class GPTQOptions(_Strict):
     lm_head: bool = Field(False, description="Also quantize lm_head (saves vocab x hidden x 1.5 bytes at 4 bits).")
     batch_size: int = Field(1, ge=1, description="Calibration samples per forward pass.")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="Activation dtype while quantizing; auto = float16 on CUDA, bfloat16 on CPU.")
+        "auto", description="Activation dtype while quantizing; auto = float16 on CUDA, bfloat16 on CPU. The "
+        "unquantized tensors (embedding, norms) are saved in it too: float32 makes them twice float16's size.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
 
     @model_validator(mode="after")
