@@ -82,23 +82,28 @@ def _prompts(vocab: int, batch: int, length: int, seed: int = 0) -> list[list[in
     return torch.randint(10, max(11, vocab - 10), (batch, length), generator=g).tolist()
 
 
+def _engine_options(args: argparse.Namespace, cuda: bool, **overrides: Any) -> Any:
+    """The engine's options from the command line (one place for every phase that runs the engine)."""
+    from serving.engine import EngineOptions
+
+    base = dict(device="cuda" if cuda else "cpu", gpu_memory_gb=args.gpu_memory_gb, max_model_len=args.max_model_len,
+                kv_cache_dtype=args.kv_cache_dtype, embed_on_host=args.embed_on_host, lm_head_int8=args.lm_head_int8,
+                cuda_graphs=not args.no_cuda_graphs, compile=args.compile, fuse_projections=args.fuse_projections,
+                gptq_backend=args.gptq_backend, prefill_chunk=args.prefill_chunk)
+    return EngineOptions(**{**base, **overrides})
+
+
 def phase_engine(args: argparse.Namespace, compile_decode: bool | None = None) -> dict[str, Any]:
     import torch
 
-    from serving.engine import EngineOptions, LLMEngine, SamplingParams
+    from serving.engine import LLMEngine, SamplingParams
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     result: dict[str, Any] = {}
     if cuda:
         result["bandwidth_gbps"] = round(measure_bandwidth() / 1e9, 1)
-    opts = EngineOptions(device="cuda" if cuda else "cpu", gpu_memory_gb=args.gpu_memory_gb,
-                         max_model_len=args.max_model_len, max_num_seqs=max(args.batch_sizes),
-                         kv_cache_dtype=args.kv_cache_dtype, embed_on_host=args.embed_on_host,
-                         lm_head_int8=args.lm_head_int8, cuda_graphs=not args.no_cuda_graphs,
-                         compile=args.compile if compile_decode is None else compile_decode,
-                         fuse_projections=args.fuse_projections,
-                         gptq_backend=args.gptq_backend, warmup=True, max_waiting=1024,
-                         prefill_chunk=args.prefill_chunk)
+    opts = _engine_options(args, cuda, max_num_seqs=max(args.batch_sizes), warmup=True, max_waiting=1024,
+                           compile=args.compile if compile_decode is None else compile_decode)
     eng = LLMEngine(args.model, opts)
     stop = threading.Event()
     smi: dict[str, int] = {}
@@ -194,16 +199,10 @@ def phase_profile(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from serving.engine import EngineOptions, LLMEngine
+    from serving.engine import LLMEngine
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
-    opts = EngineOptions(device="cuda" if cuda else "cpu", gpu_memory_gb=args.gpu_memory_gb,
-                         max_model_len=args.max_model_len, max_num_seqs=1, kv_cache_dtype=args.kv_cache_dtype,
-                         embed_on_host=args.embed_on_host, lm_head_int8=args.lm_head_int8, cuda_graphs=False,
-                         compile=args.compile, fuse_projections=args.fuse_projections,
-                         gptq_backend=args.gptq_backend, warmup=False,
-                         prefill_chunk=args.prefill_chunk)
-    eng = LLMEngine(args.model, opts)
+    eng = LLMEngine(args.model, _engine_options(args, cuda, max_num_seqs=1, cuda_graphs=False, warmup=False))
     eng.load()
     runner, steps = eng.runner, 10
     h = runner.embed(torch.zeros(1, dtype=torch.long)).unsqueeze(1)
@@ -426,8 +425,9 @@ def _summarize(report: dict[str, Any]) -> None:
         s["generate_at_budget_best_tok_s"] = gen.get("best_aggregate_tok_s")  # None: it did not fit the budget
         oom = [r["batch"] for r in gen.get("runs", []) if "oom" in r]
         s["generate_at_budget_oom_batch"] = oom[0] if oom else None
-    comp = [r for r in report.get("engine_compiled", {}).get("runs", []) if "aggregate_tok_s" in r
-            and "engine" in report]  # compiled next to eager pieces
+    # compiled next to eager pieces (a run of engine_compiled alone is the engine above)
+    comp = [r for r in report.get("engine_compiled", {}).get("runs", []) if "aggregate_tok_s" in r] \
+        if "engine" in report else []
     c1 = next((r for r in comp if r["batch"] == 1), None)
     if comp:
         s["compiled_max_concurrency"] = report["engine_compiled"].get("max_concurrency")

@@ -330,12 +330,12 @@ class LLMEngine:
                 torch.cuda.empty_cache()
                 reserved = torch.cuda.memory_reserved(self.device)
                 allocated = torch.cuda.memory_allocated(self.device)
-                over = reserved + act_need(self.num_slots, self.graphs is not None) - budget
+                kv_bytes, reserve = runner.cache.nbytes(), act_need(self.num_slots, self.graphs is not None)
+                over = reserved + reserve - budget
                 self.info["memory_mib"].update({
-                    "kv_cache": runner.cache.nbytes() >> 20, "allocated": allocated >> 20, "reserved": reserved >> 20,
-                    "other_allocated": (allocated - weights_bytes - runner.cache.nbytes()) >> 20,
-                    "reserved_not_allocated": (reserved - allocated) >> 20,
-                    "prefill_reserve": act_need(self.num_slots, self.graphs is not None) >> 20,
+                    "kv_cache": kv_bytes >> 20, "allocated": allocated >> 20, "reserved": reserved >> 20,
+                    "other_allocated": (allocated - weights_bytes - kv_bytes) >> 20,
+                    "reserved_not_allocated": (reserved - allocated) >> 20, "prefill_reserve": reserve >> 20,
                     "pools": _pool_summary(self.device)})
                 if over <= 0:
                     break

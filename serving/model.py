@@ -299,17 +299,15 @@ class LlamaRunner:
         where ``fuse_linears`` can; SiLU-gated MLPs only."""
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            names = [("q_proj", "k_proj", "v_proj")]
+            groups = [(attn, ("q_proj", "k_proj", "v_proj"), self.fused_qkv)]
             if self.fusable and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-                names.append(("gate_proj", "up_proj"))
-            for group in names:
-                owner = attn if group[0] == "q_proj" else mlp
-                fused = fuse_linears([getattr(owner, n) for n in group])
-                if fused is None:
-                    continue
-                (self.fused_qkv if owner is attn else self.fused_gate_up)[id(owner)] = fused
-                for n in group:
-                    setattr(owner, n, None)
+                groups.append((mlp, ("gate_proj", "up_proj"), self.fused_gate_up))
+            for owner, names, table in groups:
+                fused = fuse_linears([getattr(owner, n) for n in names])
+                if fused is not None:
+                    table[id(owner)] = fused
+                    for n in names:
+                        setattr(owner, n, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         logger.info("fused projections: q/k/v in %d of %d layers, gate/up in %d", len(self.fused_qkv),
