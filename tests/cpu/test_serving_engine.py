@@ -117,7 +117,8 @@ def test_generic_decode_layer_matches_generate(tiny_model: Path):
 
 
 @pytest.mark.parametrize("kv", ["auto", "int8"])
-def test_compiled_decode_layer_matches_eager(tiny_model: Path, monkeypatch: pytest.MonkeyPatch, kv: str):
+def test_compiled_decode_layer_aot_eager_backend_matches_eager(tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               kv: str):
     """engine.compile: the element-wise work of a decode layer runs as 4 compiled programs that every layer shares
     (dynamo + AOT autograd here; the "aot_eager" backend skips the C++/Triton build that CUDA gets), and the
     engine decodes token for token as the eager path does."""
@@ -145,8 +146,8 @@ def test_compiled_decode_layer_matches_eager(tiny_model: Path, monkeypatch: pyte
 
 
 @pytest.mark.parametrize("compile_", [False, True])
-def test_fused_projections_decode_as_the_separate_ones(tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       compile_: bool):
+def test_fused_projections_decode_as_the_separate_ones_aot_eager_when_compiled(
+        tiny_model: Path, monkeypatch: pytest.MonkeyPatch, compile_: bool):
     """engine.fuse_projections: q/k/v and gate/up become one linear each (the separate ones are freed), and the
     engine (prefill and decode, eager or compiled pieces) generates what HF generate does."""
     from transformers import AutoModelForCausalLM
@@ -259,8 +260,9 @@ def test_config_validation(tmp_path: Path, tiny_model: Path):
 
 
 def test_bench_cli_runs_every_phase_and_counts_tokens(tiny_model: Path, tmp_path: Path):
-    """`python -m serving.bench` on CPU: the engine and both generate phases run in their own processes, count
-    exactly the tokens asked for, and the summary compares them (speed itself is a GPU benchmark, not a test)."""
+    """`python -m serving.bench` on CPU: the engine (its compiled phase with the aot_eager backend in place of
+    inductor), both generate phases and the profile run in their own processes, count exactly the tokens asked
+    for, and the summary compares them (speed itself is a GPU benchmark, not a test)."""
     import subprocess
     import sys
 
