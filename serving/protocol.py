@@ -80,6 +80,7 @@ class _SamplingRequest(_Strict):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate until max_tokens or a stop string, past end-of-sequence
 
     @field_validator("stop")
     @classmethod
@@ -105,7 +106,8 @@ class _SamplingRequest(_Strict):
         return SamplingParams(max_tokens=self.max_new_tokens(default_max_tokens), temperature=self.temperature,
                               top_p=self.top_p, seed=seed, presence_penalty=self.presence_penalty,
                               frequency_penalty=self.frequency_penalty, stop=list(self.stop or []),
-                              logprobs=self._want_logprobs(), top_logprobs=self._top_logprobs())
+                              logprobs=self._want_logprobs(), top_logprobs=self._top_logprobs(),
+                              ignore_eos=self.ignore_eos)
 
     def _want_logprobs(self) -> bool:
         return bool(self.logprobs)

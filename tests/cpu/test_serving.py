@@ -188,6 +188,17 @@ def test_stop_string_and_list(client):
         assert r.choices[0].message.content == full[:full.find(stop)]
 
 
+def test_ignore_eos_extension_runs_to_max_tokens(client):
+    kw = dict(max_tokens=160, n=8, temperature=2.0, seed=3)  # hot sampling over a 400-token vocabulary meets EOS
+    plain = _chat(client, "Tell me everything", **kw)
+    assert "stop" in {c.finish_reason for c in plain.choices}, "precondition: some choice samples end-of-sequence"
+    forced = _chat(client, "Tell me everything", extra_body={"ignore_eos": True}, **kw)
+    assert {c.finish_reason for c in forced.choices} == {"length"}
+    assert forced.usage.completion_tokens == 8 * 160
+    with pytest.raises(openai.BadRequestError, match="ignore_eos"):
+        _chat(client, "x", extra_body={"ignore_eos": "sometimes"})
+
+
 def test_multi_turn(client):
     one = _chat(client, "And Japan?", max_tokens=4, temperature=0)
     msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Capital of France?"},
@@ -226,7 +237,7 @@ def test_error_statuses(server, client):
         _chat(client, "hi", max_tokens=10_000)
     assert "maximum context length" in str(e.value)
     # one bad request never harms the others
-    assert _chat(client, "hi", max_tokens=2).usage.completion_tokens == 2
+    assert _chat(client, "hi", max_tokens=2, temperature=0).usage.completion_tokens == 2
 
 
 def test_16_concurrent_streams_are_correct(client, server):
@@ -251,8 +262,9 @@ def test_queue_full_429_and_disconnect_frees_capacity(server):
     base, auth = server["base"], {"Authorization": f"Bearer {KEY}"}
     before = _metrics(base)
     n = SLOTS + WAITING + 8
+    # ignore_eos: a sampled end-of-sequence would end a stream early and let one more request in
     body = {"model": MODEL, "messages": [{"role": "user", "content": "long story"}], "max_tokens": 200,
-            "stream": True}
+            "stream": True, "ignore_eos": True}
 
     async def run() -> list[int]:
         async with httpx.AsyncClient(timeout=60) as c:
