@@ -72,8 +72,11 @@ class GPTQOptions(_Strict):
     lm_head: bool = Field(False, description="Also quantize lm_head (saves vocab x hidden x 1.5 bytes at 4 bits).")
     batch_size: int = Field(1, ge=1, description="Calibration samples per forward pass.")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="Activation dtype while quantizing; auto = float16 on CUDA, bfloat16 on CPU. The "
-        "unquantized tensors (embedding, norms) are saved in it too: float32 makes them twice float16's size.")
+        "auto", description="Activation dtype while quantizing; auto = float16 on CUDA; on CPU bfloat16 where the "
+        "CPU computes it natively (AVX512-BF16 or AMX), else float32 (emulated bfloat16 is several times slower).")
+    save_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="dtype of the unquantized tensors saved (embedding, norms; scales are always float16); "
+        "auto = dtype unless that is float32, then the source's 16-bit dtype (float16 if it has none).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
 
     @model_validator(mode="after")
@@ -137,10 +140,53 @@ def _device(choice: str) -> torch.device:
     return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
 
 
+def _cpu_has_bf16() -> bool:
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def _dtype(choice: str, device: torch.device) -> torch.dtype:
     if choice == "auto":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16
+        if device.type == "cuda":
+            return torch.float16
+        return torch.bfloat16 if _cpu_has_bf16() else torch.float32
     return getattr(torch, choice)
+
+
+def _save_dtype(opts: GPTQOptions, compute: torch.dtype, source_config: dict[str, Any]) -> torch.dtype:
+    if opts.save_dtype != "auto":
+        return getattr(torch, opts.save_dtype)
+    if compute != torch.float32:
+        return compute
+    src = str(source_config.get("dtype") or source_config.get("torch_dtype") or "")
+    return torch.bfloat16 if src.endswith("bfloat16") else torch.float16
+
+
+def cast_unquantized_(folder: Path, dtype: torch.dtype) -> int:
+    """Rewrite the checkpoint's floating tensors other than GPTQ ``scales`` in ``dtype`` (and ``config.json``'s
+    dtype); returns how many changed. Runs on the temp folder before it is renamed into place."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    changed = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            meta = fh.metadata()
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+        todo = [k for k, v in state.items() if v.is_floating_point() and v.dtype != dtype
+                and not k.endswith(".scales")]
+        if todo:
+            for k in todo:
+                state[k] = state[k].to(dtype)
+            save_file(state, str(f), metadata=meta)
+            changed += len(todo)
+    cfg_file = folder / "config.json"
+    if changed and cfg_file.exists():
+        config = json.loads(cfg_file.read_text())
+        name = str(dtype).removeprefix("torch.")
+        config.update({k: name for k in ("dtype", "torch_dtype") if k in config} or {"dtype": name})
+        cfg_file.write_text(json.dumps(config, indent=2) + "\n")
+    return changed
 
 
 def check_model(cfg: QuantizeConfig) -> tuple[str, str | None, Any]:
@@ -503,10 +549,13 @@ def quantize_to(source: str, target: Path, cfg: QuantizeConfig, calibration: lis
     from gptqmodel import GPTQModel
 
     t0 = time.time()
-    model = GPTQModel.load(source, gptq_config(cfg.gptq), device=str(device), dtype=_dtype(cfg.gptq.dtype, device))
+    compute = _dtype(cfg.gptq.dtype, device)
+    log.info("GPTQ computes in %s", str(compute).removeprefix("torch."))
+    model = GPTQModel.load(source, gptq_config(cfg.gptq), device=str(device), dtype=compute)
     model.quantize([{"input_ids": ids, "attention_mask": [1] * len(ids)} for ids in calibration],
                    batch_size=cfg.gptq.batch_size, calibration_data_min_length=cfg.calibration.min_length)
     model.save(str(target))
+    cast_unquantized_(target, _save_dtype(cfg.gptq, compute, json.loads((Path(source) / "config.json").read_text())))
     tokenizer.save_pretrained(target)  # the stage's tokenizer, with its chat template
     for stray in ("quant_log.csv",):
         (target / stray).unlink(missing_ok=True)
@@ -555,7 +604,9 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
         if os.environ.get("QUANTIZE_CRASH_BEFORE_RENAME") == "1":  # fault injection for the atomicity test
             os._exit(17)
         _swap_in(tmp, out / "model")
-        metrics: dict[str, Any] = {"quantize_seconds": round(seconds, 1), "calibration_samples": len(calibration),
+        metrics: dict[str, Any] = {"quantize_seconds": round(seconds, 1),
+                                   "compute_dtype": str(_dtype(cfg.gptq.dtype, device)).removeprefix("torch."),
+                                   "calibration_samples": len(calibration),
                                    "calibration_tokens": sum(map(len, calibration)),
                                    "checkpoint_bytes": folder_size(out / "model"),
                                    "tensors": measure_checkpoint(out / "model")}

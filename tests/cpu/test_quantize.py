@@ -86,6 +86,13 @@ def test_checkpoint_has_the_standard_gptq_format(run):
                       for t in ("qweight", "qzeros", "scales", "g_idx")}
             assert shapes == {"qweight": ((in_f // 8, out_f), "I32"), "qzeros": ((in_f // 32, out_f // 8), "I32"),
                               "scales": ((in_f // 32, out_f), "F16"), "g_idx": ((in_f,), "I32")}, prefix
+        # whatever GPTQ computed in (float32 on a CPU without native bfloat16), the rest is stored in 16 bits
+        saved = {f.get_slice(k).get_dtype() for k in keys if not k.endswith(("qweight", "qzeros", "scales", "g_idx"))}
+    compute = run["manifest"]["metrics"]["compute_dtype"]
+    assert compute in ("float32", "bfloat16")
+    expected = "float16" if compute == "float32" else compute  # the tiny source is float32: its 16-bit form is fp16
+    assert saved == {{"float16": "F16", "bfloat16": "BF16"}[expected]}
+    assert json.loads((folder / "config.json").read_text())["dtype"] == expected
 
 
 def _unpack(x: torch.Tensor, dim: int) -> torch.Tensor:
