@@ -50,6 +50,20 @@ def _is_gptq(path: Path) -> bool:
     return q.get("quant_method") == "gptq"
 
 
+def auto_gptq_backend(path: Path, device: torch.device) -> str:
+    """torch on CPU; on CUDA Marlin where it applies (symmetric 4/8-bit), else ExLlamaV2 (4-bit, zero points too),
+    else Triton."""
+    if device.type != "cuda":
+        return "torch"
+    qfile = path / "quantize_config.json"
+    q = json.loads(qfile.read_text()) if qfile.is_file() else \
+        json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    bits, sym = q.get("bits", 4), q.get("sym", True)
+    if sym and bits in (4, 8):
+        return "marlin"
+    return "exllama_v2" if bits == 4 else "triton"
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,7 +87,7 @@ def load_model(path: Path, device: torch.device, dtype: str = "auto", gptq_backe
         from gptqmodel import BACKEND, GPTQModel
 
         if gptq_backend == "auto":
-            gptq_backend = "marlin" if device.type == "cuda" else "torch"
+            gptq_backend = auto_gptq_backend(path, device)
         backend = {"marlin": BACKEND.MARLIN, "exllama_v2": BACKEND.EXLLAMA_V2, "triton": BACKEND.TRITON,
                    "torch": BACKEND.TORCH}[gptq_backend]
         kwargs: dict[str, Any] = {}

@@ -289,3 +289,15 @@ def test_bench_cli_runs_every_phase_and_counts_tokens(tiny_model: Path, tmp_path
     assert s["compiled_batch1_speedup"] == round(s["compiled_batch1_decode_tok_s"] / s["batch1_decode_tok_s"], 2)
     assert s["speedup_vs_generate_uncapped"] == round(s["best_aggregate_tok_s"] /
                                                       rep["generate_uncapped"]["best_aggregate_tok_s"], 2)
+
+
+@pytest.mark.parametrize("q, cuda_backend", [({"bits": 4, "sym": True}, "marlin"), ({"bits": 8, "sym": True}, "marlin"),
+                                            ({"bits": 4, "sym": False}, "exllama_v2"),
+                                            ({"bits": 3, "sym": True}, "triton")])
+def test_auto_gptq_backend_follows_the_checkpoint(tmp_path: Path, q: dict, cuda_backend: str):
+    """Marlin (GPTQ) takes symmetric 4/8-bit only: an asymmetric checkpoint must not be sent to it."""
+    from serving.model import auto_gptq_backend
+
+    (tmp_path / "quantize_config.json").write_text(json.dumps({**q, "group_size": 128, "quant_method": "gptq"}))
+    assert auto_gptq_backend(tmp_path, torch.device("cuda")) == cuda_backend
+    assert auto_gptq_backend(tmp_path, torch.device("cpu")) == "torch"
