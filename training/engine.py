@@ -77,8 +77,8 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(value: float, device: torch.device) -> float:
-    """Average a scalar over ranks (metrics are reported for the whole job)."""
+def all_reduce_mean(value: float | torch.Tensor, device: torch.device) -> float:
+    """Average a scalar (a number or a 0-d tensor) over ranks (metrics are reported for the whole job)."""
     if world_size() == 1:
         return float(value)
     t = torch.tensor([float(value)], device=device, dtype=torch.float64)
@@ -209,14 +209,17 @@ class Trainable:
             return contextlib.nullcontext()
         return self.booster.no_sync(self.model, self.optimizer)
 
-    def step(self) -> float:
-        """Clip, step, advance the schedule; returns the gradient norm before clipping."""
-        grad_norm = float("nan")
+    def step(self) -> float | torch.Tensor:
+        """Clip, step, advance the schedule; returns the gradient norm before clipping.
+
+        Under ddp the norm stays a device tensor (``float()`` it when logging), so the step never waits on the GPU.
+        """
+        grad_norm: float | torch.Tensor = float("nan")
         if self.cfg.plugin == "ddp":
             params = [p for p in self.model.parameters() if p.grad is not None]
             max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
             if params:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
         self.optimizer.step()
         if self.cfg.plugin != "ddp":
             norm = self.optimizer.get_grad_norm() if hasattr(self.optimizer, "get_grad_norm") else None

@@ -21,14 +21,17 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy on labelled (assistant) tokens; returns (mean loss, token count)."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    n = int((shift_labels != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy on labelled (assistant) tokens; returns (mean loss, token count).
+
+    The labels are shifted rather than the logits (no copy of the [B, T, V] tensor), and the count stays on the
+    device, so the loss launches no host synchronisation.
+    """
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    n = (targets != IGNORE_INDEX).sum()
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss / max(n, 1), n
+    return loss / n.clamp(min=1), n
 
 
 def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:

@@ -106,10 +106,11 @@ class Throughput:
         self.flops_per_token = flops_per_token
         self.peak = peak_flops(device)
         self.t0 = time.perf_counter()
-        self.tokens = 0
+        self.tokens: int | torch.Tensor = 0
         self.steps = 0
 
-    def add(self, tokens: int, steps: int = 0) -> None:
+    def add(self, tokens: int | torch.Tensor, steps: int = 0) -> None:
+        """Count tokens (a device tensor is summed on the device and read at ``report``)."""
         self.tokens += tokens
         self.steps += steps
 

@@ -285,11 +285,11 @@ def main(argv: list[str] | None = None) -> int:
                 with engine.autocast(cfg.train, stage.device):
                     a_loss, a_stats = actor_loss(actor_t.model, mb, exp.prompt_len, ptx_batch, cfg, pad_id)
                 actor_t.backward(a_loss)
-                a_stats["actor_grad_norm"] = actor_t.step()
+                a_stats["actor_grad_norm"] = float(actor_t.step())
                 with engine.autocast(cfg.train, stage.device):
                     c_loss, c_value = critic_loss(critic_t.model, mb, exp.prompt_len, cfg)
                 critic_t.backward(c_loss)
-                a_stats.update(value_loss=c_value, critic_grad_norm=critic_t.step())
+                a_stats.update(value_loss=c_value, critic_grad_norm=float(critic_t.step()))
                 for k, v in a_stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 updates_done += 1

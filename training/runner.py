@@ -148,7 +148,8 @@ def maybe_crash(step: int) -> None:
         os._exit(17)
 
 
-LossFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float], int]]
+# (loss, metrics, tokens); metrics and tokens may stay device tensors: they are read only when a step is logged.
+LossFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any], Any]]
 
 
 def supervised_loop(stage: Stage, trainable: Trainable, batches: Iterator[dict[str, torch.Tensor]], sampler: Any,
@@ -175,7 +176,7 @@ def supervised_loop(stage: Stage, trainable: Trainable, batches: Iterator[dict[s
         logger.advance()
         if step % cfg.log.every == 0 or step == steps:
             last = {k: engine.all_reduce_mean(v, stage.device) for k, v in sums.items()}
-            last.update(lr=trainable.lr, grad_norm=grad_norm, **meter.report())
+            last.update(lr=trainable.lr, grad_norm=float(grad_norm), **meter.report())
             logger.log(step, last)
         if evaluate is not None and eval_every and step % eval_every == 0 and step != steps:
             logger.log(step, evaluate(), split="eval")

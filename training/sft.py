@@ -22,16 +22,18 @@ from training.losses import sft_loss
 from training.models import load_policy
 
 
-def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float], int]:
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                                             torch.Tensor]:
+    """Loss, metrics and token count, all left on the device (read only when a step is logged)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     loss, _ = sft_loss(out.logits, batch["labels"])
-    return loss, {"loss": loss.item()}, int(batch["attention_mask"].sum())
+    return loss, {"loss": loss.detach()}, batch["attention_mask"].sum()
 
 
 def eval_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     loss, n = sft_loss(out.logits, batch["labels"])
-    return {"loss_sum": loss.item() * n, "count": float(n)}
+    return {"loss_sum": loss.item() * int(n), "count": float(n)}
 
 
 def eval_summary(sums: dict[str, float]) -> dict[str, float]:

@@ -258,3 +258,20 @@ def test_bad_config_and_bad_row_give_clear_errors(tiny_model, tmp_path):
     run_stage("training.sft", write_config(tmp_path / "f.yaml", cfg))
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["inputs"]["train_skipped"] == 1 and manifest["inputs"]["train_rows"] == 4
+
+
+def test_sft_loss_is_next_token_cross_entropy_on_labelled_tokens_only():
+    from training.losses import IGNORE_INDEX, sft_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)
+    labels = torch.randint(0, 11, (2, 6))
+    labels[0, :3] = IGNORE_INDEX  # a prompt: no loss on it
+    labels[1, 4:] = IGNORE_INDEX  # padding
+    loss, n = sft_loss(logits, labels)
+    pairs = [(b, t) for b in range(2) for t in range(5) if labels[b, t + 1] != IGNORE_INDEX]
+    expected = torch.stack([torch.nn.functional.cross_entropy(logits[b, t], labels[b, t + 1]) for b, t in pairs])
+    assert int(n) == len(pairs) == 6
+    assert torch.allclose(loss, expected.mean())
+    all_ignored, none = sft_loss(logits, torch.full_like(labels, IGNORE_INDEX))
+    assert int(none) == 0 and float(all_ignored) == 0.0
