@@ -209,10 +209,12 @@ class Trainable:
             return contextlib.nullcontext()
         return self.booster.no_sync(self.model, self.optimizer)
 
-    def step(self) -> float | torch.Tensor:
+    def step(self, skip_nonfinite: bool = False) -> float | torch.Tensor:
         """Clip, step, advance the schedule; returns the gradient norm before clipping.
 
         Under ddp the norm stays a device tensor (``float()`` it when logging), so the step never waits on the GPU.
+        ``skip_nonfinite`` (ddp) reads the norm first and drops the update when it is inf or NaN, so one bad batch
+        cannot poison the weights; the other plugins' mixed-precision optimizers skip such steps themselves.
         """
         grad_norm: float | torch.Tensor = float("nan")
         if self.cfg.plugin == "ddp":
@@ -220,6 +222,10 @@ class Trainable:
             max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
             if params:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+                if skip_nonfinite and not math.isfinite(float(grad_norm)):
+                    self.optimizer.zero_grad()
+                    self.scheduler.step()
+                    return float(grad_norm)
         self.optimizer.step()
         if self.cfg.plugin != "ddp":
             norm = self.optimizer.get_grad_norm() if hasattr(self.optimizer, "get_grad_norm") else None

@@ -81,8 +81,12 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tens
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO clipped surrogate; returns (loss, clip fraction)."""
-    ratio = torch.exp(logprobs - old_logprobs)
+    """PPO clipped surrogate; returns (loss, clip fraction).
+
+    The log-ratio is zeroed outside ``mask`` before exponentiating: a padding position's ratio could overflow to
+    inf, and inf * 0 is NaN.
+    """
+    ratio = torch.exp((logprobs - old_logprobs) * mask)
     unclipped = ratio * advantages
     clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
     loss = -masked_mean(torch.min(unclipped, clipped), mask)

@@ -90,22 +90,42 @@ def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1), mask
 
 
-def response_logprobs(model: torch.nn.Module, seq: torch.Tensor, mask: torch.Tensor,
-                      prompt_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs of the response tokens [B, R], the logits that produced them [B, R, V])."""
+def pack_right(seq: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
+    """Move each row's prompt padding from the left to the right end: (sequences, mask, response starts [B]).
+
+    Training forwards run on right-padded rows: a left-padding query sees no key at all, and some GPU attention
+    kernels turn such fully masked rows into NaN gradients. Real tokens keep their order and positions, so the
+    logits are those of the left-padded layout; row b's response fills columns ``start[b] .. start[b] + R - 1``.
+    """
+    prompt_pad = F.pad(mask[:, :prompt_len] == 0, (0, seq.size(1) - prompt_len), value=False)
+    order = torch.sort(prompt_pad.to(torch.uint8), dim=1, stable=True).indices
+    return seq.gather(1, order), mask.gather(1, order), mask[:, :prompt_len].sum(1)
+
+
+def at_response(x: torch.Tensor, start: torch.Tensor, length: int, shift: int = -1) -> torch.Tensor:
+    """Rows of ``x`` [B, T, ...] at columns ``start + shift + r`` for r < ``length`` (shift -1: the positions that
+    predict the response tokens); [B, length, ...]."""
+    cols = start.unsqueeze(1) + shift + torch.arange(length, device=x.device)
+    return x[torch.arange(x.size(0), device=x.device).unsqueeze(1), cols]
+
+
+def response_logprobs(model: torch.nn.Module, seq: torch.Tensor, mask: torch.Tensor, start: torch.Tensor,
+                      length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs of the response tokens [B, R], the logits that produced them [B, R, V]) of right-packed rows."""
     logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
-    logits = logits[:, prompt_len - 1:-1]
-    return losses.token_logprobs(logits, seq[:, prompt_len:]), logits
+    logits = at_response(logits, start, length)
+    return losses.token_logprobs(logits, at_response(seq, start, length, shift=0)), logits
 
 
 @dataclass
 class Experience:
     """One rollout: the buffer that PPO's updates iterate over."""
 
-    seq: torch.Tensor
+    seq: torch.Tensor  # prompt + response, right-packed (see pack_right)
     mask: torch.Tensor
-    action_mask: torch.Tensor
-    prompt_len: int
+    start: torch.Tensor  # each row's first response column
+    action_mask: torch.Tensor  # [B, R]: response tokens up to and including the first EOS
     logprobs: torch.Tensor
     values: torch.Tensor
     advantages: torch.Tensor
@@ -115,7 +135,7 @@ class Experience:
     def minibatches(self, size: int) -> Iterator[dict[str, torch.Tensor]]:
         for i in range(0, self.seq.size(0), size):
             yield {k: getattr(self, k)[i:i + size] for k in
-                   ("seq", "mask", "action_mask", "logprobs", "values", "advantages", "returns")}
+                   ("seq", "mask", "start", "action_mask", "logprobs", "values", "advantages", "returns")}
 
 
 @torch.no_grad()
@@ -126,10 +146,12 @@ def make_experience(actor, critic, ref, reward_model, prompts: dict[str, torch.T
     with engine.eval_mode(actor, critic):
         seq, mask = sample(actor, prompts["input_ids"], prompts["attention_mask"], p.generation, eos_ids, pad_id)
         P = prompts["input_ids"].size(1)
+        R = seq.size(1) - P
         action_mask = mask[:, P:].float()
-        logprobs, _ = response_logprobs(actor, seq, mask, P)
-        ref_logprobs, _ = response_logprobs(ref, seq, mask, P)
-        values = token_values(critic, seq, mask)[:, P - 1:-1] * action_mask
+        seq, mask, start = pack_right(seq, mask, P)
+        logprobs, _ = response_logprobs(actor, seq, mask, start, R)
+        ref_logprobs, _ = response_logprobs(ref, seq, mask, start, R)
+        values = at_response(token_values(critic, seq, mask), start, R) * action_mask
         score = last_token_values(token_values(reward_model, seq, mask), mask).clamp(-p.reward_clip, p.reward_clip)
     rewards, kl = losses.shaped_rewards(score, logprobs.float(), ref_logprobs.float(), action_mask, p.kl_coef)
     advantages, returns = losses.gae(rewards, values, action_mask, p.gamma, p.lam)
@@ -137,7 +159,7 @@ def make_experience(actor, critic, ref, reward_model, prompts: dict[str, torch.T
     stats = {"reward": score.mean().item(), "kl": kl.sum(1).mean().item(),
              "response_length": action_mask.sum(1).mean().item(), "return": losses.masked_mean(returns,
                                                                                               action_mask).item()}
-    return Experience(seq, mask, action_mask, P, logprobs.float(), values, advantages, returns, stats)
+    return Experience(seq, mask, start, action_mask, logprobs.float(), values, advantages, returns, stats)
 
 
 @torch.no_grad()
@@ -151,14 +173,16 @@ def evaluate_reward(actor, reward_model, prompts: list[list[int]], cfg: PPOConfi
     span = math.ceil(len(prompts) / world) * world
     mine = [(prompts[i], 1.0) if i < len(prompts) else (prompts[0], 0.0) for i in range(rank, span, world)]
     totals = torch.zeros(3, dtype=torch.float64)
-    with engine.eval_mode(actor):
+    with engine.eval_mode(actor), engine.autocast(cfg.train, device):
         for i in range(0, len(mine), cfg.ppo.rollout_batch_size):
             chunk = mine[i:i + cfg.ppo.rollout_batch_size]
             batch = {k: v.to(device) for k, v in collate_prompts([c[0] for c in chunk], pad_id=pad_id).items()}
             seq, mask = sample(actor, batch["input_ids"], batch["attention_mask"], cfg.ppo.generation, eos_ids, pad_id,
                                greedy=True)
+            P = batch["input_ids"].size(1)
+            length = mask[:, P:].sum(1).float().cpu()
+            seq, mask, _ = pack_right(seq, mask, P)
             score = last_token_values(token_values(reward_model, seq, mask), mask).float().cpu()
-            length = mask[:, batch["input_ids"].size(1):].sum(1).float().cpu()
             weight = torch.tensor([c[1] for c in chunk])
             totals += torch.stack([(score * weight).sum(), (length * weight).sum(), weight.sum()]).double()
     reward, length, count = (engine.all_reduce_mean(float(x), device) * world for x in totals)
@@ -169,8 +193,8 @@ def _pad_to(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
     return F.pad(x, (0, width - x.size(1)), value=value)
 
 
-def actor_loss(actor, mb: dict[str, torch.Tensor], prompt_len: int, ptx: dict[str, torch.Tensor] | None,
-               cfg: PPOConfig, pad_id: int) -> tuple[torch.Tensor, dict[str, float]]:
+def actor_loss(actor, mb: dict[str, torch.Tensor], ptx: dict[str, torch.Tensor] | None, cfg: PPOConfig,
+               pad_id: int) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped policy loss plus ``ptx_coef`` times the SFT loss, from one forward pass over both batches."""
     seq, mask = mb["seq"], mb["mask"]
     n = seq.size(0)
@@ -180,8 +204,8 @@ def actor_loss(actor, mb: dict[str, torch.Tensor], prompt_len: int, ptx: dict[st
         mask = torch.cat([_pad_to(mask, width, 0), _pad_to(ptx["attention_mask"], width, 0)])
     logits = actor(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
     R = mb["action_mask"].size(1)
-    resp_logits = logits[:n, prompt_len - 1:prompt_len - 1 + R]
-    logprobs = losses.token_logprobs(resp_logits, mb["seq"][:, prompt_len:])
+    resp_logits = at_response(logits[:n], mb["start"], R)
+    logprobs = losses.token_logprobs(resp_logits, at_response(mb["seq"], mb["start"], R, shift=0))
     pg, clip_frac = losses.policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["action_mask"],
                                        cfg.ppo.clip_eps)
     stats = {"policy_loss": pg.item(), "clip_frac": clip_frac.item(),
@@ -195,8 +219,8 @@ def actor_loss(actor, mb: dict[str, torch.Tensor], prompt_len: int, ptx: dict[st
     return loss, stats
 
 
-def critic_loss(critic, mb: dict[str, torch.Tensor], prompt_len: int, cfg: PPOConfig) -> tuple[torch.Tensor, float]:
-    values = token_values(critic, mb["seq"], mb["mask"])[:, prompt_len - 1:-1]
+def critic_loss(critic, mb: dict[str, torch.Tensor], cfg: PPOConfig) -> tuple[torch.Tensor, float]:
+    values = at_response(token_values(critic, mb["seq"], mb["mask"]), mb["start"], mb["action_mask"].size(1))
     loss = losses.value_loss(values, mb["values"], mb["returns"], mb["action_mask"], cfg.ppo.value_clip)
     return loss, loss.item()
 
@@ -273,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         before = next((r for r in read_metrics(stage.output_dir, "eval") if r["step"] == 0), {})
     for step in range(stage.start_step + 1, steps + 1):
         batch = {k: v.to(stage.device) for k, v in next(prompt_batches).items()}
-        exp = make_experience(actor_t.model, critic_t.model, ref, reward_model, batch, cfg, eos_ids, pad_id)
+        with engine.autocast(cfg.train, stage.device):  # the precision the updates run in: ratio 1 before them
+            exp = make_experience(actor_t.model, critic_t.model, ref, reward_model, batch, cfg, eos_ids, pad_id)
         sums: dict[str, float] = {}
         updates_done = 0
         actor_t.model.train()
@@ -283,13 +308,18 @@ def main(argv: list[str] | None = None) -> int:
                 ptx_batch = ({k: v.to(stage.device) for k, v in next(ptx_batches).items()}
                              if ptx_batches is not None else None)
                 with engine.autocast(cfg.train, stage.device):
-                    a_loss, a_stats = actor_loss(actor_t.model, mb, exp.prompt_len, ptx_batch, cfg, pad_id)
+                    a_loss, a_stats = actor_loss(actor_t.model, mb, ptx_batch, cfg, pad_id)
+                if not math.isfinite(a_stats["policy_loss"]) or not math.isfinite(a_stats.get("ptx_loss", 0.0)):
+                    raise FloatingPointError(f"step {step}: the actor's loss is not finite ({a_stats}); lower "
+                                             "train.lr or use train.precision=fp32; the last checkpoint is intact")
                 actor_t.backward(a_loss)
-                a_stats["actor_grad_norm"] = float(actor_t.step())
+                a_stats["actor_grad_norm"] = float(actor_t.step(skip_nonfinite=True))
                 with engine.autocast(cfg.train, stage.device):
-                    c_loss, c_value = critic_loss(critic_t.model, mb, exp.prompt_len, cfg)
+                    c_loss, c_value = critic_loss(critic_t.model, mb, cfg)
                 critic_t.backward(c_loss)
-                a_stats.update(value_loss=c_value, critic_grad_norm=float(critic_t.step()))
+                a_stats.update(value_loss=c_value, critic_grad_norm=float(critic_t.step(skip_nonfinite=True)))
+                a_stats["skipped_frac"] = float(not (math.isfinite(a_stats["actor_grad_norm"])
+                                                        and math.isfinite(a_stats["critic_grad_norm"])))
                 for k, v in a_stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 updates_done += 1

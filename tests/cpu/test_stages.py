@@ -275,3 +275,46 @@ def test_sft_loss_is_next_token_cross_entropy_on_labelled_tokens_only():
     assert torch.allclose(loss, expected.mean())
     all_ignored, none = sft_loss(logits, torch.full_like(labels, IGNORE_INDEX))
     assert int(none) == 0 and float(all_ignored) == 0.0
+
+
+def test_ppo_right_packing_keeps_the_left_padded_logprobs(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from training.models import position_ids
+    from training.ppo import pack_right, response_logprobs
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    P, R, pad = 5, 4, 0
+    seq = torch.randint(3, model.config.vocab_size, (3, P + R))
+    mask = torch.ones_like(seq)
+    mask[0, :2] = 0  # two prompt pads on the left
+    mask[1, :4] = 0
+    mask[2, P + 2:] = 0  # the response stopped at its second token
+    seq = seq.masked_fill(mask == 0, pad)
+    packed, packed_mask, start = pack_right(seq, mask, P)
+
+    assert start.tolist() == [3, 1, 5]
+    assert not packed_mask[:, :1].eq(0).any()  # no row begins with padding: every query sees a key
+    for b in range(3):  # real tokens keep their order; the prompt's padding moved behind the response
+        assert packed[b][packed_mask[b].bool()].tolist() == seq[b][mask[b].bool()].tolist()
+        assert packed[b, start[b]:start[b] + R].tolist() == seq[b, P:].tolist()
+    with torch.no_grad():
+        logp, _ = response_logprobs(model, packed, packed_mask, start, R)
+        logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits[:, P - 1:-1]
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, seq[:, P:].unsqueeze(-1)).squeeze(-1)
+    live = mask[:, P:].bool()
+    assert torch.allclose(logp[live], expected[live], atol=1e-5)
+
+
+def test_policy_loss_ignores_overflowing_ratios_on_padding():
+    from training.losses import policy_loss
+
+    logprobs = torch.tensor([[-1.0, -2.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.1, -2.0, -200.0]])  # a padding position whose log-ratio would overflow exp
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, clip_frac = policy_loss(logprobs, old, torch.tensor([[1.0, -1.0, 0.0]]), mask, clip_eps=0.2)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logprobs.grad).all()
+    assert float(loss.detach()) == pytest.approx(-(torch.exp(torch.tensor(0.1)) - 1.0).item() / 2, abs=1e-6)
+    assert float(clip_frac) == 0.0

