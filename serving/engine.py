@@ -719,8 +719,6 @@ class LLMEngine:
             return
         seq.finished = True
         seq.times.finished = time.monotonic()
-        if notify:
-            self._emit(seq, len(seq.text), seq.finish_reason)
         if seq in self._running:
             i = self._running.index(seq)
             lastseq = self._running[-1]
@@ -729,7 +727,11 @@ class LLMEngine:
                 lastseq.slot = seq.slot
                 self._running[i] = lastseq
             self._running.pop()
+        # metrics first: a client that reads /metrics as soon as its answer arrives sees this request counted
         self.stats.on_finished(seq)
+        self.stats.on_step(len(self._running), self._num_waiting, self._kv_usage())
+        if notify:
+            self._emit(seq, len(seq.text), seq.finish_reason)
 
 
 def _pool_summary(device: torch.device) -> dict[str, list[int]]:
