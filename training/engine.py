@@ -196,6 +196,7 @@ class Trainable:
     scheduler: Any
     booster: Any
     cfg: TrainConfig
+    skipped_updates: int = 0  # updates step(skip_nonfinite=True) dropped for an inf/NaN gradient norm
 
     def unwrap(self) -> nn.Module:
         return self.model.unwrap() if hasattr(self.model, "unwrap") else self.model
@@ -223,6 +224,7 @@ class Trainable:
             if params:
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
                 if skip_nonfinite and not math.isfinite(float(grad_norm)):
+                    self.skipped_updates += 1
                     self.optimizer.zero_grad()
                     self.scheduler.step()
                     return float(grad_norm)

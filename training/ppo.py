@@ -110,12 +110,19 @@ def at_response(x: torch.Tensor, start: torch.Tensor, length: int, shift: int = 
     return x[torch.arange(x.size(0), device=x.device).unsqueeze(1), cols]
 
 
-def response_logprobs(model: torch.nn.Module, seq: torch.Tensor, mask: torch.Tensor, start: torch.Tensor,
-                      length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs of the response tokens [B, R], the logits that produced them [B, R, V]) of right-packed rows."""
-    logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
+def logprobs_at_response(logits: torch.Tensor, seq: torch.Tensor, start: torch.Tensor,
+                         length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From full-sequence logits of right-packed rows: (log-probs of the response tokens [B, R], the logits that
+    produced them [B, R, V])."""
     logits = at_response(logits, start, length)
     return losses.token_logprobs(logits, at_response(seq, start, length, shift=0)), logits
+
+
+def response_logprobs(model: torch.nn.Module, seq: torch.Tensor, mask: torch.Tensor, start: torch.Tensor,
+                      length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logprobs_at_response`` of ``model``'s forward over right-packed rows."""
+    logits = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
+    return logprobs_at_response(logits, seq, start, length)
 
 
 @dataclass
@@ -204,8 +211,7 @@ def actor_loss(actor, mb: dict[str, torch.Tensor], ptx: dict[str, torch.Tensor] 
         mask = torch.cat([_pad_to(mask, width, 0), _pad_to(ptx["attention_mask"], width, 0)])
     logits = actor(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
     R = mb["action_mask"].size(1)
-    resp_logits = at_response(logits[:n], mb["start"], R)
-    logprobs = losses.token_logprobs(resp_logits, at_response(mb["seq"], mb["start"], R, shift=0))
+    logprobs, resp_logits = logprobs_at_response(logits[:n], mb["seq"], mb["start"], R)
     pg, clip_frac = losses.policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["action_mask"],
                                        cfg.ppo.clip_eps)
     stats = {"policy_loss": pg.item(), "clip_frac": clip_frac.item(),
@@ -312,14 +318,14 @@ def main(argv: list[str] | None = None) -> int:
                 if not math.isfinite(a_stats["policy_loss"]) or not math.isfinite(a_stats.get("ptx_loss", 0.0)):
                     raise FloatingPointError(f"step {step}: the actor's loss is not finite ({a_stats}); lower "
                                              "train.lr or use train.precision=fp32; the last checkpoint is intact")
+                skipped_before = actor_t.skipped_updates + critic_t.skipped_updates
                 actor_t.backward(a_loss)
                 a_stats["actor_grad_norm"] = float(actor_t.step(skip_nonfinite=True))
                 with engine.autocast(cfg.train, stage.device):
                     c_loss, c_value = critic_loss(critic_t.model, mb, cfg)
                 critic_t.backward(c_loss)
                 a_stats.update(value_loss=c_value, critic_grad_norm=float(critic_t.step(skip_nonfinite=True)))
-                a_stats["skipped_frac"] = float(not (math.isfinite(a_stats["actor_grad_norm"])
-                                                        and math.isfinite(a_stats["critic_grad_norm"])))
+                a_stats["skipped_frac"] = float(actor_t.skipped_updates + critic_t.skipped_updates > skipped_before)
                 for k, v in a_stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 updates_done += 1
