@@ -96,7 +96,8 @@ def _engine_options(args: argparse.Namespace, cuda: bool, **overrides: Any) -> A
 def phase_engine(args: argparse.Namespace, compile_decode: bool | None = None) -> dict[str, Any]:
     import torch
 
-    from serving.engine import LLMEngine, SamplingParams
+    from serving.engine import LLMEngine
+    from serving.sampler import SamplingParams
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     result: dict[str, Any] = {}

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.errors import EngineError
+
 logger = logging.getLogger("serving.model")
 
 # Read when the CUDA allocator starts (first allocation), so set here, at import. Under a per-process cap the
@@ -28,18 +30,6 @@ if not (os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALL
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 GIB = 1024**3
-
-
-class EngineError(Exception):
-    """Base of the engine's errors; ``status`` is the HTTP status the API maps it to."""
-
-    status = 500
-    param: str | None = None
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        if param is not None:
-            self.param = param
 
 
 def _is_gptq(path: Path) -> bool:

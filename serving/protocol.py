@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serving.engine import SamplingParams
+from serving.sampler import SamplingParams
 
 MAX_STOP = 4
 
