@@ -112,4 +112,5 @@ class DecodeTuning:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(self.to_json(), f, indent=1)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the table is read by whoever serves
         os.replace(tmp, path)
