@@ -4,9 +4,9 @@ The layout and the three functions are the contract in PAGED_INTERFACE (cache ``
 block_size, head_dim]``, int8 with per (token, kv head) scales, int32 block tables and context lengths).
 ``paged_decode_attention`` runs the Triton flash-decoding kernel (``paged_attention_triton``) on CUDA for fp16
 and bf16 queries, and the torch gather + SDPA reference (``paged_attention_ref``) everywhere else: CPU serving,
-fp32, or ``backend="torch"``. ``write_kv`` and ``paged_prefill_attention`` are torch on every device (both are
-graph safe; prefill runs once per chunk, outside the decode graphs). Nothing is imported or probed at import
-time: Triton is imported at the first Triton call.
+fp32, or ``backend="torch"``. ``write_kv`` is one Triton launch on CUDA (torch index_put elsewhere);
+``paged_prefill_attention`` is torch on every device (graph safe; it runs once per chunk, outside the decode
+graphs). Nothing is imported or probed at import time: Triton is imported at the first Triton call.
 """
 
 from __future__ import annotations
@@ -124,18 +124,35 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
+             k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, slot_mapping: torch.Tensor, *,
+             backend: Backend = "auto") -> None:
     """Store k/v ``[num_tokens, kv_heads, head_dim]`` at ``slot_mapping`` (int64 ``[num_tokens]``, physical block
-    * block_size + offset), int8-quantized when scales are given. Graph safe. Every slot must be a real one:
-    point batch padding at a scratch block the tables never list."""
+    * block_size + offset), int8-quantized when scales are given (``quantize_int8``'s rule, bit for bit). Graph
+    safe. Every slot must be a real one: point batch padding at a scratch block the tables never list.
+    ``backend="auto"``: one Triton launch on CUDA, torch index_put elsewhere."""
     if k.dim() != 3 or k.shape != v.shape or k.shape[1:] != (k_cache.shape[1], k_cache.shape[3]):
         raise ValueError(f"k/v must be [num_tokens, {k_cache.shape[1]}, {k_cache.shape[3]}], got {tuple(k.shape)}")
     if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype != torch.int64:
         raise ValueError(f"slot_mapping must be int64 [{k.shape[0]}], got {slot_mapping.dtype} "
                          f"{tuple(slot_mapping.shape)}")
-    if (k_cache.dtype == torch.int8) != (k_scale is not None):
+    if (k_cache.dtype == torch.int8) != (k_scale is not None) or (k_scale is None) != (v_scale is None):
         raise ValueError("an int8 cache needs k_scale and v_scale; an fp cache takes None for both")
-    write_kv_ref(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping)
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be auto, triton or torch, got {backend!r}")
+    head_dim = k.shape[-1]
+    why_not = None if _have_triton() else "triton is not installed"
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        why_not = f"head_dim {head_dim} is not a power of two >= 16"
+    elif k.stride(-1) != 1 or v.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():
+        why_not = "k/v and the caches must be contiguous in head_dim, the caches alike"
+    if backend == "triton" and why_not is not None:
+        raise ValueError(f"the Triton write_kv kernel cannot run this call: {why_not}")
+    if backend == "torch" or why_not is not None or (backend == "auto" and not k.is_cuda):
+        write_kv_ref(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping)
+        return
+    from serving.kernels.paged_attention_triton import write_kv_triton
+
+    write_kv_triton(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -142,3 +142,54 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         _reduce_kernel[(b, num_heads)](po, pm, pl, out, splits, out.stride(0), out.stride(1),
                                        HEAD_DIM=head_dim, BLOCK_S=triton.next_power_of_2(splits), num_warps=4)
     return out
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
+                     stride_kt, stride_kh, stride_vt, stride_vh, stride_cb, stride_ch, stride_ct,
+                     stride_sb, stride_sh, stride_st,
+                     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, INT8: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, HEAD_DIM)
+    slot = tl.load(slot_ptr + t)
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    dst = blk * stride_cb + h * stride_ch + off * stride_ct + d
+    k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d)
+    v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d)
+    if INT8:
+        sdst = blk * stride_sb + h * stride_sh + off * stride_st
+        _store_int8(k, kc_ptr + dst, ks_ptr + sdst)
+        _store_int8(v, vc_ptr + dst, vs_ptr + sdst)
+    else:
+        tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty))
+        tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _store_int8(x, dst, sdst):
+    """``quantize_int8`` bit for bit: fp32 scale amax/127 (at least 1e-6/127), IEEE division, ties to even."""
+    xf = x.to(tl.float32)
+    s = tl.maximum(tl.max(tl.abs(xf), 0), 1e-6) / 127.0
+    y = tl.math.div_rn(xf, s)
+    r = tl.math.floor(y + 0.5)
+    odd = (r - 2.0 * tl.math.floor(r * 0.5)) != 0.0
+    r = tl.where(((r - y) == 0.5) & odd, r - 1.0, r)
+    r = tl.minimum(tl.maximum(r, -127.0), 127.0)
+    tl.store(dst, r.to(tl.int8))
+    tl.store(sdst, s.to(sdst.dtype.element_ty))
+
+
+def write_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
+    """One program per (token, kv head): the write (and int8 quantization) of K and V in one launch, where the
+    torch path takes two index_puts plus the quantization's element-wise kernels."""
+    n, kv_heads, head_dim = k.shape
+    int8 = k_scale is not None
+    ks, vs = (k_scale, v_scale) if int8 else (k_cache, v_cache)
+    sst = (ks.stride(0), ks.stride(1), ks.stride(2)) if int8 else (0, 0, 0)
+    _write_kv_kernel[(n, kv_heads)](
+        k, v, k_cache, v_cache, ks, vs, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        *sst, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[2], INT8=int8, num_warps=1)

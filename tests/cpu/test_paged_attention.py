@@ -199,6 +199,30 @@ def test_write_kv_int8_round_trip():
     assert kc.transpose(1, 2)[untouched].abs().sum() == 0 and ks.transpose(1, 2)[untouched].abs().sum() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("int8", [False, True])
+def test_triton_write_kv_interpreted_equals_torch_bit_for_bit(interpreted, dtype, int8):
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(6, 2, 64, generator=g).to(dtype)
+    v = torch.randn(6, 2, 64, generator=g).to(dtype)
+    # a row whose scale is exactly 1 (amax 127) with halves: torch.round sends ties to even, so must the kernel
+    k[0, 0, :4] = torch.tensor([127.0, 2.5, -3.5, 0.5])
+    slots = torch.tensor([5 * 8 + 7, 0, 9, 3 * 8 + 2, 17, 4 * 8], dtype=torch.int64)
+    shape = (6, 2, 8, 64)
+    outs = []
+    for backend in ("torch", "triton"):
+        kc = torch.zeros(shape, dtype=torch.int8 if int8 else dtype)
+        vc = torch.zeros_like(kc)
+        ks = torch.zeros((*shape[:3], 1), dtype=dtype) if int8 else None
+        vs = torch.zeros_like(ks) if int8 else None
+        write_kv(k, v, kc, vc, ks, vs, slots, backend=backend)
+        outs.append((kc, vc, ks, vs))
+    for a, b in zip(*outs, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    if int8:
+        assert outs[1][0][5, 0, 7, :4].tolist() == [127, 2, -4, 0]
+
+
 def test_bad_arguments_are_named():
     case = Case([10], kv_heads=2, group=2, head_dim=64, block_size=8, dtype=torch.float32, int8=False)
     with pytest.raises(ValueError, match="block_tables must be int32"):

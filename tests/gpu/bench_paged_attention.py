@@ -12,8 +12,10 @@ blocks, about 512 MiB of K/V a replay, 10x the H200's 50 MB L2), so the time is 
   int8 in torch, SDPA with a mask).
 
 GB/s counts the K/V (and int8 scales) bytes a call must read. The Triton output is checked against the torch
-reference in every case. FlashInfer is not a peer here (see the README: its wheel alone is larger than what one
-GPU call carries, it JIT-builds with nvcc, and it has no int8 cache with per-token scales).
+reference in every case. ``write_kv`` (one decode step's K/V into the blocks, int8-quantized) is timed too:
+torch index_put against the one Triton launch, and compared byte for byte. FlashInfer is not a peer here (see
+the README: its wheel alone is larger than what one GPU call carries, it JIT-builds with nvcc, and it has no
+int8 cache with per-token scales).
 
 Writes ``$OUT/paged_attention.json`` (all results, rewritten after every case so a cut-short run still reports)
 and ``$OUT/paged_attention_tuning.json`` (the table ``DecodeTuning.load`` reads), and prints the results JSON.
@@ -244,6 +246,37 @@ def bf16_check(device) -> dict:
     return {"dtype": str(case.q.dtype)[6:], "lens": [777, 1, 300], "max_abs_err_triton_vs_torch": float(err)}
 
 
+def write_kv_bench(device, space) -> list[dict]:
+    """``write_kv`` of one decode step's tokens (one per row) per layer: torch index_put vs the Triton launch,
+    in a graph of 256 calls (launch-bound: a few KiB a call); and whether both write the same bytes."""
+    from serving.kernels.paged_attention import write_kv
+
+    rows = []
+    kvh, hd = space["heads"][0][1], space["head_dim"]
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    for kv in space["kv"]:
+        for batch in (1, 8):
+            shape = (64 * batch, kvh, BLOCK_SIZE, hd)
+            caches = {}
+            for backend in ("torch", "triton"):
+                kc = torch.zeros(shape, dtype=torch.int8 if kv == "int8" else dtype, device=device)
+                scales = [torch.zeros((*shape[:3], 1), dtype=dtype, device=device) for _ in range(2)]
+                caches[backend] = (kc, torch.zeros_like(kc), *(scales if kv == "int8" else (None, None)))
+            k = torch.randn(batch, kvh, hd, device=device).to(dtype)
+            v = torch.randn(batch, kvh, hd, device=device).to(dtype)
+            slots = torch.randperm(shape[0] * BLOCK_SIZE, device=device)[:batch]
+            timer = Timer(device, 256 if device.type == "cuda" else 1)
+            row = {"kv": kv, "batch": batch, "kv_heads": kvh}
+            for backend, c in caches.items():
+                def call(r, c=c, b=backend, k=k, v=v, slots=slots):
+                    write_kv(k, v, *c, slots, backend=b)
+                row[f"{backend}_us"] = round(timer(call), 2)
+            row["bit_exact"] = all(a is None or torch.equal(a, b) for a, b in zip(caches["torch"], caches["triton"],
+                                                                                   strict=True))
+            rows.append(row)
+    return rows
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -287,6 +320,7 @@ def main() -> None:
                           + ", ".join(f"{k} {v['us']}us {v['gbps']}GB/s" for k, v in result["methods"].items()),
                           file=sys.stderr, flush=True)
     results["checks"]["bf16"] = bf16_check(device)
+    results["write_kv"] = write_kv_bench(device, space)
     results["tuned_all"] = all(c["tuned"] for c in results["cases"])
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     tuning.save(out / "paged_attention_tuning.json")
