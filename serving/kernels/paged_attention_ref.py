@@ -101,5 +101,7 @@ def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     causal = torch.arange(end, device=q.device)[None, :] <= pos[:, None]  # [t, end]
     # [t, nh, hd] -> [kvh, group * t, hd]: the group's queries share their kv head's K/V
     qg = q.view(t, kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(kv_heads, group * t, head_dim)
-    o = F.scaled_dot_product_attention(qg, kk, vv, attn_mask=causal.repeat(group, 1), scale=scale)
+    # 4-D so CUDA's fused SDPA kernels take it (3-D inputs fall back to the math path)
+    o = F.scaled_dot_product_attention(qg[None], kk[None], vv[None], attn_mask=causal.repeat(group, 1)[None, None],
+                                       scale=scale)
     return o.view(kv_heads, group, t, head_dim).permute(2, 0, 1, 3).reshape(t, num_heads, head_dim)
