@@ -86,8 +86,10 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scal
     if block_tables.dim() != 2 or block_tables.shape[0] != b or block_tables.dtype != torch.int32:
         raise ValueError(f"block_tables must be int32 [batch={b}, max_blocks], got {block_tables.dtype} "
                          f"{tuple(block_tables.shape)}")
-    if context_lens.shape != (b,) or context_lens.dtype != torch.int32:
-        raise ValueError(f"context_lens must be int32 [batch={b}], got {context_lens.dtype} "
+    if block_tables.stride(1) != 1:
+        raise ValueError("block_tables must be contiguous along a row")
+    if context_lens.shape != (b,) or context_lens.dtype != torch.int32 or context_lens.stride(0) != 1:
+        raise ValueError(f"context_lens must be contiguous int32 [batch={b}], got {context_lens.dtype} "
                          f"{tuple(context_lens.shape)}")
 
 
@@ -132,8 +134,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     ``backend="auto"``: one Triton launch on CUDA, torch index_put elsewhere."""
     if k.dim() != 3 or k.shape != v.shape or k.shape[1:] != (k_cache.shape[1], k_cache.shape[3]):
         raise ValueError(f"k/v must be [num_tokens, {k_cache.shape[1]}, {k_cache.shape[3]}], got {tuple(k.shape)}")
-    if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype != torch.int64:
-        raise ValueError(f"slot_mapping must be int64 [{k.shape[0]}], got {slot_mapping.dtype} "
+    if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype != torch.int64 or slot_mapping.stride(0) != 1:
+        raise ValueError(f"slot_mapping must be contiguous int64 [{k.shape[0]}], got {slot_mapping.dtype} "
                          f"{tuple(slot_mapping.shape)}")
     if (k_cache.dtype == torch.int8) != (k_scale is not None) or (k_scale is None) != (v_scale is None):
         raise ValueError("an int8 cache needs k_scale and v_scale; an fp cache takes None for both")
