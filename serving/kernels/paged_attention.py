@@ -22,7 +22,7 @@ from serving.kernels.paged_attention_ref import (
     paged_prefill_attention_ref,
     write_kv_ref,
 )
-from serving.kernels.paged_attention_tuning import DecodeConfig, DecodeTuning, default_config
+from serving.kernels.paged_attention_tuning import DecodeConfig, DecodeTuning, default_config, packaged_tuning
 
 __all__ = ["DecodeConfig", "DecodeTuning", "paged_decode_attention", "paged_prefill_attention", "write_kv",
            "triton_supports"]
@@ -37,15 +37,30 @@ def _have_triton() -> bool:
 
 
 @functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _device_props(device_index: int) -> tuple[str, int]:
+    props = torch.cuda.get_device_properties(device_index)
+    return props.name, props.multi_processor_count
+
+
+def _props(device: torch.device) -> tuple[str, int]:
+    """(name, SMs) of a CUDA device (cached: a driver query, not a sync); ("cpu", 1) elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return "cpu", 1
+    return _device_props(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def sm_count(device: torch.device) -> int:
-    """SMs of a CUDA device (cached: a driver query, not a sync); 1 elsewhere (the interpreter)."""
-    if device.type != "cuda":
-        return 1
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _props(device)[1]
+
+
+def decode_config(q: torch.Tensor, k_cache: torch.Tensor, max_context: int) -> DecodeConfig:
+    """The launch for this call: the device's committed tuning table when there is one, else ``default_config``."""
+    name, sms = _props(q.device)
+    b, kv_heads = q.shape[0], k_cache.shape[1]
+    tuning = packaged_tuning(name)
+    if tuning is None:
+        return default_config(b, kv_heads, max_context, sms)
+    return tuning.config_for(b, kv_heads, q.shape[1] // kv_heads, max_context, k_cache.dtype == torch.int8, sms)
 
 
 def triton_supports(q: torch.Tensor, k_cache: torch.Tensor) -> str | None:
@@ -103,8 +118,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Returns ``[batch, num_heads, head_dim]`` in q's dtype; a row with context 0 gives zeros.
 
     ``backend="auto"`` takes Triton for CUDA tensors it supports, else torch; ``"triton"`` insists (the CPU tests
-    use it under ``TRITON_INTERPRET=1``). ``config`` overrides the launch parameters (default: ``default_config``;
-    a runner holding a tuned ``DecodeTuning`` passes ``tuning.config_for(...)``)."""
+    use it under ``TRITON_INTERPRET=1``). ``config`` overrides the launch parameters (default: ``decode_config``,
+    the device's committed tuning table or ``default_config``)."""
     _check(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens)
     if max_context < 1:
         raise ValueError(f"max_context must be >= 1, got {max_context}")
@@ -120,7 +135,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     from serving.kernels.paged_attention_triton import paged_decode_attention_triton
 
     if config is None:
-        config = default_config(q.shape[0], k_cache.shape[1], max_context, sm_count(q.device))
+        config = decode_config(q, k_cache, max_context)
     return paged_decode_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens,
                                          scale, max_context, config)
 

@@ -1,18 +1,23 @@
 """Launch parameters of the Triton decode kernel: the default rule and the table the GPU bench tunes.
 
 ``tests/gpu/bench_paged_attention.py`` measures every candidate inside CUDA graphs and writes the fastest per
-shape as JSON (``DecodeTuning.save``); the runner loads it with ``DecodeTuning.load`` and asks
-``config_for`` once per captured (batch, context) bucket. Without a table, ``default_config`` applies.
+shape as JSON (``DecodeTuning.save``). Committed as ``serving/kernels/tuning/<device slug>.json`` (e.g.
+``nvidia-h200.json`` for "NVIDIA H200"), a table is found by ``packaged_tuning`` and used by every decode call
+on that GPU that brings no config of its own; elsewhere ``default_config`` applies.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+TUNING_DIR = Path(__file__).parent / "tuning"
 
 # splits of the context only pay while the grid is short of the GPU: stop at about two programs per SM
 # (H200: 132 SMs) and at 128 tokens a split (below that the merge costs more than the parallelism gives)
@@ -114,3 +119,15 @@ class DecodeTuning:
             json.dump(self.to_json(), f, indent=1)
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the table is read by whoever serves
         os.replace(tmp, path)
+
+
+def device_slug(device_name: str) -> str:
+    """"NVIDIA H200" -> "nvidia-h200": the file name of a device's table."""
+    return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
+
+
+@functools.cache
+def packaged_tuning(device_name: str, directory: Path = TUNING_DIR) -> DecodeTuning | None:
+    """The committed table for this device, read once per process; None when there is none."""
+    path = directory / f"{device_slug(device_name)}.json"
+    return DecodeTuning.load(path) if path.is_file() else None

@@ -20,7 +20,13 @@ from serving.kernels.paged_attention import (
     write_kv,
 )
 from serving.kernels.paged_attention_ref import quantize_int8
-from serving.kernels.paged_attention_tuning import TunedShape, default_config, split_plan
+from serving.kernels.paged_attention_tuning import (
+    TunedShape,
+    default_config,
+    device_slug,
+    packaged_tuning,
+    split_plan,
+)
 
 
 @pytest.fixture(scope="module")
@@ -277,6 +283,11 @@ def test_tuning_table_round_trip_and_nearest_shape(tmp_path):
     assert back.config_for(8, 32, 1, 1024, False, 132) == DecodeConfig()
     assert back.config_for(2, 32, 1, 4096, True, 132).num_splits == 4
     assert DecodeTuning().config_for(1, 32, 1, 4096, False, 132) == default_config(1, 32, 4096, 132)
+    # committed under the device's slug, the table is found by name
+    assert device_slug("NVIDIA H200") == "nvidia-h200"
+    (tmp_path / "nvidia-h200.json").write_text(path.read_text())
+    assert packaged_tuning("NVIDIA H200", tmp_path) == table
+    assert packaged_tuning("NVIDIA A10", tmp_path) is None
     path.write_text('{"entries": [{"batch": 1}]}')
     with pytest.raises(ValueError, match="bad entry"):
         DecodeTuning.load(path)

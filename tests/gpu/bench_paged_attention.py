@@ -18,7 +18,8 @@ the README: its wheel alone is larger than what one GPU call carries, it JIT-bui
 int8 cache with per-token scales).
 
 Writes ``$OUT/paged_attention.json`` (all results, rewritten after every case so a cut-short run still reports)
-and ``$OUT/paged_attention_tuning.json`` (the table ``DecodeTuning.load`` reads), and prints the results JSON.
+and ``$OUT/paged_attention_tuning.json`` (the launch table; committed as ``commit_tuning_as``, e.g.
+``serving/kernels/tuning/nvidia-h200.json``, the kernel uses it on that GPU), and prints the results JSON.
 
     python tests/gpu/bench_paged_attention.py                 # the GPU run (~3 min on the H200)
     python tests/gpu/bench_paged_attention.py --smoke --out /tmp/pa   # CPU smoke of the script (interpreter)
@@ -287,6 +288,7 @@ def main() -> None:
     import triton
 
     from serving.kernels.paged_attention import DecodeTuning, sm_count
+    from serving.kernels.paged_attention_tuning import device_slug
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -303,6 +305,7 @@ def main() -> None:
         "cases": [], "checks": {},
     }
     tuning = DecodeTuning(device=results["device"])
+    results["commit_tuning_as"] = f"serving/kernels/tuning/{device_slug(results['device'])}.json"
     path = out / "paged_attention.json"
     for kv in space["kv"]:
         for heads, kvh in space["heads"]:
