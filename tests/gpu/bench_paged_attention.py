@@ -203,9 +203,16 @@ def run_case(device, sm, space, heads, kvh, batch, ctx, kv, tune: bool) -> tuple
     timer = Timer(device, replicas)
     ref = case.paged(0, backend="torch")
     default = default_config(batch, kvh, ctx, sm)
-    tried = {}
+    from triton.errors import TritonError
+
+    tried, failed = {}, {}
     for cfg in (candidates(case, space, sm) if tune else [default]):
-        tried[cfg] = timer(lambda r, c=cfg: case.paged(r, backend="triton", config=c))
+        try:
+            tried[cfg] = timer(lambda r, c=cfg: case.paged(r, backend="triton", config=c))
+        except (RuntimeError, TritonError) as e:  # e.g. out of shared memory: that launch is not a candidate
+            failed[str(asdict(cfg))] = repr(e)[:300]
+    if not tried:
+        raise RuntimeError(f"no launch configuration ran: {failed}")
     best = min(tried, key=tried.get)
     if default not in tried:
         tried[default] = timer(lambda r: case.paged(r, backend="triton", config=default))
@@ -220,7 +227,7 @@ def run_case(device, sm, space, heads, kvh, batch, ctx, kv, tune: bool) -> tuple
     result = {
         "heads": heads, "kv_heads": kvh, "batch": batch, "context": ctx, "kv": kv, "dtype": str(case.dtype)[6:],
         "kv_mib_per_call": round(case.bytes / MIB, 2), "replicas": replicas, "tuned": tune,
-        "configs_tried": len(tried), "methods": methods,
+        "configs_tried": len(tried), "configs_failed": failed, "methods": methods,
         "triton_vs_dense_speedup": round(methods["dense_sdpa"]["us"] / methods["triton"]["us"], 2),
         "triton_vs_torch_paged_speedup": round(methods["torch_paged"]["us"] / methods["triton"]["us"], 2),
         "max_abs_err_triton_vs_torch": float((out.float() - ref.float()).abs().max()),
@@ -286,6 +293,7 @@ def main() -> None:
             raise SystemExit("no CUDA device: run with --smoke for the CPU check of this script")
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported (by the kernel module)
     import triton
+    from triton.errors import TritonError
 
     from serving.kernels.paged_attention import DecodeTuning, sm_count
     from serving.kernels.paged_attention_tuning import device_slug
@@ -312,19 +320,27 @@ def main() -> None:
             for batch in space["batches"]:
                 for ctx in space["contexts"]:
                     tune = time.perf_counter() - t0 < args.budget_s
-                    result, shape = run_case(device, sm, space, heads, kvh, batch, ctx, kv, tune)
+                    try:
+                        result, shape = run_case(device, sm, space, heads, kvh, batch, ctx, kv, tune)
+                        tuning.entries.append(shape)
+                    except (RuntimeError, ValueError, TritonError) as e:  # one case's failure keeps the others
+                        result = {"heads": heads, "kv_heads": kvh, "batch": batch, "context": ctx, "kv": kv,
+                                  "tuned": tune, "error": repr(e)[:1000], "methods": {}}
                     if device.type == "cuda":
                         torch.cuda.empty_cache()  # the case's pool and graphs are gone: give the next its room
                     results["cases"].append(result)
-                    tuning.entries.append(shape)
                     results["wall_s"] = round(time.perf_counter() - t0, 1)
                     path.write_text(json.dumps(results, indent=1))
                     print(f"[{results['wall_s']:6.1f}s] {kv} {heads}/{kvh} b{batch} ctx{ctx}: "
-                          + ", ".join(f"{k} {v['us']}us {v['gbps']}GB/s" for k, v in result["methods"].items()),
+                          + (result.get("error") or ", ".join(f"{k} {v['us']}us {v['gbps']}GB/s"
+                                                              for k, v in result["methods"].items())),
                           file=sys.stderr, flush=True)
-    results["checks"]["bf16"] = bf16_check(device)
-    results["write_kv"] = write_kv_bench(device, space)
-    results["tuned_all"] = all(c["tuned"] for c in results["cases"])
+    for name, fn in (("bf16", lambda: bf16_check(device)), ("write_kv", lambda: write_kv_bench(device, space))):
+        try:
+            results["checks"][name] = fn()
+        except (RuntimeError, ValueError, TritonError) as e:
+            results["checks"][name] = {"error": repr(e)[:1000]}
+    results["tuned_all"] = all(c["tuned"] and "error" not in c for c in results["cases"])
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     tuning.save(out / "paged_attention_tuning.json")
     path.write_text(json.dumps(results, indent=1))
