@@ -112,6 +112,7 @@ SHAPES = [
     ([31, 64], 2, 2, 128, 16, torch.float16, True),
     ([5, 47, 90], 1, 1, 64, 8, torch.float32, True),
     ([129, 3], 2, 4, 64, 32, torch.float32, True),
+    ([23, 16], 2, 3, 64, 16, torch.float32, False),  # a group that is not a power of two (24 heads over 8)
 ]
 
 
