@@ -1,4 +1,4 @@
-"""Triton paged decode attention (flash-decoding over block tables).
+"""Triton paged decode attention (flash-decoding over block tables) and the paged K/V write.
 
 Imported only when the Triton path is taken (``serving.kernels.paged_attention`` imports it lazily), so CPU
 serving needs no Triton. ``TRITON_INTERPRET=1`` must be set before the first import to run it on CPU tensors.
@@ -10,6 +10,8 @@ probabilities, so the int8 values go to the dot unscaled), and keeps an online s
 writes the output directly; otherwise each split writes its (max, sum, unnormalized output) and a second kernel
 merges the splits. The grid depends only on batch, kv heads and the split count (from the Python int
 ``max_context``), so the launch can live inside a CUDA graph.
+
+``write_kv_triton`` stores one step's K/V (int8-quantized exactly as ``quantize_int8``) in one launch.
 """
 
 from __future__ import annotations
