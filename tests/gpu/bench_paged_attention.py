@@ -12,10 +12,10 @@ blocks, about 512 MiB of K/V a replay, 10x the H200's 50 MB L2), so the time is 
   int8 in torch, SDPA with a mask).
 
 GB/s counts the K/V (and int8 scales) bytes a call must read. The Triton output is checked against the torch
-reference in every case. ``write_kv`` (one decode step's K/V into the blocks, int8-quantized) is timed too:
-torch index_put against the one Triton launch, and compared byte for byte. FlashInfer is not a peer here (see
-the README: its wheel alone is larger than what one GPU call carries, it JIT-builds with nvcc, and it has no
-int8 cache with per-token scales).
+reference in every case, and a captured graph is replayed after its block tables and lengths change. ``write_kv``
+(one decode step's K/V into the blocks, int8-quantized) is timed too: torch index_put against the one Triton launch,
+and compared byte for byte. FlashInfer is not a peer here (see the README: its wheel alone is larger than what one
+GPU call carries, it JIT-builds with nvcc, and it has no int8 cache with per-token scales).
 
 Writes ``$OUT/paged_attention.json`` (all results, rewritten after every case so a cut-short run still reports)
 and ``$OUT/paged_attention_tuning.json`` (the launch table; committed as ``commit_tuning_as``, e.g.
@@ -48,6 +48,8 @@ MAX_REPLICAS = 256  # small cases: 256 launches a graph (b1, GQA, ctx 512 reads 
 SPLITS = (1, 2, 4, 8, 16, 32, 64)
 BLOCK_N = (32, 64)
 WARPS = (4, 8)
+# outputs are averages of V (|V| <= 127 * 0.021 for int8 here, ~4 for fp16 randn): fp16 rounding stays far below
+MATCH_ATOL = 2e-2
 MAX_PROGRAMS_PER_SM = 8  # more splits than 8 programs per SM only add merge work
 
 
@@ -285,6 +287,41 @@ def write_kv_bench(device, space) -> list[dict]:
     return rows
 
 
+def graph_check(device) -> dict:
+    """Graph safety: capture each path once, then change the static block tables and context lengths in place
+    (other blocks, shorter and longer rows, an empty row) and replay; the outputs must follow the new inputs."""
+    if device.type != "cuda":
+        return {"skipped": "no CUDA graphs on CPU"}
+    from serving.kernels.paged_attention import DecodeConfig, paged_decode_attention
+
+    case = Case(device, 32, 8, 128, 4, 2048, "int8", 2)
+    tables, lens = case.tables[0].clone(), case.lens.clone()
+    out = {}
+    for name, kw in (("triton_split", {"backend": "triton", "config": DecodeConfig(num_splits=8)}),
+                     ("triton_direct", {"backend": "triton", "config": DecodeConfig(num_splits=1)}),
+                     ("torch", {"backend": "torch"})):
+        def call(kw=kw):
+            return paged_decode_attention(case.q, case.kc, case.vc, case.ks, case.vs, tables, lens, case.scale,
+                                          2048, **kw)
+        tables.copy_(case.tables[0])
+        lens.fill_(2048)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            call()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = call()
+        tables.copy_(case.tables[1])
+        lens.copy_(torch.tensor([2048, 1, 0, 1000], dtype=torch.int32, device=device))
+        graph.replay()
+        fresh = paged_decode_attention(case.q, case.kc, case.vc, case.ks, case.vs, case.tables[1].clone(),
+                                       lens.clone(), case.scale, 2048, backend="torch")
+        out[name] = float((static.float() - fresh.float()).abs().max())
+    return {"max_abs_err_replay_vs_eager": out, "ok": all(e < MATCH_ATOL for e in out.values())}
+
+
 def main() -> None:
     args = parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -335,12 +372,15 @@ def main() -> None:
                           + (result.get("error") or ", ".join(f"{k} {v['us']}us {v['gbps']}GB/s"
                                                               for k, v in result["methods"].items())),
                           file=sys.stderr, flush=True)
-    for name, fn in (("bf16", lambda: bf16_check(device)), ("write_kv", lambda: write_kv_bench(device, space))):
+    for name, fn in (("bf16", lambda: bf16_check(device)), ("graph", lambda: graph_check(device)),
+                     ("write_kv", lambda: write_kv_bench(device, space))):
         try:
             results["checks"][name] = fn()
         except (RuntimeError, ValueError, TritonError) as e:
             results["checks"][name] = {"error": repr(e)[:1000]}
     results["tuned_all"] = all(c["tuned"] and "error" not in c for c in results["cases"])
+    results["all_outputs_match"] = all(c.get("max_abs_err_triton_vs_torch", 1.0) < MATCH_ATOL
+                                       for c in results["cases"]) and results["checks"]["graph"].get("ok", True)
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     tuning.save(out / "paged_attention_tuning.json")
     path.write_text(json.dumps(results, indent=1))
