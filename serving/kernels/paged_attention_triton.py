@@ -4,7 +4,8 @@ Imported only when the Triton path is taken (``serving.kernels.paged_attention``
 serving needs no Triton. ``TRITON_INTERPRET=1`` must be set before the first import to run it on CPU tensors.
 
 One program per (row, kv head, split of the context): it loads the query heads of its kv head (GQA: K/V read
-once for the whole group, padded to 16 rows for ``tl.dot``), walks its split's tokens ``BLOCK_N`` at a time
+once for the whole group, padded to 16 rows for ``tl.dot``; a single head may take multiply-adds instead,
+``DecodeConfig.use_dot``), walks its split's tokens ``BLOCK_N`` at a time
 through the block table, dequantizes int8 K/V in registers (the per-token scale multiplies the scores and the
 probabilities, so the int8 values go to the dot unscaled), and keeps an online softmax. With one split it
 writes the output directly; otherwise each split writes its (max, sum, unnormalized output) and a second kernel
@@ -20,10 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from serving.kernels.paged_attention_tuning import DecodeConfig, split_plan
+from serving.kernels.paged_attention_tuning import MAX_FMA_GROUP, DecodeConfig, split_plan
 
 LOG2E = 1.4426950408889634
 MIN_GROUP_ROWS = 16  # tl.dot needs at least 16 rows; a group of 1..16 query heads is padded to this
+# without tl.dot a [group, block_n, head_dim] product lives in registers: only MHA may (MAX_FMA_GROUP)
 
 
 @triton.jit
@@ -32,7 +34,7 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr
                   stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_sb, stride_sh, stride_st,
                   stride_btb, stride_ob, stride_oh,
                   GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, INT8: tl.constexpr, DIRECT: tl.constexpr):
+                  BLOCK_N: tl.constexpr, INT8: tl.constexpr, DIRECT: tl.constexpr, USE_DOT: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -65,7 +67,10 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr
             vs = tl.load(vs_ptr + srow, mask=tmask, other=0.0).to(tl.float32)
             k = k.to(q.dtype)  # |int8| <= 127: exact in fp16 and bf16
             v = v.to(q.dtype)
-        s = tl.dot(q, tl.trans(k))  # [BLOCK_G, BLOCK_N] fp32
+        if USE_DOT:
+            s = tl.dot(q, tl.trans(k))  # [BLOCK_G, BLOCK_N] fp32
+        else:  # one query head: multiply-add over head_dim, no padding to 16 rows
+            s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), 2)
         if INT8:
             s = s * ks[None, :]
         s = tl.where(tmask[None, :], s * qk_scale, float("-inf"))  # log2 domain
@@ -76,7 +81,10 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, lens_ptr, out_ptr
         l_sum = l_sum * alpha + tl.sum(p, 1)
         if INT8:
             p = p * vs[None, :]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if USE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        else:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), 1)
         m = m_new
 
     if DIRECT:
@@ -121,6 +129,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     group = num_heads // kv_heads
     max_context = min(max_context, block_tables.shape[1] * block_size)
     per, splits = split_plan(max_context, config)
+    use_dot = config.use_dot or group > MAX_FMA_GROUP
     out = torch.empty_like(q)
     int8 = k_scale is not None
     ks, vs = (k_scale, v_scale) if int8 else (k_cache, v_cache)  # unused pointers when not int8
@@ -137,8 +146,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         scale * LOG2E, per, splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *sst,
         block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_G=max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_N=config.block_n, INT8=int8, DIRECT=direct,
+        GROUP=group, BLOCK_G=max(MIN_GROUP_ROWS if use_dot else 1, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_N=config.block_n, INT8=int8, DIRECT=direct, USE_DOT=use_dot,
         num_warps=config.num_warps, num_stages=config.num_stages)
     if not direct:
         _reduce_kernel[(b, num_heads)](po, pm, pl, out, splits, out.stride(0), out.stride(1),

@@ -24,6 +24,10 @@ TUNING_DIR = Path(__file__).parent / "tuning"
 PROGRAMS_PER_SM = 2
 MIN_TOKENS_PER_SPLIT = 128
 MAX_SPLITS = 64
+# Multiply-adds instead of tl.dot, only for one query head per kv head (MHA) and only when tuned: compiled for sm_90
+# with triton 3.6 that path holds 80-245 registers (tl.dot: 57-145) and its loads are not pipelined (tl.dot's are,
+# with cp.async); a group of 2 reaches 255 registers and spills. The default stays tl.dot; the bench tries both.
+MAX_FMA_GROUP = 1
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,7 @@ class DecodeConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    use_dot: bool = True  # False: multiply-adds for one query head per kv head (no padding to 16 rows)
 
     def __post_init__(self):
         for name in ("num_splits", "block_n", "num_warps", "num_stages"):

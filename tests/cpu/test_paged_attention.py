@@ -128,8 +128,10 @@ def test_reference_decode_equals_dense_sdpa(shape):
 def test_triton_decode_interpreted_equals_reference(interpreted, shape):
     case = Case(*shape)
     ref = case.decode(backend="torch")
-    # one split (direct store) and a split-K launch with a merge; tiles smaller and larger than a block
-    for config in (DecodeConfig(num_splits=1, block_n=32), DecodeConfig(num_splits=3, block_n=16)):
+    # one split (direct store) and a split-K launch with a merge; tiles smaller and larger than a block;
+    # multiply-adds instead of tl.dot (MHA only: larger groups take the dot anyway)
+    for config in (DecodeConfig(num_splits=1, block_n=32), DecodeConfig(num_splits=3, block_n=16),
+                   DecodeConfig(num_splits=2, block_n=16, use_dot=False)):
         _close(case.decode(backend="triton", config=config), ref, case.dtype)
 
 
@@ -270,7 +272,7 @@ def test_default_config_splits_only_a_short_grid():
 
 
 def test_tuning_table_round_trip_and_nearest_shape(tmp_path):
-    fast = DecodeConfig(num_splits=16, block_n=32, num_warps=8)
+    fast = DecodeConfig(num_splits=16, block_n=32, num_warps=8, use_dot=False)
     table = DecodeTuning(device="test", entries=[
         TunedShape(1, 32, 1, 4096, False, fast, 10.0),
         TunedShape(8, 32, 1, 512, False, DecodeConfig(), 20.0),
@@ -316,13 +318,16 @@ fp = {n: "*fp16" for n in ("q_ptr", "out_ptr", "ks_ptr", "vs_ptr")}
 split = {**fp, "k_ptr": "*i8", "v_ptr": "*i8", "bt_ptr": "*i32", "lens_ptr": "*i32", "po_ptr": "*fp32",
          "pm_ptr": "*fp32", "pl_ptr": "*fp32", "qk_scale": "fp32"}
 k = compile(m._split_kernel, split, dict(GROUP=4, BLOCK_G=16, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=64, INT8=True,
-                                         DIRECT=False), 4)
+                                         DIRECT=False, USE_DOT=True), 4)
+mha = compile(m._split_kernel, {**split, "k_ptr": "*fp16", "v_ptr": "*fp16", "out_ptr": "*fp16"},
+              dict(GROUP=1, BLOCK_G=1, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_N=64, INT8=False, DIRECT=True,
+                   USE_DOT=False), 4)
 r = compile(m._reduce_kernel, {"po_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32", "out_ptr": "*fp16"},
             dict(HEAD_DIM=128, BLOCK_S=8), 4)
 w = compile(m._write_kv_kernel, {"k_ptr": "*fp16", "v_ptr": "*fp16", "kc_ptr": "*i8", "vc_ptr": "*i8",
                                  "ks_ptr": "*fp16", "vs_ptr": "*fp16", "slot_ptr": "*i64"},
             dict(HEAD_DIM=128, BLOCK_SIZE=16, INT8=True), 1)
-print("cp.async" in k.asm["ptx"], all(len(x.asm["cubin"]) > 0 for x in (k, r, w)))
+print("cp.async" in k.asm["ptx"], all(len(x.asm["cubin"]) > 0 for x in (k, mha, r, w)))
 """
 
 

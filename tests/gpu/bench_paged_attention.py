@@ -5,7 +5,8 @@ LLaMA-7B-shaped attention (32 query heads, head_dim 128; 32 kv heads and a GQA c
 runs inside a CUDA graph that replays it over ``replicas`` disjoint copies of the cache (different physical
 blocks, about 512 MiB of K/V a replay, 10x the H200's 50 MB L2), so the time is that of reading K/V from HBM:
 
-- ``triton``: ``serving.kernels.paged_attention`` with the tuned launch (splits x block_n x num_warps searched);
+- ``triton``: ``serving.kernels.paged_attention`` with the tuned launch (splits x block_n x num_warps searched, and
+  tl.dot against multiply-adds for MHA);
   ``triton_default`` is the same kernel with ``default_config`` (what a runner gets without the table);
 - ``torch_paged``: the torch reference (gather the blocks, SDPA), the CPU path, also graph safe;
 - ``dense_sdpa``: today's engine over a contiguous ``[batch, kv_heads, max_len, head_dim]`` cache (dequantize
@@ -177,7 +178,7 @@ class Case:
 
 
 def candidates(case: Case, space: dict, sm: int):
-    from serving.kernels.paged_attention_tuning import DecodeConfig, split_plan
+    from serving.kernels.paged_attention_tuning import MAX_FMA_GROUP, DecodeConfig, split_plan
 
     seen = set()
     for block_n in space["block_n"]:
@@ -187,7 +188,10 @@ def candidates(case: Case, space: dict, sm: int):
                 continue
             seen.add(eff)
             for warps in space["warps"]:
-                yield DecodeConfig(num_splits=eff[1], block_n=block_n, num_warps=warps)
+                # multiply-adds only at block_n 32: at 64 they hold 168-255 registers and spill with int8 (sm_90)
+                fma = case.nh // case.kvh <= MAX_FMA_GROUP and block_n == min(space["block_n"])
+                for use_dot in (True, False) if fma else (True,):
+                    yield DecodeConfig(num_splits=eff[1], block_n=block_n, num_warps=warps, use_dot=use_dot)
 
 
 def entry(us: float, case: Case, **extra) -> dict:
