@@ -58,7 +58,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the JSON files (default $OUT)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through Triton's interpreter")
-    p.add_argument("--budget-s", type=float, default=170.0,
+    p.add_argument("--budget-s", type=float, default=140.0,
                    help="after this many seconds the remaining cases skip the autotune (default config only)")
     return p.parse_args()
 
