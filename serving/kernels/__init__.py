@@ -1,0 +1,1 @@
+"""Hand-written kernels of the serving engine (paged attention, 4-bit GEMM), each with a torch path beside it."""
