@@ -47,8 +47,8 @@ class EngineMetrics(StatsListener):
         self.running = Gauge("vllm:num_requests_running", "Sequences in the running batch.", lab,
                              registry=r).labels(m)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for a slot.", lab, registry=r).labels(m)
-        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use by running sequences (0-1).", lab,
-                              registry=r).labels(m)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use by running "
+                              "sequences (0-1).", lab, registry=r).labels(m)
         self.gpu_cache_usage = Gauge("vllm:gpu_cache_usage_perc", "Same as kv_cache_usage_perc (older vLLM name).",
                                      lab, registry=r).labels(m)
         success = Counter("vllm:request_success", "Finished requests by finish reason.", lab + ["finished_reason"],

@@ -38,7 +38,6 @@ from typing import Any
 
 import torch
 
-from serving.errors import ContextLengthError, EngineDeadError, EngineError, QueueFullError
 from serving.bench_legacy.model import (
     GIB,
     DecodeGraphs,
@@ -49,6 +48,7 @@ from serving.bench_legacy.model import (
     load_model,
     resolve_device,
 )
+from serving.errors import ContextLengthError, EngineDeadError, EngineError, QueueFullError
 from serving.sampler import SamplingParams, TokenLogprob, sample
 
 logger = logging.getLogger("serving.engine")
