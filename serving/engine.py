@@ -145,6 +145,7 @@ class LLMEngine:
 
     def _nvml_mib(self) -> int | None:
         torch.cuda.synchronize(self.device)
+        time.sleep(0.3)  # nvidia-smi's per-process figure trails a fresh allocation (the context probe waits too)
         mib, src = process_gpu_mib(self.device.index or 0)
         self.memory.nvml_source = src
         return mib
@@ -234,8 +235,8 @@ class LLMEngine:
                 continue
             if not fit:
                 break
-            used = self._nvml_mib()
             torch.cuda.empty_cache()
+            used = self._nvml_mib()
             reserved = torch.cuda.memory_reserved(self.device)
             held = used * MIB if used is not None else reserved
             reserve = act_need(self.graphs is not None)
@@ -344,7 +345,8 @@ class LLMEngine:
         self.graphs = None
         if self.device.type == "cuda" and o.cuda_graphs:
             sizes = sorted({min(b, o.max_num_seqs) for b in o.graph_batch_sizes})
-            graphs = DecodeGraphs(runner, sizes, self.ctx_buckets, self.max_blocks_per_seq)
+            graphs = DecodeGraphs(runner, sizes, self.ctx_buckets, self.max_blocks_per_seq,
+                                  max_batch_tokens=2 * (num_blocks - 1) * o.block_size)
             try:
                 graphs.capture()
                 self.graphs = graphs
@@ -559,7 +561,7 @@ class LLMEngine:
         h = self.runner.embed(last).unsqueeze(1)
         pos, slots, tables, lens = (t.to(dev, non_blocking=True) for t in (pos, slots, tables, lens))
         ctx = next(c for c in self.ctx_buckets if c >= max(pos_list) + 1)
-        if self.graphs is not None:
+        if self.graphs is not None and self.graphs.bucket(n, ctx) is not None:
             logits = self.graphs.run(h, pos, slots, tables, lens, ctx)
         else:
             logits = self.runner.decode(h, pos, slots, tables, lens, ctx)

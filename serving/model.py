@@ -53,7 +53,9 @@ def resolve_device(device: str) -> torch.device:
         if not torch.cuda.is_available():
             raise EngineError("engine.device is cuda but CUDA is not available")
         dev = torch.device(device)
-        return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+        # index 0 rather than torch.cuda.current_device(): that call starts CUDA, and the engine must set the
+        # allocator config and the CUDA stack limit before CUDA starts
+        return dev if dev.index is not None else torch.device("cuda", 0)
     return torch.device(device)
 
 

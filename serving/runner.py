@@ -394,8 +394,14 @@ class DecodeGraphs:
     """CUDA graphs of ``LlamaRunner.decode`` per (batch bucket, context bucket), sharing one memory pool. The
     inputs live in static buffers; padded rows write into the reserved block 0 and attend over one position."""
 
-    def __init__(self, runner: LlamaRunner, batch_sizes: list[int], ctx_sizes: list[int], max_blocks: int):
+    def __init__(self, runner: LlamaRunner, batch_sizes: list[int], ctx_sizes: list[int], max_blocks: int,
+                 max_batch_tokens: int | None = None):
         self.runner = runner
+        # only (batch, context) buckets whose batch * context is at most ``max_batch_tokens`` are captured: the
+        # torch path gathers batch * context tokens of K/V per layer into the graph pool (7B int8 at 8 x 2,048:
+        # about 400 MiB, a tenth of a 4 GB card), and rows that own their blocks cannot hold more than the cache
+        # (x2 for bucket rounding). A step beyond them (rows sharing prefix blocks) runs eagerly.
+        self.max_batch_tokens = max_batch_tokens
         self.batch_sizes = sorted(batch_sizes)
         self.ctx_sizes = sorted(ctx_sizes)
         bmax = self.batch_sizes[-1]
@@ -415,6 +421,8 @@ class DecodeGraphs:
         with torch.cuda.stream(stream):
             for b in reversed(self.batch_sizes):
                 for ctx in reversed(self.ctx_sizes):
+                    if not self.wanted(b, ctx):
+                        continue
                     args = (self.h[:b], self.pos[:b], self.slots[:b], self.tables[:b], self.lens[:b], ctx)
                     for _ in range(2):  # warm up kernels/workspaces outside capture
                         self.runner.decode(*args)
@@ -442,11 +450,19 @@ class DecodeGraphs:
                 out[f"b{b}_ctx{ctx}"] = round((time.perf_counter() - t) / reps * 1000, 3)
         return out
 
+    def wanted(self, b: int, ctx: int) -> bool:
+        return b == 1 or self.max_batch_tokens is None or b * ctx <= self.max_batch_tokens
+
+    def bucket(self, n: int, ctx: int) -> tuple[int, int] | None:
+        """The captured (batch, context) bucket for ``n`` rows up to ``ctx`` positions, or None (run eagerly)."""
+        b = next((x for x in self.batch_sizes if x >= n), None)
+        c = next((x for x in self.ctx_sizes if x >= ctx), None)
+        return (b, c) if b is not None and c is not None and (b, c) in self.graphs else None
+
     def run(self, h: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
             lens: torch.Tensor, ctx: int) -> torch.Tensor:
         n = h.shape[0]
-        b = next(x for x in self.batch_sizes if x >= n)
-        c = next(x for x in self.ctx_sizes if x >= ctx)
+        b, c = self.bucket(n, ctx)
         self.h[:n].copy_(h)
         self.pos[:n].copy_(pos)
         self.slots[:n].copy_(slots)

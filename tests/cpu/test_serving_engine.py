@@ -12,6 +12,7 @@ import torch
 
 from serving.config import ConfigError, ServeConfig, load_serve_config, resolve_model_path
 from serving.engine import ContextLengthError, EngineError, EngineOptions, LLMEngine, QueueFullError, SamplingParams
+from serving.kv_cache import KVCacheManager
 
 PROMPTS = ["Hello, how are", "The capital of France", "Two plus two", "Write a poem", "PPO improves", "你好"]
 
@@ -419,3 +420,51 @@ def test_auto_gptq_backend_follows_the_checkpoint(tmp_path: Path, q: dict, cuda_
     (tmp_path / "quantize_config.json").write_text(json.dumps({**q, "group_size": 128, "quant_method": "gptq"}))
     assert auto_gptq_backend(tmp_path, torch.device("cuda")) == cuda_backend
     assert auto_gptq_backend(tmp_path, torch.device("cpu")) == "torch"
+
+
+def test_padded_graph_rows_do_not_touch_real_rows(tiny_model: Path):
+    """What a CUDA graph bucket does with rows beyond the batch (block 0, one position): the real rows' logits and
+    cache contents are those of the unpadded step (the decode forward on CPU, the graphs' inputs by hand)."""
+    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=64, block_size=8, kv_cache_tokens=64,
+                                              warmup=False))
+    eng.load()
+    r, kv = eng.runner, KVCacheManager(eng.runner.cache.num_blocks, 8)
+    ids = eng.tokenizer(PROMPTS[1])["input_ids"]
+    kv.admit("a", ids + [0])
+    blocks = kv.tables["a"].blocks
+    assert 0 not in blocks
+    r.prefill(ids, blocks, 0, want_logits=False)
+    p = len(ids)
+
+    def step(rows: int) -> torch.Tensor:
+        h = r.embed(torch.tensor([7] * rows)).unsqueeze(1)
+        tables = torch.zeros(rows, eng.max_blocks_per_seq, dtype=torch.int32)
+        tables[0, :len(blocks)] = torch.tensor(blocks)
+        pos = torch.tensor([p] + [0] * (rows - 1))
+        slots = torch.tensor([kv.slot("a", p)] + [0] * (rows - 1))
+        lens = torch.tensor([p + 1] + [1] * (rows - 1), dtype=torch.int32)
+        with torch.inference_mode():
+            return r.decode(h, pos, slots, tables, lens, 64)
+
+    alone = step(1)
+    k_before = [t[blocks].clone() for t in r.cache.k]
+    padded = step(4)
+    assert torch.allclose(alone[0], padded[0], atol=1e-6)
+    # (position p is written again by the padded step: the same token, a GEMM of another batch size)
+    assert all(torch.allclose(a, t[blocks], atol=1e-6) for a, t in zip(k_before, r.cache.k, strict=True))
+    assert all(t[0].abs().sum() > 0 for t in r.cache.k)  # the padded rows wrote into block 0
+
+
+def test_no_environment_set_at_import_and_nvml_absent_is_none():
+    import subprocess
+    import sys
+
+    code = ("import os; import serving.engine, serving.app, serving.runner, serving.bench; "
+            "print(os.environ.get('PYTORCH_ALLOC_CONF'), os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["None", "None"]
+    from serving.memory import MemoryReport, process_gpu_mib
+
+    mib, _ = process_gpu_mib(0)  # no GPU here: not listed, no exception
+    assert mib is None and MemoryReport().to_dict()["kv_cache"] == 0
