@@ -189,7 +189,7 @@ class LLMEngine:
         weights_bytes = torch.cuda.memory_allocated(self.device) if cuda else 0
         mem.weights, mem.block_size, mem.kv_bytes_per_token = weights_bytes // MIB, bs, per_tok
         chunk = min(o.prefill_chunk, want_len)
-        act_bytes = self._probe_prefill(chunk, quant) if cuda else 0
+        act_bytes = self._probe_prefill(chunk, quant, want_len) if cuda else 0
         # an eager decode step (no graphs) also needs, per running row, one layer's gathered K and V (and their
         # temporaries) and the logits; a graphed step keeps those in the graph pool, which the fit loop measures
         elem = torch.tensor([], dtype=runner.dtype).element_size()
@@ -210,6 +210,11 @@ class LLMEngine:
             graph_guess = 64 * MIB if o.cuda_graphs else 0  # first guess; the fit loop below measures
             reserve = act_need(o.cuda_graphs)
             num_blocks = max(2, (budget - held - reserve - graph_guess) // per_block + 1)
+            cap = (num_blocks - 1) * bs
+            if chunk < cap < want_len:  # sequences will be shorter than the model's length: probe at that length
+                act_bytes = self._probe_prefill(chunk, quant, cap)
+                reserve = act_need(o.cuda_graphs)
+                num_blocks = max(2, (budget - held - reserve - graph_guess) // per_block + 1)
             self._fit_detail = (f"budget {budget // MIB} MiB = process {held // MIB} MiB after loading (weights "
                                 f"{weights_bytes // MIB} MiB) + prefill reserve {reserve // MIB} MiB + CUDA graphs "
                                 f"+ KV cache ({per_tok} B per token)")
@@ -289,15 +294,18 @@ class LLMEngine:
                 f"engine.max_model_len, or set engine.kv_cache_dtype=int8 / engine.embed_on_host / "
                 f"engine.lm_head_int8 / engine.cuda_stack_limit. {self._fit_detail}".strip())
 
-    def _probe_prefill(self, chunk: int, quant: bool) -> int:
-        """Transient peak of one prefill chunk (eager, outside any graph pool) over a cache just big enough."""
+    def _probe_prefill(self, chunk: int, quant: bool, context: int) -> int:
+        """Transient peak of the costliest prefill chunk (eager, outside any graph pool): the last chunk of a
+        ``context``-token sequence, whose attention gathers all of it. The probe's block table repeats a few
+        blocks (garbage K/V, the same gather size) so it needs no full-length cache."""
         runner, bs = self.runner, self.opts.block_size
         nb = -(-chunk // bs) + 1
         runner.cache = KVBlocks(len(runner.layers), nb, bs, runner.kv_heads, runner.head_dim, runner.dtype,
                                 self.device, quant)
+        table = [i % (nb - 1) + 1 for i in range(-(-context // bs))]
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(self.device)
-        runner.prefill([0] * chunk, list(range(1, nb)), 0, want_logits=True)
+        runner.prefill([0] * chunk, table, context - chunk, want_logits=True)
         torch.cuda.synchronize()
         # what the first step leaves allocated (library workspaces, e.g. cuBLAS's) is counted once, in what the
         # fit reads back; the reserve is the transient peak above it
