@@ -169,7 +169,8 @@ class LLMServer:
     @api.get("/ready")
     async def ready(self) -> Response:
         if self.engine.ready.is_set() and self.engine.alive:
-            return JSONResponse({"status": "ready", "model": self.model_name, **self.engine.load_stats()})
+            return JSONResponse({"status": "ready", "model": self.model_name, **self.engine.load_stats(),
+                                 "memory_mib": self.engine.memory_report()})
         return self._not_ready().response()
 
     @api.get("/metrics")

@@ -82,62 +82,220 @@ def _prompts(vocab: int, batch: int, length: int, seed: int = 0) -> list[list[in
     return torch.randint(10, max(11, vocab - 10), (batch, length), generator=g).tolist()
 
 
-def _engine_options(args: argparse.Namespace, cuda: bool, **overrides: Any) -> Any:
-    """The engine's options from the command line (one place for every phase that runs the engine)."""
-    from serving.engine import EngineOptions
-
-    base = dict(device="cuda" if cuda else "cpu", gpu_memory_gb=args.gpu_memory_gb, max_model_len=args.max_model_len,
+def _engine_options(args: argparse.Namespace, cuda: bool, legacy: bool = False, **overrides: Any) -> Any:
+    """The engine's options from the command line (one place for every phase that runs an engine). ``legacy``:
+    the fixed-slot engine of ``serving.bench_legacy`` (slots of ``--max-model-len``); otherwise the paged engine
+    (``--paged-max-model-len``, 0 = the model's own length limited by the budget)."""
+    base = dict(device="cuda" if cuda else "cpu", gpu_memory_gb=args.gpu_memory_gb,
                 kv_cache_dtype=args.kv_cache_dtype, embed_on_host=args.embed_on_host, lm_head_int8=args.lm_head_int8,
                 cuda_graphs=not args.no_cuda_graphs, compile=args.compile, fuse_projections=args.fuse_projections,
                 gptq_backend=args.gptq_backend, prefill_chunk=args.prefill_chunk)
+    if legacy:
+        from serving.bench_legacy.engine import EngineOptions as LegacyOptions
+
+        return LegacyOptions(**{**base, "max_model_len": args.max_model_len, **overrides})
+    from serving.engine import EngineOptions
+
+    base.update(max_model_len=args.paged_max_model_len or None, block_size=args.block_size,
+                cuda_stack_limit=args.cuda_stack_limit or None)
     return EngineOptions(**{**base, **overrides})
 
 
-def phase_engine(args: argparse.Namespace, compile_decode: bool | None = None) -> dict[str, Any]:
+def _make_engine(args: argparse.Namespace, cuda: bool, legacy: bool, **overrides: Any) -> Any:
+    if legacy:
+        from serving.bench_legacy.engine import LLMEngine as Legacy
+        from serving.memory import set_alloc_conf
+
+        set_alloc_conf()  # the fixed-slot engine set this at import; here before CUDA starts, as it did
+        return Legacy(args.model, _engine_options(args, cuda, True, **overrides))
+    from serving.engine import LLMEngine
+
+    return LLMEngine(args.model, _engine_options(args, cuda, False, **overrides))
+
+
+class _Smi:
+    """nvidia-smi polled in a thread over a whole phase (the process's MiB and the GPU's), maximum kept."""
+
+    def __init__(self, cuda: bool):
+        self.stop, self.out = threading.Event(), {}
+        self.thread = threading.Thread(target=_smi_sampler, args=(self.stop, self.out), daemon=True)
+        if cuda:
+            self.thread.start()
+
+    def result(self) -> dict[str, int]:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+        return self.out
+
+
+def _capacity(eng: Any) -> int:
+    """Concurrent sequences an engine runs: the fixed-slot engine's slots, the paged engine's max_num_seqs."""
+    return eng.num_slots
+
+
+def phase_engine(args: argparse.Namespace, compile_decode: bool | None = None, legacy: bool = False
+                 ) -> dict[str, Any]:
     import torch
 
-    from serving.engine import LLMEngine
     from serving.sampler import SamplingParams
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     result: dict[str, Any] = {}
-    if cuda:
+    smi = _Smi(cuda)
+    if cuda and (legacy or not args.cuda_stack_limit):
+        # before the engine: its 1 GiB of buffers would not fit under the engine's cap. The paged engine with a
+        # stack limit must be the first to start CUDA, so there it is left to the generate phase.
         result["bandwidth_gbps"] = round(measure_bandwidth() / 1e9, 1)
-    opts = _engine_options(args, cuda, max_num_seqs=max(args.batch_sizes), warmup=True, max_waiting=1024,
-                           compile=args.compile if compile_decode is None else compile_decode)
-    eng = LLMEngine(args.model, opts)
-    stop = threading.Event()
-    smi: dict[str, int] = {}
-    sampler = threading.Thread(target=_smi_sampler, args=(stop, smi), daemon=True)
-    if cuda:
-        sampler.start()
+    eng = _make_engine(args, cuda, legacy, max_num_seqs=max(args.batch_sizes), warmup=True, max_waiting=1024,
+                       compile=args.compile if compile_decode is None else compile_decode)
     eng.load_and_start()
     result["engine"] = eng.info
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     vocab = eng.runner.vocab
     runs = []
-    sizes = sorted(set(args.batch_sizes) | ({eng.num_slots} if eng.num_slots < max(args.batch_sizes) else set()))
+    cap = _capacity(eng)
+    sizes = sorted(set(args.batch_sizes) | ({cap} if cap < max(args.batch_sizes) else set()))
     for b in sizes:  # the budget's own maximum is always measured
-        if b > eng.num_slots:
-            runs.append({"batch": b, "skipped": f"budget holds {eng.num_slots} concurrent sequences"})
+        if b > cap:
+            runs.append({"batch": b, "skipped": f"budget holds {cap} concurrent sequences"})
             continue
         runs.append(_engine_run(eng, SamplingParams, _prompts(vocab, b, args.prompt_len, seed=b), args.gen_len))
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    if not legacy:
+        # the cache holding its most: one sequence as long as max_model_len (prompt + 32 new tokens)
+        gen = min(32, eng.max_model_len // 2)
+        fill = _engine_run(eng, SamplingParams, _prompts(vocab, 1, eng.max_model_len - gen, seed=99), gen)
+        result["full_length_run"] = {**fill, "cached_tokens_held": eng.max_model_len}
+        result["memory_report"] = eng.memory_report()
     if cuda:
         torch.cuda.synchronize()
         result["peak_allocated_serving_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
         result["reserved_mib"] = round(torch.cuda.memory_reserved() / 2**20)
-        stop.set()
-        sampler.join(timeout=5)
-        result["nvidia_smi_max"] = smi
         wbytes = eng.info["weights_bytes_on_gpu"]
         if result.get("bandwidth_gbps"):
             result["bandwidth_limit_tok_s"] = round(result["bandwidth_gbps"] * 1e9 / wbytes, 1)
+    result["nvidia_smi_max"] = smi.result()
     result["runs"] = runs
-    result["max_concurrency"] = eng.num_slots
+    result["max_concurrency"] = cap
+    result["kv_cache_tokens"] = eng.info.get("kv_cache_tokens", eng.info.get("num_slots", 0) * eng.max_model_len)
+    result["max_model_len"] = eng.max_model_len
     eng.shutdown()
     return result
+
+
+def _stream_one(eng: Any, params: Any, ids: list[int]) -> dict[str, Any]:
+    """One request through ``add_request``, timed: ttft, tokens, error."""
+    done, out = threading.Event(), {"tokens": 0}
+    t0 = time.perf_counter()
+
+    def sink(o: Any) -> None:
+        if isinstance(o, BaseException):
+            out["error"] = f"{type(o).__name__}: {str(o)[:200]}"
+            done.set()
+            return
+        out.setdefault("ttft_s", time.perf_counter() - t0)
+        out["tokens"] = o.completion_tokens
+        out.setdefault("ids", []).extend(o.token_ids)
+        if o.finish_reason:
+            out["e2e_s"] = time.perf_counter() - t0
+            done.set()
+
+    try:
+        eng.add_request(ids, params, sink)
+    except Exception as e:  # noqa: BLE001 - an admission error is this request's result
+        return {"tokens": 0, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    done.wait(1800)
+    return out
+
+
+def phase_chat(args: argparse.Namespace, prefix_caching: bool = True, legacy: bool = False) -> dict[str, Any]:
+    """A 10-turn chat whose history grows to what the cache holds: each turn sends the whole history plus a new
+    user message and streams ``turn_gen`` tokens; TTFT per turn."""
+    import torch
+
+    from serving.sampler import SamplingParams
+
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    smi = _Smi(cuda)
+    kw = {} if legacy else {"enable_prefix_caching": prefix_caching}
+    eng = _make_engine(args, cuda, legacy, max_num_seqs=2, warmup=True, **kw)
+    eng.load_and_start()
+    # the conversation reaches what the paged engine holds; the main process passes the chat phase's length on
+    # to the later chat phases so that the fixed-slot engine gets the same conversation
+    length = args.paged_chat_len or eng.max_model_len
+    per_turn = length // args.turns
+    gen = min(args.turn_gen, per_turn // 2)
+    user = per_turn - gen
+    history: list[int] = []
+    turns = []
+    vocab = eng.runner.vocab
+    for t in range(args.turns):
+        history += _prompts(vocab, 1, user, seed=1000 + t)[0]
+        r = _stream_one(eng, SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True), list(history))
+        turns.append({"turn": t + 1, "prompt_tokens": len(history), **{k: (round(v, 4) if isinstance(v, float)
+                                                                         else v) for k, v in r.items()
+                                                                     if k != "ids"}})
+        print(json.dumps(turns[-1]), file=sys.stderr, flush=True)
+        if "error" in r:
+            break
+        history += r["ids"]
+    out = {"turns": turns, "chat_tokens": length, "turn_gen": gen, "prefix_caching": prefix_caching and not legacy,
+           "engine": {k: eng.info.get(k) for k in ("kv_cache_tokens", "max_model_len", "num_slots", "block_size")},
+           "nvidia_smi_max": smi.result()}
+    eng.shutdown()
+    return out
+
+
+def phase_load(args: argparse.Namespace, legacy: bool = False) -> dict[str, Any]:
+    """Mixed-length load in-process: ``--load-requests`` prompts (``--prompts``, e.g. ../shared/data/instructionwild,
+    else random lengths), max_tokens drawn from 16..``--gen-len``, all arriving at once (the engine queues them).
+    Per-request success is kept in order so the summary can compare engines request by request."""
+    import random
+
+    import torch
+
+    from serving.sampler import SamplingParams
+
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    smi = _Smi(cuda)
+    eng = _make_engine(args, cuda, legacy, max_num_seqs=max(args.batch_sizes), warmup=True, max_waiting=4096)
+    eng.load_and_start()
+    rng = random.Random(0)
+    n = args.load_requests
+    if args.prompts:
+        from loadtest.prompts import load_prompts
+
+        texts = [p.text for p in load_prompts(args.prompts, args.gen_len, limit=n)]
+        prompts = [eng.tokenizer(t)["input_ids"] for t in texts]
+    else:
+        prompts = [_prompts(eng.runner.vocab, 1, rng.randint(8, 512), seed=i)[0] for i in range(n)]
+    max_tokens = [rng.randint(16, args.gen_len) for _ in prompts]
+    results: list[dict[str, Any]] = [{} for _ in prompts]
+    threads = []
+    t0 = time.perf_counter()
+    for i, (ids, mt) in enumerate(zip(prompts, max_tokens, strict=True)):
+        params = SamplingParams(max_tokens=mt, temperature=0.0, ignore_eos=True)
+        th = threading.Thread(target=lambda i=i, ids=ids, p=params: results.__setitem__(i, _stream_one(eng, p, ids)))
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    ttft = sorted(r["ttft_s"] for r in ok if "ttft_s" in r)
+    out = {"requests": len(prompts), "ok": [("error" not in r) for r in results], "served": len(ok),
+           "failed": len(prompts) - len(ok), "errors": sorted({r["error"][:80] for r in results if "error" in r}),
+           "tokens": sum(r["tokens"] for r in ok), "wall_s": round(wall, 2),
+           "aggregate_tok_s": round(sum(r["tokens"] for r in ok) / wall, 1),
+           "prompt_tokens_median": sorted(len(p) for p in prompts)[len(prompts) // 2],
+           "prompt_tokens_max": max(len(p) for p in prompts),
+           "ttft_s_p50": round(ttft[len(ttft) // 2], 3) if ttft else None,
+           "ttft_s_p99": round(ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))], 3) if ttft else None,
+           "preemptions": eng.load_stats().get("preemptions"), "nvidia_smi_max": smi.result()}
+    eng.shutdown()
+    return out
 
 
 def _engine_run(eng: Any, sampling_cls: Any, prompts: list[list[int]], gen_len: int) -> dict[str, Any]:
@@ -200,25 +358,31 @@ def phase_profile(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from serving.engine import LLMEngine
-
     cuda = torch.cuda.is_available() and args.device != "cpu"
-    eng = LLMEngine(args.model, _engine_options(args, cuda, max_num_seqs=1, cuda_graphs=False, warmup=False))
+    eng = _make_engine(args, cuda, False, max_num_seqs=1, cuda_graphs=False, warmup=False)
     eng.load()
     runner, steps = eng.runner, 10
     h = runner.embed(torch.zeros(1, dtype=torch.long)).unsqueeze(1)
-    pos = torch.full((1,), min(args.prompt_len, eng.max_model_len - 1), dtype=torch.long, device=runner.device)
-    ctx = next(c for c in eng.ctx_buckets if c > int(pos[0]))
+    p = min(args.prompt_len, eng.max_model_len - 1)
+    ctx = next(c for c in eng.ctx_buckets if c > p)
+    bs = eng.opts.block_size
+    nb = eng.max_blocks_per_seq
+    dev = runner.device
+    pos = torch.full((1,), p, dtype=torch.long, device=dev)
+    tables = (torch.arange(nb, dtype=torch.int32) % (runner.cache.num_blocks - 1) + 1)[None].to(dev)
+    slots = torch.tensor([int(tables[0, p // bs]) * bs + p % bs], device=dev)
+    lens = torch.tensor([p + 1], dtype=torch.int32, device=dev)
+    args_ = (h, pos, slots, tables, lens, ctx)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     with torch.inference_mode():
         for _ in range(3):
-            runner.decode(h, pos, ctx)
+            runner.decode(*args_)
         sync()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         t = time.perf_counter()
         with profile(activities=acts) as prof:
             for _ in range(steps):
-                runner.decode(h, pos, ctx)
+                runner.decode(*args_)
             sync()
         wall_ms = (time.perf_counter() - t) * 1000 / steps
     rows = []
@@ -261,10 +425,12 @@ def phase_generate(args: argparse.Namespace) -> dict[str, Any]:
     """Plain HF ``generate`` (dynamic cache, padding-free equal-length prompts) under the same cap."""
     import torch
 
+    out: dict[str, Any] = {"runs": []}
+    if torch.cuda.is_available() and args.device != "cpu":
+        out["bandwidth_gbps"] = round(measure_bandwidth() / 1e9, 1)  # before the cap
     _cap(args.gpu_memory_gb)
     model, dev = _load_hf(args)
     cuda = dev.type == "cuda"
-    out: dict[str, Any] = {"runs": []}
     if cuda:
         torch.cuda.synchronize()
         out["allocated_after_load_mib"] = round(torch.cuda.memory_allocated() / 2**20)
@@ -339,6 +505,10 @@ def phase_hf_cb(args: argparse.Namespace) -> dict[str, Any]:
 
 
 PHASES = {"engine": phase_engine, "engine_compiled": lambda a: phase_engine(a, compile_decode=True),
+          "legacy": lambda a: phase_engine(a, legacy=True), "chat": phase_chat,
+          "chat_no_prefix": lambda a: phase_chat(a, prefix_caching=False),
+          "chat_legacy": lambda a: phase_chat(a, legacy=True), "load": phase_load,
+          "load_legacy": lambda a: phase_load(a, legacy=True),
           "generate": phase_generate, "generate_uncapped": phase_generate_uncapped, "hf_cb": phase_hf_cb,
           "profile": phase_profile}
 
@@ -351,7 +521,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default="1,2,4,8", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen-len", type=int, default=128)
-    p.add_argument("--max-model-len", type=int, default=512)
+    p.add_argument("--max-model-len", type=int, default=512, help="the fixed-slot (legacy) engine's slot length")
+    p.add_argument("--paged-max-model-len", type=int, default=0,
+                   help="the paged engine's max_model_len (0: the model's own, limited by the budget)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--cuda-stack-limit", type=int, default=0, help="engine.cuda_stack_limit in bytes (0: default)")
+    p.add_argument("--turns", type=int, default=10, help="chat phases: turns")
+    p.add_argument("--turn-gen", type=int, default=64, help="chat phases: tokens generated per turn")
+    p.add_argument("--paged-chat-len", type=int, default=0, help="chat phases: tokens the whole conversation "
+                   "reaches (0: the paged engine's max_model_len; the legacy chat needs it set to compare)")
+    p.add_argument("--load-requests", type=int, default=64, help="load phases: requests")
+    p.add_argument("--prompts", help="load phases: prompt file or folder (e.g. ../shared/data/instructionwild)")
     p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--kv-cache-dtype", default="int8", choices=["auto", "int8"])
     p.add_argument("--embed-on-host", action=argparse.BooleanOptionalAction, default=None)
@@ -362,8 +542,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "as one GEMM each")
     p.add_argument("--gptq-backend", default="auto", choices=["auto", "marlin", "exllama_v2", "triton", "torch"])
     p.add_argument("--phases", default="engine,generate",
-                   help="comma list of: engine, engine_compiled (engine.compile on), generate (same cap), "
-                        "generate_uncapped, hf_cb, profile (kernel time of one eager decode step by kind)")
+                   help="comma list of: engine (paged), legacy (fixed-slot engine of 9297f40), engine_compiled "
+                        "(engine.compile on), chat, chat_no_prefix, chat_legacy (10-turn chat), load, load_legacy "
+                        "(mixed-length load), generate (same cap), generate_uncapped, hf_cb, profile (kernel time "
+                        "of one eager decode step by kind)")
     p.add_argument("--hf-continuous-batching", action="store_true", help="also run the hf_cb phase")
     p.add_argument("--phase", help=argparse.SUPPRESS)
     p.add_argument("--out", help="also write the JSON here")
@@ -395,7 +577,10 @@ def main(argv: list[str] | None = None) -> int:
         except (IndexError, json.JSONDecodeError):
             report[ph] = {"error": f"exit {proc.returncode}", "stderr_tail": proc.stderr[-2000:]}
         report[ph]["phase_s"] = round(time.monotonic() - t, 1)
+        if ph == "chat" and not args.paged_chat_len and report[ph].get("chat_tokens"):
+            raw = [*raw, "--paged-chat-len", str(report[ph]["chat_tokens"])]
     _summarize(report)
+    _summarize_paged(report)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
@@ -444,6 +629,53 @@ def _summarize(report: dict[str, Any]) -> None:
         if b1 and b1g:
             s[f"batch1_speedup_vs_{name}"] = round(b1["per_stream_decode_tok_s"] / b1g["aggregate_tok_s"], 2)
     report["summary"] = s
+
+
+def _summarize_paged(report: dict[str, Any]) -> None:
+    """The issue's targets side by side: paged engine, fixed-slot engine, HF generate."""
+    s: dict[str, Any] = {}
+    smi = {ph: r.get("nvidia_smi_max", {}).get("process_mib") for ph, r in report.items()
+           if isinstance(r, dict) and r.get("nvidia_smi_max")}
+    if smi:
+        s["nvidia_smi_process_peak_mib"] = smi
+    eng, leg = report.get("engine", {}), report.get("legacy", {})
+    if eng:
+        s["paged_kv_cache_tokens"] = eng.get("kv_cache_tokens")
+        s["paged_max_model_len"] = eng.get("max_model_len")
+        s["paged_full_length_run_ok"] = "error" not in eng.get("full_length_run", {"error": 1})
+    if leg:
+        s["legacy_kv_cache_tokens"] = leg.get("kv_cache_tokens")
+        s["legacy_max_model_len"] = leg.get("max_model_len")
+
+    def b1(r: dict) -> float | None:
+        return next((x["per_stream_decode_tok_s"] for x in r.get("runs", []) if x.get("batch") == 1
+                     and "per_stream_decode_tok_s" in x), None)
+    if b1(eng) and b1(leg):
+        s["batch1_decode_tok_s"] = {"paged": b1(eng), "legacy": b1(leg), "ratio": round(b1(eng) / b1(leg), 3)}
+    chat, nochat = report.get("chat", {}), report.get("chat_no_prefix", {})
+    if chat.get("turns"):
+        s["chat_ttft_s"] = {"prefix_caching": [t.get("ttft_s") for t in chat["turns"]],
+                            "no_prefix_caching": [t.get("ttft_s") for t in nochat.get("turns", [])],
+                            "legacy": [t.get("ttft_s") or t.get("error", "")[:60]
+                                       for t in report.get("chat_legacy", {}).get("turns", [])]}
+        pairs = [(a.get("ttft_s"), b.get("ttft_s")) for a, b in zip(chat["turns"][1:], nochat.get("turns", [])[1:],
+                                                                     strict=False)]
+        ratios = [round(a / b, 3) for a, b in pairs if a and b]
+        if ratios:
+            s["chat_ttft_ratio_turn2_on"] = {"max": max(ratios), "all": ratios}
+    load, lload = report.get("load", {}), report.get("load_legacy", {})
+    if load.get("ok"):
+        s["load"] = {"paged_tok_s": load.get("aggregate_tok_s"), "legacy_tok_s": lload.get("aggregate_tok_s"),
+                     "paged_served": load.get("served"), "legacy_served": lload.get("served"),
+                     "requests": load.get("requests")}
+        if lload.get("ok"):
+            s["load"]["served_by_legacy_failed_by_paged"] = sum(
+                1 for a, b in zip(load["ok"], lload["ok"], strict=False) if b and not a)
+    gen = report.get("generate", {})
+    if gen.get("best_aggregate_tok_s"):
+        s["generate_best_tok_s"] = gen["best_aggregate_tok_s"]
+    if s:
+        report["summary_paged"] = s
 
 
 if __name__ == "__main__":

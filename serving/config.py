@@ -18,7 +18,6 @@ from training.config import ConfigError, load_config
 
 DEFAULT_PORT = 8000
 DEFAULT_GPU_MEMORY_GB = 4.0
-DEFAULT_MAX_MODEL_LEN = 2048
 DEFAULT_MAX_NUM_SEQS = 32
 DEFAULT_MAX_WAITING = 64
 
@@ -37,15 +36,28 @@ class EngineConfig(_Strict):
         "auto", description="Activation/weight dtype for non-quantized parts. auto: fp16 on CUDA, fp32 on CPU.")
     gpu_memory_gb: float | None = Field(
         DEFAULT_GPU_MEMORY_GB, gt=0,
-        description="Budget for the whole replica on the GPU (weights, KV cache, activations, graphs); the KV "
-                    "cache gets what is left. Enforced with torch.cuda.set_per_process_memory_fraction. "
-                    "Ignored on CPU. null: no cap (cache sized by kv_cache_tokens or max_num_seqs*max_model_len).")
+        description="Budget for the whole replica on the GPU as nvidia-smi counts it: the KV blocks get what "
+                    "is left after the process's own NVML figure (CUDA context, libraries, weights, graphs) and a "
+                    "prefill reserve. The allocator is also capped with set_per_process_memory_fraction. "
+                    "Ignored on CPU. null: no cap (cache sized by kv_cache_tokens or "
+                    "max_num_seqs*max_model_len).")
     cpu_kv_cache_gb: float = Field(0.5, gt=0, description="KV cache budget on CPU.")
-    max_model_len: int = Field(DEFAULT_MAX_MODEL_LEN, ge=16, description="Longest prompt + completion, in tokens.")
+    max_model_len: int | None = Field(
+        None, ge=16, description="Longest prompt + completion, in tokens. None: the model's own context "
+                                 "(max_position_embeddings), limited to what the KV cache budget holds.")
+    block_size: int = Field(16, ge=8, le=256, description="Tokens per KV cache block (a power of two).")
+    enable_prefix_caching: bool = Field(True, description="Share full KV blocks between requests with the same "
+                                        "prefix (multi-turn chat, system prompts); unused ones are evicted LRU.")
+    cuda_stack_limit: int | None = Field(
+        None, ge=0, description="Bytes of CUDA per-thread stack, set through libcudart before CUDA starts (H200: "
+                                "256 makes the bare context 414 MiB instead of 612). None: CUDA's default.")
+    attention_kernel: Literal["auto", "torch"] = Field(
+        "auto", description="Decode attention over blocks. auto: the Triton kernel on CUDA when "
+                            "serving.kernels.paged_attention is installed, else torch (gather + SDPA).")
     max_num_seqs: int = Field(DEFAULT_MAX_NUM_SEQS, ge=1, le=256,
                               description="Most sequences decoding at once (upper bound; the budget may allow fewer).")
     max_waiting: int = Field(DEFAULT_MAX_WAITING, ge=0,
-                             description="Requests allowed to wait for a free slot; beyond it the API answers 429.")
+                             description="Requests allowed to wait for KV blocks; beyond it the API answers 429.")
     max_prefill_tokens: int = Field(4096, ge=16, description="Prompt tokens prefilled per engine step at most.")
     prefill_chunk: int = Field(256, ge=16, description="Prompt tokens per prefill forward (bounds activation memory).")
     kv_cache_dtype: Literal["auto", "int8"] = Field(
@@ -74,7 +86,17 @@ class EngineConfig(_Strict):
     def _buckets(self) -> EngineConfig:
         if not self.graph_batch_sizes or any(b < 1 for b in self.graph_batch_sizes):
             raise ValueError("graph_batch_sizes must be a non-empty list of positive integers")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         return self
+
+    @classmethod
+    def from_config(cls, cfg: object) -> EngineConfig:
+        """An ``EngineConfig`` from itself, a dict or another object with the same fields."""
+        if isinstance(cls, type) and isinstance(cfg, cls):
+            return cfg
+        data = cfg.model_dump() if hasattr(cfg, "model_dump") else dict(cfg)
+        return cls(**{k: v for k, v in data.items() if k in cls.model_fields})
 
 
 class AutoscalingConfig(_Strict):

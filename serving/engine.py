@@ -1,21 +1,20 @@
-"""The LLM engine of one replica: continuous batching over a fixed-slot KV cache, CUDA-graph decode.
+"""The LLM engine of one replica: continuous batching over a paged KV cache with prefix caching, CUDA-graph
+decode. The public face (``submit``/``generate``/``abort``/``load_stats``) is what the API layer and in-process
+users (PPO rollouts) call; the parts live beside it:
 
-Design (see README "Serving"; the model side lives in ``serving.model``):
-- The loaded Hugging Face model (fp16/bf16, or GPTQ through GPTQModel, whose QuantLinear modules replace the
-  linears) provides the weights; ``LlamaRunner`` runs a compact Llama-family forward over them with its own
-  attention over ``KVCache`` (one slot of ``max_model_len`` tokens per running sequence, optionally int8).
-- The cache is sized from ``gpu_memory_gb``: the budget minus what the loaded weights and a measured
-  activation peak take. The process is capped with ``torch.cuda.set_per_process_memory_fraction``.
-- A background thread runs the scheduler: each step admits waiting requests (chunked prefill into a free
-  slot), then decodes one token for every running sequence. New requests join at token granularity;
-  finished ones leave and the last slot is moved into the hole so the batch stays dense (rows 0..B-1).
-- On CUDA the decode step (all layers, norm, lm_head) is captured as a CUDA graph per (batch bucket, context
-  bucket); sampling, stop checks and detokenization run outside the graph.
-- Callers use ``generate()`` (async iterator of ``StepOutput``); leaving the iterator early aborts the
-  sequence and frees its slot.
+- ``serving.model`` loads the weights (HF fp16/bf16, or GPTQ through GPTQModel);
+- ``serving.runner`` runs the forward with attention through block tables, and the CUDA graphs;
+- ``serving.kv_cache`` owns the blocks, block tables and the prefix cache;
+- ``serving.scheduler`` decides each step: admission by free blocks, chunked prefill after the cached prefix,
+  preemption (recompute) when blocks run out;
+- ``serving.memory`` reports where the GPU memory went (``MemoryReport``, NVML included).
 
-Imports only torch/transformers (+gptqmodel for GPTQ checkpoints): no Ray, FastAPI or pydantic, so the
-benchmark runs on machines without them.
+The cache is sized from ``gpu_memory_gb`` counted as nvidia-smi counts the process: the budget minus what the
+process already holds on the GPU after loading (CUDA context, libraries, weights, by NVML) minus a measured
+prefill reserve and the CUDA graphs' pool. A background thread runs the scheduler loop; sampling, stop checks and
+detokenization run outside the graphs.
+
+Imports torch/transformers (+gptqmodel for GPTQ checkpoints) and pydantic (the config): no Ray or FastAPI.
 """
 
 from __future__ import annotations
@@ -28,31 +27,30 @@ import os
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from serving.config import EngineConfig
 from serving.errors import ContextLengthError, EngineDeadError, EngineError, QueueFullError
-from serving.model import (
-    GIB,
-    DecodeGraphs,
-    Int8Linear,
-    KVCache,
-    LlamaRunner,
-    _buckets,
-    load_model,
-    resolve_device,
-)
+from serving.kv_cache import KVBlocks, KVCacheManager
+from serving.memory import MIB, MemoryReport, process_gpu_mib, set_alloc_conf, set_cuda_stack_limit
+from serving.model import GIB, Int8Linear, load_model, resolve_device
+from serving.runner import DecodeGraphs, LlamaRunner, buckets
 from serving.sampler import SamplingParams, TokenLogprob, sample
+from serving.scheduler import RequestTimes, Scheduler, Sequence, StatsListener
+
+__all__ = ["ContextLengthError", "EngineConfig", "EngineDeadError", "EngineError", "EngineOptions", "LLMEngine",
+           "QueueFullError", "RequestStream", "RequestTimes", "SamplingParams", "Sequence", "StatsListener",
+           "StepOutput"]
 
 logger = logging.getLogger("serving.engine")
 
-
-# ----------------------------------------------------------------------------------------------- requests
+# The engine's options are the pydantic EngineConfig; the old name stays for callers (bench, API layer).
+EngineOptions = EngineConfig
 
 
 @dataclass
@@ -67,87 +65,8 @@ class StepOutput:
     completion_tokens: int
 
 
-@dataclass
-class RequestTimes:
-    arrival: float
-    scheduled: float | None = None
-    first_token: float | None = None
-    last_token: float | None = None
-    finished: float | None = None
-
-
-class Sequence:
-    __slots__ = ("id", "prompt_ids", "params", "sink", "output_ids", "slot", "pos", "text", "emitted",
-                 "prefix_offset", "read_offset", "pending_ids", "pending_lp", "generator", "times", "finished",
-                 "finish_reason", "counts", "stop_hold")
-
-    def __init__(self, seq_id: str, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Any], None]):
-        self.id = seq_id
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.sink = sink
-        self.output_ids: list[int] = []
-        self.slot = -1
-        self.pos = 0  # tokens in the cache
-        self.text = ""
-        self.emitted = 0  # chars of text already sent
-        self.prefix_offset = 0
-        self.read_offset = 0
-        self.pending_ids: list[int] = []
-        self.pending_lp: list[TokenLogprob] = []
-        self.generator: torch.Generator | None = None
-        self.times = RequestTimes(arrival=time.monotonic())
-        self.finished = False
-        self.finish_reason: str | None = None
-        self.counts: torch.Tensor | None = None  # token counts for presence/frequency penalties
-        self.stop_hold = max((len(s) for s in params.stop), default=1) - 1
-
-
-class StatsListener:
-    """Hooks the engine calls from its thread (``serving.metrics.EngineMetrics`` implements them)."""
-
-    def on_admitted(self, seq: Sequence) -> None: ...
-    def on_token(self, seq: Sequence, now: float) -> None: ...
-    def on_finished(self, seq: Sequence) -> None: ...
-    def on_step(self, running: int, waiting: int, kv_usage: float) -> None: ...
-
-
-# ----------------------------------------------------------------------------------------------- engine
-
-
-@dataclass
-class EngineOptions:
-    """Plain mirror of ``serving.config.EngineConfig`` (the engine must not need pydantic)."""
-
-    device: str = "auto"
-    dtype: str = "auto"
-    gpu_memory_gb: float | None = 4.0
-    cpu_kv_cache_gb: float = 0.5
-    max_model_len: int = 2048
-    max_num_seqs: int = 32
-    max_waiting: int = 64
-    max_prefill_tokens: int = 4096
-    prefill_chunk: int = 256
-    kv_cache_dtype: str = "auto"
-    kv_cache_tokens: int | None = None
-    embed_on_host: bool | None = None
-    lm_head_int8: bool = False
-    cuda_graphs: bool = True
-    compile: bool = False
-    fuse_projections: bool = False
-    graph_batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 24, 32, 48, 64])
-    gptq_backend: str = "auto"
-    warmup: bool = True
-    seed: int = 0
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> EngineOptions:
-        data = cfg.model_dump() if hasattr(cfg, "model_dump") else dict(cfg)
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-
-
 class RequestStream:
-    """Async iterator over one sequence's ``StepOutput``s; ``cancel()`` aborts it and frees its slot."""
+    """Async iterator over one sequence's ``StepOutput``s; ``cancel()`` aborts it and frees its blocks."""
 
     def __init__(self, engine: LLMEngine, seq: Sequence, q: asyncio.Queue):
         self.engine, self.seq, self.q, self.done = engine, seq, q, False
@@ -173,12 +92,13 @@ class RequestStream:
 
 
 class LLMEngine:
-    """Owns model, tokenizer, KV cache and the scheduler thread. ``load()`` then ``start()``; thread-safe API."""
+    """Owns model, tokenizer, KV cache and the scheduler thread. ``load_and_start()``; thread-safe API."""
 
-    def __init__(self, model_path: str | Path, options: EngineOptions | None = None, tokenizer_path: str | None = None,
-                 chat_template: str | None = None, stats: StatsListener | None = None):
+    def __init__(self, model_path: str | Path, options: EngineConfig | dict | None = None,
+                 tokenizer_path: str | None = None, chat_template: str | None = None,
+                 stats: StatsListener | None = None):
         self.path = Path(model_path)
-        self.opts = options or EngineOptions()
+        self.opts = EngineConfig() if options is None else EngineConfig.from_config(options)
         self.tokenizer_path = tokenizer_path
         self.chat_template = chat_template
         self.stats = stats or StatsListener()
@@ -186,183 +106,266 @@ class LLMEngine:
         self.ready = threading.Event()
         self.error: BaseException | None = None
         self.info: dict[str, Any] = {}
+        self.memory = MemoryReport(device=str(self.device))
+        self.heartbeat: float = time.monotonic()  # the scheduler loop's latest iteration (idle: every 0.5 s)
         self._inbox: queue.Queue = queue.Queue()
         self._aborts: set[str] = set()
         self._lock = threading.Lock()
         self._num_waiting = 0
-        self._waiting: deque[Sequence] = deque()
-        self._running: list[Sequence] = []
         self._ids = itertools.count()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.tokenizer = None
         self.runner: LlamaRunner | None = None
         self.graphs: DecodeGraphs | None = None
-        self.max_model_len = self.opts.max_model_len
-        self.num_slots = 0
+        self.kv: KVCacheManager | None = None
+        self.sched: Scheduler | None = None
+        self.max_model_len = self.opts.max_model_len or 0
+        self.ctx_buckets: list[int] = []
         self._fit_detail = ""
         # Tests only: seconds added to every decode step, so that a tiny CPU model cannot finish a stream in the
         # moment between a client's hang-up and the server noticing it (tests/cpu/test_serving.py).
         self._test_step_delay = float(os.environ.get("SERVING_TEST_STEP_DELAY_S") or 0)
 
     # ------------------------------------------------------------------ setup
+    @property
+    def num_slots(self) -> int:
+        """Most sequences that can run at once (``max_num_seqs``; blocks decide how many actually do)."""
+        return self.opts.max_num_seqs if self.kv is not None else 0
+
+    def _start_cuda(self) -> int | None:
+        """Process-level CUDA settings that only work before CUDA starts: allocator config, stack limit."""
+        set_alloc_conf()
+        stack = None
+        if self.opts.cuda_stack_limit is not None:
+            stack = set_cuda_stack_limit(self.device.index or 0, self.opts.cuda_stack_limit)
+        torch.cuda.set_device(self.device)
+        torch.zeros(1, device=self.device)  # the context now, so NVML sees the process
+        return stack
+
+    def _nvml_mib(self) -> int | None:
+        torch.cuda.synchronize(self.device)
+        time.sleep(0.3)  # nvidia-smi's per-process figure trails a fresh allocation (the context probe waits too)
+        mib, src = process_gpu_mib(self.device.index or 0)
+        self.memory.nvml_source = src
+        return mib
+
     def load(self) -> None:
-        """Load weights and tokenizer, size and allocate the KV cache, capture graphs, warm up."""
+        """Load weights and tokenizer, size and allocate the KV blocks, capture graphs."""
         from transformers import AutoTokenizer
 
         t0 = time.monotonic()
         o = self.opts
         cuda = self.device.type == "cuda"
+        mem = self.memory
         budget = None
         if cuda:
-            torch.cuda.set_device(self.device)
+            mem.cuda_stack_limit = self._start_cuda()
             total = torch.cuda.get_device_properties(self.device).total_memory
             if o.gpu_memory_gb is not None:
                 budget = int(o.gpu_memory_gb * GIB)
                 torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), self.device)
+                mem.budget = budget // MIB
             torch.cuda.reset_peak_memory_stats(self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path or str(self.path))
         if self.chat_template:
             self.tokenizer.chat_template = self.chat_template
         model, is_gptq = load_model(self.path, self.device, o.dtype, o.gptq_backend)
-        cfg_len = getattr(model.config, "max_position_embeddings", None) or o.max_model_len
-        self.max_model_len = min(o.max_model_len, cfg_len)
+        model_len = int(getattr(model.config, "max_position_embeddings", None) or o.max_model_len or 2048)
+        want_len = min(o.max_model_len or model_len, model_len)
         embed_on_host = o.embed_on_host if o.embed_on_host is not None else (cuda and budget is not None)
-        self.runner = runner = LlamaRunner(model, self.device, embed_on_host, o.lm_head_int8, o.fuse_projections)
+        self.runner = runner = LlamaRunner(model, self.device, embed_on_host, o.lm_head_int8, o.fuse_projections,
+                                           paged_kernel=o.attention_kernel == "auto")
         compiled = runner.compile_decode() if o.compile else False
         self._model = model
+        bs = o.block_size
+        quant = o.kv_cache_dtype == "int8"
+        per_tok = KVBlocks.bytes_per_token(len(runner.layers), runner.kv_heads, runner.head_dim, runner.dtype,
+                                           quant)
+        per_block = per_tok * bs
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
         weights_bytes = torch.cuda.memory_allocated(self.device) if cuda else 0
-        quant = o.kv_cache_dtype == "int8"
-        per_tok = KVCache.bytes_per_token(len(runner.layers), runner.kv_heads, runner.head_dim, runner.dtype, quant)
-        chunk = min(o.prefill_chunk, self.max_model_len)
-        # measure the activation peak of one prefill chunk (eager, outside any graph pool) with a small cache
-        act_bytes = 0
-        if cuda:
-            runner.cache = KVCache(len(runner.layers), 1, self.max_model_len, runner.kv_heads,
-                                   runner.head_dim, runner.dtype, self.device, quant)
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            runner.prefill([0] * chunk, 0, 0, want_logits=True)
-            torch.cuda.synchronize()
-            # what the first step leaves allocated (library workspaces, e.g. cuBLAS's) is counted once, in the
-            # reserved memory the fit loop reads; the reserve is the transient peak above it
-            kept = torch.cuda.memory_allocated(self.device)
-            act_bytes = torch.cuda.max_memory_allocated(self.device) - kept
-            self.info["memory_mib"] = {"weights": weights_bytes >> 20, "first_step_kept": (kept - base) >> 20,
-                                       "prefill_chunk_peak": act_bytes >> 20}
-            runner.cache = None
-            torch.cuda.empty_cache()
-        # an eager decode step (no graphs) also needs, per running row, one layer's dequantized K and V (and their
+        mem.weights, mem.block_size, mem.kv_bytes_per_token = weights_bytes // MIB, bs, per_tok
+        chunk = min(o.prefill_chunk, want_len)
+        act_bytes = self._probe_prefill(chunk, quant, want_len) if cuda else 0
+        # an eager decode step (no graphs) also needs, per running row, one layer's gathered K and V (and their
         # temporaries) and the logits; a graphed step keeps those in the graph pool, which the fit loop measures
         elem = torch.tensor([], dtype=runner.dtype).element_size()
-        decode_row = (self.max_model_len * runner.kv_heads * runner.head_dim * 4 * elem if quant else 0) + \
-            runner.vocab * 8
+        decode_row = want_len * runner.kv_heads * runner.head_dim * 4 * elem + runner.vocab * 8
 
-        def act_need(slots: int, graphed: bool) -> int:  # kept free beyond the cache (and graph pool)
-            return int(max(act_bytes, 0 if graphed else slots * decode_row) * 1.25) + 32 * 1024**2
+        def act_need(graphed: bool) -> int:  # kept free beyond the cache (and graph pool)
+            rows = 0 if graphed else min(o.max_num_seqs, 8) * decode_row
+            return int(max(act_bytes, rows) * 1.25) + 32 * MIB
 
-        if o.kv_cache_tokens is not None:
-            kv_tokens = o.kv_cache_tokens
-        elif cuda and budget is not None:
-            graph_guess = 48 * 1024**2 if o.cuda_graphs else 0  # first guess; the fit loop below measures
-            reserve = act_need(0, True)
-            row_share = 0 if o.cuda_graphs else int(decode_row * 1.25) // self.max_model_len
-            kv_tokens = max(self.max_model_len,
-                            (budget - weights_bytes - reserve - graph_guess) // (per_tok + row_share))
-            self._fit_detail = (f"budget {budget >> 20} MiB = weights {weights_bytes >> 20} MiB + activation "
-                                f"reserve {reserve >> 20} MiB + KV cache ({per_tok} B per token) + CUDA graphs")
-            logger.info("budget fit: %s; first try %d slots", self._fit_detail, kv_tokens // self.max_model_len)
-        elif cuda:
-            kv_tokens = o.max_num_seqs * self.max_model_len
-        else:
-            kv_tokens = int(o.cpu_kv_cache_gb * GIB) // per_tok
-        self.ctx_buckets = _buckets(self.max_model_len)
         fit = cuda and budget is not None and o.kv_cache_tokens is None
-        # allocate cache + graphs, measure the total against the budget, give up one slot at a time until it fits
-        for _attempt in range(o.max_num_seqs + 1):
+        if o.kv_cache_tokens is not None:
+            num_blocks = -(-o.kv_cache_tokens // bs) + 1
+        elif fit:
+            used = self._nvml_mib()
+            held = used * MIB if used is not None else torch.cuda.memory_reserved(self.device)
+            if used is None:
+                mem.notes.append("NVML did not list this process: the fit counts the allocator only")
+            graph_guess = 64 * MIB if o.cuda_graphs else 0  # first guess; the fit loop below measures
+            reserve = act_need(o.cuda_graphs)
+            num_blocks = max(2, (budget - held - reserve - graph_guess) // per_block + 1)
+            cap = (num_blocks - 1) * bs
+            if chunk < cap < want_len:  # sequences will be shorter than the model's length: probe at that length
+                act_bytes = self._probe_prefill(chunk, quant, cap)
+                reserve = act_need(o.cuda_graphs)
+                num_blocks = max(2, (budget - held - reserve - graph_guess) // per_block + 1)
+            self._fit_detail = (f"budget {budget // MIB} MiB = process {held // MIB} MiB after loading (weights "
+                                f"{weights_bytes // MIB} MiB) + prefill reserve {reserve // MIB} MiB + CUDA graphs "
+                                f"+ KV cache ({per_tok} B per token)")
+            logger.info("budget fit: %s; first try %d blocks", self._fit_detail, num_blocks - 1)
+        elif cuda:
+            num_blocks = o.max_num_seqs * -(-want_len // bs) + 1
+        else:
+            # host memory: the budget, but no more than 4 full-length sequences per running slot (a 512 MiB
+            # cache of zeros took 4 s to allocate on the CI machine for a model that needs kilobytes)
+            num_blocks = min(int(o.cpu_kv_cache_gb * GIB) // per_block,
+                             4 * o.max_num_seqs * -(-want_len // bs)) + 1
+        for _attempt in range(8):
+            cap_tokens = (num_blocks - 1) * bs
+            self._check_fits(cap_tokens, want_len, explicit=o.max_model_len is not None)
+            self.max_model_len = min(want_len, cap_tokens)
             try:
-                self._allocate(kv_tokens, quant, oom_raises=fit)
-            except torch.OutOfMemoryError as e:
-                over = self.max_model_len * per_tok
-                logger.info("budget fit: %d slots do not fit (%s); one fewer", self.num_slots, str(e)[:120])
-            else:
-                if not fit:
-                    break
-                torch.cuda.synchronize()
+                self._allocate(num_blocks, quant, oom_raises=fit)
+            except torch.OutOfMemoryError as e:  # under the allocator cap: give up 64 MiB of blocks, retry
+                logger.info("budget fit: %d blocks do not fit (%s)", num_blocks - 1, str(e)[:120])
+                num_blocks -= max(1, 64 * MIB // per_block)
+                self.graphs = runner.cache = None
                 torch.cuda.empty_cache()
-                reserved = torch.cuda.memory_reserved(self.device)
-                allocated = torch.cuda.memory_allocated(self.device)
-                kv_bytes, reserve = runner.cache.nbytes(), act_need(self.num_slots, self.graphs is not None)
-                over = reserved + reserve - budget
-                self.info["memory_mib"].update({
-                    "kv_cache": kv_bytes >> 20, "allocated": allocated >> 20, "reserved": reserved >> 20,
-                    "other_allocated": (allocated - weights_bytes - kv_bytes) >> 20,
-                    "reserved_not_allocated": (reserved - allocated) >> 20, "prefill_reserve": reserve >> 20,
-                    "pools": _pool_summary(self.device)})
-                if over <= 0:
-                    break
-                logger.info("budget fit: %d slots leave %d MiB too little for prefill: %s", self.num_slots,
-                            over >> 20, json.dumps(self.info["memory_mib"]))
-            kv_tokens = min(kv_tokens, self.num_slots * self.max_model_len) - max(self.max_model_len,
-                                                                                  -(-over // per_tok))
+                continue
+            if not fit:
+                break
+            torch.cuda.empty_cache()
+            used = self._nvml_mib()
+            reserved = torch.cuda.memory_reserved(self.device)
+            held = used * MIB if used is not None else reserved
+            reserve = act_need(self.graphs is not None)
+            over = held + reserve - budget
+            self._fill_memory(used, reserve)
+            if over <= 0:
+                break
+            logger.info("budget fit: %d blocks leave %d MiB too little: %s", num_blocks - 1, over // MIB,
+                        json.dumps(mem.to_dict()))
+            num_blocks -= -(-over // per_block)
             self.graphs = None
             runner.cache = None
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
         else:
-            raise EngineError("could not fit the KV cache and CUDA graphs into engine.gpu_memory_gb")
+            raise EngineError(f"could not fit the KV cache and CUDA graphs into engine.gpu_memory_gb: "
+                              f"{self._fit_detail}")
+        if not fit:
+            self._fill_memory(self._nvml_mib() if cuda else None, act_need(self.graphs is not None) if cuda else 0)
+        self.kv = KVCacheManager(num_blocks, bs, o.enable_prefix_caching, extra_key=str(self.path.resolve()))
+        self.sched = Scheduler(self.kv, o.max_num_seqs, o.max_prefill_tokens, o.prefill_chunk, self.stats)
         self.eos_ids = self._eos_ids(model)
         if self.graphs is not None:
             self.info["decode_graph_ms"] = self.graphs.time_replay()
         self.info.update({
             "model": str(self.path), "gptq": is_gptq, "device": str(self.device), "dtype": str(runner.dtype),
             "layers": len(runner.layers), "kv_cache_dtype": "int8" if quant else str(runner.dtype),
-            "kv_bytes_per_token": per_tok, "kv_cache_bytes": runner.cache.nbytes(), "num_slots": self.num_slots,
-            "max_model_len": self.max_model_len, "embed_on_host": runner.embed_on_host,
-            "lm_head_int8": isinstance(runner.lm_head, Int8Linear), "cuda_graphs": self.graphs is not None,
-            "compiled_decode": compiled, "fused_projections": {"qkv": len(runner.fused_qkv),
-                                                                "gate_up": len(runner.fused_gate_up)},
+            "kv_bytes_per_token": per_tok, "kv_cache_bytes": runner.cache.nbytes(), "block_size": bs,
+            "num_blocks": num_blocks - 1, "kv_cache_tokens": (num_blocks - 1) * bs, "max_num_seqs": o.max_num_seqs,
+            "max_model_len": self.max_model_len, "model_max_len": model_len,
+            "prefix_caching": o.enable_prefix_caching, "attention": runner.attention_path,
+            "embed_on_host": runner.embed_on_host, "lm_head_int8": isinstance(runner.lm_head, Int8Linear),
+            "cuda_graphs": self.graphs is not None, "compiled_decode": compiled,
+            "fused_projections": {"qkv": len(runner.fused_qkv), "gate_up": len(runner.fused_gate_up)},
             "weights_bytes_on_gpu": weights_bytes, "activation_probe_bytes": act_bytes,
             "gpu_memory_budget_bytes": budget, "load_s": round(time.monotonic() - t0, 2),
+            "memory_mib": mem.to_dict(),
         })
-        if cuda:
-            torch.cuda.synchronize()
-            self.info["allocated_after_load_bytes"] = torch.cuda.memory_allocated(self.device)
-            self.info["peak_allocated_load_bytes"] = torch.cuda.max_memory_allocated(self.device)
         logger.info("engine loaded %s", json.dumps(self.info))
+        logger.info("memory report (MiB): %s", json.dumps(mem.to_dict()))
 
-    def _allocate(self, kv_tokens: int, quant: bool, oom_raises: bool = False) -> None:
-        """Cache of ``kv_tokens // max_model_len`` slots, then CUDA graphs. A capture that runs out of memory
-        raises when ``oom_raises`` and a slot can still be given up (graphs are worth more than one slot);
-        any other capture failure falls back to eager decode."""
-        o, runner = self.opts, self.runner
-        self.num_slots = min(o.max_num_seqs, kv_tokens // self.max_model_len)
-        if self.num_slots < 1:
+    def _check_fits(self, cap_tokens: int, want_len: int, explicit: bool) -> None:
+        """Refuse to start when the cache cannot hold one full-length sequence (an explicit max_model_len), or
+        holds less than one prefill chunk / 256 tokens (the model's own length, limited by the budget)."""
+        floor = want_len if explicit else min(want_len, max(self.opts.prefill_chunk, 256))
+        if cap_tokens < floor:
             raise EngineError(
-                f"the memory budget leaves room for {max(0, kv_tokens)} cached tokens, less than one sequence of "
-                f"max_model_len={self.max_model_len}: raise engine.gpu_memory_gb, lower engine.max_model_len, or "
-                f"set engine.kv_cache_dtype=int8 / engine.embed_on_host / engine.lm_head_int8. "
-                f"{self._fit_detail}".strip())
-        runner.cache = KVCache(len(runner.layers), self.num_slots, self.max_model_len, runner.kv_heads,
-                               runner.head_dim, runner.dtype, self.device, quant)
+                f"the memory budget leaves room for {max(0, cap_tokens)} cached tokens, less than one sequence of "
+                f"{floor} tokens (max_model_len={want_len}): raise engine.gpu_memory_gb, lower "
+                f"engine.max_model_len, or set engine.kv_cache_dtype=int8 / engine.embed_on_host / "
+                f"engine.lm_head_int8 / engine.cuda_stack_limit. {self._fit_detail}".strip())
+
+    def _probe_prefill(self, chunk: int, quant: bool, context: int) -> int:
+        """Transient peak of the costliest prefill chunk (eager, outside any graph pool): the last chunk of a
+        ``context``-token sequence, whose attention gathers all of it. The probe's block table repeats a few
+        blocks (garbage K/V, the same gather size) so it needs no full-length cache."""
+        runner, bs = self.runner, self.opts.block_size
+        nb = -(-chunk // bs) + 1
+        runner.cache = KVBlocks(len(runner.layers), nb, bs, runner.kv_heads, runner.head_dim, runner.dtype,
+                                self.device, quant)
+        table = [i % (nb - 1) + 1 for i in range(-(-context // bs))]
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        runner.prefill([0] * chunk, table, context - chunk, want_logits=True)
+        torch.cuda.synchronize()
+        # what the first step leaves allocated (library workspaces, e.g. cuBLAS's) is counted once, in what the
+        # fit reads back; the reserve is the transient peak above it
+        kept = torch.cuda.memory_allocated(self.device)
+        act = torch.cuda.max_memory_allocated(self.device) - kept
+        runner.cache = None
+        torch.cuda.empty_cache()
+        return act
+
+    def _fill_memory(self, nvml_mib: int | None, reserve: int) -> None:
+        m, runner = self.memory, self.runner
+        m.kv_cache = runner.cache.nbytes() // MIB
+        m.kv_blocks = runner.cache.num_blocks - 1
+        m.kv_tokens = m.kv_blocks * runner.cache.block_size
+        m.activation_reserve = reserve // MIB
+        if self.device.type != "cuda":
+            return
+        torch.cuda.synchronize()
+        m.allocated = torch.cuda.memory_allocated(self.device) // MIB
+        m.reserved = torch.cuda.memory_reserved(self.device) // MIB
+        pools = _pool_summary(self.device)
+        m.graph_pool = sum(v[0] for k, v in pools.items() if k != "main")
+        m.workspaces = max(0, m.allocated - m.weights - m.kv_cache - sum(v[1] for k, v in pools.items()
+                                                                         if k != "main"))
+        m.process_nvml = nvml_mib
+        m.outside_allocator = nvml_mib - m.reserved if nvml_mib is not None else None
+
+    def memory_report(self) -> dict[str, Any]:
+        """The typed report as a dict, with a fresh NVML reading on CUDA (what ``/ready`` shows)."""
+        if self.device.type == "cuda" and self.runner is not None and self.runner.cache is not None:
+            mib, _ = process_gpu_mib(self.device.index or 0)
+            if mib is not None:
+                self.memory.process_nvml = mib
+                self.memory.outside_allocator = mib - torch.cuda.memory_reserved(self.device) // MIB
+        return self.memory.to_dict()
+
+    def _allocate(self, num_blocks: int, quant: bool, oom_raises: bool = False) -> None:
+        """KV blocks, then CUDA graphs. A capture that runs out of memory raises when ``oom_raises`` (graphs are
+        worth more than a few blocks); any other capture failure falls back to eager decode, said in ``info``."""
+        o, runner = self.opts, self.runner
+        runner.cache = KVBlocks(len(runner.layers), num_blocks, o.block_size, runner.kv_heads, runner.head_dim,
+                                runner.dtype, self.device, quant)
+        self.ctx_buckets = buckets(self.max_model_len)
+        self.max_blocks_per_seq = -(-self.max_model_len // o.block_size)
         self.graphs = None
         if self.device.type == "cuda" and o.cuda_graphs:
-            sizes = sorted({min(b, self.num_slots) for b in o.graph_batch_sizes})
-            graphs = DecodeGraphs(runner, sizes, self.ctx_buckets)
+            sizes = sorted({min(b, o.max_num_seqs) for b in o.graph_batch_sizes})
+            graphs = DecodeGraphs(runner, sizes, self.ctx_buckets, self.max_blocks_per_seq,
+                                  max_batch_tokens=2 * (num_blocks - 1) * o.block_size)
             try:
                 graphs.capture()
                 self.graphs = graphs
             except RuntimeError as e:  # a kernel that cannot be captured: run eager, say so
                 del graphs
-                if isinstance(e, torch.OutOfMemoryError) and oom_raises and self.num_slots > 1:
+                if isinstance(e, torch.OutOfMemoryError) and oom_raises:
                     raise
                 logger.warning("CUDA graph capture failed, decoding eagerly: %s", e)
                 self.info["cuda_graphs_error"] = str(e)[:500]
                 torch.cuda.synchronize()
+                torch.cuda.empty_cache()
 
     def _eos_ids(self, model: torch.nn.Module) -> set[int]:
         ids: set[int] = set()
@@ -377,7 +380,7 @@ class LLMEngine:
         return ids
 
     def start(self) -> None:
-        """Start the scheduler thread; warm up; then set ``ready``."""
+        """Start the scheduler thread."""
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._thread.start()
 
@@ -426,17 +429,19 @@ class LLMEngine:
             raise EngineDeadError("the engine is not running")
         n = len(prompt_ids)
         if n == 0:
-            raise EngineError("the prompt is empty", param="messages")
+            raise EngineError("the prompt is empty")
         if n + params.max_tokens > self.max_model_len:
+            held = self.kv.capacity_tokens if self.kv is not None else self.max_model_len
             raise ContextLengthError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{n + params.max_tokens} tokens ({n} in the messages, {params.max_tokens} in the completion). "
-                f"Please reduce the length of the messages or completion.")
+                f"This model's maximum context length is {self.max_model_len} tokens (the KV cache holds {held} "
+                f"tokens). However, you requested {n + params.max_tokens} tokens ({n} prompt tokens and "
+                f"max_tokens={params.max_tokens} completion tokens). Please shorten the prompt or the completion.")
         seq = Sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), params, sink)
         with self._lock:
-            if self._num_waiting >= self.opts.max_waiting + max(0, self.num_slots - len(self._running)):
-                raise QueueFullError(f"the server is at capacity ({self.num_slots} running, "
-                                     f"{self._num_waiting} waiting); retry later")
+            running = len(self.sched.running) if self.sched is not None else 0
+            if self._num_waiting >= self.opts.max_waiting + max(0, self.opts.max_num_seqs - running):
+                raise QueueFullError(f"the server is at capacity ({running} running, {self._num_waiting} "
+                                     f"waiting); retry later")
             self._num_waiting += 1
         self._inbox.put(seq)
         return seq
@@ -456,58 +461,43 @@ class LLMEngine:
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[StepOutput]:
         """Stream ``StepOutput``s; raises ``EngineError`` subclasses; closing early aborts the sequence."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        seq = self.add_request(prompt_ids, params, lambda o: loop.call_soon_threadsafe(q.put_nowait, o), request_id)
-        finished = False
+        stream = self.submit(prompt_ids, params, request_id)
         try:
-            while True:
-                out = await q.get()
-                if isinstance(out, BaseException):
-                    finished = True
-                    raise out
-                if out.finish_reason is not None:
-                    finished = True
+            async for out in stream:
                 yield out
-                if finished:
-                    return
         finally:
-            if not finished:
-                self.abort(seq.id)
+            stream.cancel()
 
     def load_stats(self) -> dict[str, Any]:
-        return {"running": len(self._running), "waiting": self._num_waiting, "slots": self.num_slots,
-                "kv_usage": self._kv_usage()}
-
-    def _kv_usage(self) -> float:
-        if not self.num_slots:
-            return 0.0
-        return sum(s.pos for s in list(self._running)) / (self.num_slots * self.max_model_len)
+        s, kv = self.sched, self.kv
+        return {"running": len(s.running) if s else 0, "waiting": self._num_waiting, "slots": self.num_slots,
+                "kv_usage": kv.usage() if kv else 0.0, "free_blocks": kv.pool.num_free if kv else 0,
+                "total_blocks": kv.pool.usable if kv else 0, "preemptions": s.num_preemptions if s else 0}
 
     # ------------------------------------------------------------------ scheduler thread
     def _loop(self) -> None:
+        sched = self.sched
         try:
             while not self._stop.is_set():
-                self._drain_inbox(block=not self._running and not self._waiting)
+                self.heartbeat = time.monotonic()
+                self._drain_inbox(block=not sched.running and not sched.waiting)
                 if self._stop.is_set():
                     break
-                self._admit()
-                if self._running:
-                    self._decode_step()
-                    if self._test_step_delay:
-                        time.sleep(self._test_step_delay)
-                self.stats.on_step(len(self._running), self._num_waiting, self._kv_usage())
+                self._step()
+                self.stats.on_step(len(sched.running), self._num_waiting, self.kv.usage())
         except BaseException as e:  # noqa: BLE001 - the loop must report any failure to every caller
             logger.exception("engine loop died")
             self.error = e
-            for s in list(self._running) + list(self._waiting):
+            for s in list(sched.running) + list(sched.waiting):
                 s.sink(EngineDeadError(f"engine failure: {e}"))
-            self._running.clear()
-            self._waiting.clear()
+                self.kv.free(s.id)
+            sched.running.clear()
+            sched.waiting.clear()
 
     def _drain_inbox(self, block: bool) -> None:
         items = []
         try:
+            # idle: wake at least every 0.5 s so ``heartbeat`` stays fresh for the watchdog
             items.append(self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait())
             while True:
                 items.append(self._inbox.get_nowait())
@@ -519,60 +509,76 @@ class LLMEngine:
             if isinstance(it, tuple):
                 self._aborts.add(it[1])
             else:
-                self._waiting.append(it)
+                self.sched.add(it)
         if self._aborts:
-            for s in [s for s in self._waiting if s.id in self._aborts]:
-                self._waiting.remove(s)
-                with self._lock:
-                    self._num_waiting -= 1
-                s.finish_reason = "abort"
-                self._finish(s, notify=False)
-            for s in [s for s in self._running if s.id in self._aborts]:
+            sched = self.sched
+            for s in [s for s in (*sched.waiting, *sched.running) if s.id in self._aborts]:
                 s.finish_reason = "abort"
                 self._finish(s, notify=False)
             self._aborts.clear()
 
-    def _admit(self) -> None:
-        budget = self.opts.max_prefill_tokens
-        while self._waiting and len(self._running) < self.num_slots and budget > 0:
-            seq = self._waiting.popleft()
+    def _step(self) -> None:
+        sched = self.sched
+        for seq in sched.admit():
             with self._lock:
                 self._num_waiting -= 1
-            seq.slot = len(self._running)
-            seq.times.scheduled = time.monotonic()
-            self._running.append(seq)
-            self.stats.on_admitted(seq)
+            if seq.times.scheduled is None:
+                seq.times.scheduled = time.monotonic()
+                self.stats.on_admitted(seq)
+        for ch in sched.prefill_chunks():
+            seq = ch.seq
+            want = ch.last and seq.sample_after_prefill
             try:
-                ids = seq.prompt_ids
-                chunk = self.opts.prefill_chunk
-                logits = None
-                for s in range(0, len(ids), chunk):
-                    last = s + chunk >= len(ids)
-                    logits = self.runner.prefill(ids[s:s + chunk], seq.slot, s, want_logits=last)
-                seq.pos = len(ids)
-                budget -= len(ids)
-                token, lps = sample(logits[None], [seq])
-                self._append(seq, token[0], lps[0] if lps else None)
+                logits = self.runner.prefill(seq.compute_ids[ch.start:ch.end], self.kv.tables[seq.id].blocks,
+                                             ch.start, want_logits=want)
             except EngineError as e:
                 seq.sink(e)
                 self._finish(seq, notify=False)
+                continue
+            seq.num_computed = ch.end
+            sched.after_tokens(seq)
+            if ch.last:
+                seq.prefilled = True
+                if want:
+                    token, lps = sample(logits[None], [seq])
+                    self._append(seq, token[0], lps[0] if lps else None)
+        waiting = len(sched.waiting)
+        batch = sched.schedule_decode()
+        if len(sched.waiting) > waiting:  # preempted sequences wait again
+            with self._lock:
+                self._num_waiting += len(sched.waiting) - waiting
+        if batch:
+            self._decode_step(batch)
+            if self._test_step_delay:
+                time.sleep(self._test_step_delay)
 
     @torch.inference_mode()
-    def _decode_step(self) -> None:
-        seqs = self._running
+    def _decode_step(self, seqs: list[Sequence]) -> None:
+        kv, bs = self.kv, self.opts.block_size
+        n = len(seqs)
         last = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long)
-        pos_list = [s.pos for s in seqs]
+        pos_list = [s.num_computed for s in seqs]
+        tables = torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            blocks = kv.tables[s.id].blocks
+            tables[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        slots = torch.tensor([kv.slot(s.id, p) for s, p in zip(seqs, pos_list, strict=True)], dtype=torch.long)
+        lens = torch.tensor([p + 1 for p in pos_list], dtype=torch.int32)
+        pos = torch.tensor(pos_list, dtype=torch.long)
+        dev = self.device
         h = self.runner.embed(last).unsqueeze(1)
-        pos = torch.tensor(pos_list, dtype=torch.long).to(self.device, non_blocking=True)
+        pos, slots, tables, lens = (t.to(dev, non_blocking=True) for t in (pos, slots, tables, lens))
         ctx = next(c for c in self.ctx_buckets if c >= max(pos_list) + 1)
-        if self.graphs is not None:
-            logits = self.graphs.run(h, pos, ctx)
+        if self.graphs is not None and self.graphs.bucket(n, ctx) is not None:
+            logits = self.graphs.run(h, pos, slots, tables, lens, ctx)
         else:
-            logits = self.runner.decode(h, pos, ctx)
+            logits = self.runner.decode(h, pos, slots, tables, lens, ctx)
         for s in seqs:
-            s.pos += 1
+            s.num_computed += 1
+            if s.num_computed % bs == 0:
+                self.sched.after_tokens(s)
         tokens, lps = sample(logits, seqs)
-        for i, s in enumerate(list(seqs)):
+        for i, s in enumerate(seqs):
             self._append(s, tokens[i], lps[i] if lps else None)
 
     def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> None:
@@ -602,7 +608,7 @@ class LLMEngine:
                 seq.finish_reason = "stop"
                 self._finish(seq)
                 return
-        if len(seq.output_ids) >= p.max_tokens or seq.pos + 1 >= self.max_model_len:
+        if len(seq.output_ids) >= p.max_tokens or seq.num_computed + 1 >= self.max_model_len:
             seq.finish_reason = "length"
             self._finish(seq)
             return
@@ -633,17 +639,12 @@ class LLMEngine:
             return
         seq.finished = True
         seq.times.finished = time.monotonic()
-        if seq in self._running:
-            i = self._running.index(seq)
-            lastseq = self._running[-1]
-            if lastseq is not seq:  # keep rows dense: move the last row's cache into the hole
-                self.runner.cache.move(lastseq.slot, seq.slot, lastseq.pos)
-                lastseq.slot = seq.slot
-                self._running[i] = lastseq
-            self._running.pop()
+        if self.sched.remove(seq):
+            with self._lock:
+                self._num_waiting -= 1
         # metrics first: a client that reads /metrics as soon as its answer arrives sees this request counted
         self.stats.on_finished(seq)
-        self.stats.on_step(len(self._running), self._num_waiting, self._kv_usage())
+        self.stats.on_step(len(self.sched.running), self._num_waiting, self.kv.usage())
         if notify:
             self._emit(seq, len(seq.text), seq.finish_reason)
 

@@ -47,8 +47,8 @@ class EngineMetrics(StatsListener):
         self.running = Gauge("vllm:num_requests_running", "Sequences in the running batch.", lab,
                              registry=r).labels(m)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting for a slot.", lab, registry=r).labels(m)
-        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of the KV cache holding tokens (0-1).", lab,
-                              registry=r).labels(m)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "Fraction of KV cache blocks in use by running "
+                              "sequences (0-1).", lab, registry=r).labels(m)
         self.gpu_cache_usage = Gauge("vllm:gpu_cache_usage_perc", "Same as kv_cache_usage_perc (older vLLM name).",
                                      lab, registry=r).labels(m)
         success = Counter("vllm:request_success", "Finished requests by finish reason.", lab + ["finished_reason"],
@@ -58,6 +58,12 @@ class EngineMetrics(StatsListener):
                                registry=r)
         self.http_requests = Counter("vllm:http_requests", "HTTP requests by endpoint and status code.",
                                      lab + ["endpoint", "status_code"], registry=r)
+        self.preemptions = Counter("vllm:num_preemptions", "Sequences preempted (blocks freed, recomputed later) "
+                                   "because the KV cache ran out of blocks.", lab, registry=r).labels(m)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      lab, registry=r).labels(m)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache (their "
+                                   "prefill skipped).", lab, registry=r).labels(m)
         self.cache_config = Gauge("vllm:cache_config_info", "KV cache configuration.",
                                   lab + ["num_slots", "max_model_len", "cache_dtype"], registry=r)
 
@@ -65,6 +71,13 @@ class EngineMetrics(StatsListener):
     def on_admitted(self, seq: Sequence) -> None:
         self.queue.observe(seq.times.scheduled - seq.times.arrival)
         self.prompt_tokens.inc(len(seq.prompt_ids))
+
+    def on_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None:
+        self.prefix_queries.inc(queried_tokens)
+        self.prefix_hits.inc(hit_tokens)
+
+    def on_preempted(self, seq: Sequence) -> None:
+        self.preemptions.inc()
 
     def on_token(self, seq: Sequence, now: float) -> None:
         self.generation_tokens.inc()

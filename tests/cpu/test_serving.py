@@ -286,7 +286,7 @@ def test_queue_full_429_and_disconnect_frees_capacity(server):
     deadline = time.monotonic() + 30
     while True:
         stats = httpx.get(f"{base}/ready").json()
-        if stats["running"] == 0 and stats["waiting"] == 0:
+        if stats["running"] == 0 and stats["waiting"] == 0 and stats["free_blocks"] == stats["total_blocks"]:
             break
         assert time.monotonic() < deadline, f"disconnected streams still hold capacity: {stats}"
         time.sleep(0.2)
@@ -323,3 +323,7 @@ def test_metrics_count_what_was_sent(server, client):
     assert delta("vllm:request_queue_time_seconds_count") == 1
     assert _metric(after, "vllm:num_requests_running") == 0
     assert ("vllm:kv_cache_usage_perc", (("model_name", MODEL),)) in after
+    assert ("vllm:prefix_cache_queries_total", (("model_name", MODEL),)) in after
+    assert delta("vllm:prefix_cache_queries_total") == r.usage.prompt_tokens
+    ready = httpx.get(f"{server['base']}/ready").json()
+    assert ready["memory_mib"]["kv_tokens"] == ready["total_blocks"] * ready["memory_mib"]["block_size"]

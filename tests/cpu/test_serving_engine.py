@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from serving.config import ConfigError, ServeConfig, load_serve_config, resolve_model_path
-from serving.engine import ContextLengthError, EngineOptions, LLMEngine, QueueFullError, SamplingParams
+from serving.engine import ContextLengthError, EngineError, EngineOptions, LLMEngine, QueueFullError, SamplingParams
+from serving.kv_cache import KVCacheManager
 
 PROMPTS = ["Hello, how are", "The capital of France", "Two plus two", "Write a poem", "PPO improves", "你好"]
 
@@ -71,8 +72,11 @@ def test_stop_strings_and_sampling(engine: LLMEngine):
 
 
 def test_admission_errors(engine: LLMEngine):
-    with pytest.raises(ContextLengthError):
+    with pytest.raises(ContextLengthError) as e:
         engine.add_request([1] * 100, SamplingParams(max_tokens=50), lambda o: None)
+    # the numbers, no wire field name (the API layer sets param)
+    msg = str(e.value)
+    assert "100 prompt tokens" in msg and "max_tokens=50" in msg and "128 tokens" in msg and e.value.param is None
     sinks = []
     with pytest.raises(QueueFullError):
         for _ in range(20):  # 4 slots + 3 waiting, nothing drained yet
@@ -84,7 +88,122 @@ def test_admission_errors(engine: LLMEngine):
         if engine.load_stats()["running"] == 0 and engine.load_stats()["waiting"] == 0:
             break
         asyncio.run(asyncio.sleep(0.05))
-    assert engine.load_stats() | {"kv_usage": 0} == {"running": 0, "waiting": 0, "slots": 4, "kv_usage": 0}
+    stats = engine.load_stats()
+    assert (stats["running"], stats["waiting"], stats["slots"]) == (0, 0, 4)
+    assert stats["free_blocks"] == stats["total_blocks"] and stats["kv_usage"] == 0
+
+
+def _stream_all(eng: LLMEngine, prompts: list[list[int]], max_tokens: int, stagger: float = 0.0) -> list[list[int]]:
+    async def one(i: int, ids: list[int]) -> list[int]:
+        await asyncio.sleep(stagger * i)
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        return [t for o in [o async for o in eng.generate(ids, params)] for t in o.token_ids]
+
+    async def run() -> list[list[int]]:
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+    return asyncio.run(run())
+
+
+def _hf(model, ids: list[int], max_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                             do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def test_paged_prefix_hits_match_generate_and_are_counted(tiny_model: Path):
+    """Blocks of 8 tokens, prompts of 19-30 tokens sharing a 16-token system prefix, 20 new tokens each (several
+    block boundaries), chunked prefill of 16: greedy fp32 tokens equal HF generate, the second and later prompts
+    start after the cached prefix, and the metrics count the reused tokens."""
+    from serving.metrics import EngineMetrics
+
+    metrics = EngineMetrics("tiny")
+    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=96, max_num_seqs=4, block_size=8,
+                                              prefill_chunk=16, warmup=False), stats=metrics)
+    eng.load_and_start()
+    try:
+        tok = eng.tokenizer
+        system = (tok("You are a helpful assistant. Answer briefly.")["input_ids"] * 3)[:16]
+        prompts = [system + tok(p)["input_ids"] for p in PROMPTS[:4]]
+        first = _stream_all(eng, prompts[:1], 20)
+        assert metrics.prefix_hits._value.get() == 0
+        rest = _stream_all(eng, prompts[1:], 20, stagger=0.02)
+        for ids, got in zip(prompts, first + rest, strict=True):
+            assert got == _hf(eng._model, ids, 20)
+        queried = sum(len(p) for p in prompts)
+        assert metrics.prefix_queries._value.get() == queried
+        assert metrics.prefix_hits._value.get() >= 3 * 16  # every later prompt reused the 2 system blocks
+        # a whole earlier turn + its reply as the next prompt: the cache holds all but the last block of it
+        turn2 = prompts[0] + first[0] + tok(" and then?")["input_ids"]
+        hits = metrics.prefix_hits._value.get()
+        assert _stream_all(eng, [turn2], 6)[0] == _hf(eng._model, turn2, 6)
+        assert metrics.prefix_hits._value.get() - hits >= (len(prompts[0]) + 20) // 8 * 8 - 8
+        stats = eng.load_stats()
+        assert stats["free_blocks"] == stats["total_blocks"] and stats["running"] == 0
+    finally:
+        eng.shutdown()
+
+
+def test_preemption_recomputes_and_matches_generate(tiny_model: Path):
+    """A cache of 12 blocks of 8 tokens (96 tokens) and 4 sequences that grow to 40 tokens each (160): blocks run
+    out mid-decode, the newest sequences are preempted and recomputed, and every stream still equals HF generate
+    token for token; the preemptions are counted and every block comes back."""
+    from serving.metrics import EngineMetrics
+
+    metrics = EngineMetrics("tiny")
+    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=96, max_num_seqs=4, block_size=8,
+                                              kv_cache_tokens=96, warmup=False), stats=metrics)
+    eng.load_and_start()
+    try:
+        prompts = [eng.tokenizer(p)["input_ids"] for p in PROMPTS[:4]]
+        got = _stream_all(eng, prompts, 34)
+        for ids, toks in zip(prompts, got, strict=True):
+            assert toks == _hf(eng._model, ids, 34)
+        assert eng.sched.num_preemptions > 0
+        assert metrics.preemptions._value.get() == eng.sched.num_preemptions
+        stats = eng.load_stats()
+        assert stats["free_blocks"] == stats["total_blocks"] == 12 and stats["waiting"] == 0
+    finally:
+        eng.shutdown()
+
+
+def test_disconnect_frees_blocks_and_impossible_prompt_names_the_cache(tiny_model: Path):
+    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_num_seqs=2, block_size=8, kv_cache_tokens=256,
+                                              warmup=False))
+    eng.load_and_start()
+    try:
+        # max_model_len follows the model (512) but is limited to what the cache holds
+        assert eng.info["model_max_len"] == 512 and eng.max_model_len == 256
+        ids = eng.tokenizer(PROMPTS[0])["input_ids"]
+
+        async def hang_up() -> int:
+            agen = eng.generate(ids, SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
+            n = 0
+            async for o in agen:
+                n += len(o.token_ids)
+                if n >= 3:
+                    break
+            await agen.aclose()
+            return n
+
+        assert asyncio.run(hang_up()) >= 3
+        for _ in range(100):
+            stats = eng.load_stats()
+            if stats["running"] == 0 and stats["free_blocks"] == stats["total_blocks"]:
+                break
+            asyncio.run(asyncio.sleep(0.05))
+        assert stats["running"] == 0 and stats["free_blocks"] == stats["total_blocks"] == 32
+        with pytest.raises(ContextLengthError, match="the KV cache holds 256 tokens"):
+            eng.add_request([5] * 240, SamplingParams(max_tokens=20), lambda o: None)
+    finally:
+        eng.shutdown()
+
+
+def test_budget_that_cannot_hold_one_sequence_refuses_to_start(tiny_model: Path):
+    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=256, block_size=8, kv_cache_tokens=64))
+    with pytest.raises(EngineError, match="room for 64 cached tokens, less than one sequence of 256"):
+        eng.load_and_start()
 
 
 def test_int8_kv_cache_runs(tiny_model: Path):
@@ -102,13 +221,13 @@ def test_int8_kv_cache_runs(tiny_model: Path):
 
 def test_generic_decode_layer_matches_generate(tiny_model: Path):
     """The module-based decode layer (architectures without the fused pieces, e.g. Qwen3's q/k norms)."""
-    import serving.model
+    import serving.runner
 
-    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=64, max_num_seqs=3))
+    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=64, max_num_seqs=3, block_size=8))
     eng.load_and_start()
     try:
-        assert eng.runner.decode_layer_fn is serving.model.fused_decode_layer  # a Llama: the pieces by default
-        eng.runner.decode_layer_fn = serving.model.decode_layer
+        assert eng.runner.decode_layer_fn is serving.runner.fused_decode_layer  # a Llama: the pieces by default
+        eng.runner.decode_layer_fn = serving.runner.decode_layer
         got = _generate_all(eng, PROMPTS[:3], max_tokens=6)
         for p, toks in zip(PROMPTS[:3], got, strict=True):
             assert toks == _reference(eng._model, eng.tokenizer, p, 6), p
@@ -119,14 +238,14 @@ def test_generic_decode_layer_matches_generate(tiny_model: Path):
 @pytest.mark.parametrize("kv", ["auto", "int8"])
 def test_compiled_decode_layer_aot_eager_backend_matches_eager(tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
                                                                kv: str):
-    """engine.compile: the element-wise work of a decode layer runs as 4 compiled programs that every layer shares
+    """engine.compile: the element-wise work of a decode layer runs as 5 compiled programs that every layer shares
     (dynamo + AOT autograd here; the "aot_eager" backend skips the C++/Triton build that CUDA gets), and the
     engine decodes token for token as the eager path does."""
     from torch._dynamo.utils import counters
 
-    import serving.model
+    import serving.runner
 
-    monkeypatch.setattr(serving.model, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(serving.runner, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     counters.clear()
     outs = []
@@ -141,8 +260,8 @@ def test_compiled_decode_layer_aot_eager_backend_matches_eager(tiny_model: Path,
         finally:
             eng.shutdown()
     assert outs[0] == outs[1]
-    # one program per piece and batch size (1..3), whatever the number of layers: no per-layer recompiles
-    assert layers > 1 and 4 <= counters["frames"]["total"] <= 4 * 3 and not counters["graph_break"]
+    # one program per piece (5) and batch size (1..3), whatever the number of layers: no per-layer recompiles
+    assert layers > 1 and 5 <= counters["frames"]["total"] <= 5 * 3 and not counters["graph_break"]
 
 
 @pytest.mark.parametrize("compile_", [False, True])
@@ -152,9 +271,9 @@ def test_fused_projections_decode_as_the_separate_ones_aot_eager_when_compiled(
     engine (prefill and decode, eager or compiled pieces) generates what HF generate does."""
     from transformers import AutoModelForCausalLM
 
-    import serving.model
+    import serving.runner
 
-    monkeypatch.setattr(serving.model, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(serving.runner, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=64, max_num_seqs=3, fuse_projections=True,
                                               compile=compile_))
@@ -301,3 +420,51 @@ def test_auto_gptq_backend_follows_the_checkpoint(tmp_path: Path, q: dict, cuda_
     (tmp_path / "quantize_config.json").write_text(json.dumps({**q, "group_size": 128, "quant_method": "gptq"}))
     assert auto_gptq_backend(tmp_path, torch.device("cuda")) == cuda_backend
     assert auto_gptq_backend(tmp_path, torch.device("cpu")) == "torch"
+
+
+def test_padded_graph_rows_do_not_touch_real_rows(tiny_model: Path):
+    """What a CUDA graph bucket does with rows beyond the batch (block 0, one position): the real rows' logits and
+    cache contents are those of the unpadded step (the decode forward on CPU, the graphs' inputs by hand)."""
+    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=64, block_size=8, kv_cache_tokens=64,
+                                              warmup=False))
+    eng.load()
+    r, kv = eng.runner, KVCacheManager(eng.runner.cache.num_blocks, 8)
+    ids = eng.tokenizer(PROMPTS[1])["input_ids"]
+    kv.admit("a", ids + [0])
+    blocks = kv.tables["a"].blocks
+    assert 0 not in blocks
+    r.prefill(ids, blocks, 0, want_logits=False)
+    p = len(ids)
+
+    def step(rows: int) -> torch.Tensor:
+        h = r.embed(torch.tensor([7] * rows)).unsqueeze(1)
+        tables = torch.zeros(rows, eng.max_blocks_per_seq, dtype=torch.int32)
+        tables[0, :len(blocks)] = torch.tensor(blocks)
+        pos = torch.tensor([p] + [0] * (rows - 1))
+        slots = torch.tensor([kv.slot("a", p)] + [0] * (rows - 1))
+        lens = torch.tensor([p + 1] + [1] * (rows - 1), dtype=torch.int32)
+        with torch.inference_mode():
+            return r.decode(h, pos, slots, tables, lens, 64)
+
+    alone = step(1)
+    k_before = [t[blocks].clone() for t in r.cache.k]
+    padded = step(4)
+    assert torch.allclose(alone[0], padded[0], atol=1e-6)
+    # (position p is written again by the padded step: the same token, a GEMM of another batch size)
+    assert all(torch.allclose(a, t[blocks], atol=1e-6) for a, t in zip(k_before, r.cache.k, strict=True))
+    assert all(t[0].abs().sum() > 0 for t in r.cache.k)  # the padded rows wrote into block 0
+
+
+def test_no_environment_set_at_import_and_nvml_absent_is_none():
+    import subprocess
+    import sys
+
+    code = ("import os; import serving.engine, serving.app, serving.runner, serving.bench; "
+            "print(os.environ.get('PYTORCH_ALLOC_CONF'), os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["None", "None"]
+    from serving.memory import MemoryReport, process_gpu_mib
+
+    mib, _ = process_gpu_mib(0)  # no GPU here: not listed, no exception
+    assert mib is None and MemoryReport().to_dict()["kv_cache"] == 0

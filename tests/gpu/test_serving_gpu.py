@@ -47,13 +47,17 @@ def test_cuda_graph_decode_matches_eager(tiny_model: Path):
 
 def test_budget_caps_allocations(tiny_model: Path):
     torch.cuda.reset_peak_memory_stats()
-    eng = LLMEngine(tiny_model, EngineOptions(device="cuda", gpu_memory_gb=0.5, max_model_len=256, max_num_seqs=64,
+    # the budget is the whole process as nvidia-smi counts it (CUDA context included: 612 MiB bare on the H200)
+    eng = LLMEngine(tiny_model, EngineOptions(device="cuda", gpu_memory_gb=1.5, max_model_len=256, max_num_seqs=64,
                                               kv_cache_dtype="int8"))
     eng.load_and_start()
     try:
         _run(eng, 32)
-        assert torch.cuda.max_memory_allocated() <= 0.5 * 1024**3
-        assert eng.num_slots >= 4
+        assert torch.cuda.max_memory_allocated() <= 1.5 * 1024**3
+        assert eng.info["kv_cache_tokens"] >= 4 * 256
+        report = eng.memory_report()
+        if report["process_nvml"] is not None:
+            assert report["process_nvml"] <= 1.5 * 1024 and report["outside_allocator"] > 0
     finally:
         eng.shutdown()
 

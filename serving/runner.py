@@ -1,0 +1,487 @@
+"""The forward pass over the loaded model with attention through block tables (``serving.kv_cache`` layout),
+and the decode step captured as CUDA graphs per (batch bucket, context bucket).
+
+Attention over blocks has two implementations behind one signature (helpers' PAGED_INTERFACE):
+- the torch path here (``write_kv``, ``paged_decode_attention_ref``, ``paged_prefill_attention_ref``): gather a
+  row's blocks into a dense [kv_heads, context, head_dim] tensor, then SDPA. It is what CPU serving runs, and
+  it is graph safe (fixed shapes per context bucket, no host sync);
+- ``serving.kernels.paged_attention.paged_decode_attention`` (Triton), used for decode on CUDA when that module
+  imports: it reads K/V in place instead of gathering them.
+
+Imports only torch (the model's modules come from ``serving.model.load_model``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from serving.kv_cache import KVBlocks
+from serving.model import Int8Linear, fuse_linears, quantize_int8
+
+logger = logging.getLogger("serving.runner")
+
+# the torch.compile backend of ``LlamaRunner.compile_decode``; SERVING_COMPILE_BACKEND=aot_eager checks the
+# traced graphs without code generation (the CPU tests use it: no C++ build)
+COMPILE_BACKEND = os.environ.get("SERVING_COMPILE_BACKEND", "inductor")
+
+
+# ----------------------------------------------------------------------------------- attention over blocks
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
+    """k/v [num_tokens, kv_heads, head_dim] into the cache at flat slots (block * block_size + offset); int8 with
+    per (token, head) scales when scales are given."""
+    bs = k_cache.shape[2]
+    blk, off = slot_mapping // bs, slot_mapping % bs
+    if k_scale is not None:
+        (k, ks), (v, vs) = quantize_int8(k, k_scale.dtype), quantize_int8(v, v_scale.dtype)
+        k_scale[blk, :, off] = ks
+        v_scale[blk, :, off] = vs
+    k_cache[blk, :, off] = k
+    v_cache[blk, :, off] = v
+
+
+def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+              v_scale: torch.Tensor | None, blocks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """blocks [..., nb] (long) -> dense K, V [..., kv_heads, nb*block_size, head_dim] in ``dtype``."""
+    def one(c: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        x = c[blocks]  # [..., nb, kvh, bs, hd]
+        if s is not None:
+            x = x.to(dtype) * s[blocks]
+        x = x.movedim(-4, -3)  # [..., kvh, nb, bs, hd]
+        return x.reshape(*x.shape[:-3], x.shape[-3] * x.shape[-2], x.shape[-1])
+    return one(k_cache, k_scale), one(v_cache, v_scale)
+
+
+def _decode_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                   v_scale: torch.Tensor | None, block_tables: torch.Tensor, mask: torch.Tensor, scale: float,
+                   num_blocks: int) -> torch.Tensor:
+    """q [b, nh, hd] over the first ``num_blocks`` table entries; mask [b, 1, 1, num_blocks*bs] -> [b, nh*hd]."""
+    b, nh, hd = q.shape
+    kk, vv = gather_kv(k_cache, v_cache, k_scale, v_scale, block_tables[:, :num_blocks].long(), q.dtype)
+    kvh = kk.shape[1]
+    o = F.scaled_dot_product_attention(q.reshape(b, kvh, nh // kvh, hd), kk, vv, attn_mask=mask, scale=scale)
+    return o.reshape(b, nh * hd)
+
+
+def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, block_tables: torch.Tensor,
+                               context_lens: torch.Tensor, scale: float, max_context: int) -> torch.Tensor:
+    """The interface's decode attention in torch: q [b, nh, hd] (rotated) -> [b, nh, hd]."""
+    bs = k_cache.shape[2]
+    nb = -(-max_context // bs)
+    mask = (torch.arange(nb * bs, device=q.device)[None, :] < context_lens[:, None]).view(q.shape[0], 1, 1, -1)
+    return _decode_attend(q, k_cache, v_cache, k_scale, v_scale, block_tables, mask, scale, nb).view_as(q)
+
+
+def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, block_table: torch.Tensor,
+                                start: int, scale: float) -> torch.Tensor:
+    """One sequence's chunk: q [t, nh, hd] at positions start..start+t-1, causal over cache positions
+    0..start+t-1 (the chunk's K/V already written) -> [t, nh, hd]."""
+    t, nh, hd = q.shape
+    end = start + t
+    bs = k_cache.shape[2]
+    kk, vv = gather_kv(k_cache, v_cache, k_scale, v_scale, block_table[:-(-end // bs)].long(), q.dtype)
+    kk, vv = kk[:, :end], vv[:, :end]  # [kvh, end, hd]
+    groups = nh // kk.shape[0]
+    if groups > 1:
+        kk, vv = kk.repeat_interleave(groups, dim=0), vv.repeat_interleave(groups, dim=0)
+    pos = torch.arange(start, end, device=q.device)
+    mask = torch.arange(end, device=q.device)[None, :] <= pos[:, None]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=mask, scale=scale)
+    return o.transpose(0, 1)
+
+
+def triton_decode_attention() -> Callable | None:
+    """``serving.kernels.paged_attention.paged_decode_attention`` when that module imports (the Triton kernel of
+    helper "pagedattn"), else None (the torch path)."""
+    try:
+        from serving.kernels.paged_attention import paged_decode_attention
+    except ImportError:
+        return None
+    return paged_decode_attention
+
+
+# ----------------------------------------------------------------------------------- the forward
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+class LlamaRunner:
+    """A compact Llama-family forward that reuses the loaded model's modules, with attention over ``KVBlocks``."""
+
+    def __init__(self, model: nn.Module, device: torch.device, embed_on_host: bool, lm_head_int8: bool,
+                 fuse_projections: bool = False, paged_kernel: bool = True):
+        inner = model.model
+        cfg = model.config
+        self.config = cfg
+        self.device = device
+        self.layers = list(inner.layers)
+        self.norm = inner.norm
+        self.rotary = inner.rotary_emb
+        self.hidden = cfg.hidden_size
+        self.n_heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or self.hidden // self.n_heads
+        self.groups = self.n_heads // self.kv_heads
+        self.scale = self.head_dim ** -0.5
+        self.vocab = cfg.vocab_size
+        emb = inner.embed_tokens
+        self.dtype = self.norm.weight.dtype
+        self.embed_on_host = embed_on_host and device.type == "cuda"
+        if self.embed_on_host and getattr(model.lm_head, "weight", None) is emb.weight:
+            logger.warning("embed_on_host ignored: the embedding is tied to lm_head")
+            self.embed_on_host = False
+        if self.embed_on_host:
+            self.embed_weight = emb.weight.detach().to("cpu").pin_memory()
+            emb.weight = nn.Parameter(torch.empty(0, device=device), requires_grad=False)
+        else:
+            self.embed_weight = emb.weight.detach()
+        self.lm_head: nn.Module = model.lm_head
+        if lm_head_int8 and isinstance(model.lm_head, nn.Linear):
+            weight = model.lm_head.weight
+            model.lm_head = nn.Identity()
+            self.lm_head = Int8Linear(weight.to("cpu"))
+            del weight
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.lm_head = self.lm_head.to(device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.cache: KVBlocks | None = None
+        # decode attention: the Triton kernel on CUDA when its module is there, else the torch gather + SDPA
+        self.decode_kernel = triton_decode_attention() if device.type == "cuda" and paged_kernel else None
+        # q/k/v and gate/up as one GEMM each (``fuse_linears``), keyed by the attention / MLP module's id
+        self.fused_qkv: dict[int, nn.Module] = {}
+        self.fused_gate_up: dict[int, nn.Module] = {}
+        self.qkv_sizes = (self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim)
+        # SiLU Llama-style layers decode through tensor-only pieces (``fused_decode_layer``) that
+        # ``compile_decode`` can compile; other architectures go through their own modules (``decode_layer``)
+        self.fusable = getattr(cfg, "hidden_act", "silu") == "silu" and all(
+            not hasattr(layer.self_attn, "q_norm") and hasattr(layer.input_layernorm, "variance_epsilon")
+            for layer in self.layers)
+        self.decode_layer_fn = decode_layer
+        self.fused = dict(FUSED_PIECES)
+        if self.fusable:
+            self.eps = float(self.layers[0].input_layernorm.variance_epsilon)
+            # plain tensors, not Parameters: dynamo guards on a Parameter's identity and would compile per layer
+            self.norm_w = {id(layer): (layer.input_layernorm.weight.detach(),
+                                       layer.post_attention_layernorm.weight.detach()) for layer in self.layers}
+            self.decode_layer_fn = fused_decode_layer
+        if fuse_projections:
+            self._fuse_projections()
+
+    @property
+    def attention_path(self) -> str:
+        return "triton" if self.decode_kernel is not None else "torch"
+
+    def _fuse_projections(self) -> None:
+        """Replace each layer's q/k/v and gate/up projections by one fused module (freeing the separate ones)
+        where ``fuse_linears`` can; SiLU-gated MLPs only."""
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            groups = [(attn, ("q_proj", "k_proj", "v_proj"), self.fused_qkv)]
+            if self.fusable and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+                groups.append((mlp, ("gate_proj", "up_proj"), self.fused_gate_up))
+            for owner, names, table in groups:
+                fused = fuse_linears([getattr(owner, n) for n in names])
+                if fused is not None:
+                    table[id(owner)] = fused
+                    for n in names:
+                        setattr(owner, n, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        logger.info("fused projections: q/k/v in %d of %d layers, gate/up in %d", len(self.fused_qkv),
+                    len(self.layers), len(self.fused_gate_up))
+
+    def project_qkv(self, attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        fused = self.fused_qkv.get(id(attn))
+        if fused is None:
+            return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        return fused(x).split(self.qkv_sizes, dim=-1)
+
+    def project_gate_up(self, mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        fused = self.fused_gate_up.get(id(mlp))
+        if fused is None:
+            return mlp.gate_proj(x), mlp.up_proj(x)
+        return fused(x).chunk(2, dim=-1)
+
+    # -- pieces
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids on CPU (long) -> hidden states on the device."""
+        if self.embed_on_host:
+            return F.embedding(ids, self.embed_weight).to(self.device, non_blocking=True)
+        return F.embedding(ids.to(self.device), self.embed_weight)
+
+    def _qkv(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [b, t, H] -> rotated q [b, t, nh, hd], k [b, t, kvh, hd], v [b, t, kvh, hd]."""
+        b, t, _ = x.shape
+        q, k, v = self.project_qkv(attn, x)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.kv_heads, self.head_dim)
+        v = v.view(b, t, self.kv_heads, self.head_dim)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        c, s = cos.unsqueeze(2), sin.unsqueeze(2)
+        return _rotate(q, c, s), _rotate(k, c, s), v
+
+    def _mlp_block(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        x = layer.post_attention_layernorm(h)
+        if id(layer.mlp) in self.fused_gate_up:
+            return h + layer.mlp.down_proj(_gate(*self.project_gate_up(layer.mlp, x)))
+        return h + layer.mlp(x)
+
+    def slot_mapping(self, blocks: list[int], start: int, end: int) -> torch.Tensor:
+        bs = self.cache.block_size
+        return torch.tensor([blocks[p // bs] * bs + p % bs for p in range(start, end)], dtype=torch.long)
+
+    # -- prefill: one sequence, one chunk, attention over its blocks (earlier chunks, cached prefix) plus itself
+    @torch.inference_mode()
+    def prefill(self, ids: list[int], blocks: list[int], start: int, want_logits: bool) -> torch.Tensor | None:
+        cache = self.cache
+        t = len(ids)
+        end = start + t
+        h = self.embed(torch.tensor(ids, dtype=torch.long)).unsqueeze(0)
+        pos = torch.arange(start, end, device=self.device)
+        cos, sin = self.rotary(h, pos.unsqueeze(0))
+        slots = self.slot_mapping(blocks, start, end).to(self.device)
+        table = torch.tensor(blocks[:-(-end // cache.block_size)], dtype=torch.int32).to(self.device)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)
+            write_kv(k[0], v[0], cache.k[i], cache.v[i], cache.ks[i], cache.vs[i], slots)
+            o = paged_prefill_attention_ref(q[0], cache.k[i], cache.v[i], cache.ks[i], cache.vs[i], table, start,
+                                            self.scale)
+            h = h + attn.o_proj(o.reshape(1, t, self.n_heads * self.head_dim))
+            h = self._mlp_block(layer, h)
+        if not want_logits:
+            return None
+        return self.lm_head(self.norm(h[:, -1:]))[0, -1].float()
+
+    # -- decode: one token per row, K/V read through the block tables
+    def decode(self, h: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
+               context_lens: torch.Tensor, max_context: int) -> torch.Tensor:
+        """h [b,1,H]; pos [b] long; slots [b] long (where this token's K/V go); block_tables [b, >=max_context/bs]
+        int32; context_lens [b] int32 (including this token); all on the device. Returns logits [b, V] float."""
+        cache = self.cache
+        b = h.shape[0]
+        nb = -(-max_context // cache.block_size)
+        cos, sin = self.rotary(h, pos.unsqueeze(1))
+        mask = None
+        if self.decode_kernel is None:
+            mask = (torch.arange(nb * cache.block_size, device=self.device)[None, :] < context_lens[:, None])
+            mask = mask.view(b, 1, 1, -1)
+        ctx = DecodeContext(slots, block_tables, context_lens, mask, nb, max_context)
+        step = self.decode_layer_fn
+        for i, layer in enumerate(self.layers):
+            h = step(self, layer, h, cos, sin, ctx, cache.k[i], cache.v[i], cache.ks[i], cache.vs[i])
+        return self.lm_head(self.norm(h))[:, 0].float()
+
+    def attend_decode(self, q: torch.Tensor, ctx: DecodeContext, kc: torch.Tensor, vc: torch.Tensor,
+                      ksc: torch.Tensor | None, vsc: torch.Tensor | None) -> torch.Tensor:
+        """Rotated q [b, nh, hd] -> [b, 1, nh*hd] through the Triton kernel or the torch path."""
+        b = q.shape[0]
+        if self.decode_kernel is not None:
+            o = self.decode_kernel(q, kc, vc, ksc, vsc, ctx.block_tables, ctx.context_lens, self.scale,
+                                   ctx.max_context)
+            return o.reshape(b, 1, -1)
+        return self.fused["attend"](q, kc, vc, ksc, vsc, ctx.block_tables, ctx.mask, self.scale,
+                                    ctx.num_blocks).view(b, 1, -1)
+
+    def compile_decode(self) -> bool:
+        """Compile the pieces of ``fused_decode_layer``: the element-wise work between the projections (RMSNorm,
+        rotary + int8 KV quantization and cache writes, the torch attention over blocks, SiLU-gate, residual) as
+        programs shared by every layer (one per batch and context bucket), the projections (GPTQ kernels or plain
+        linears) and the Triton attention kernel staying eager in between. Returns False (eager decode) for
+        architectures without the pieces."""
+        import torch._dynamo
+
+        if not self.fusable:
+            logger.warning("engine.compile: this architecture keeps the eager decode layer")
+            return False
+        dyn = torch._dynamo.config
+        for name in ("cache_size_limit", "recompile_limit"):
+            if hasattr(dyn, name):
+                setattr(dyn, name, max(getattr(dyn, name), 256))
+        backend = COMPILE_BACKEND
+        self.fused = {name: torch.compile(fn, backend=backend, dynamic=False) for name, fn in FUSED_PIECES.items()}
+        return True
+
+
+class DecodeContext:
+    """What every layer of one decode step shares: where the new K/V go and what attention reads."""
+
+    __slots__ = ("slots", "block_tables", "context_lens", "mask", "num_blocks", "max_context")
+
+    def __init__(self, slots: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                 mask: torch.Tensor | None, num_blocks: int, max_context: int):
+        self.slots, self.block_tables, self.context_lens = slots, block_tables, context_lens
+        self.mask, self.num_blocks, self.max_context = mask, num_blocks, max_context
+
+
+def decode_layer(r: LlamaRunner, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 ctx: DecodeContext, kc: torch.Tensor, vc: torch.Tensor, ksc: torch.Tensor | None,
+                 vsc: torch.Tensor | None) -> torch.Tensor:
+    """One decoder layer through the model's own modules (architectures without the fused pieces): writes the
+    token's K/V at its slot, attends over its blocks, returns the new hidden states [b,1,H]."""
+    attn = layer.self_attn
+    q, k, v = r._qkv(attn, layer.input_layernorm(h), cos, sin)  # q [b,1,nh,hd], k/v [b,1,kvh,hd]
+    write_kv(k[:, 0], v[:, 0], kc, vc, ksc, vsc, ctx.slots)
+    h = h + attn.o_proj(r.attend_decode(q[:, 0], ctx, kc, vc, ksc, vsc))
+    return r._mlp_block(layer, h)
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def _rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                slots: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, ksc: torch.Tensor | None,
+                vsc: torch.Tensor | None, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """q [b,1,nh*hd], k/v [b,1,kvh*hd] straight from the projections: rotate, store k/v (int8 when scales are
+    given) at ``slots``; returns the rotated q [b, nh, hd]."""
+    b = q.shape[0]
+    c, s = cos.view(b, 1, head_dim), sin.view(b, 1, head_dim)
+    q = _rotate(q.view(b, -1, head_dim), c, s)
+    k = _rotate(k.view(b, kv_heads, head_dim), c, s)
+    write_kv(k, v.view(b, kv_heads, head_dim), kc, vc, ksc, vsc, slots)
+    return q
+
+
+def _mlp_in(h: torch.Tensor, o: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    h = h + o
+    return h, _rms(h, w, eps)
+
+
+def _gate(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return F.silu(g) * u
+
+
+FUSED_PIECES = {"attn_in": _rms, "rope_write": _rope_write, "attend": _decode_attend, "mlp_in": _mlp_in,
+                "gate": _gate}
+
+
+def fused_decode_layer(r: LlamaRunner, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       ctx: DecodeContext, kc: torch.Tensor, vc: torch.Tensor, ksc: torch.Tensor | None,
+                       vsc: torch.Tensor | None) -> torch.Tensor:
+    """``decode_layer`` for SiLU Llama-style layers: the element-wise work in tensor-only pieces (compiled by
+    ``LlamaRunner.compile_decode``, plain functions otherwise) between the projections."""
+    f, attn, mlp = r.fused, layer.self_attn, layer.mlp
+    w_in, w_post = r.norm_w[id(layer)]
+    x = f["attn_in"](h, w_in, r.eps)
+    q, k, v = r.project_qkv(attn, x)
+    q = f["rope_write"](q, k, v, cos, sin, ctx.slots, kc, vc, ksc, vsc, r.kv_heads, r.head_dim)
+    o = r.attend_decode(q, ctx, kc, vc, ksc, vsc)
+    h, x = f["mlp_in"](h, attn.o_proj(o), w_post, r.eps)
+    return h + mlp.down_proj(f["gate"](*r.project_gate_up(mlp, x)))
+
+
+# ----------------------------------------------------------------------------------- CUDA graphs
+
+class DecodeGraphs:
+    """CUDA graphs of ``LlamaRunner.decode`` per (batch bucket, context bucket), sharing one memory pool. The
+    inputs live in static buffers; padded rows write into the reserved block 0 and attend over one position."""
+
+    def __init__(self, runner: LlamaRunner, batch_sizes: list[int], ctx_sizes: list[int], max_blocks: int,
+                 max_batch_tokens: int | None = None):
+        self.runner = runner
+        # only (batch, context) buckets whose batch * context is at most ``max_batch_tokens`` are captured: the
+        # torch path gathers batch * context tokens of K/V per layer into the graph pool (7B int8 at 8 x 2,048:
+        # about 400 MiB, a tenth of a 4 GB card), and rows that own their blocks cannot hold more than the cache
+        # (x2 for bucket rounding). A step beyond them (rows sharing prefix blocks) runs eagerly.
+        self.max_batch_tokens = max_batch_tokens
+        self.batch_sizes = sorted(batch_sizes)
+        self.ctx_sizes = sorted(ctx_sizes)
+        bmax = self.batch_sizes[-1]
+        dev = runner.device
+        self.h = torch.zeros(bmax, 1, runner.hidden, dtype=runner.dtype, device=dev)
+        self.pos = torch.zeros(bmax, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(bmax, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(bmax, max_blocks, dtype=torch.int32, device=dev)
+        self.lens = torch.ones(bmax, dtype=torch.int32, device=dev)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for b in reversed(self.batch_sizes):
+                for ctx in reversed(self.ctx_sizes):
+                    if not self.wanted(b, ctx):
+                        continue
+                    args = (self.h[:b], self.pos[:b], self.slots[:b], self.tables[:b], self.lens[:b], ctx)
+                    for _ in range(2):  # warm up kernels/workspaces outside capture
+                        self.runner.decode(*args)
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=self.pool, stream=stream):
+                        out = self.runner.decode(*args)
+                    if self.pool is None:
+                        self.pool = g.pool()
+                    self.graphs[(b, ctx)] = (g, out)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    def time_replay(self, reps: int = 20) -> dict[str, float]:
+        """Milliseconds per replay (the decode step alone: all layers and lm_head, no scheduling or sampling) at
+        the shortest and longest context bucket. The static inputs point at block 0 only."""
+        out = {}
+        for (b, ctx), (graph, _) in sorted(self.graphs.items()):
+            if ctx in (self.ctx_sizes[0], self.ctx_sizes[-1]):
+                graph.replay()
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(reps):
+                    graph.replay()
+                torch.cuda.synchronize()
+                out[f"b{b}_ctx{ctx}"] = round((time.perf_counter() - t) / reps * 1000, 3)
+        return out
+
+    def wanted(self, b: int, ctx: int) -> bool:
+        return b == 1 or self.max_batch_tokens is None or b * ctx <= self.max_batch_tokens
+
+    def bucket(self, n: int, ctx: int) -> tuple[int, int] | None:
+        """The captured (batch, context) bucket for ``n`` rows up to ``ctx`` positions, or None (run eagerly)."""
+        b = next((x for x in self.batch_sizes if x >= n), None)
+        c = next((x for x in self.ctx_sizes if x >= ctx), None)
+        return (b, c) if b is not None and c is not None and (b, c) in self.graphs else None
+
+    def run(self, h: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+            lens: torch.Tensor, ctx: int) -> torch.Tensor:
+        n = h.shape[0]
+        b, c = self.bucket(n, ctx)
+        self.h[:n].copy_(h)
+        self.pos[:n].copy_(pos)
+        self.slots[:n].copy_(slots)
+        self.tables[:n, :tables.shape[1]].copy_(tables)
+        self.lens[:n].copy_(lens)
+        if b > n:  # rows of the bucket beyond the batch: block 0, one position
+            self.pos[n:b].zero_()
+            self.slots[n:b].zero_()
+            self.tables[n:b].zero_()
+            self.lens[n:b].fill_(1)
+        g, out = self.graphs[(b, c)]
+        g.replay()
+        return out[:n]
+
+
+def buckets(limit: int, first: int = 64) -> list[int]:
+    out, x = [], first
+    while x < limit:
+        out.append(x)
+        x *= 2
+    out.append(limit)
+    return out

@@ -1,0 +1,197 @@
+"""Which sequences run in the next engine step: admission by free KV blocks, chunked prefill that starts after
+the cached prefix, decode slots, and preemption when blocks run out mid-decode.
+
+- Admission is first come, first served: the head of the queue is admitted when its prompt's blocks (minus the
+  blocks the prefix cache already holds) are free, and nothing behind it jumps ahead.
+- A prefill runs in chunks of at most ``prefill_chunk`` tokens and ``max_prefill_tokens`` per step over all
+  sequences, starting at the first uncached token.
+- Before a decode step every decoding sequence whose next token opens a new block gets one. When the pool is
+  empty the most recently admitted sequence is preempted: its blocks are freed (its full blocks stay in the
+  prefix cache until evicted) and it goes back to the front of the queue to be recomputed (prompt + the tokens
+  it already produced), then it continues where it stopped. Nobody fails for lack of blocks.
+
+Plain Python over ``serving.kv_cache.KVCacheManager``; the engine runs the forwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from serving.kv_cache import KVCacheManager
+from serving.sampler import SamplingParams, TokenLogprob
+
+
+@dataclass
+class RequestTimes:
+    arrival: float
+    scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    finished: float | None = None
+
+
+class Sequence:
+    """One request's state. ``compute_ids`` is what a prefill feeds (the prompt; after a preemption the prompt
+    plus all produced tokens but the last), ``num_computed`` how many tokens have K/V in the cache."""
+
+    __slots__ = ("id", "prompt_ids", "params", "sink", "output_ids", "text", "emitted", "prefix_offset",
+                 "read_offset", "pending_ids", "pending_lp", "generator", "times", "finished", "finish_reason",
+                 "counts", "stop_hold", "compute_ids", "num_computed", "prefilled", "sample_after_prefill",
+                 "cached_tokens", "preemptions", "order")
+
+    def __init__(self, seq_id: str, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Any], None]):
+        self.id = seq_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.sink = sink
+        self.output_ids: list[int] = []
+        self.text = ""
+        self.emitted = 0  # chars of text already sent
+        self.prefix_offset = 0
+        self.read_offset = 0
+        self.pending_ids: list[int] = []
+        self.pending_lp: list[TokenLogprob] = []
+        self.generator: torch.Generator | None = None
+        self.times = RequestTimes(arrival=time.monotonic())
+        self.finished = False
+        self.finish_reason: str | None = None
+        self.counts: torch.Tensor | None = None  # token counts for presence/frequency penalties
+        self.stop_hold = max((len(s) for s in params.stop), default=1) - 1
+        self.compute_ids = prompt_ids
+        self.num_computed = 0
+        self.prefilled = False
+        self.sample_after_prefill = True
+        self.cached_tokens = 0  # prompt tokens the prefix cache supplied at the latest admission
+        self.preemptions = 0
+        self.order = 0  # admission order (larger = more recent)
+
+    @property
+    def pos(self) -> int:
+        """Tokens in the cache (the position the next token is written at)."""
+        return self.num_computed
+
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+class StatsListener:
+    """Hooks the engine calls from its thread (``serving.metrics.EngineMetrics`` implements them)."""
+
+    def on_admitted(self, seq: Sequence) -> None: ...
+    def on_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None: ...
+    def on_preempted(self, seq: Sequence) -> None: ...
+    def on_token(self, seq: Sequence, now: float) -> None: ...
+    def on_finished(self, seq: Sequence) -> None: ...
+    def on_step(self, running: int, waiting: int, kv_usage: float) -> None: ...
+
+
+@dataclass
+class PrefillChunk:
+    seq: Sequence
+    start: int
+    end: int
+    last: bool  # the chunk that completes the prefill
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_prefill_tokens: int, prefill_chunk: int,
+                 stats: StatsListener | None = None):
+        self.kv = kv
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_chunk = prefill_chunk
+        self.stats = stats or StatsListener()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order, oldest first
+        self.num_preemptions = 0
+        self._order = itertools.count(1)
+
+    # -- queue
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def admit(self) -> list[Sequence]:
+        """Admit waiting sequences in order while their blocks are free; returns the ones admitted."""
+        admitted = []
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            ok, _, _ = self.kv.can_admit(seq.compute_ids)
+            if not ok:
+                break
+            self.waiting.popleft()
+            seq.cached_tokens = seq.num_computed = self.kv.admit(seq.id, seq.compute_ids)
+            seq.prefilled = False
+            seq.order = next(self._order)
+            self.running.append(seq)
+            self.stats.on_prefix_cache(len(seq.compute_ids), seq.cached_tokens)
+            admitted.append(seq)
+        return admitted
+
+    def prefill_chunks(self) -> list[PrefillChunk]:
+        """This step's prefill work: chunks of the admitted, not yet prefilled sequences within the token budget."""
+        budget, out = self.max_prefill_tokens, []
+        for seq in self.running:
+            if seq.prefilled:
+                continue
+            start, total = seq.num_computed, len(seq.compute_ids)
+            while budget > 0 and start < total:
+                end = min(total, start + self.prefill_chunk, start + budget)
+                out.append(PrefillChunk(seq, start, end, end == total))
+                budget -= end - start
+                start = end
+            if budget <= 0:
+                break
+        return out
+
+    def schedule_decode(self) -> list[Sequence]:
+        """The decode batch: every prefilled sequence, each with a block for its next position. Preempts the most
+        recently admitted sequences while the pool is empty."""
+        for seq in list(self.running):
+            if not seq.prefilled or seq not in self.running:
+                continue
+            if not self.kv.append_slot_needed(seq.id, seq.num_computed):
+                continue
+            while self.kv.pool.num_free == 0:
+                victim = self.running[-1]
+                self.preempt(victim)
+                if victim is seq:
+                    break
+            if seq in self.running:
+                self.kv.grow(seq.id)
+        return [s for s in self.running if s.prefilled]
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free ``seq``'s blocks and requeue it at the front for recompute."""
+        self.kv.free(seq.id)
+        self.running.remove(seq)
+        seq.compute_ids = seq.prompt_ids + seq.output_ids[:-1] if seq.output_ids else seq.prompt_ids
+        seq.sample_after_prefill = not seq.output_ids
+        seq.num_computed = 0
+        seq.prefilled = False
+        seq.preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        self.stats.on_preempted(seq)
+
+    def after_tokens(self, seq: Sequence) -> None:
+        """Register the blocks that became full (prefix cache) after ``seq.num_computed`` changed."""
+        if self.kv.pool.prefix_caching and (not seq.prefilled or seq.num_computed % self.kv.block_size == 0):
+            self.kv.commit_full_blocks(seq.id, seq.all_ids(), seq.num_computed)
+
+    def remove(self, seq: Sequence) -> bool:
+        """Drop a finished or aborted sequence wherever it is; frees its blocks. True when it was waiting."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.kv.free(seq.id)
+            return False
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            return True
+        return False
