@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from serving.engine import EngineOptions, LLMEngine
-from serving.errors import ContextLengthError, QueueFullError, error_body, error_event, error_headers
+from serving.errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    QueueFullError,
+    error_body,
+    error_event,
+    error_headers,
+)
 from serving.metrics import EngineMetrics
 from serving.openai_serving import RequestHooks
 from serving.openai_serving_chat import OpenAIServingChat, OutputParser
@@ -111,6 +118,9 @@ def test_completions_and_engine_errors_name_the_prompt_field(engine: LLMEngine):
 
     async def run():
         r = await comp.create({"model": MODEL, "prompt": "Two plus", "max_tokens": 3, "temperature": 0}, "c")
+        with pytest.raises(InvalidRequestError) as empty:
+            await comp.create({"model": MODEL, "prompt": ""}, "empty")
+        assert empty.value.param == "prompt" and empty.value.status == 400
         errors = []
         for serving, body in ((comp, {"model": MODEL, "prompt": "x", "max_tokens": 500}),
                               (chat, _body(max_tokens=500))):
