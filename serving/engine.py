@@ -602,7 +602,7 @@ class LLMEngine:
         p = seq.params
         if seq.counts is not None:
             seq.counts[token] += 1
-        if not p.ignore_eos and (token in self.eos_ids or token in p.stop_token_ids):
+        if (not p.ignore_eos and token in self.eos_ids) or token in p.stop_token_ids:  # vLLM: ignore_eos keeps stop ids
             seq.output_ids.append(token)
             seq.finish_reason = "stop"
             self._finish(seq)
