@@ -1,0 +1,1 @@
+"""Custom GPU kernels of the serving engine (Triton). Each module imports triton only when a kernel runs."""

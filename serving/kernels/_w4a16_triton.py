@@ -1,0 +1,100 @@
+"""The Triton kernels of ``serving.kernels.w4a16`` as plain functions: ``w4a16._jitted`` wraps them with
+``triton.jit`` at first use (compiled, or interpreted under TRITON_INTERPRET=1). Layout and arithmetic: see
+``serving.kernels.w4a16``'s docstring. Imports triton: import this module only where a kernel runs."""
+
+import triton.language as tl
+
+
+def gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
+                M, N, K, K8, group_size, chunks_per_split, stride_xm, stride_om,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_J: tl.constexpr,
+                HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, SCALE_W: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    offs_i = tl.arange(0, 32)
+    c0 = pid_k * chunks_per_split
+    c1 = tl.minimum(c0 + chunks_per_split, K8 // 32)
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K8 + offs_i[None, :]
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_N, 32], dtype=tl.float32)
+    for c in range(c0, c1):
+        w = tl.load(w_ptrs + c * 32, mask=n_ok[:, None], other=0)
+        w_hi = w >> 20
+        part = tl.zeros([BLOCK_M, BLOCK_N, 32], dtype=tl.float32)
+        for j in tl.static_range(8):
+            if j % GROUP_J == 0:
+                g = (c * 256 + 32 * j) // group_size
+                sz = sz_ptr + (g * N + offs_n) * 2
+                s = tl.load(sz, mask=n_ok, other=0.0).to(tl.float32)
+                z = tl.load(sz + 1, mask=n_ok, other=0.0).to(tl.float32)
+            if j < 5:
+                src = w
+                e = j
+            else:
+                src = w_hi
+                e = j - 5
+            kk = c * 256 + 32 * j + offs_i
+            if HAS_PERM:
+                kx = tl.load(perm_ptr + kk)
+            else:
+                kx = kk
+            xj = tl.load(x_rows + kx[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+            xj = xj * (1.0 / (1 << (4 * e)))
+            f = ((src & (15 << (4 * e))) | 0x4B000000).to(tl.float32, bitcast=True)
+            d = f - (8388608.0 + z * (1 << (4 * e)))[:, None]  # (q - z) * 16**e, exact
+            if SCALE_W:
+                acc += xj[:, None, :] * (d * s[:, None])[None, :, :]
+            else:
+                part += xj[:, None, :] * d[None, :, :]
+                if (j + 1) % GROUP_J == 0:
+                    acc += s[None, :, None] * part
+                    part = tl.zeros([BLOCK_M, BLOCK_N, 32], dtype=tl.float32)
+    res = tl.sum(acc, axis=2)
+    o_mask = m_ok[:, None] & n_ok[None, :]
+    o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    if SPLIT:
+        p_off = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part_ptr + pid_k * M * N + p_off, res, mask=o_mask)
+        tl.debug_barrier()  # every thread's slice is stored before the counter moves (acq_rel atomic)
+        done = tl.atomic_add(cnt_ptr + pid_n, 1)
+        if done == tl.num_programs(1) - 1:
+            tot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for sk in range(0, tl.num_programs(1)):
+                tot += tl.load(part_ptr + sk * M * N + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
+            tl.store(o_ptrs, tot.to(out_ptr.dtype.element_ty), mask=o_mask)
+            tl.store(cnt_ptr + pid_n, 0)
+    else:
+        tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K8, group_size, n0, stride_o,
+                    BLOCK_N: tl.constexpr, GROUP_J: tl.constexpr):
+    """Rows n0..n0+rows of the weight, dequantized into out [rows, Kp] (inputs in the packed, sorted order)."""
+    pid_n = tl.program_id(0)
+    c = tl.program_id(1)
+    offs_r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = n0 + offs_r
+    n_ok = offs_n < N
+    offs_i = tl.arange(0, 32)
+    w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K8 + c * 32 + offs_i[None, :], mask=n_ok[:, None], other=0)
+    w_hi = w >> 20
+    for j in tl.static_range(8):
+        if j % GROUP_J == 0:
+            g = (c * 256 + 32 * j) // group_size
+            sz = sz_ptr + (g * N + offs_n) * 2
+            s = tl.load(sz, mask=n_ok, other=0.0).to(tl.float32)
+            z = tl.load(sz + 1, mask=n_ok, other=0.0).to(tl.float32)
+        if j < 5:
+            src = w
+            e = j
+        else:
+            src = w_hi
+            e = j - 5
+        f = ((src & (15 << (4 * e))) | 0x4B000000).to(tl.float32, bitcast=True)
+        d = (f - (8388608.0 + z * (1 << (4 * e)))[:, None]) * (s * (1.0 / (1 << (4 * e))))[:, None]
+        dst = out_ptr + offs_r[:, None].to(tl.int64) * stride_o + c * 256 + 32 * j + offs_i[None, :]
+        tl.store(dst, d.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
