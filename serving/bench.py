@@ -359,7 +359,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="engine.compile: torch.compile the decode layer")
     p.add_argument("--fuse-projections", action="store_true", help="engine.fuse_projections: q/k/v, gate/up "
                    "as one GEMM each")
-    p.add_argument("--gptq-backend", default="auto", choices=["auto", "marlin", "exllama_v2", "triton", "torch"])
+    p.add_argument("--gptq-backend", default="auto",
+                   choices=["auto", "marlin", "exllama_v2", "triton", "torch", "triton_gemv"])
     p.add_argument("--phases", default="engine,generate",
                    help="comma list of: engine, engine_compiled (engine.compile on), generate (same cap), "
                         "generate_uncapped, hf_cb, profile (kernel time of one eager decode step by kind)")

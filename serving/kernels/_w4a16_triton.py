@@ -4,6 +4,10 @@
 
 import triton.language as tl
 
+# Only builtins of triton.language here (tl.full, tl.reduce), none of its @jit helpers (tl.zeros, tl.sum): those are
+# wrapped when triton is imported, so a process that imported triton before setting TRITON_INTERPRET=1 (GPTQModel
+# imports it) could not interpret them. The interpreter sums with numpy when the combine is _sum_combine.
+
 
 def gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
                 M, N, K, K8, group_size, chunks_per_split, stride_xm, stride_om,
@@ -20,11 +24,11 @@ def gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
     c1 = tl.minimum(c0 + chunks_per_split, K8 // 32)
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K8 + offs_i[None, :]
     x_rows = x_ptr + offs_m[:, None] * stride_xm
-    acc = tl.zeros([BLOCK_M, BLOCK_N, 32], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_N, 32], 0.0, tl.float32)
     for c in range(c0, c1):
         w = tl.load(w_ptrs + c * 32, mask=n_ok[:, None], other=0)
         w_hi = w >> 20
-        part = tl.zeros([BLOCK_M, BLOCK_N, 32], dtype=tl.float32)
+        part = tl.full([BLOCK_M, BLOCK_N, 32], 0.0, tl.float32)
         for j in tl.static_range(8):
             if j % GROUP_J == 0:
                 g = (c * 256 + 32 * j) // group_size
@@ -52,8 +56,8 @@ def gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
                 part += xj[:, None, :] * d[None, :, :]
                 if (j + 1) % GROUP_J == 0:
                     acc += s[None, :, None] * part
-                    part = tl.zeros([BLOCK_M, BLOCK_N, 32], dtype=tl.float32)
-    res = tl.sum(acc, axis=2)
+                    part = tl.full([BLOCK_M, BLOCK_N, 32], 0.0, tl.float32)
+    res = tl.reduce(acc, 2, tl.standard._sum_combine)
     o_mask = m_ok[:, None] & n_ok[None, :]
     o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     if SPLIT:
@@ -62,7 +66,7 @@ def gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
         tl.debug_barrier()  # every thread's slice is stored before the counter moves (acq_rel atomic)
         done = tl.atomic_add(cnt_ptr + pid_n, 1)
         if done == tl.num_programs(1) - 1:
-            tot = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            tot = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
             for sk in range(0, tl.num_programs(1)):
                 tot += tl.load(part_ptr + sk * M * N + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
             tl.store(o_ptrs, tot.to(out_ptr.dtype.element_ty), mask=o_mask)
