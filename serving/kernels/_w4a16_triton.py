@@ -12,7 +12,10 @@ import triton.language as tl
 def gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
                 M, N, K, K8, group_size, chunks_per_split, stride_xm, stride_om,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_J: tl.constexpr,
-                HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, SCALE_W: tl.constexpr):
+                HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, SCALE_W: tl.constexpr, DOT: tl.constexpr):
+    """out[:M] = x[:M] @ W over K slice ``pid_k`` of N tile ``pid_n``. Three inner loops, picked at compile time:
+    one row (2-D tiles, the batch-1 case), several rows on CUDA cores (3-D tiles), several rows through
+    ``tl.dot`` (BLOCK_M >= 16, rows past M masked: the integer weights (q - z) are exact in fp16)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -23,12 +26,21 @@ def gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
     c0 = pid_k * chunks_per_split
     c1 = tl.minimum(c0 + chunks_per_split, K8 // 32)
     w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K8 + offs_i[None, :]
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
-    acc = tl.full([BLOCK_M, BLOCK_N, 32], 0.0, tl.float32)
+    if DOT:
+        acc = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
+    elif BLOCK_M == 1:
+        acc = tl.full([BLOCK_N, 32], 0.0, tl.float32)
+    else:
+        acc = tl.full([BLOCK_M, BLOCK_N, 32], 0.0, tl.float32)
     for c in range(c0, c1):
         w = tl.load(w_ptrs + c * 32, mask=n_ok[:, None], other=0)
         w_hi = w >> 20
-        part = tl.full([BLOCK_M, BLOCK_N, 32], 0.0, tl.float32)
+        if DOT:
+            part = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
+        elif BLOCK_M == 1:
+            part = tl.full([BLOCK_N, 32], 0.0, tl.float32)
+        else:
+            part = tl.full([BLOCK_M, BLOCK_N, 32], 0.0, tl.float32)
         for j in tl.static_range(8):
             if j % GROUP_J == 0:
                 g = (c * 256 + 32 * j) // group_size
@@ -46,18 +58,42 @@ def gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
                 kx = tl.load(perm_ptr + kk)
             else:
                 kx = kk
-            xj = tl.load(x_rows + kx[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
-            xj = xj * (1.0 / (1 << (4 * e)))
             f = ((src & (15 << (4 * e))) | 0x4B000000).to(tl.float32, bitcast=True)
             d = f - (8388608.0 + z * (1 << (4 * e)))[:, None]  # (q - z) * 16**e, exact
-            if SCALE_W:
-                acc += xj[:, None, :] * (d * s[:, None])[None, :, :]
-            else:
-                part += xj[:, None, :] * d[None, :, :]
+            if DOT:
+                xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kx[:, None],
+                             mask=m_ok[None, :] & (kk < K)[:, None], other=0.0)  # [32, BLOCK_M]
+                dq = (d * (1.0 / (1 << (4 * e)))).to(x_ptr.dtype.element_ty)  # q - z: integers, exact
+                part = tl.dot(dq, xt, part)
                 if (j + 1) % GROUP_J == 0:
-                    acc += s[None, :, None] * part
-                    part = tl.full([BLOCK_M, BLOCK_N, 32], 0.0, tl.float32)
-    res = tl.reduce(acc, 2, tl.standard._sum_combine)
+                    acc += s[:, None] * part
+                    part = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
+            elif BLOCK_M == 1:
+                xj = tl.load(x_ptr + kx, mask=kk < K, other=0.0).to(tl.float32) * (1.0 / (1 << (4 * e)))
+                if SCALE_W:
+                    acc += xj[None, :] * (d * s[:, None])
+                else:
+                    part += xj[None, :] * d
+                    if (j + 1) % GROUP_J == 0:
+                        acc += s[:, None] * part
+                        part = tl.full([BLOCK_N, 32], 0.0, tl.float32)
+            else:
+                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + kx[None, :],
+                             mask=m_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+                xj = xj * (1.0 / (1 << (4 * e)))
+                if SCALE_W:
+                    acc += xj[:, None, :] * (d * s[:, None])[None, :, :]
+                else:
+                    part += xj[:, None, :] * d[None, :, :]
+                    if (j + 1) % GROUP_J == 0:
+                        acc += s[None, :, None] * part
+                        part = tl.full([BLOCK_M, BLOCK_N, 32], 0.0, tl.float32)
+    if DOT:
+        res = tl.trans(acc)
+    elif BLOCK_M == 1:
+        res = tl.reduce(acc, 1, tl.standard._sum_combine)[None, :]
+    else:
+        res = tl.reduce(acc, 2, tl.standard._sum_combine)
     o_mask = m_ok[:, None] & n_ok[None, :]
     o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     if SPLIT:

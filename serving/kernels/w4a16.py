@@ -17,6 +17,8 @@ Hopper): ``(word & 0xF << 4e) | 0x4B000000`` is the float ``2**23 + q * 16**e`` 
 the 23-bit mantissa), so one LOP3 and one FADD give ``(q - z) * 16**e`` exactly, the 16**-e is folded into the
 activations, and nibbles 5..7 come from one shift of the word by 20. The scale is applied per group, after the
 sum over its inputs (``scale_w=False``), or per weight (``scale_w=True``: cheaper in registers at 4-8 rows).
+With ``dot=True`` the exact integers ``q - z`` go to ``tl.dot`` in the activations' dtype (rows padded to 16):
+tensor cores for the multiply-adds, CUDA cores only for the unpacking. The tuner picks per shape and row bucket.
 
 Split-K: programs of one N tile each reduce a slice of K into an fp32 workspace; the last to finish (an
 atomic counter per tile) sums the slices in a fixed order (deterministic), writes the output and resets the
@@ -57,6 +59,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 2
     scale_w: bool = False
+    dot: bool = False  # several rows through tl.dot (rows padded to 16) instead of CUDA-core FMAs
 
 
 @dataclass
@@ -246,8 +249,9 @@ def gemv(x: torch.Tensor, packed: PackedW4, config: GemvConfig, workspace: Split
     _jitted("gemv")[(tiles, split)](
         x, packed.weight, packed.scale_zero, perm, out, part, cnt,
         m, n, k, packed.weight.shape[1], packed.group_size, per, x.stride(0), out.stride(0),
-        BLOCK_M=bucket(m), BLOCK_N=config.block_n, GROUP_J=_group_j(packed.group_size),
-        HAS_PERM=packed.perm is not None, SPLIT=split > 1, SCALE_W=config.scale_w,
+        BLOCK_M=max(16, bucket(m)) if config.dot else bucket(m), BLOCK_N=config.block_n,
+        GROUP_J=_group_j(packed.group_size),
+        HAS_PERM=packed.perm is not None, SPLIT=split > 1, SCALE_W=config.scale_w, DOT=config.dot,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 

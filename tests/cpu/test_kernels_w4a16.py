@@ -44,6 +44,9 @@ CASES = [
     (1024, 24, 128, True, True, 7, GemvConfig(block_n=32, split_k=4, scale_w=True)),
     (264, 96, 64, False, False, 8, GemvConfig(block_n=64, split_k=2)),
     (1280, 16, 256, False, True, 1, GemvConfig(block_n=16, split_k=16)),
+    (520, 48, 64, False, True, 3, GemvConfig(block_n=16, split_k=2, dot=True)),
+    (256, 40, 32, True, False, 1, GemvConfig(block_n=32, dot=True)),
+    (600, 64, -1, False, False, 8, GemvConfig(block_n=64, split_k=3, dot=True)),
 ]
 
 
