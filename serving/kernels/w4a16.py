@@ -164,7 +164,13 @@ def _jitted(name: str):
 
         from serving.kernels import _w4a16_triton as kernels
 
-        _JIT[key] = triton.jit({"gemv": kernels.gemv_kernel, "dequant": kernels.dequant_kernel}[name])
+        # run-time values that change between calls of one layer (rows, split slices, strides) are not
+        # specialized on (Triton would compile again whenever one of them crossed a multiple of 16 or 1)
+        if name == "gemv":
+            _JIT[key] = triton.jit(kernels.gemv_kernel,
+                                   do_not_specialize=["M", "chunks_per_split", "stride_xm", "stride_om"])
+        else:
+            _JIT[key] = triton.jit(kernels.dequant_kernel, do_not_specialize=["n0"])
     return _JIT[key]
 
 
@@ -202,8 +208,9 @@ def default_config(n: int, k: int, m: int) -> GemvConfig:
 
 
 def load_config_table(path: str | os.PathLike | None = None) -> dict[str, GemvConfig]:
-    """A tuned table (``tests/gpu/bench_w4a16.py`` writes it): ``"NxK/mB"`` -> config. Missing file: empty."""
-    p = Path(path) if path is not None else CONFIG_TABLE
+    """A tuned table (``tests/gpu/bench_w4a16.py`` writes it): ``"NxK/mB"`` -> config. Missing file: empty.
+    Default: $SERVING_W4A16_CONFIGS, else the table shipped beside this module."""
+    p = Path(path or os.environ.get("SERVING_W4A16_CONFIGS") or CONFIG_TABLE)
     if not p.is_file():
         return {}
     data = json.loads(p.read_text())
