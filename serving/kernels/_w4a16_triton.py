@@ -10,9 +10,10 @@ import triton.language as tl
 
 
 def gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
-                M, N, K, K8, group_size, chunks_per_split, stride_xm, stride_om,
+                M, N, K, K8, chunks_per_group, chunks_per_split, stride_xm, stride_om,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_J: tl.constexpr,
-                HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, SCALE_W: tl.constexpr, DOT: tl.constexpr):
+                HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, SCALE_W: tl.constexpr, DOT: tl.constexpr,
+                PREFETCH: tl.constexpr):
     """out[:M] = x[:M] @ W over K slice ``pid_k`` of N tile ``pid_n``. Three inner loops, picked at compile time:
     one row (2-D tiles, the batch-1 case), several rows on CUDA cores (3-D tiles), several rows through
     ``tl.dot`` (BLOCK_M >= 16, rows past M masked: the integer weights (q - z) are exact in fp16)."""
@@ -32,9 +33,17 @@ def gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
         acc = tl.full([BLOCK_N, 32], 0.0, tl.float32)
     else:
         acc = tl.full([BLOCK_M, BLOCK_N, 32], 0.0, tl.float32)
+    if PREFETCH:  # the next chunk's words are in flight while this chunk is unpacked (Triton does not
+        # pipeline loads that feed no tl.dot: num_stages leaves this loop's SASS unchanged)
+        w_next = tl.load(w_ptrs + c0 * 32, mask=n_ok[:, None] & (tl.full([1, 32], c0, tl.int32) < c1), other=0)
     for c in range(c0, c1):
-        w = tl.load(w_ptrs + c * 32, mask=n_ok[:, None], other=0)
-        w_hi = w >> 20
+        if PREFETCH:
+            w = w_next
+            w_next = tl.load(w_ptrs + (c + 1) * 32, mask=n_ok[:, None] & (tl.full([1, 32], c + 1, tl.int32) < c1),
+                             other=0)
+        else:
+            w = tl.load(w_ptrs + c * 32, mask=n_ok[:, None], other=0)
+        w_hi = w >> 12
         if DOT:
             part = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
         elif BLOCK_M == 1:
@@ -43,7 +52,11 @@ def gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
             part = tl.full([BLOCK_M, BLOCK_N, 32], 0.0, tl.float32)
         for j in tl.static_range(8):
             if j % GROUP_J == 0:
-                g = (c * 256 + 32 * j) // group_size
+                # no run-time division inside the loop (an integer divide is ~25 instructions in SASS)
+                if GROUP_J < 8:
+                    g = c * (8 // GROUP_J) + j // GROUP_J
+                else:
+                    g = c // chunks_per_group
                 sz = sz_ptr + (g * N + offs_n) * 2
                 s = tl.load(sz, mask=n_ok, other=0.0).to(tl.float32)
                 z = tl.load(sz + 1, mask=n_ok, other=0.0).to(tl.float32)
@@ -52,7 +65,7 @@ def gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
                 e = j
             else:
                 src = w_hi
-                e = j - 5
+                e = j - 3  # nibbles 5..7 at bits 8..19 of w >> 12: never at bit 0, where ptxas splits the mask
             kk = c * 256 + 32 * j + offs_i
             if HAS_PERM:
                 kx = tl.load(perm_ptr + kk)
@@ -111,7 +124,7 @@ def gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
         tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-def dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K8, group_size, n0, stride_o,
+def dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K8, chunks_per_group, n0, stride_o,
                     BLOCK_N: tl.constexpr, GROUP_J: tl.constexpr):
     """Rows n0..n0+rows of the weight, dequantized into out [rows, Kp] (inputs in the packed, sorted order)."""
     pid_n = tl.program_id(0)
@@ -121,10 +134,13 @@ def dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K8, group_size, n0, stride_o,
     n_ok = offs_n < N
     offs_i = tl.arange(0, 32)
     w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K8 + c * 32 + offs_i[None, :], mask=n_ok[:, None], other=0)
-    w_hi = w >> 20
+    w_hi = w >> 12
     for j in tl.static_range(8):
         if j % GROUP_J == 0:
-            g = (c * 256 + 32 * j) // group_size
+            if GROUP_J < 8:
+                g = c * (8 // GROUP_J) + j // GROUP_J
+            else:
+                g = c // chunks_per_group
             sz = sz_ptr + (g * N + offs_n) * 2
             s = tl.load(sz, mask=n_ok, other=0.0).to(tl.float32)
             z = tl.load(sz + 1, mask=n_ok, other=0.0).to(tl.float32)
@@ -133,7 +149,7 @@ def dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K8, group_size, n0, stride_o,
             e = j
         else:
             src = w_hi
-            e = j - 5
+            e = j - 3  # nibbles 5..7 at bits 8..19 of w >> 12: never at bit 0, where ptxas splits the mask
         f = ((src & (15 << (4 * e))) | 0x4B000000).to(tl.float32, bitcast=True)
         d = (f - (8388608.0 + z * (1 << (4 * e)))[:, None]) * (s * (1.0 / (1 << (4 * e))))[:, None]
         dst = out_ptr + offs_r[:, None].to(tl.int64) * stride_o + c * 256 + 32 * j + offs_i[None, :]

@@ -15,7 +15,7 @@ Layout, built once at load by ``repack`` from the standard GPTQ tensors (the che
 Dequantizing in registers without an int-to-float conversion (I2F runs at a fraction of the FMA rate on
 Hopper): ``(word & 0xF << 4e) | 0x4B000000`` is the float ``2**23 + q * 16**e`` for e <= 4 (the nibble stays in
 the 23-bit mantissa), so one LOP3 and one FADD give ``(q - z) * 16**e`` exactly, the 16**-e is folded into the
-activations, and nibbles 5..7 come from one shift of the word by 20. The scale is applied per group, after the
+activations, and nibbles 5..7 come from one shift of the word by 12. The scale is applied per group, after the
 sum over its inputs (``scale_w=False``), or per weight (``scale_w=True``: cheaper in registers at 4-8 rows).
 With ``dot=True`` the exact integers ``q - z`` go to ``tl.dot`` in the activations' dtype (rows padded to 16):
 tensor cores for the multiply-adds, CUDA cores only for the unpacking. The tuner picks per shape and row bucket.
@@ -60,6 +60,7 @@ class GemvConfig:
     num_stages: int = 2
     scale_w: bool = False
     dot: bool = False  # several rows through tl.dot (rows padded to 16) instead of CUDA-core FMAs
+    prefetch: bool = False  # load chunk c+1 while unpacking chunk c (more registers, more bytes in flight)
 
 
 @dataclass
@@ -82,6 +83,11 @@ class PackedW4:
         return sum(t.numel() * t.element_size() for t in ts)
 
 
+def _chunks_per_group(group_size: int) -> int:
+    """256-input chunks per group for groups of 256 or more (the kernels' group index is chunk // this)."""
+    return max(1, group_size // CHUNK)
+
+
 def _group_j(group_size: int) -> int:
     """Nibbles (32-input slices of a chunk) per group inside one 256-input chunk."""
     return min(8, group_size // 32)
@@ -98,8 +104,9 @@ def repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_
         raise KernelError(f"scales have {scales.shape[1]} columns for {n} outputs")
     kp = -(-k // CHUNK) * CHUNK
     gs = kp if group_size in (-1, 0) or group_size >= k else group_size
-    if gs % 32:
-        raise KernelError(f"group_size {group_size} is not a multiple of 32")
+    if gs not in (32, 64, 128) and gs % CHUNK:
+        # a group must tile the 256-input chunk (32/64/128) or be whole chunks
+        raise KernelError(f"group_size {group_size} is not 32, 64, 128 or a multiple of 256")
     groups = scales.shape[0]
     if groups != -(-k // gs) and not (gs == kp and groups == 1):
         raise KernelError(f"{groups} scale groups do not match K={k} with group_size {group_size}")
@@ -255,10 +262,11 @@ def gemv(x: torch.Tensor, packed: PackedW4, config: GemvConfig, workspace: Split
     perm = packed.perm if packed.perm is not None else packed.weight
     _jitted("gemv")[(tiles, split)](
         x, packed.weight, packed.scale_zero, perm, out, part, cnt,
-        m, n, k, packed.weight.shape[1], packed.group_size, per, x.stride(0), out.stride(0),
+        m, n, k, packed.weight.shape[1], _chunks_per_group(packed.group_size), per, x.stride(0), out.stride(0),
         BLOCK_M=max(16, bucket(m)) if config.dot else bucket(m), BLOCK_N=config.block_n,
         GROUP_J=_group_j(packed.group_size),
         HAS_PERM=packed.perm is not None, SPLIT=split > 1, SCALE_W=config.scale_w, DOT=config.dot,
+        PREFETCH=config.prefetch,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
@@ -275,7 +283,8 @@ def matmul_dequant(x: torch.Tensor, packed: PackedW4, block_n: int = 64) -> torc
     kern = _jitted("dequant")
     for n0 in range(0, n, rows):
         r = min(rows, n - n0)
-        kern[(-(-r // block_n), kp // CHUNK)](packed.weight, packed.scale_zero, buf, n, kp // 8, packed.group_size,
+        kern[(-(-r // block_n), kp // CHUNK)](packed.weight, packed.scale_zero, buf, n, kp // 8,
+                                              _chunks_per_group(packed.group_size),
                                               n0, buf.stride(0), BLOCK_N=block_n,
                                               GROUP_J=_group_j(packed.group_size))
         torch.matmul(xs, buf[:r, :k].t(), out=out[:, n0:n0 + r])

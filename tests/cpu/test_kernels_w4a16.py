@@ -44,7 +44,10 @@ CASES = [
     (1024, 24, 128, True, True, 7, GemvConfig(block_n=32, split_k=4, scale_w=True)),
     (264, 96, 64, False, False, 8, GemvConfig(block_n=64, split_k=2)),
     (1280, 16, 256, False, True, 1, GemvConfig(block_n=16, split_k=16)),
-    (520, 48, 64, False, True, 3, GemvConfig(block_n=16, split_k=2, dot=True)),
+    (2048, 32, 512, False, False, 2, GemvConfig(block_n=32, split_k=4)),
+    (520, 48, 64, False, True, 3, GemvConfig(block_n=16, split_k=2, dot=True, prefetch=True)),
+    (1288, 40, 128, False, True, 1, GemvConfig(block_n=16, split_k=2, prefetch=True)),
+    (784, 24, 64, True, False, 6, GemvConfig(block_n=16, split_k=1, scale_w=True, prefetch=True)),
     (256, 40, 32, True, False, 1, GemvConfig(block_n=32, dot=True)),
     (600, 64, -1, False, False, 8, GemvConfig(block_n=64, split_k=3, dot=True)),
 ]
@@ -107,7 +110,7 @@ def test_fused_layers_equal_the_separate_ones():
 
 def test_unsupported_layouts_are_refused_with_a_reason():
     t = ref.random_gptq(512, 16, 64, True, False)
-    with pytest.raises(KernelError, match="multiple of 32"):
+    with pytest.raises(KernelError, match="multiple of 256"):
         w4a16.repack(t["qweight"], t["qzeros"], t["scales"], torch.arange(512) // 16, 16)
     bad = t["g_idx"].clone()
     bad[:3] = 3  # group 3 now has 67 members: not a GPTQ act-order permutation

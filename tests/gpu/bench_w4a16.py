@@ -111,20 +111,24 @@ def candidates(n: int, k: int, m: int, grid: str, sms: int) -> list[GemvConfig]:
     chunks = -(-k // w4a16.CHUNK)
     blocks = (16, 32, 64, 128) if grid == "quick" else (16, 32, 64, 128, 256)
     warps = (2, 4, 8) if grid == "quick" else (1, 2, 4, 8)
-    stages = (1, 2) if grid == "quick" else (1, 2, 3, 4)
+    # num_stages leaves the SASS of this loop unchanged with triton 3.9 (no tl.dot to pipeline for): one value
+    # in the quick grid; the kernel's own prefetch flag is the knob that keeps more bytes in flight
+    stages = (1,) if grid == "quick" else (1, 2, 3)
     out = []
     for bn, nw, ns in itertools.product(blocks, warps, stages):
         tiles = -(-n // bn)
         splits = [s for s in (1, 2, 4, 8, 16) if s <= chunks and (s == 1 or tiles * s <= 16 * sms)
                   and (s == 1 or tiles * (s // 2) < 4 * sms)]
         variants = [(False, False), (True, False)] + ([(False, True)] if m > 1 else [])
-        for split, (scale_w, dot) in itertools.product(splits, variants):
-            out.append(GemvConfig(block_n=bn, split_k=split, num_warps=nw, num_stages=ns, scale_w=scale_w, dot=dot))
+        for split, (scale_w, dot), pf in itertools.product(splits, variants, (False, True)):
+            out.append(GemvConfig(block_n=bn, split_k=split, num_warps=nw, num_stages=ns, scale_w=scale_w, dot=dot,
+                                  prefetch=pf))
     return out
 
 
 def _compile_key(cfg: GemvConfig, m: int) -> tuple:
-    return (cfg.block_n, cfg.split_k > 1, cfg.num_warps, cfg.num_stages, cfg.scale_w, cfg.dot, w4a16.bucket(m))
+    return (cfg.block_n, cfg.split_k > 1, cfg.num_warps, cfg.num_stages, cfg.scale_w, cfg.dot, cfg.prefetch,
+            w4a16.bucket(m))
 
 
 def _compile_worker(jobs: list[tuple]) -> int:
@@ -134,10 +138,10 @@ def _compile_worker(jobs: list[tuple]) -> int:
     p = random_packed(4096, 256, dev, gen)
     ws = SplitKWorkspace(dev, 256)
     ok = 0
-    for bn, split, nw, ns, scale_w, dot, m in jobs:
+    for bn, split, nw, ns, scale_w, dot, pf, m in jobs:
         x = torch.randn(m, 4096, device=dev, dtype=torch.float16)
         try:
-            w4a16.gemv(x, p, GemvConfig(bn, 2 if split else 1, nw, ns, scale_w, dot), ws)
+            w4a16.gemv(x, p, GemvConfig(bn, 2 if split else 1, nw, ns, scale_w, dot, pf), ws)
             ok += 1
         except Exception:  # noqa: BLE001 -- a config that does not compile is skipped by the tuner too
             pass
