@@ -204,14 +204,16 @@ def bucket(m: int) -> int:
 
 
 def default_config(n: int, k: int, m: int) -> GemvConfig:
-    """Without a tuned entry: enough programs for two per SM of an H100/H200 (132 SMs) at one row."""
-    block_n = 32 if m <= 2 else 16
+    """Without a tuned entry: 64-output tiles (one row: 6.0 SASS instructions per weight and 125 registers on
+    sm_90; several rows through tl.dot: 7.4 for up to 16 rows, where the 3-D FMA tiles take 9.5 at two rows),
+    split along K until there are two programs per SM of an H100/H200 (132 SMs)."""
+    block_n = 64
     tiles = -(-n // block_n)
     chunks = -(-k // CHUNK)
     split = 1
     while tiles * split < 264 and split * 2 <= min(MAX_SPLIT, chunks):
         split *= 2
-    return GemvConfig(block_n=block_n, split_k=split, num_warps=4, num_stages=2, scale_w=m > 2)
+    return GemvConfig(block_n=block_n, split_k=split, num_warps=4, num_stages=1, dot=m > 1)
 
 
 def load_config_table(path: str | os.PathLike | None = None) -> dict[str, GemvConfig]:
