@@ -119,7 +119,14 @@ def candidates(n: int, k: int, m: int, grid: str, sms: int) -> list[GemvConfig]:
         tiles = -(-n // bn)
         splits = [s for s in (1, 2, 4, 8, 16) if s <= chunks and (s == 1 or tiles * s <= 16 * sms)
                   and (s == 1 or tiles * (s // 2) < 4 * sms)]
-        variants = [(False, False), (True, False)] + ([(False, True)] if m > 1 else [])
+        # (scale_w, dot): 3-D FMA tiles cost 9.5 SASS instructions per weight at two rows against tl.dot's 7.4
+        # (serving.kernels.sass), so from 4 rows on the quick grid tries tl.dot only
+        if m == 1:
+            variants = [(False, False), (True, False)]
+        elif m == 2 or grid == "full":
+            variants = [(False, False), (True, False), (False, True)]
+        else:
+            variants = [(False, True)]
         for split, (scale_w, dot), pf in itertools.product(splits, variants, (False, True)):
             out.append(GemvConfig(block_n=bn, split_k=split, num_warps=nw, num_stages=ns, scale_w=scale_w, dot=dot,
                                   prefetch=pf))
@@ -127,8 +134,8 @@ def candidates(n: int, k: int, m: int, grid: str, sms: int) -> list[GemvConfig]:
 
 
 def _compile_key(cfg: GemvConfig, m: int) -> tuple:
-    return (cfg.block_n, cfg.split_k > 1, cfg.num_warps, cfg.num_stages, cfg.scale_w, cfg.dot, cfg.prefetch,
-            w4a16.bucket(m))
+    rows = 16 if cfg.dot else w4a16.bucket(m)  # tl.dot pads every bucket to 16 rows: one compile for all
+    return (cfg.block_n, cfg.split_k > 1, cfg.num_warps, cfg.num_stages, cfg.scale_w, cfg.dot, cfg.prefetch, rows)
 
 
 def _compile_worker(jobs: list[tuple]) -> int:
@@ -235,6 +242,24 @@ def check(shapes, batches, table, dev: str) -> list[dict]:
                / ref.gptq_linear(big, **t).abs().max()).item()
         out.append({"case": name, "rows": 33, "max_rel_err": float(f"{err:.3g}"), "ok": err < 5e-3})
         del t, lin_p
+    return out
+
+
+def sass_of_chosen(table, batches) -> list[dict]:
+    """Registers, spills and SASS instructions per weight of the configs chosen for the qkv shape (this
+    machine's triton; ``serving.kernels.sass``)."""
+    from serving.kernels.sass import compile_gemv, sass_stats
+
+    out = []
+    _, k, n = SHAPES[0]
+    for m in batches:
+        cfg = table.get(w4a16.config_key(n, k, w4a16.bucket(m)))
+        if cfg is None:
+            continue
+        try:
+            out.append({"rows": m, **sass_stats(compile_gemv(cfg, w4a16.bucket(m), split=cfg.split_k > 1), cfg)})
+        except Exception as e:  # noqa: BLE001 -- diagnostics only
+            out.append({"rows": m, "error": repr(e)[:300]})
     return out
 
 
@@ -415,6 +440,8 @@ def main() -> int:
                                     smoke=False)
         flush()
         res["check"] = check(SHAPES, batches, table, dev)
+        flush()
+        res["sass"] = sass_of_chosen(table, batches)
         flush()
         builders = {"ours": lambda: stack_ours(args.layers, table, dev), "fp16": lambda: stack_fp16(args.layers, dev),
                     "tinygemm": lambda: stack_tinygemm(args.layers, dev),
