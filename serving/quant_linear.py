@@ -115,18 +115,21 @@ def swap_gptq_linears(model: nn.Module, config_table: str | Path | None = None) 
     """Replace every 4-bit GPTQ linear of ``model`` by a ``W4A16Linear`` (in place). Layers the kernel cannot
     take keep GPTQModel's module (logged). Returns counts: swapped, kept."""
     configs = w4a16.load_config_table(config_table)
-    targets = [(name, m) for name, m in model.named_modules() if _is_gptq_linear(m)]
+    # names only: holding the modules would keep every old weight alive until the end (2x the weights at peak;
+    # one layer at a time, GPTQModel's copy is freed as soon as its replacement is in place)
+    names = [name for name, m in model.named_modules() if _is_gptq_linear(m)]
     swapped: list[W4A16Linear] = []
     kept = 0
-    for name, m in targets:
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
         try:
-            new = W4A16Linear.from_gptq_module(m, configs=configs)
+            new = W4A16Linear.from_gptq_module(getattr(parent, child), configs=configs)
         except KernelError as e:
             logger.warning("%s stays on GPTQModel's kernel: %s", name, e)
             kept += 1
             continue
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        setattr(parent, child, new)
         swapped.append(new)
     if swapped:
         dev = swapped[0].weight_packed.device

@@ -93,10 +93,16 @@ def _group_j(group_size: int) -> int:
     return min(8, group_size // 32)
 
 
+# Bytes of temporaries per weight while repacking (int32 unpack, uint8, two int64 for the shifts and the sum):
+# repacking runs next to the loaded checkpoint under a 4 GiB cap, so it goes REPACK_TEMP_BYTES at a time.
+_REPACK_BYTES_PER_WEIGHT = 21
+REPACK_TEMP_BYTES = 24 * 1024**2
+
+
 def repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
-           group_size: int, zero_offset: int = 1, n_chunk: int = 4096) -> PackedW4:
-    """Standard GPTQ 4-bit tensors -> ``PackedW4`` on the same device, ``n_chunk`` outputs at a time (bounds the
-    uint8 temporary: K x n_chunk bytes)."""
+           group_size: int, zero_offset: int = 1, n_chunk: int | None = None) -> PackedW4:
+    """Standard GPTQ 4-bit tensors -> ``PackedW4`` on the same device, ``n_chunk`` outputs at a time (default:
+    what keeps the temporaries near ``REPACK_TEMP_BYTES``)."""
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
         raise KernelError(f"qweight must be int32 [K/8, N] (4-bit GPTQ), got {qweight.dtype} {tuple(qweight.shape)}")
     k, n = qweight.shape[0] * 8, qweight.shape[1]
@@ -129,6 +135,8 @@ def repack(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_
     z[:groups] = unpack_cols(qzeros, n).to(torch.float16) + zero_offset
     words = torch.empty(n, kp // 8, dtype=torch.int32, device=dev)
     shifts = (4 * torch.arange(8, device=dev, dtype=torch.int64)).view(1, 8, 1, 1)
+    if n_chunk is None:
+        n_chunk = max(8, REPACK_TEMP_BYTES // (_REPACK_BYTES_PER_WEIGHT * kp) // 8 * 8)
     for n0 in range(0, n, n_chunk):
         q = unpack_rows(qweight[:, n0:n0 + n_chunk])  # [K, nc]
         if perm is not None:

@@ -2,7 +2,7 @@
 LLaMA-7B-shaped stack (32 layers of qkv 4096x12288, o 4096x4096, gate_up 4096x22016, down 11008x4096) captured
 whole as one CUDA graph, next to fp16 cuBLAS, torch's int4 tinygemm and GPTQModel's Marlin (when it imports).
 
-    python tests/gpu/bench_w4a16.py [--budget-s 240] [--grid quick|full] [--batches 1,2,4,8]
+    python tests/gpu/bench_w4a16.py [--budget-s 120] [--grid quick|full] [--batches 1,2,4,8]
                                     [--engine-ckpt DIR]   # + serving.bench engine runs, marlin vs triton_gemv
     python tests/gpu/bench_w4a16.py --smoke    # CPU: tiny shapes under TRITON_INTERPRET=1, same code paths
 
@@ -226,14 +226,15 @@ def check(shapes, batches, table, dev: str) -> list[dict]:
     out = []
     cases = [(name, k, n, True, False) for name, k, n in shapes] + [(shapes[1][0] + "_asym_act_order", shapes[1][1],
                                                                     shapes[1][2], False, True)]
-    for name, k, n, sym, act in cases:
+    for name, k, n_full, sym, act in cases:
+        n = min(n_full, 4096)  # the shape's tuned config on its first 4096 outputs: same tiles and K slices
         t = ref.random_gptq(k, n, GS, sym=sym, act_order=act, seed=k + n, device=dev)
         lin_p = w4a16.repack(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], GS)
         ws = SplitKWorkspace(dev, n)
         for m in batches:
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             want = ref.gptq_linear(x, **t)
-            cfg = table.get(w4a16.config_key(n, k, w4a16.bucket(m))) or w4a16.default_config(n, k, m)
+            cfg = table.get(w4a16.config_key(n_full, k, w4a16.bucket(m))) or w4a16.default_config(n_full, k, m)
             got = w4a16.gemv(x, lin_p, cfg, ws).float()
             err = ((got - want).abs().max() / want.abs().max()).item()
             out.append({"case": name, "rows": m, "max_rel_err": float(f"{err:.3g}"), "ok": err < 5e-3})
@@ -395,12 +396,16 @@ def engine_runs(ckpt: str, table_path: Path, out_dir: Path) -> list[dict]:
     return rows
 
 
+def _meta(res: dict) -> dict:
+    return {k: res.get(k) for k in ("device", "torch", "triton", "copy_bandwidth_GBps", "grid")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--batches", default="1,2,4,8")
     ap.add_argument("--grid", choices=["quick", "full"], default="quick")
-    ap.add_argument("--budget-s", type=float, default=150, help="wall-clock limit of the timing sweep")
+    ap.add_argument("--budget-s", type=float, default=120, help="wall-clock limit of the timing sweep")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="compile processes")
     ap.add_argument("--backends", default="ours,fp16,tinygemm,marlin")
     ap.add_argument("--engine-ckpt", default=None, help="a LLaMA-7B-shaped GPTQ folder: also run serving.bench")
@@ -438,6 +443,7 @@ def main() -> int:
         log("precompile", res["precompile"])
         table, res["tuning"] = tune(SHAPES, batches, args.grid, args.budget_s, dev, props.multi_processor_count, bw,
                                     smoke=False)
+        w4a16.save_config_table(out_dir / "w4a16_configs.json", table, _meta(res))
         flush()
         res["check"] = check(SHAPES, batches, table, dev)
         flush()
@@ -450,9 +456,8 @@ def main() -> int:
         for name in args.backends.split(","):
             res["stack"] += time_stack(name, builders[name], batches, bw, dev)
             flush()
-    meta = {k: res.get(k) for k in ("device", "torch", "triton", "copy_bandwidth_GBps", "grid")}
     table_path = out_dir / "w4a16_configs.json"
-    w4a16.save_config_table(table_path, table, meta)
+    w4a16.save_config_table(table_path, table, _meta(res))
     if args.engine_ckpt:
         res["engine"] = engine_runs(args.engine_ckpt, table_path, out_dir)
     flush()
