@@ -18,6 +18,7 @@ import argparse
 import itertools
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -175,6 +176,7 @@ def tune(shapes, batches, grid: str, budget_s: float, dev: str, sms: int, bw: fl
     table: dict[str, GemvConfig] = {}
     report = {}
     deadline = time.time() + budget_s
+    keys_left = len(shapes) * len(batches)
     for name, k, n in shapes:
         one = random_packed(k, n, dev, gen)
         copies = 1 if smoke else max(2, -(-4 * L2_BYTES // w4a16.weight_bytes(one)))
@@ -185,11 +187,15 @@ def tune(shapes, batches, grid: str, budget_s: float, dev: str, sms: int, bw: fl
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             out = torch.empty(m, n, device=dev, dtype=torch.float16)
             cands = candidates(n, k, m, grid, sms)
+            random.Random(0).shuffle(cands)  # a sweep cut short by the budget still samples the whole grid
             if smoke:  # the interpreter runs ~20 programs a second: two configs, one each way
                 cands = [c for c in cands if c.split_k > 1 and c.scale_w][:1] + [c for c in cands if c.split_k == 1][:1]
             results, errors = [], {}
+            # an equal share of what is left for each (shape, rows), so a slow start cannot starve the last ones
+            key_deadline = time.time() + max(0.0, deadline - time.time()) / keys_left
+            keys_left -= 1
             for cfg in cands:
-                if time.time() > deadline:
+                if time.time() > key_deadline and results:
                     break
 
                 def run(cfg=cfg, x=x, out=out, packs=packs, ws=ws):
