@@ -182,7 +182,7 @@ def _engine_run(eng: Any, sampling_cls: Any, prompts: list[list[int]], gen_len: 
             "ttft_s_median": round(ttft[len(ttft) // 2], 4), "ttft_s_max": round(ttft[-1], 4)}
 
 
-KERNEL_GROUPS = (("gptq_gemm", ("marlin", "gptq", "exllama", "dequant")), ("compiled", ("triton",)),
+KERNEL_GROUPS = (("gptq_gemm", ("marlin", "gptq", "exllama", "dequant", "w4a16")), ("compiled", ("triton",)),
                  ("cublas_gemm", ("gemm", "gemv", "cublas", "cutlass", "sm90_", "sm80_")),
                  ("attention", ("flash", "fmha", "attention", "softmax")), ("copy_fill", ("copy", "fill", "memset",
                                                                                          "memcpy", "cat")))

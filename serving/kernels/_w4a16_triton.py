@@ -9,7 +9,7 @@ import triton.language as tl
 # imports it) could not interpret them. The interpreter sums with numpy when the combine is _sum_combine.
 
 
-def gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
+def w4a16_gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
                 M, N, K, K8, chunks_per_group, chunks_per_split, stride_xm, stride_om,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_J: tl.constexpr,
                 HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, SCALE_W: tl.constexpr, DOT: tl.constexpr,
@@ -124,7 +124,7 @@ def gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
         tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
-def dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K8, chunks_per_group, n0, stride_o,
+def w4a16_dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K8, chunks_per_group, n0, stride_o,
                     BLOCK_N: tl.constexpr, GROUP_J: tl.constexpr):
     """Rows n0..n0+rows of the weight, dequantized into out [rows, Kp] (inputs in the packed, sorted order)."""
     pid_n = tl.program_id(0)

@@ -32,7 +32,7 @@ def compile_gemv(cfg: GemvConfig, rows: int, group_j: int = 4, act_order: bool =
 
     from serving.kernels import _w4a16_triton as kernels
 
-    fn = triton.jit(kernels.gemv_kernel, do_not_specialize=["M", "chunks_per_split", "stride_xm", "stride_om"])
+    fn = triton.jit(kernels.w4a16_gemv_kernel, do_not_specialize=["M", "chunks_per_split", "stride_xm", "stride_om"])
     const = {"BLOCK_M": max(16, rows) if cfg.dot else rows, "BLOCK_N": cfg.block_n, "GROUP_J": group_j,
              "HAS_PERM": act_order, "SPLIT": split, "SCALE_W": cfg.scale_w, "DOT": cfg.dot, "PREFETCH": cfg.prefetch}
     sig = {**SIGNATURE, **{k: "constexpr" for k in const}}

@@ -182,10 +182,10 @@ def _jitted(name: str):
         # run-time values that change between calls of one layer (rows, split slices, strides) are not
         # specialized on (Triton would compile again whenever one of them crossed a multiple of 16 or 1)
         if name == "gemv":
-            _JIT[key] = triton.jit(kernels.gemv_kernel,
+            _JIT[key] = triton.jit(kernels.w4a16_gemv_kernel,
                                    do_not_specialize=["M", "chunks_per_split", "stride_xm", "stride_om"])
         else:
-            _JIT[key] = triton.jit(kernels.dequant_kernel, do_not_specialize=["n0"])
+            _JIT[key] = triton.jit(kernels.w4a16_dequant_kernel, do_not_specialize=["n0"])
     return _JIT[key]
 
 
