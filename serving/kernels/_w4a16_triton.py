@@ -10,7 +10,7 @@ import triton.language as tl
 
 
 def w4a16_gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
-                M, N, K, K8, chunks_per_group, chunks_per_split, stride_xm, stride_om,
+                M, N, K, K8, chunks_per_group, chunks_per_split, stride_xm, stride_om, magic,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_J: tl.constexpr,
                 HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, SCALE_W: tl.constexpr, DOT: tl.constexpr,
                 PREFETCH: tl.constexpr):
@@ -71,7 +71,7 @@ def w4a16_gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr
                 kx = tl.load(perm_ptr + kk)
             else:
                 kx = kk
-            f = ((src & (15 << (4 * e))) | 0x4B000000).to(tl.float32, bitcast=True)
+            f = ((src & (15 << (4 * e))) | magic).to(tl.float32, bitcast=True)  # magic: 0x4B000000 (w4a16.MAGIC)
             d = f - (8388608.0 + z * (1 << (4 * e)))[:, None]  # (q - z) * 16**e, exact
             if DOT:
                 xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kx[:, None],

@@ -15,11 +15,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from serving.kernels.w4a16 import GemvConfig
+from serving.kernels.w4a16 import GEMV_UNSPECIALIZED, GemvConfig
 
 SIGNATURE = {"x_ptr": "*fp16", "w_ptr": "*i32", "sz_ptr": "*fp16", "perm_ptr": "*i32", "out_ptr": "*fp16",
              "part_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "K8": "i32",
-             "chunks_per_group": "i32", "chunks_per_split": "i32", "stride_xm": "i32", "stride_om": "i32"}
+             "chunks_per_group": "i32", "chunks_per_split": "i32", "stride_xm": "i32", "stride_om": "i32",
+             "magic": "i32"}
 
 
 def compile_gemv(cfg: GemvConfig, rows: int, group_j: int = 4, act_order: bool = False, split: bool = False,
@@ -32,7 +33,7 @@ def compile_gemv(cfg: GemvConfig, rows: int, group_j: int = 4, act_order: bool =
 
     from serving.kernels import _w4a16_triton as kernels
 
-    fn = triton.jit(kernels.w4a16_gemv_kernel, do_not_specialize=["M", "chunks_per_split", "stride_xm", "stride_om"])
+    fn = triton.jit(kernels.w4a16_gemv_kernel, do_not_specialize=GEMV_UNSPECIALIZED)
     const = {"BLOCK_M": max(16, rows) if cfg.dot else rows, "BLOCK_N": cfg.block_n, "GROUP_J": group_j,
              "HAS_PERM": act_order, "SPLIT": split, "SCALE_W": cfg.scale_w, "DOT": cfg.dot, "PREFETCH": cfg.prefetch}
     sig = {**SIGNATURE, **{k: "constexpr" for k in const}}

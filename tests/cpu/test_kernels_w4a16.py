@@ -140,8 +140,8 @@ def test_config_table_round_trip_and_lookup(tmp_path: Path):
 @pytest.mark.parametrize("rows", [1, 4])
 def test_default_configs_compile_for_hopper_without_spills(rows):
     """Triton compiles the GEMV for sm_90 here (its wheel carries ptxas): no local memory, and the chunk loop
-    stays near the unpack-and-FMA count it was designed for (6.0 SASS instructions per weight at one row,
-    7.4 through tl.dot; ~3 is the floor: LOP3, FADD, FFMA)."""
+    stays near the unpack-and-FMA count it was designed for (5.4 SASS instructions per weight at one row,
+    6.7 through tl.dot; ~3 is the floor: LOP3, FADD, FFMA)."""
     import os
     import subprocess
     import sys
@@ -155,7 +155,7 @@ def test_default_configs_compile_for_hopper_without_spills(rows):
     assert p.returncode == 0, p.stderr[-2000:]
     stats = json.loads(p.stdout.strip().splitlines()[-1])
     assert stats["local_bytes"] == 0 and stats["registers"] <= 255, stats
-    assert 3 <= stats["instructions_per_weight"] <= 9, stats
+    assert 3 <= stats["instructions_per_weight"] <= 8, stats
 
 
 # -- a tiny GPTQ checkpoint (act-order, asymmetric) through GPTQModel + the swap, greedy vs reference weights
