@@ -115,6 +115,9 @@ def swap_gptq_linears(model: nn.Module, config_table: str | Path | None = None) 
     """Replace every 4-bit GPTQ linear of ``model`` by a ``W4A16Linear`` (in place). Layers the kernel cannot
     take keep GPTQModel's module (logged). Returns counts: swapped, kept."""
     configs = w4a16.load_config_table(config_table)
+    dev = next(iter(model.buffers()), torch.empty(0)).device
+    if dev.type != "cuda" and not w4a16.interpreting():
+        raise KernelError("gptq_backend triton_gemv runs on CUDA (on a CPU only under TRITON_INTERPRET=1, for tests)")
     # names only: holding the modules would keep every old weight alive until the end (2x the weights at peak;
     # one layer at a time, GPTQModel's copy is freed as soon as its replacement is in place)
     names = [name for name, m in model.named_modules() if _is_gptq_linear(m)]

@@ -252,3 +252,12 @@ def test_greedy_tokens_of_a_swapped_gptq_model_equal_the_reference(tmp_path: Pat
     assert _greedy(model, prompts[:1], 4) == _greedy(reference, prompts[:1], 4)
     assert _greedy(model, prompts, 3) == _greedy(reference, prompts, 3)
     assert swap_gptq_linears(model) == {"swapped": 0, "kept": 0}  # nothing left to swap
+
+
+def test_swap_on_cpu_without_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    model = torch.nn.Sequential(W4A16Linear.from_tensors(**ref.random_gptq(256, 16, 64), group_size=64))
+    with pytest.raises(KernelError, match="CUDA"):
+        swap_gptq_linears(model)
+    with pytest.raises(KernelError, match="CUDA"):
+        model(torch.randn(1, 256))
