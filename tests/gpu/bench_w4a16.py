@@ -147,7 +147,7 @@ def _compile_worker(jobs: list[tuple]) -> int:
     ws = SplitKWorkspace(dev, 256)
     ok = 0
     for bn, split, nw, ns, scale_w, dot, pf, m in jobs:
-        x = torch.randn(m, 4096, device=dev, dtype=torch.float16)
+        x = torch.randn(min(m, w4a16.MAX_ROWS), 4096, device=dev, dtype=torch.float16)  # tl.dot keys say 16
         try:
             w4a16.gemv(x, p, GemvConfig(bn, 2 if split else 1, nw, ns, scale_w, dot, pf), ws)
             ok += 1
