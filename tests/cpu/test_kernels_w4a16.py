@@ -86,7 +86,8 @@ def test_split_k_is_deterministic_and_agrees_with_one_slice():
     torch.testing.assert_close(a, one, rtol=1e-5, atol=1e-5)
 
 
-def test_long_inputs_take_the_dequantize_path():
+def test_long_inputs_take_the_dequantize_path(monkeypatch):
+    monkeypatch.setattr(w4a16, "DEQUANT_CHUNK_ELEMS", 32 * 512)  # 32 outputs at a time: three slices of 70
     t = ref.random_gptq(328, 70, 32, False, True, seed=7)
     lin = W4A16Linear.from_tensors(**t, group_size=32, bias=torch.randn(70))
     lin.dequant_block_n = 32
