@@ -4,6 +4,7 @@ whole as one CUDA graph, next to fp16 cuBLAS, torch's int4 tinygemm and GPTQMode
 
     python tests/gpu/bench_w4a16.py [--budget-s 120] [--grid quick|full] [--batches 1,2,4,8]
                                     [--engine-ckpt DIR]   # + serving.bench engine runs, marlin vs triton_gemv
+    python tests/gpu/bench_w4a16.py --table w4a16_configs.json --backends ours,marlin   # no tuning
     python tests/gpu/bench_w4a16.py --smoke    # CPU: tiny shapes under TRITON_INTERPRET=1, same code paths
 
 Prints JSON and writes $OUT/w4a16.json (results) and $OUT/w4a16_configs.json (the tuned table: copy it to
@@ -415,6 +416,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="compile processes")
     ap.add_argument("--backends", default="ours,fp16,tinygemm,marlin")
     ap.add_argument("--engine-ckpt", default=None, help="a LLaMA-7B-shaped GPTQ folder: also run serving.bench")
+    ap.add_argument("--table", default=None, help="use this tuned table (w4a16_configs.json) instead of tuning")
     ap.add_argument("--smoke", action="store_true", help="CPU check: tiny shapes, Triton's interpreter")
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", "."))
@@ -440,15 +442,19 @@ def main() -> int:
         bw = copy_bandwidth(dev)
         res.update(device=torch.cuda.get_device_name(), sms=props.multi_processor_count, triton=triton.__version__,
                    copy_bandwidth_GBps=round(bw / 1e9, 1))
-        keys = {_compile_key(c, m) for _, k, n in SHAPES for m in batches
-                for c in candidates(n, k, m, args.grid, props.multi_processor_count)}
-        try:
-            res["precompile"] = precompile(keys, args.workers)
-        except Exception as e:  # noqa: BLE001 -- falls back to compiling during the sweep
-            res["precompile"] = {"error": repr(e)[:300]}
-        log("precompile", res["precompile"])
-        table, res["tuning"] = tune(SHAPES, batches, args.grid, args.budget_s, dev, props.multi_processor_count, bw,
-                                    smoke=False)
+        if args.table:  # a second call (e.g. only --backends marlin) reuses the first call's table
+            table = w4a16.load_config_table(args.table)
+            res["tuning"] = {"loaded": args.table, "configs": len(table)}
+        else:
+            keys = {_compile_key(c, m) for _, k, n in SHAPES for m in batches
+                    for c in candidates(n, k, m, args.grid, props.multi_processor_count)}
+            try:
+                res["precompile"] = precompile(keys, args.workers)
+            except Exception as e:  # noqa: BLE001 -- falls back to compiling during the sweep
+                res["precompile"] = {"error": repr(e)[:300]}
+            log("precompile", res["precompile"])
+            table, res["tuning"] = tune(SHAPES, batches, args.grid, args.budget_s, dev, props.multi_processor_count,
+                                        bw, smoke=False)
         w4a16.save_config_table(out_dir / "w4a16_configs.json", table, _meta(res))
         flush()
         res["check"] = check(SHAPES, batches, table, dev)
