@@ -341,7 +341,7 @@ def _engine_run(eng: Any, sampling_cls: Any, prompts: list[list[int]], gen_len: 
             "ttft_s_median": round(ttft[len(ttft) // 2], 4), "ttft_s_max": round(ttft[-1], 4)}
 
 
-KERNEL_GROUPS = (("gptq_gemm", ("marlin", "gptq", "exllama", "dequant")), ("compiled", ("triton",)),
+KERNEL_GROUPS = (("gptq_gemm", ("marlin", "gptq", "exllama", "dequant", "w4a16")), ("compiled", ("triton",)),
                  ("cublas_gemm", ("gemm", "gemv", "cublas", "cutlass", "sm90_", "sm80_")),
                  ("attention", ("flash", "fmha", "attention", "softmax")), ("copy_fill", ("copy", "fill", "memset",
                                                                                          "memcpy", "cat")))
@@ -540,7 +540,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="engine.compile: torch.compile the decode layer")
     p.add_argument("--fuse-projections", action="store_true", help="engine.fuse_projections: q/k/v, gate/up "
                    "as one GEMM each")
-    p.add_argument("--gptq-backend", default="auto", choices=["auto", "marlin", "exllama_v2", "triton", "torch"])
+    p.add_argument("--gptq-backend", default="auto",
+                   choices=["auto", "marlin", "exllama_v2", "triton", "torch", "triton_gemv"])
     p.add_argument("--phases", default="engine,generate",
                    help="comma list of: engine (paged), legacy (fixed-slot engine of 9297f40), engine_compiled "
                         "(engine.compile on), chat, chat_no_prefix, chat_legacy (10-turn chat), load, load_legacy "

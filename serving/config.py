@@ -76,9 +76,10 @@ class EngineConfig(_Strict):
                                    "layers at load.")
     graph_batch_sizes: list[int] = Field([1, 2, 4, 8, 16, 24, 32, 48, 64],
                                          description="Batch-size buckets captured as CUDA graphs.")
-    gptq_backend: Literal["auto", "marlin", "exllama_v2", "triton", "torch"] = Field(
+    gptq_backend: Literal["auto", "marlin", "exllama_v2", "triton", "torch", "triton_gemv"] = Field(
         "auto", description="GPTQModel kernel for GPTQ checkpoints. auto: torch on CPU; on CUDA marlin for "
-        "symmetric 4/8-bit checkpoints, exllama_v2 for asymmetric 4-bit (gptq.sym=false), else triton.")
+        "symmetric 4/8-bit checkpoints, exllama_v2 for asymmetric 4-bit (gptq.sym=false), else triton. "
+        "triton_gemv: this project's split-K W4A16 kernels (serving/kernels/w4a16.py; 4-bit, CUDA).")
     warmup: bool = Field(True, description="Run a short generation before reporting ready.")
     seed: int = Field(0, description="Seed for requests that give none.")
 

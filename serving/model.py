@@ -72,13 +72,18 @@ def load_model(path: Path, device: torch.device, dtype: str = "auto", gptq_backe
 
         if gptq_backend == "auto":
             gptq_backend = auto_gptq_backend(path, device)
+        # triton_gemv: GPTQModel's TORCH layers keep the standard tensors, repacked for serving.kernels below
         backend = {"marlin": BACKEND.MARLIN, "exllama_v2": BACKEND.EXLLAMA_V2, "triton": BACKEND.TRITON,
-                   "torch": BACKEND.TORCH}[gptq_backend]
+                   "torch": BACKEND.TORCH, "triton_gemv": BACKEND.TORCH}[gptq_backend]
         kwargs: dict[str, Any] = {}
         if device.type == "cuda":
             kwargs["dtype"] = torch.float16
         wrapped = GPTQModel.load(str(path), backend=backend, device=str(device), **kwargs)
         model = wrapped.model
+        if gptq_backend == "triton_gemv":
+            from serving.quant_linear import swap_gptq_linears
+
+            swap_gptq_linears(model)
         return model.eval(), True
     from transformers import AutoModelForCausalLM
 

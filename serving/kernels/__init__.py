@@ -1,1 +1,2 @@
-"""Hand-written kernels of the serving engine (paged attention, 4-bit GEMM), each with a torch path beside it."""
+"""Hand-written Triton kernels of the serving engine (paged attention, W4A16 GEMV), each with a torch reference
+beside it. Each module imports triton only when a kernel runs."""

@@ -1,0 +1,156 @@
+"""The Triton kernels of ``serving.kernels.w4a16`` as plain functions: ``w4a16._jitted`` wraps them with
+``triton.jit`` at first use (compiled, or interpreted under TRITON_INTERPRET=1). Layout and arithmetic: see
+``serving.kernels.w4a16``'s docstring. Imports triton: import this module only where a kernel runs."""
+
+import triton.language as tl
+
+# Only builtins of triton.language here (tl.full, tl.reduce), none of its @jit helpers (tl.zeros, tl.sum): those are
+# wrapped when triton is imported, so a process that imported triton before setting TRITON_INTERPRET=1 (GPTQModel
+# imports it) could not interpret them. The interpreter sums with numpy when the combine is _sum_combine.
+
+
+def w4a16_gemv_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
+                M, N, K, K8, chunks_per_group, chunks_per_split, stride_xm, stride_om, magic,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_J: tl.constexpr,
+                HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, SCALE_W: tl.constexpr, DOT: tl.constexpr,
+                PREFETCH: tl.constexpr):
+    """out[:M] = x[:M] @ W over K slice ``pid_k`` of N tile ``pid_n``. Three inner loops, picked at compile time:
+    one row (2-D tiles, the batch-1 case), several rows on CUDA cores (3-D tiles), several rows through
+    ``tl.dot`` (BLOCK_M >= 16, rows past M masked: the integer weights (q - z) are exact in fp16)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    offs_i = tl.arange(0, 32)
+    c0 = pid_k * chunks_per_split
+    c1 = tl.minimum(c0 + chunks_per_split, K8 // 32)
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K8 + offs_i[None, :]
+    if DOT:
+        acc = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
+    elif BLOCK_M == 1:
+        acc = tl.full([BLOCK_N, 32], 0.0, tl.float32)
+    else:
+        acc = tl.full([BLOCK_M, BLOCK_N, 32], 0.0, tl.float32)
+    if PREFETCH:  # the next chunk's words are in flight while this chunk is unpacked (Triton does not
+        # pipeline loads that feed no tl.dot: num_stages leaves this loop's SASS unchanged)
+        w_next = tl.load(w_ptrs + c0 * 32, mask=n_ok[:, None] & (tl.full([1, 32], c0, tl.int32) < c1), other=0)
+    for c in range(c0, c1):
+        if PREFETCH:
+            w = w_next
+            w_next = tl.load(w_ptrs + (c + 1) * 32, mask=n_ok[:, None] & (tl.full([1, 32], c + 1, tl.int32) < c1),
+                             other=0)
+        else:
+            w = tl.load(w_ptrs + c * 32, mask=n_ok[:, None], other=0)
+        w_hi = w >> 12
+        if DOT:
+            part = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
+        elif BLOCK_M == 1:
+            part = tl.full([BLOCK_N, 32], 0.0, tl.float32)
+        else:
+            part = tl.full([BLOCK_M, BLOCK_N, 32], 0.0, tl.float32)
+        for j in tl.static_range(8):
+            if j % GROUP_J == 0:
+                # no run-time division inside the loop (an integer divide is ~25 instructions in SASS)
+                if GROUP_J < 8:
+                    g = c * (8 // GROUP_J) + j // GROUP_J
+                else:
+                    g = c // chunks_per_group
+                sz = sz_ptr + (g * N + offs_n) * 2
+                s = tl.load(sz, mask=n_ok, other=0.0).to(tl.float32)
+                z = tl.load(sz + 1, mask=n_ok, other=0.0).to(tl.float32)
+            if j < 5:
+                src = w
+                e = j
+            else:
+                src = w_hi
+                e = j - 3  # nibbles 5..7 at bits 8..19 of w >> 12: never at bit 0, where ptxas splits the mask
+            kk = c * 256 + 32 * j + offs_i
+            if HAS_PERM:
+                kx = tl.load(perm_ptr + kk)
+            else:
+                kx = kk
+            f = ((src & (15 << (4 * e))) | magic).to(tl.float32, bitcast=True)  # magic: 0x4B000000 (w4a16.MAGIC)
+            d = f - (8388608.0 + z * (1 << (4 * e)))[:, None]  # (q - z) * 16**e, exact
+            if DOT:
+                xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kx[:, None],
+                             mask=m_ok[None, :] & (kk < K)[:, None], other=0.0)  # [32, BLOCK_M]
+                dq = (d * (1.0 / (1 << (4 * e)))).to(x_ptr.dtype.element_ty)  # q - z: integers, exact
+                part = tl.dot(dq, xt, part)
+                if (j + 1) % GROUP_J == 0:
+                    acc += s[:, None] * part
+                    part = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
+            elif BLOCK_M == 1:
+                xj = tl.load(x_ptr + kx, mask=kk < K, other=0.0).to(tl.float32) * (1.0 / (1 << (4 * e)))
+                if SCALE_W:
+                    acc += xj[None, :] * (d * s[:, None])
+                else:
+                    part += xj[None, :] * d
+                    if (j + 1) % GROUP_J == 0:
+                        acc += s[:, None] * part
+                        part = tl.full([BLOCK_N, 32], 0.0, tl.float32)
+            else:
+                xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + kx[None, :],
+                             mask=m_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+                xj = xj * (1.0 / (1 << (4 * e)))
+                if SCALE_W:
+                    acc += xj[:, None, :] * (d * s[:, None])[None, :, :]
+                else:
+                    part += xj[:, None, :] * d[None, :, :]
+                    if (j + 1) % GROUP_J == 0:
+                        acc += s[None, :, None] * part
+                        part = tl.full([BLOCK_M, BLOCK_N, 32], 0.0, tl.float32)
+    if DOT:
+        res = tl.trans(acc)
+    elif BLOCK_M == 1:
+        res = tl.reduce(acc, 1, tl.standard._sum_combine)[None, :]
+    else:
+        res = tl.reduce(acc, 2, tl.standard._sum_combine)
+    o_mask = m_ok[:, None] & n_ok[None, :]
+    o_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    if SPLIT:
+        p_off = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part_ptr + pid_k * M * N + p_off, res, mask=o_mask)
+        tl.debug_barrier()  # every thread's slice is stored before the counter moves (acq_rel atomic)
+        done = tl.atomic_add(cnt_ptr + pid_n, 1)
+        if done == tl.num_programs(1) - 1:
+            tot = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+            for sk in range(0, tl.num_programs(1)):
+                tot += tl.load(part_ptr + sk * M * N + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
+            tl.store(o_ptrs, tot.to(out_ptr.dtype.element_ty), mask=o_mask)
+            tl.store(cnt_ptr + pid_n, 0)
+    else:
+        tl.store(o_ptrs, res.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+def w4a16_dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K8, chunks_per_group, n0, stride_o,
+                    BLOCK_N: tl.constexpr, GROUP_J: tl.constexpr):
+    """Rows n0..n0+rows of the weight, dequantized into out [rows, Kp] (inputs in the packed, sorted order)."""
+    pid_n = tl.program_id(0)
+    c = tl.program_id(1)
+    offs_r = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = n0 + offs_r
+    n_ok = offs_n < N
+    offs_i = tl.arange(0, 32)
+    w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K8 + c * 32 + offs_i[None, :], mask=n_ok[:, None], other=0)
+    w_hi = w >> 12
+    for j in tl.static_range(8):
+        if j % GROUP_J == 0:
+            if GROUP_J < 8:
+                g = c * (8 // GROUP_J) + j // GROUP_J
+            else:
+                g = c // chunks_per_group
+            sz = sz_ptr + (g * N + offs_n) * 2
+            s = tl.load(sz, mask=n_ok, other=0.0).to(tl.float32)
+            z = tl.load(sz + 1, mask=n_ok, other=0.0).to(tl.float32)
+        if j < 5:
+            src = w
+            e = j
+        else:
+            src = w_hi
+            e = j - 3  # nibbles 5..7 at bits 8..19 of w >> 12: never at bit 0, where ptxas splits the mask
+        f = ((src & (15 << (4 * e))) | 0x4B000000).to(tl.float32, bitcast=True)
+        d = (f - (8388608.0 + z * (1 << (4 * e)))[:, None]) * (s * (1.0 / (1 << (4 * e))))[:, None]
+        dst = out_ptr + offs_r[:, None].to(tl.int64) * stride_o + c * 256 + 32 * j + offs_i[None, :]
+        tl.store(dst, d.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
