@@ -359,7 +359,8 @@ def write_record(cfg: PipelineConfig, plans: list[StagePlan], started: float, co
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="Pipeline YAML (see training/configs/demo/pipeline.yaml).")
-    ap.add_argument("--launcher", choices=["python", "torchrun", "kubernetes"], help="Override the pipeline's launcher.")
+    ap.add_argument("--launcher", choices=["python", "torchrun", "kubernetes"],
+                    help="Override the pipeline's launcher.")
     ap.add_argument("--nproc-per-node", type=int, help="Processes per stage under torchrun.")
     ap.add_argument("--max-restarts", type=int, help="Re-launch a failed stage from its last checkpoint N times.")
     ap.add_argument("--from", dest="redo_from", metavar="STAGE", help="Run this stage and all later ones again.")

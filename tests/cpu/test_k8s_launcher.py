@@ -238,7 +238,8 @@ def test_fake_api_server_sees_stages_created_one_after_another_then_serving(rele
     for stage in ("sft", "rm", "ppo", "quantize"):
         for doc in r.manifests(stage):
             live = r.api.objects[("jobs", doc["metadata"]["name"])]
-            assert _strip(live) == k8s._quantities_as_strings(doc), "the Job is the chart's manifest, plus owner and checksum"
+            # the Job is the chart's manifest, plus owner and checksum
+            assert _strip(live) == k8s._quantities_as_strings(doc)
             assert live["metadata"]["ownerReferences"] == [
                 {"apiVersion": "v1", "kind": "ConfigMap", "name": "demo-colossal-rlhf-pipeline", "uid": cm_uid}]
             assert live["metadata"]["annotations"][k8s.CHECKSUM] == k8s.manifest_checksum(doc)

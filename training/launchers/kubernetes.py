@@ -1,7 +1,7 @@
 """Kubernetes launcher of ``training.pipeline``: each stage runs as the Job the Helm chart rendered for it.
 
-    python -m training.pipeline --config /etc/colossal-rlhf/pipeline/pipeline.yaml   # stages say launcher: kubernetes
-    python -m training.launchers.kubernetes apply serving                           # then serving, once the model exists
+    python -m training.pipeline --config /etc/colossal-rlhf/pipeline/pipeline.yaml  # its stages: launcher kubernetes
+    python -m training.launchers.kubernetes apply serving                          # serving, once the model exists
 
 The chart's orchestrator Job (a CPU-only pod) runs these two commands. For a stage named S it reads the manifests
 in ``$K8S_MANIFESTS/S.yaml`` (Services, then Jobs: a fetch Job before the first stage, an Indexed Job for a

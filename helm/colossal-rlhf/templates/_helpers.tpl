@@ -200,3 +200,11 @@ fsGroup). Call with (list $ image). Only the volume's top folder: everything bel
 {{- define "colossal-rlhf.sharedVolume" -}}
 {{- if has "ReadWriteMany" .Values.artifacts.accessModes }}true{{ end }}
 {{- end }}
+
+{{/* checkov annotation of a Job whose pod runs the opt-in volume-permissions init container. */}}
+{{- define "colossal-rlhf.volumePermissionsSkip" -}}
+{{- if .Values.artifacts.volumePermissions.enabled }}
+annotations:
+  checkov.io/skip1: CKV_K8S_25=artifacts.volumePermissions adds CHOWN and FOWNER to its init container to chown the volume's top folder
+{{- end }}
+{{- end }}

@@ -55,6 +55,7 @@ metadata:
     app.kubernetes.io/component: training
     colossal-rlhf/stage: {{ $name }}
     colossal-rlhf/run: {{ $.Values.runName }}
+  {{- include "colossal-rlhf.volumePermissionsSkip" $ | nindent 2 }}
 spec:
   backoffLimit: {{ $t.backoffLimit }}
   {{- with $t.activeDeadlineSeconds }}
@@ -196,6 +197,7 @@ metadata:
     app.kubernetes.io/component: training
     colossal-rlhf/stage: fetch
     colossal-rlhf/run: {{ .Values.runName }}
+  {{- include "colossal-rlhf.volumePermissionsSkip" . | nindent 2 }}
 spec:
   backoffLimit: {{ $t.backoffLimit }}
   {{- with $t.ttlSecondsAfterFinished }}
