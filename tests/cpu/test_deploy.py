@@ -723,6 +723,8 @@ def test_notes_say_how_to_call_the_api() -> None:
     assert "/v1/chat/completions" in notes and '"model": "colossal-rlhf"' in notes
     assert "get secret demo-colossal-rlhf-api-keys" in notes
     assert "helm test demo" in notes
+    assert "logs -f job/demo-colossal-rlhf-pipeline" in notes, "the orchestrator's log is where the pipeline shows"
+    assert "Storage: ReadWriteOnce" in notes and "nodes > 1 requires ReadWriteMany" in notes
 
 
 # ----------------------------------------------------------------------------- plain manifests, Dockerfiles
