@@ -60,6 +60,15 @@ def orchestrated(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def is_orchestrator(obj: dict[str, Any]) -> bool:
+    return obj["kind"] == "Job" and obj["metadata"]["labels"].get("app.kubernetes.io/component") == "orchestrator"
+
+
+def orchestrator(objs: list[dict[str, Any]]) -> dict[str, Any]:
+    (job,) = [o for o in objs if is_orchestrator(o)]
+    return job
+
+
 def render(values: dict[str, Any], namespace: str = "llm") -> list[dict[str, Any]]:
     """Every object of a release: Helm's, then the orchestrator's (all are validated and scanned alike)."""
     objs = render_helm(values, namespace)
@@ -177,7 +186,7 @@ def test_template_checks_refuse_an_admission_cap_below_the_engine_queue() -> Non
 
 def _needs_token(obj: dict, spec: dict) -> bool:
     """The orchestrator (its own ServiceAccount and Role) and, with autoscaling, the RayService head."""
-    if obj["kind"] == "Job" and obj["metadata"]["name"].endswith("-pipeline"):
+    if is_orchestrator(obj):
         return True
     return obj["kind"] == "RayService" and spec is all_pod_specs(obj)[0] and \
         obj["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"]
@@ -238,7 +247,7 @@ def test_every_pod_mounts_the_artifacts_claim_the_release_provides(case: str) ->
             vols = {v["name"]: v for v in spec.get("volumes", [])}
             if "artifacts" not in vols:
                 # the test pod and the orchestrator (which leaves a ReadWriteOnce volume to the stage pods)
-                assert obj["kind"] == "Pod" or obj["metadata"]["name"].endswith("-pipeline"), \
+                assert obj["kind"] == "Pod" or is_orchestrator(obj), \
                     f"{obj['metadata']['name']} has no artifacts volume"
                 continue
             claim = vols["artifacts"]["persistentVolumeClaim"]["claimName"]
@@ -267,7 +276,7 @@ def _gpus(spec: dict) -> int:
 def test_no_gpu_pod_waits_for_another_stage(case: str) -> None:
     """Helm creates no GPU pod while a pipeline runs; the orchestrator creates each when its input is there."""
     helm_objs = render_helm(CASES[case])
-    training = any(o["kind"] == "Job" and o["metadata"]["name"].endswith("-pipeline") for o in helm_objs)
+    training = any(is_orchestrator(o) for o in helm_objs)
     for obj in helm_objs + orchestrated(helm_objs):
         for spec in all_pod_specs(obj):
             waits = [c for c in spec.get("initContainers", []) if "wait" in c.get("command", [])]
@@ -275,7 +284,7 @@ def test_no_gpu_pod_waits_for_another_stage(case: str) -> None:
                 assert not (training and obj in helm_objs), f"{obj['metadata']['name']} holds a GPU from install on"
                 for c in waits:  # only the serving-only release's fail-fast check that the model is there
                     assert not training and "--timeout=60" in c["command"], c
-            elif obj["kind"] == "Job" and obj["metadata"]["name"].endswith("-pipeline"):
+            elif is_orchestrator(obj):
                 assert "nvidia.com/gpu" not in json.dumps(spec), "the orchestrator is CPU-only"
                 assert not [v for v in spec["volumes"] if "persistentVolumeClaim" in v], "it leaves the PVC free"
 
@@ -292,7 +301,7 @@ def test_orchestrator_runs_the_stages_in_pipeline_order_and_their_inputs_flow() 
     pipeline = PipelineConfig.model_validate(yaml.safe_load(cm["data"]["pipeline.yaml"]))
     assert [s.name for s in pipeline.stages] == list(cfgs) and pipeline.launcher == "kubernetes"
     assert [s.config for s in pipeline.stages] == [f"/etc/colossal-rlhf/training/{n}.yaml" for n in cfgs]
-    job = pod_spec(find(objs, "Job", "-pipeline"))
+    job = pod_spec(orchestrator(objs))
     mounts = {m["name"]: m["mountPath"] for m in job["containers"][0]["volumeMounts"]}
     assert mounts["training"] == "/etc/colossal-rlhf/training" and mounts["pipeline"] == "/etc/colossal-rlhf/pipeline"
     # inputs flow from the stages before
@@ -310,6 +319,16 @@ def test_orchestrator_runs_the_stages_in_pipeline_order_and_their_inputs_flow() 
     fetch = pod_spec(docs[0])["containers"][0]
     assert "/artifacts/models/SmolLM2-135M-Instruct" in fetch["args"][0] and not _gpus(pod_spec(docs[0]))
     assert f"'/artifacts/{cfgs['sft']['model']['path']}'" in fetch["args"][0]
+
+
+def test_an_upgrade_that_changes_what_runs_starts_a_new_orchestrator() -> None:
+    name = lambda values: orchestrator(render(values))["metadata"]["name"]  # noqa: E731
+    base = name({})
+    assert re.fullmatch(r"demo-colossal-rlhf-pipeline-[0-9a-f]{8}", base)
+    assert name({"tests": {"prompt": "Hi"}}) == base, "unrelated values keep the finished orchestrator"
+    assert name({"training": {"stages": {"ppo": {"config": {"train": {"max_steps": 50}}}}}}) != base
+    assert name({"serving": {"replicas": 2}}) != base, "serving changes are applied by a new orchestrator"
+    assert name({"runName": "v2"}) != base
 
 
 @pytest.mark.parametrize("alignment, stages", [("dpo", ["sft", "dpo", "quantize"]),
@@ -345,7 +364,7 @@ def test_volume_permissions_init_container_chowns_the_volume_before_the_first_wr
     assert not [o for o in render({}) if "volume-permissions" in json.dumps(o)], "off by default"
     gpu_pods = [pod_spec(o) for o in objs if o["kind"] in POD_KINDS and _gpus(pod_spec(o))]
     assert gpu_pods and all(spec["runtimeClassName"] == "nvidia" for spec in gpu_pods)
-    assert "runtimeClassName" not in pod_spec(find(objs, "Job", "-pipeline")), "CPU pods keep the default runtime"
+    assert "runtimeClassName" not in pod_spec(orchestrator(objs)), "CPU pods keep the default runtime"
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if CASES[c].get("training", {}).get("enabled", True)])
@@ -532,6 +551,7 @@ def test_api_keys_come_from_a_mounted_secret() -> None:
     assert created["stringData"]["api-keys"].split() == ["sk-test-one", "sk-test-two"]
     test_pod = find(render(CASES["production"]), "Pod")
     assert "--api-key-file=/etc/colossal-rlhf/api-keys/api-keys" in test_pod["spec"]["containers"][0]["args"]
+    assert "--wait=900" in test_pod["spec"]["containers"][0]["args"], "helm test retries a loading API"
 
 
 def test_autoscaling_hpa_and_ingress() -> None:
@@ -665,6 +685,7 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
     """A stand-in OpenAI endpoint (stdlib) for the smoke-test script's own logic; `bad` breaks one answer."""
 
     bad = ""
+    not_ready = 0  # answer /ready with 503 this many more times (a replica still loading its model)
 
     def log_message(self, *a: Any) -> None:
         pass
@@ -679,6 +700,9 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         if self.path == "/ready":
+            if _FakeOpenAI.not_ready > 0:
+                _FakeOpenAI.not_ready -= 1
+                return self._send(503, {"error": {"message": "model is loading", "code": "not_ready"}})
             return self._send(200, {"status": "ready"})
         if self.headers.get("Authorization") != "Bearer sk-one":
             return self._send(401, {"error": {"message": "bad key"}})
@@ -704,6 +728,12 @@ def test_smoke_test_and_ready_wait_against_a_fake_openai_server(tmp_path: Path) 
         ok = run("--api-key-file", str(keys))
         assert ok.returncode == 0 and "Hello there" in ok.stdout, ok.stderr
         assert run().returncode == 1, "no key: 401 must fail the test"
+        _FakeOpenAI.not_ready = 3  # helm test retries a loading API until --wait runs out
+        waited = run("--api-key-file", str(keys), "--wait", "30", "--interval", "0.1")
+        assert waited.returncode == 0 and waited.stdout.count("not ready yet") == 3, waited.stdout + waited.stderr
+        _FakeOpenAI.not_ready = 1
+        assert run("--api-key-file", str(keys)).returncode == 1, "without --wait a 503 fails at once"
+        _FakeOpenAI.not_ready = 0
         _FakeOpenAI.bad = "models"
         assert "not 'm'" in run("--api-key-file", str(keys)).stderr
         _FakeOpenAI.bad = "chat"
@@ -723,7 +753,8 @@ def test_notes_say_how_to_call_the_api() -> None:
     assert "/v1/chat/completions" in notes and '"model": "colossal-rlhf"' in notes
     assert "get secret demo-colossal-rlhf-api-keys" in notes
     assert "helm test demo" in notes
-    assert "logs -f job/demo-colossal-rlhf-pipeline" in notes, "the orchestrator's log is where the pipeline shows"
+    job = orchestrator(render({"serving": {"apiKeys": {"keys": ["sk-abcdefgh"]}}}))["metadata"]["name"]
+    assert f"logs -f job/{job}\n" in notes, "the orchestrator's log is where the pipeline shows"
     assert "Storage: ReadWriteOnce" in notes and "nodes > 1 requires ReadWriteMany" in notes
 
 

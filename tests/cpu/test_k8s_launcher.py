@@ -155,7 +155,8 @@ class Release:
         by = {(o["kind"], o["metadata"]["name"]): o for o in self.objs}
         self.role = by[("Role", "demo-colossal-rlhf-pipeline")]
         self.cm = by[("ConfigMap", "demo-colossal-rlhf-pipeline")]
-        self.job = by[("Job", "demo-colossal-rlhf-pipeline")]
+        (self.job,) = [o for o in self.objs if o["kind"] == "Job"
+                       and o["metadata"]["labels"]["app.kubernetes.io/component"] == "orchestrator"]
         manifests, training = tmp / "pipeline", tmp / "training"
         manifests.mkdir(parents=True)
         training.mkdir(parents=True)

@@ -69,3 +69,9 @@
 {{- $m := .Values.serving.model }}
 {{- if and .Values.training.enabled .Values.serving.enabled $m.waitForManifest (not $m.download) }}true{{ end }}
 {{- end }}
+
+{{/* The orchestrator Job's name: <fullname>-pipeline-<checksum of what it runs> (an upgrade that changes it reruns). */}}
+{{- define "colossal-rlhf.orchestratorName" -}}
+{{- $rev := print (include (print $.Template.BasePath "/configmap-pipeline.yaml") .) (include (print $.Template.BasePath "/configmap-training.yaml") .) | sha256sum | trunc 8 }}
+{{- printf "%s-pipeline-%s" (include "colossal-rlhf.fullname" .) $rev }}
+{{- end }}
