@@ -153,8 +153,8 @@ class Release:
     def __init__(self, values: dict, tmp: Path, monkeypatch: pytest.MonkeyPatch):
         self.objs = generate.render(values, name="demo", namespace=NS)
         by = {(o["kind"], o["metadata"]["name"]): o for o in self.objs}
-        self.role = by[("Role", "demo-colossal-rlhf-pipeline")]
-        self.cm = by[("ConfigMap", "demo-colossal-rlhf-pipeline")]
+        (self.role,) = [o for o in self.objs if o["kind"] == "Role"]
+        (self.cm,) = [o for o in self.objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-pipeline")]
         (self.job,) = [o for o in self.objs if o["kind"] == "Job"
                        and o["metadata"]["labels"]["app.kubernetes.io/component"] == "orchestrator"]
         manifests, training = tmp / "pipeline", tmp / "training"
@@ -164,7 +164,8 @@ class Release:
             if key == "pipeline.yaml":
                 text = text.replace("/etc/colossal-rlhf/training/", f"{training}/")
             (manifests / key).write_text(text)
-        for key, text in by[("ConfigMap", "demo-colossal-rlhf-training")]["data"].items():
+        training_cm = by[("ConfigMap", self.cm["metadata"]["name"].removesuffix("-pipeline") + "-training")]
+        for key, text in training_cm["data"].items():
             (training / key).write_text(text)
         self.pipeline_yaml = manifests / "pipeline.yaml"
         self.run_dir = tmp / "run"
@@ -191,6 +192,15 @@ class Release:
         from training.pipeline import main
 
         return main(["--config", str(self.pipeline_yaml), f"run_dir={self.run_dir}"])
+
+    def run_script(self) -> None:
+        """Every line of the orchestrator's script, as its pod runs them (each must exit 0)."""
+        for argv in self.orchestrator_script():
+            if argv[:3] == ["python", "-m", "training.pipeline"]:
+                assert self.run_pipeline() == 0
+            else:
+                assert argv[:3] == ["python", "-m", "training.launchers.kubernetes"], argv
+                assert k8s.main(argv[3:]) == 0, argv
 
     def created(self, resource: str | None = None) -> list[str]:
         return [n for v, r, n in self.api.log if v == "create" and (resource is None or r == resource)]
@@ -290,6 +300,15 @@ def test_fake_api_server_failed_stage_stops_the_pipeline_with_its_exit_code(rele
     assert rules[0]["action"] == "FailJob" and rc in rules[0]["onExitCodes"]["values"], "not retried in vain"
 
 
+def test_fake_api_server_load_test_runs_after_serving_is_applied(release) -> None:
+    r = release(ci_values("production"))
+    assert r.orchestrator_script()[1:] == [["python", "-m", "training.launchers.kubernetes", "apply", "serving"],
+                                           ["python", "-m", "training.launchers.kubernetes", "run", "loadtest"]]
+    r.run_script()
+    assert r.created()[-1] == "llm-loadtest" and ("deployments", "llm-serving") in r.api.objects
+    assert [n for v, res, n in r.api.log if v == "create"].index("llm-serving") < r.created().index("llm-loadtest")
+
+
 def test_fake_api_server_multi_node_stage_gets_its_service_before_its_indexed_job(release) -> None:
     r = release(ci_values("multinode"))
     assert r.run_pipeline() == 0
@@ -314,16 +333,15 @@ def test_fake_api_server_rayservice_is_created_then_patched_when_the_chart_chang
     assert ("patch", "rayservices", "demo-colossal-rlhf") in r.api.log
 
 
-@pytest.mark.parametrize("case", ["default", "multinode", "rayservice", "dpo"])
+@pytest.mark.parametrize("case", ["default", "multinode", "rayservice", "dpo", "production"])
 def test_fake_api_server_role_grants_exactly_what_the_orchestrator_uses(release, case) -> None:
     """Every request is allowed by the rendered Role (else 403), and every (resource, verb) granted is used."""
     r = release({} if case == "default" else ci_values(case))
     # a restart that meets a changed Job uses delete too
     sft = r.manifests("sft")[-1]
     r.api.put({**sft, "metadata": {**sft["metadata"], "annotations": {k8s.CHECKSUM: "old"}}}, "complete")
-    assert r.run_pipeline() == 0
-    if ["python", "-m", "training.launchers.kubernetes", "apply", "serving"] in r.orchestrator_script():
-        assert k8s.main(["apply", "serving"]) == 0
+    r.run_script()
+    if "serving.yaml" in r.cm["data"]:  # and an upgrade that changes serving patches it
         serving = r.manifests("serving")[0]
         serving["metadata"].setdefault("labels", {})["changed"] = "yes"
         (Path(k8s.Settings.from_env().manifests) / "serving.yaml").write_text(yaml.safe_dump(serving))
@@ -333,7 +351,7 @@ def test_fake_api_server_role_grants_exactly_what_the_orchestrator_uses(release,
     granted = {(res, v) for rule in r.role["rules"] for res in rule["resources"] for v in rule["verbs"]}
     assert used == granted
     cm_rule = next(rule for rule in r.role["rules"] if rule["resources"] == ["configmaps"])
-    assert cm_rule["resourceNames"] == ["demo-colossal-rlhf-pipeline"] and cm_rule["verbs"] == ["get"]
+    assert cm_rule["resourceNames"] == [r.cm["metadata"]["name"]] and cm_rule["verbs"] == ["get"]
     binding = next(o for o in r.objs if o["kind"] == "RoleBinding")
     assert binding["roleRef"]["name"] == r.role["metadata"]["name"]
     assert binding["subjects"][0]["name"] == r.job["spec"]["template"]["spec"]["serviceAccountName"]
