@@ -42,6 +42,7 @@ class FakeApiServer:
     def __init__(self, role: dict[str, Any]):
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self.scripts: dict[str, list[str]] = {}  # job name -> statuses replayed one per GET (the last one stays)
+        self.on_create: dict[str, list[str]] = {}  # the script a Job of that name gets when it is created
         self.log: list[tuple[str, str, str]] = []  # (verb, resource, name) of every allowed request
         self.denied: list[tuple[str, str, str]] = []
         self.rules = role["rules"]
@@ -127,6 +128,8 @@ class FakeApiServer:
             obj = json.loads(json.dumps(body))
             obj["metadata"]["uid"] = str(uuid.uuid4())
             self.objects[key] = obj
+            if resource == "jobs":
+                self.scripts[name] = self.on_create.pop(name, ["pending", "running", "complete"])
             return 201, obj
         if key not in self.objects:
             return self._status(404, "NotFound", f'{resource} "{name}" not found')
@@ -139,7 +142,7 @@ class FakeApiServer:
             self.objects[key] = obj
             return 200, obj
         if resource == "jobs":
-            script = self.scripts.setdefault(name, ["pending", "running", "complete"])
+            script = self.scripts[name]
             obj["status"] = STATUSES[script.pop(0) if len(script) > 1 else script[0]]
         return 200, obj
 
@@ -281,6 +284,17 @@ def test_fake_api_server_restarted_orchestrator_follows_existing_jobs_and_create
     assert len(rm_gets) >= 3, "the running rm Job was followed to its end"
 
 
+def test_fake_api_server_orchestrator_started_again_gives_a_failed_stage_a_new_attempt(release) -> None:
+    r = release({})
+    r.api.on_create["demo-colossal-rlhf-rm"] = ["running", "failed-backoff"]
+    assert r.run_pipeline() == k8s.STAGE_FAILED
+    # the cause fixed (e.g. a full disk), the orchestrator started again: the failed Job stays failed in the API
+    assert r.run_pipeline() == 0
+    rm_calls = [v for v, _, n in r.api.log if n == "demo-colossal-rlhf-rm"]
+    assert rm_calls.count("create") == 2 and rm_calls.count("delete") == 1
+    assert r.created().count("demo-colossal-rlhf-sft") == 1, "the complete stages are not run again"
+
+
 def test_fake_api_server_changed_manifest_replaces_a_finished_job(release) -> None:
     r = release({})
     old = r.manifests("sft")[1]
@@ -293,7 +307,7 @@ def test_fake_api_server_changed_manifest_replaces_a_finished_job(release) -> No
 @pytest.mark.parametrize("status, rc", [("failed-config", k8s.CONFIG_ERROR), ("failed-backoff", k8s.STAGE_FAILED)])
 def test_fake_api_server_failed_stage_stops_the_pipeline_with_its_exit_code(release, status, rc) -> None:
     r = release({})
-    r.api.scripts["demo-colossal-rlhf-ppo"] = ["running", status]
+    r.api.on_create["demo-colossal-rlhf-ppo"] = ["running", status]
     assert r.run_pipeline() == rc
     assert r.created()[-1] == "demo-colossal-rlhf-ppo" and "demo-colossal-rlhf-quantize" not in r.created()
     rules = r.job["spec"]["podFailurePolicy"]["rules"]

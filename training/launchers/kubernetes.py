@@ -8,7 +8,8 @@ in ``$K8S_MANIFESTS/S.yaml`` (Services, then Jobs: a fetch Job before the first 
 multi-node stage), creates each object that is not there yet and follows every Job to its end before the next;
 so no GPU pod exists while it would only wait. The orchestrator keeps its state in the API server: restarted, it
 finds the Jobs it created (by name), follows a running one, skips a complete one, and recreates one whose manifest
-changed (the ``colossal-rlhf/manifest-sha256`` annotation) once it has finished. Created objects are owned by the
+changed (the ``colossal-rlhf/manifest-sha256`` annotation) once it has finished, or that had failed (so running the
+orchestrator again after fixing the cause resumes the pipeline there). Created objects are owned by the
 ConfigMap ``$K8S_OWNER_CONFIGMAP``, so ``helm uninstall`` removes them; the stage pods resume from their last
 checkpoint on the PVC (``--resume``), and a stage whose manifest.json is there exits at once.
 
@@ -213,14 +214,17 @@ def ensure(cluster: Cluster, obj: dict[str, Any]) -> dict[str, Any]:
     live = cluster.get(kind, name)
     if live is not None:
         have = ((live.get("metadata") or {}).get("annotations") or {}).get(CHECKSUM)
-        if kind != "Job" or have == want:
-            _say(f"{kind.lower()}/{name}: found ({job_state(live)[1] if kind == 'Job' else 'exists'})")
+        state, detail = job_state(live) if kind == "Job" else ("", "exists")
+        if kind != "Job" or (have == want and state != "failed"):
+            _say(f"{kind.lower()}/{name}: found ({detail})")
             return live
-        state, _ = job_state(live)
         if state == "running":
             _say(f"job/{name}: running from an older manifest; following it, then it is replaced")
             live = follow(cluster, name)
-        _say(f"job/{name}: the chart changed it; replacing the finished Job")
+        # a Job that failed before this orchestrator started gets a fresh attempt: starting the orchestrator again
+        # (after fixing the cause) is how a failed pipeline is resumed; its pods --resume from the last checkpoint
+        why = "the chart changed it" if have != want else f"it had failed ({detail}); a new attempt"
+        _say(f"job/{name}: {why}; replacing the finished Job")
         cluster.delete(kind, name)
         while cluster.get(kind, name) is not None:
             time.sleep(min(cluster.settings.poll_seconds, 2.0))
