@@ -376,6 +376,13 @@ def test_fake_api_server_role_grants_exactly_what_the_orchestrator_uses(release,
     assert not [o for o in r.objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
 
 
+def test_fake_api_server_refusing_a_request_fails_the_pipeline_as_a_config_error(release, capsys) -> None:
+    r = release({})
+    r.api.rules = [rule for rule in r.api.rules if rule["resources"] != ["jobs"] or "create" not in rule["verbs"]]
+    assert r.run_pipeline() == k8s.CONFIG_ERROR
+    assert r.api.denied and "HTTP 403" in capsys.readouterr().err
+
+
 def test_missing_stage_manifests_are_a_clear_error(tmp_path) -> None:
     settings = k8s.Settings(namespace=NS, manifests=tmp_path, owner_configmap=None, poll_seconds=0.01)
     with pytest.raises(k8s.LaunchError, match="no manifests at .*/sft.yaml"):

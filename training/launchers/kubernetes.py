@@ -160,6 +160,8 @@ class Cluster:
         except self.ApiException as e:
             if e.status == 404 and verb in ("get", "delete"):
                 return None
+            if e.status >= 500 or e.status == 429:  # the API server's trouble: the orchestrator pod is retried
+                raise
             raise LaunchError(f"{verb} {kind} {name or (body or {}).get('metadata', {}).get('name')}: "
                               f"HTTP {e.status} {e.reason}: {(e.body or '')[:300]}") from None
 
@@ -269,8 +271,12 @@ def run_objects(cluster: Cluster, docs: list[dict[str, Any]]) -> tuple[int, list
 def run_stage_job(p: StagePlan, cfg: PipelineConfig, cluster: Cluster | None = None) -> int:
     """training.pipeline's hook for ``launcher: kubernetes``: the stage's Jobs, created and followed."""
     started = time.time()
-    cluster = cluster or Cluster(Settings.from_env())
-    rc, jobs = run_objects(cluster, load_manifests(cluster.settings, p.spec.name))
+    try:
+        cluster = cluster or Cluster(Settings.from_env())
+        rc, jobs = run_objects(cluster, load_manifests(cluster.settings, p.spec.name))
+    except LaunchError as e:  # missing manifests, a request the Role refuses: a new orchestrator pod cannot help
+        print(f"error: {p.spec.name}: {e}", file=sys.stderr, flush=True)
+        rc, jobs = CONFIG_ERROR, []
     p.result = {"status": "ran" if rc == 0 else "failed", "exit_code": rc, "restarts": 0,
                 "seconds": round(time.time() - started, 1), "jobs": jobs}
     return rc
