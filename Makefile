@@ -15,7 +15,7 @@ CHECKOV_VENV ?= .venv-checkov
 CHECKOV ?= checkov==3.3.30
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: setup test lint demo serve chat browser clean k8s quality
+.PHONY: setup test lint demo serve chat browser prometheus clean k8s quality
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -41,13 +41,19 @@ k8s: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint $(CHECKOV_STAMP) browser
+test: lint $(CHECKOV_STAMP) browser prometheus
 	$(PY) -m pytest -q -ra tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
 
 # Debian's chromium for the web chat test (tests/cpu/test_web_chat.py drives it with playwright).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; }
+
+# Debian's prometheus (server and promtool) for tests/cpu/test_monitoring.py: the chart's alerts and dashboard
+# are checked by promtool and evaluated by a real Prometheus scraping the server.
+prometheus:
+	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
 
 # The main job: SmolLM2 through SFT -> RM -> PPO -> GPTQ, served, two streamed answers (training/demo.py).
 demo: $(STAMP)

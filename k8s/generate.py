@@ -82,7 +82,7 @@ def _dump(obj: dict[str, Any]) -> str:
 
 
 def _kustomization(kind: str, resources: list[str], components: list[str] | None = None,
-                   namespace: str | None = None) -> str:
+                   namespace: str | None = None, deletes: list[dict[str, Any]] | None = None) -> str:
     doc: dict[str, Any] = {"apiVersion": "kustomize.config.k8s.io/v1beta1" if kind == "Kustomization"
                            else "kustomize.config.k8s.io/v1alpha1", "kind": kind}
     if namespace:
@@ -90,6 +90,10 @@ def _kustomization(kind: str, resources: list[str], components: list[str] | None
     doc["resources"] = resources
     if components:
         doc["components"] = components
+    if deletes:
+        doc["patches"] = [{"patch": yaml.safe_dump({"$patch": "delete", "apiVersion": o["apiVersion"],
+                                                    "kind": o["kind"], "metadata": {"name": o["metadata"]["name"]}},
+                                                   sort_keys=False)} for o in deletes]
     return HEADER + yaml.safe_dump(doc, sort_keys=False)
 
 
@@ -102,15 +106,19 @@ def build() -> dict[str, str]:
     files["base/kustomization.yaml"] = _kustomization(
         "Kustomization", [_filename(o) for o in base.values()], namespace=NAMESPACE)
     for comp, extra in COMPONENTS.items():
-        added = []
+        added, seen = [], set()
         for obj in map(_plain, render(_merge(BASE_VALUES, extra))):
+            seen.add(_key(obj))
             if _key(obj) in base:
                 if obj != base[_key(obj)]:
                     raise SystemExit(f"component {comp} changes {_key(obj)} of the base; make it additive")
                 continue
             added.append(obj)
             files[f"components/{comp}/{_filename(obj)}"] = _dump(obj)
-        files[f"components/{comp}/kustomization.yaml"] = _kustomization("Component", [_filename(o) for o in added])
+        # what the component takes over (training: the orchestrator creates serving once the model exists)
+        dropped = [base[k] for k in base if k not in seen]
+        files[f"components/{comp}/kustomization.yaml"] = _kustomization(
+            "Component", [_filename(o) for o in added], deletes=dropped)
     for overlay, comps in OVERLAYS.items():
         files[f"overlays/{overlay}/kustomization.yaml"] = _kustomization(
             "Kustomization", ["../../base"], [f"../../components/{c}" for c in comps], namespace=NAMESPACE)

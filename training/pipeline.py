@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from training.checkpoint import MANIFEST, atomic_write_json, read_manifest
 from training.config import ConfigError, load_config, parse_overrides
 
-Launcher = Literal["python", "torchrun"]
+Launcher = Literal["python", "torchrun", "kubernetes"]  # kubernetes: training/launchers/kubernetes.py
 
 # Stage name -> config class, so every config is validated before the first stage starts.
 CONFIG_CLASSES = {
@@ -317,6 +317,10 @@ def _say(msg: str) -> None:
 
 def run_stage(p: StagePlan, cfg: PipelineConfig, env: dict[str, str]) -> int:
     """Run one stage (restarting from its last checkpoint up to ``max_restarts`` times); returns its exit code."""
+    if (p.spec.launcher or cfg.launcher) == "kubernetes":  # the stage's Job does restarts and --resume itself
+        from training.launchers.kubernetes import run_stage_job
+
+        return run_stage_job(p, cfg)
     resume = p.action == "resume"
     started = time.time()
     restarts = 0
@@ -355,7 +359,8 @@ def write_record(cfg: PipelineConfig, plans: list[StagePlan], started: float, co
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="Pipeline YAML (see training/configs/demo/pipeline.yaml).")
-    ap.add_argument("--launcher", choices=["python", "torchrun"], help="Override the pipeline's launcher.")
+    ap.add_argument("--launcher", choices=["python", "torchrun", "kubernetes"],
+                    help="Override the pipeline's launcher.")
     ap.add_argument("--nproc-per-node", type=int, help="Processes per stage under torchrun.")
     ap.add_argument("--max-restarts", type=int, help="Re-launch a failed stage from its last checkpoint N times.")
     ap.add_argument("--from", dest="redo_from", metavar="STAGE", help="Run this stage and all later ones again.")

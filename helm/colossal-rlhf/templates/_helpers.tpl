@@ -152,3 +152,59 @@ imagePullSecrets:
 {{- define "colossal-rlhf.apiUrl" -}}
 {{- printf "http://%s.%s.svc:%d" (include "colossal-rlhf.apiServiceName" .) .Release.Namespace (.Values.serving.service.port | int) }}
 {{- end }}
+
+{{/* Pod fields every pod shares: pull secrets and the pod security context. */}}
+{{- define "colossal-rlhf.podCommon" -}}
+{{- include "colossal-rlhf.imagePullSecrets" . }}
+securityContext:
+  {{- include "colossal-rlhf.podSecurityContext" . | nindent 2 }}
+{{- end }}
+
+{{/* runtimeClassName of GPU pods (e.g. "nvidia" where the NVIDIA container runtime is not the node default). */}}
+{{- define "colossal-rlhf.gpuRuntime" -}}
+{{- with .Values.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/* Optional root init container giving the artifacts volume to the pods' user (NFS and other volumes that ignore
+fsGroup). Call with (list $ image). Only the volume's top folder: everything below is created by that user. */}}
+{{- define "colossal-rlhf.volumePermissions" -}}
+{{- $ := index . 0 }}
+{{- $v := $.Values.artifacts.volumePermissions }}
+{{- if $v.enabled }}
+{{- $uid := $.Values.podSecurityContext.runAsUser | default 1000 | int }}
+{{- $gid := $.Values.podSecurityContext.fsGroup | default 1000 | int }}
+- name: volume-permissions
+  image: {{ include "colossal-rlhf.image" (index . 1) }}
+  command: [/bin/sh, -ec]
+  args:
+    - chown {{ $uid }}:{{ $gid }} {{ $.Values.artifacts.mountPath }} && chmod 2775 {{ $.Values.artifacts.mountPath }}
+  securityContext:
+    runAsUser: 0
+    runAsNonRoot: false
+    allowPrivilegeEscalation: false
+    readOnlyRootFilesystem: true
+    capabilities:
+      drop: [ALL]
+      add: [CHOWN, FOWNER]
+  resources:
+    requests: {cpu: 10m, memory: 32Mi}
+    limits: {cpu: 100m, memory: 64Mi}
+  volumeMounts:
+    - {name: artifacts, mountPath: {{ $.Values.artifacts.mountPath }}}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the artifacts volume can be mounted by pods on several nodes at once. */}}
+{{- define "colossal-rlhf.sharedVolume" -}}
+{{- if has "ReadWriteMany" .Values.artifacts.accessModes }}true{{ end }}
+{{- end }}
+
+{{/* checkov annotation of a Job whose pod runs the opt-in volume-permissions init container. */}}
+{{- define "colossal-rlhf.volumePermissionsSkip" -}}
+{{- if .Values.artifacts.volumePermissions.enabled }}
+annotations:
+  checkov.io/skip1: CKV_K8S_25=artifacts.volumePermissions adds CHOWN and FOWNER to its init container to chown the volume's top folder
+{{- end }}
+{{- end }}

@@ -28,11 +28,12 @@
     {{- if .Values.huggingface.tokenSecret }}
     - {name: hf-token, mountPath: /etc/colossal-rlhf/hf-token, readOnly: true}
     {{- end }}
-{{- else if $s.model.waitForManifest }}
-- name: wait-for-model
+{{- else if and $s.model.waitForManifest (not (include "colossal-rlhf.servingOrchestrated" .)) }}
+{{- /* no pipeline in this release: the model must already be complete; fail fast rather than hold the GPU */}}
+- name: check-model
   image: {{ include "colossal-rlhf.image" .Values.images.serving }}
   imagePullPolicy: {{ .Values.images.serving.pullPolicy }}
-  command: [python, /opt/colossal-rlhf/stagectl.py, wait, {{ $model | quote }}]
+  command: [python, /opt/colossal-rlhf/stagectl.py, wait, {{ $model | quote }}, --timeout=60, --interval=5]
   securityContext:
     {{- include "colossal-rlhf.securityContext" . | nindent 4 }}
   resources:

@@ -1,19 +1,16 @@
-{{- /*
-One Job per enabled stage. Each pod first waits (init container) for manifest.json of the stages it needs,
-then runs the stage CLI with --resume, so a retried pod continues from the newest checkpoint on the PVC.
-A stage whose own manifest.json exists is complete and exits at once (unless training.rerunCompleted).
-*/ -}}
-{{- if .Values.training.enabled }}
-{{- $t := .Values.training }}
-{{- $fullname := include "colossal-rlhf.fullname" . }}
-{{- $first := "" }}
-{{- range $name := splitList " " (include "colossal-rlhf.stageOrder" .) }}
-{{- if and (not $first) (index $t.stages $name).enabled }}{{ $first = $name }}{{ end }}
-{{- end }}
-{{- range $name := splitList " " (include "colossal-rlhf.stageOrder" .) }}
+{{/*
+The objects of one stage, created by the orchestrator (job-pipeline.yaml) in order when the stage before has
+finished, so no GPU pod exists while it would only wait. A stage pod runs the stage CLI with --resume, so a
+retried pod continues from the newest checkpoint on the PVC; a stage whose manifest.json exists is complete and
+exits at once (unless training.rerunCompleted). Multi-node stages are Indexed Jobs behind a headless Service.
+*/}}
+{{- define "colossal-rlhf.stageObjects" -}}
+{{- $ := index . 0 }}
+{{- $name := index . 1 }}
+{{- $t := $.Values.training }}
 {{- $s := index $t.stages $name }}
-{{- if $s.enabled }}
-{{- $nodes := int (ternary 1 $s.nodes (eq $name "quantize")) }}
+{{- $fullname := include "colossal-rlhf.fullname" $ }}
+{{- $nodes := include "colossal-rlhf.stageNodes" (list $ $name) | int }}
 {{- $gpus := int $s.gpusPerNode }}
 {{- $job := printf "%s-%s" $fullname $name }}
 {{- $outDir := include "colossal-rlhf.stageDir" (list $ $name) }}
@@ -24,8 +21,30 @@ A stage whose own manifest.json exists is complete and exits at once (unless tra
 {{- else if gt $gpus 1 }}
 {{- $launch = printf "torchrun --standalone --nnodes=1 --nproc-per-node=%d -m %s" $gpus $module }}
 {{- end }}
-{{- $needs := include "colossal-rlhf.stageNeeds" $name }}
+{{- if gt $nodes 1 }}
+# Headless Service: stable DNS names <job>-<index>.<job> for the torchrun rendezvous of the Indexed Job.
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ $job }}
+  namespace: {{ $.Release.Namespace }}
+  labels:
+    {{- include "colossal-rlhf.labels" $ | nindent 4 }}
+    app.kubernetes.io/component: training
+    colossal-rlhf/stage: {{ $name }}
+spec:
+  clusterIP: None
+  publishNotReadyAddresses: true
+  selector:
+    {{- include "colossal-rlhf.selectorLabels" $ | nindent 4 }}
+    app.kubernetes.io/component: training
+    colossal-rlhf/stage: {{ $name }}
+  ports:
+    - name: rendezvous
+      port: {{ $t.rendezvousPort }}
+      targetPort: rendezvous
 ---
+{{- end }}
 apiVersion: batch/v1
 kind: Job
 metadata:
@@ -35,6 +54,8 @@ metadata:
     {{- include "colossal-rlhf.labels" $ | nindent 4 }}
     app.kubernetes.io/component: training
     colossal-rlhf/stage: {{ $name }}
+    colossal-rlhf/run: {{ $.Values.runName }}
+  {{- include "colossal-rlhf.volumePermissionsSkip" $ | nindent 2 }}
 spec:
   backoffLimit: {{ $t.backoffLimit }}
   {{- with $t.activeDeadlineSeconds }}
@@ -76,9 +97,8 @@ spec:
       {{- if gt $nodes 1 }}
       subdomain: {{ $job }}
       {{- end }}
-      {{- include "colossal-rlhf.imagePullSecrets" $ | nindent 6 }}
-      securityContext:
-        {{- include "colossal-rlhf.podSecurityContext" $ | nindent 8 }}
+      {{- include "colossal-rlhf.podCommon" $ | nindent 6 }}
+      {{- include "colossal-rlhf.gpuRuntime" $ | nindent 6 }}
       {{- with (merge (deepCopy $s.nodeSelector) $t.nodeSelector) }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
@@ -91,58 +111,9 @@ spec:
       affinity:
         {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- if or (eq $name $first) $needs }}
+      {{- with include "colossal-rlhf.volumePermissions" (list $ $.Values.images.training) }}
       initContainers:
-        {{- if eq $name $first }}
-        {{- range $i, $d := $t.downloads }}
-        - name: fetch-{{ $i }}
-          image: {{ include "colossal-rlhf.image" $.Values.images.training }}
-          imagePullPolicy: {{ $.Values.images.training.pullPolicy }}
-          command: [python, /opt/colossal-rlhf/stagectl.py, fetch]
-          args:
-            - {{ $d.source | quote }}
-            - {{ include "colossal-rlhf.onPvc" (list $ $d.dest) | quote }}
-            {{- with $d.sha256 }}
-            - --sha256={{ . }}
-            {{- end }}
-            {{- with $d.repoType }}
-            - --repo-type={{ . }}
-            {{- end }}
-          env:
-            {{- include "colossal-rlhf.cacheEnv" (list $ false) | nindent 12 }}
-          securityContext:
-            {{- include "colossal-rlhf.securityContext" $ | nindent 12 }}
-          resources:
-            requests: {cpu: 500m, memory: 1Gi}
-            limits: {cpu: "2", memory: 4Gi}
-          volumeMounts:
-            - {name: artifacts, mountPath: {{ $.Values.artifacts.mountPath }}}
-            - {name: scripts, mountPath: /opt/colossal-rlhf, readOnly: true}
-            - {name: tmp, mountPath: /tmp}
-            {{- if $.Values.huggingface.tokenSecret }}
-            - {name: hf-token, mountPath: /etc/colossal-rlhf/hf-token, readOnly: true}
-            {{- end }}
-        {{- end }}
-        {{- end }}
-        {{- if $needs }}
-        - name: wait-for-{{ replace " " "-" $needs }}
-          image: {{ include "colossal-rlhf.image" $.Values.images.training }}
-          imagePullPolicy: {{ $.Values.images.training.pullPolicy }}
-          command: [python, /opt/colossal-rlhf/stagectl.py, wait]
-          args:
-            {{- range $dep := splitList " " $needs }}
-            - {{ include "colossal-rlhf.stageDir" (list $ $dep) }}
-            {{- end }}
-            - --timeout={{ $t.waitTimeoutSeconds }}
-          securityContext:
-            {{- include "colossal-rlhf.securityContext" $ | nindent 12 }}
-          resources:
-            requests: {cpu: 50m, memory: 64Mi}
-            limits: {cpu: 200m, memory: 256Mi}
-          volumeMounts:
-            - {name: artifacts, mountPath: {{ $.Values.artifacts.mountPath }}, readOnly: true}
-            - {name: scripts, mountPath: /opt/colossal-rlhf, readOnly: true}
-        {{- end }}
+        {{- . | nindent 8 }}
       {{- end }}
       containers:
         - name: {{ $name }}
@@ -199,9 +170,6 @@ spec:
             name: {{ $fullname }}-training
             items:
               - {key: {{ $name }}.yaml, path: {{ $name }}.yaml}
-        - name: scripts
-          configMap:
-            name: {{ $fullname }}-scripts
         - name: tmp
           emptyDir: {}
         - name: dshm
@@ -214,30 +182,80 @@ spec:
             secretName: {{ $.Values.huggingface.tokenSecret }}
             defaultMode: 0440
         {{- end }}
-{{- if gt $nodes 1 }}
----
-# Headless Service: stable DNS names <job>-<index>.<job> for the torchrun rendezvous of the Indexed Job.
-apiVersion: v1
-kind: Service
+{{- end }}
+
+{{/* CPU-only Job fetching training.downloads into the PVC before the first stage (no GPU held while downloading). */}}
+{{- define "colossal-rlhf.fetchJob" -}}
+{{- $t := .Values.training }}
+apiVersion: batch/v1
+kind: Job
 metadata:
-  name: {{ $job }}
-  namespace: {{ $.Release.Namespace }}
+  name: {{ include "colossal-rlhf.fullname" . }}-fetch
+  namespace: {{ .Release.Namespace }}
   labels:
-    {{- include "colossal-rlhf.labels" $ | nindent 4 }}
+    {{- include "colossal-rlhf.labels" . | nindent 4 }}
     app.kubernetes.io/component: training
-    colossal-rlhf/stage: {{ $name }}
+    colossal-rlhf/stage: fetch
+    colossal-rlhf/run: {{ .Values.runName }}
+  {{- include "colossal-rlhf.volumePermissionsSkip" . | nindent 2 }}
 spec:
-  clusterIP: None
-  publishNotReadyAddresses: true
-  selector:
-    {{- include "colossal-rlhf.selectorLabels" $ | nindent 4 }}
-    app.kubernetes.io/component: training
-    colossal-rlhf/stage: {{ $name }}
-  ports:
-    - name: rendezvous
-      port: {{ $t.rendezvousPort }}
-      targetPort: rendezvous
-{{- end }}
-{{- end }}
-{{- end }}
+  backoffLimit: {{ $t.backoffLimit }}
+  {{- with $t.ttlSecondsAfterFinished }}
+  ttlSecondsAfterFinished: {{ . }}
+  {{- end }}
+  template:
+    metadata:
+      labels:
+        {{- include "colossal-rlhf.selectorLabels" . | nindent 8 }}
+        app.kubernetes.io/component: training
+        colossal-rlhf/stage: fetch
+    spec:
+      restartPolicy: Never
+      serviceAccountName: {{ include "colossal-rlhf.serviceAccountName" . }}
+      automountServiceAccountToken: false
+      {{- include "colossal-rlhf.podCommon" . | nindent 6 }}
+      {{- with include "colossal-rlhf.volumePermissions" (list . .Values.images.training) }}
+      initContainers:
+        {{- . | nindent 8 }}
+      {{- end }}
+      containers:
+        - name: fetch
+          image: {{ include "colossal-rlhf.image" .Values.images.training }}
+          imagePullPolicy: {{ .Values.images.training.pullPolicy }}
+          command: [/bin/sh, -ec]
+          args:
+            - |
+              {{- range $d := $t.downloads }}
+              python /opt/colossal-rlhf/stagectl.py fetch {{ $d.source | squote }} {{ include "colossal-rlhf.onPvc" (list $ $d.dest) | squote }}
+              {{- with $d.sha256 }} --sha256={{ . }}{{ end }}{{ with $d.repoType }} --repo-type={{ . }}{{ end }}
+              {{- end }}
+          env:
+            {{- include "colossal-rlhf.cacheEnv" (list . false) | nindent 12 }}
+          securityContext:
+            {{- include "colossal-rlhf.securityContext" . | nindent 12 }}
+          resources:
+            requests: {cpu: 500m, memory: 1Gi}
+            limits: {cpu: "2", memory: 4Gi}
+          volumeMounts:
+            - {name: artifacts, mountPath: {{ .Values.artifacts.mountPath }}}
+            - {name: scripts, mountPath: /opt/colossal-rlhf, readOnly: true}
+            - {name: tmp, mountPath: /tmp}
+            {{- if .Values.huggingface.tokenSecret }}
+            - {name: hf-token, mountPath: /etc/colossal-rlhf/hf-token, readOnly: true}
+            {{- end }}
+      volumes:
+        - name: artifacts
+          persistentVolumeClaim:
+            claimName: {{ include "colossal-rlhf.pvcName" . }}
+        - name: scripts
+          configMap:
+            name: {{ include "colossal-rlhf.fullname" . }}-scripts
+        - name: tmp
+          emptyDir: {}
+        {{- if .Values.huggingface.tokenSecret }}
+        - name: hf-token
+          secret:
+            secretName: {{ .Values.huggingface.tokenSecret }}
+            defaultMode: 0440
+        {{- end }}
 {{- end }}
