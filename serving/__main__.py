@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.api_router import build_app
 
     init_kwargs = {"address": cfg.ray_address} if cfg.ray_address else {}
     if not cfg.ray_address and cfg.ray_metrics_export_port:
