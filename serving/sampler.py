@@ -43,8 +43,36 @@ class TokenLogprob:
     top: list[tuple[int, float]]
 
 
+def apply_logits_processors(logits: torch.Tensor, seqs: list[Any]) -> torch.Tensor:
+    """Each sequence's ``params.logits_processors`` on its row (a copy when any row has one).
+
+    Grammar processors (``batched = True``, ``serving.structured``) fill one CPU bitmask row each and the whole
+    mask is applied in one vectorized pass on the logits' device: rows without a processor are untouched and
+    no row waits on another's grammar (filling a row's mask took 0.04 ms at vocab 49k on the 2-core CPU)."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logits_processors]
+    if not rows:
+        return logits
+    logits = logits.clone()  # never write into the runner's output (a CUDA graph's static buffer)
+    grammar_rows: list[tuple[int, Any]] = []
+    for i in rows:
+        for proc in seqs[i].params.logits_processors:
+            if getattr(proc, "batched", False):
+                grammar_rows.append((i, proc))
+            else:
+                logits[i] = proc(seqs[i].output_ids, logits[i])
+    if grammar_rows:
+        from serving.structured import apply_token_bitmask, new_bitmask
+
+        mask = new_bitmask(len(grammar_rows), logits.shape[-1])
+        for r, (i, proc) in enumerate(grammar_rows):
+            proc.fill_bitmask(seqs[i].output_ids, mask, r)
+        idx = torch.tensor([i for i, _ in grammar_rows], device=logits.device)
+        logits[idx] = apply_token_bitmask(logits[idx], mask)
+    return logits
+
+
 def sample(logits: torch.Tensor, seqs: list[Any]) -> tuple[list[int], list[TokenLogprob] | None]:
-    logits = logits.float()
+    logits = apply_logits_processors(logits.float(), seqs)
     params = [s.params for s in seqs]
     if any(p.presence_penalty or p.frequency_penalty for p in params):
         logits = logits.clone()

@@ -20,6 +20,7 @@ schema faster (5.5 ms vs 15 ms), but compiling happens once per schema (cached h
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from collections import OrderedDict
@@ -29,6 +30,7 @@ import torch
 
 from serving.errors import InvalidRequestError
 
+logger = logging.getLogger("serving.structured")
 CACHE_SIZE = 256  # compiled grammars kept (a 7-field schema at vocab 49k is ~15 ms to compile, ~100 KB)
 _LOG_PREFIX = re.compile(r"^\[[0-9:]+\] [^ ]+:\d+: (Check failed: \(.*?\) is false: )?")
 
@@ -125,11 +127,15 @@ class GrammarLogitsProcessor:
         self.vocab_size = vocab_size
         self.allowed_words = allowed_words
         self.seen = 0
+        self.broken = False
 
     def advance(self, output_ids: list[int]) -> None:
         for t in output_ids[self.seen:]:
-            if not self.matcher.accept_token(t):  # only possible if something outside the mask chose the token
-                raise RuntimeError(f"token {t} is not allowed by the grammar here")
+            if not self.broken and not self.matcher.accept_token(t):
+                # only if something past the mask chose the token (e.g. an end-of-sequence the engine ignored
+                # under ignore_eos): stop constraining rather than fail the engine's step for every row
+                logger.warning("grammar rejected token %d after %d tokens; unconstrained from here", t, self.seen)
+                self.broken = True
         self.seen = len(output_ids)
 
     @property
@@ -139,6 +145,8 @@ class GrammarLogitsProcessor:
 
     def fill_bitmask(self, output_ids: list[int], bitmask: torch.Tensor, row: int) -> None:
         self.advance(output_ids)
+        if self.broken:
+            return  # the row stays all-allowed
         self.matcher.fill_next_token_bitmask(bitmask, row)
         if self.allowed_words is not None:
             bitmask[row] &= self.allowed_words
