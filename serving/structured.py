@@ -19,6 +19,7 @@ schema faster (5.5 ms vs 15 ms), but compiling happens once per schema (cached h
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -179,11 +180,16 @@ def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
     return torch.full((rows, (vocab_size + 31) // 32), -1, dtype=torch.int32)
 
 
+@functools.cache
+def _bit_values(device: torch.device) -> torch.Tensor:
+    """int32 [1, 2, 4, ..., -2**31]: bit i of a mask word (a constant per device, built once)."""
+    return torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32, device=device)
+
+
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
     """``logits`` (rows, vocab) with -inf where ``bitmask`` (rows, ceil(vocab/32) int32, bit i of word w allows
-    token 32*w+i) forbids; vectorized on the logits' device (a few element-wise kernels on a GPU)."""
-    dev = logits.device
-    shifts = torch.arange(32, dtype=torch.int32, device=dev)
-    bits = bitmask.to(dev, non_blocking=True)
-    allowed = ((bits.unsqueeze(-1) >> shifts) & 1).view(bits.shape[0], -1)[:, :logits.shape[-1]].bool()
-    return logits.masked_fill(~allowed, float("-inf"))
+    token 32*w+i) forbids; out of place, vectorized on the logits' device (a copy and three element-wise
+    kernels on a GPU)."""
+    bits = bitmask.to(logits.device, non_blocking=True)
+    forbidden = (bits.unsqueeze(-1) & _bit_values(logits.device)).view(bits.shape[0], -1)[:, :logits.shape[-1]] == 0
+    return logits.masked_fill(forbidden, float("-inf"))
