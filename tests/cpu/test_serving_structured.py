@@ -3,9 +3,9 @@
 A random model is the honest test: its unconstrained output is never JSON (checked below), so every valid
 object here comes from constrained decoding. The clients are used as their docs show: the openai SDK's
 ``chat.completions.parse`` and forced ``tool_choice`` (plain and streamed), LangChain's ``ChatOpenAI`` with
-``bind_tools`` and ``with_structured_output``. Strings in the schemas are bounded (``max_length``): inside an
-unbounded string a random model picks the closing quote about once in the ~400 tokens of the toy vocabulary,
-longer than ``max_tokens``; a real model closes its strings (see serving/structured.py on termination).
+``bind_tools`` and ``with_structured_output``, LiteLLM's ``completion(..., api_base=...)``. Strings in the
+schemas are bounded (``max_length``): inside an unbounded string a random model picks the closing quote about
+once in the ~400 tokens of the toy vocabulary, longer than ``max_tokens``; a real model closes its strings.
 Run under ``flock /tmp/ray-tests.lock`` (two local Ray clusters at once fail on this machine).
 """
 
@@ -229,3 +229,14 @@ def test_langchain_bind_tools_and_structured_output(base):
     Weather.model_validate(msg.tool_calls[0]["args"])
     person = llm.with_structured_output(Person).invoke("Describe a person.")
     assert isinstance(person, Person)
+
+
+def test_litellm_structured_and_forced_tool(base):
+    litellm = pytest.importorskip("litellm")
+    kw = {"model": f"openai/{MODEL}", "api_base": base + "/v1", "api_key": "unused", "max_tokens": MAX_TOKENS,
+          "seed": 13, "timeout": 300, "num_retries": 0}
+    r = litellm.completion(messages=MSGS, response_format=Person, **kw)
+    Person.model_validate_json(r.choices[0].message.content)
+    r = litellm.completion(messages=MSGS, tools=[WEATHER_TOOL], tool_choice="required", **kw)
+    assert r.choices[0].finish_reason == "tool_calls"
+    _check_calls(r.choices[0].message.tool_calls, {"get_weather"})
