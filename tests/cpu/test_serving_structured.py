@@ -12,11 +12,6 @@ Run under ``flock /tmp/ray-tests.lock`` (two local Ray clusters at once fail on 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import tempfile
-import time
 from typing import Literal
 
 import jsonschema
@@ -24,6 +19,7 @@ import openai
 import pytest
 from conftest import make_tiny_llama
 from pydantic import BaseModel, Field
+from serve_app import running_app, wait_ready
 
 try:  # openai >= 3 ships its HTTP client as httpx2 (same API as httpx)
     import httpx2 as httpx
@@ -56,69 +52,18 @@ TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": 
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER_TOOL, TIME_TOOL)}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    from serving.api_router import build_app
-    from serving.config import load_serve_config
-
+    pytest.importorskip("ray")
     # the fallback tool prompt is ~650 tokens in the toy 400-token vocabulary: room beyond the fixture's 512
     # positions (RoPE has no learned positions; the weights are random anyway)
     model = make_tiny_llama(tmp_path_factory.mktemp("tiny-tools"))
     cfg_file = model / "config.json"
     cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "max_position_embeddings": 2048}))
-    port = _free_port()
-    cfg = load_serve_config("serving/configs/cpu-small.yaml", [
-        f"served_model_name={MODEL}", f"port={port}", "host=127.0.0.1", "engine.max_model_len=2048",
-        "engine.max_num_seqs=4", "deployment.health_check_period_s=2"], model=str(model))
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    slow_box = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
-    saved = {k: os.environ.get(k) for k in slow_box}
-    os.environ.update(slow_box)
-    import ray.serve._private.api as serve_api  # serve.start waits a fixed 60 s for the proxy
-
-    proxy_timeout, serve_api.HTTP_PROXY_TIMEOUT = serve_api.HTTP_PROXY_TIMEOUT, 600
-    for attempt in range(3):  # Ray waits a fixed 30 s for its raylet; an overloaded 2-core box can miss that
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
-                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-            break
-        except Exception:  # noqa: BLE001 - ray raises a bare Exception on a slow start
-            ray.shutdown()
-            if attempt == 2:
-                raise
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(cfg), name="llm", route_prefix="/", blocking=False)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/ready", timeout=10).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.5)
+    with running_app(model, [f"served_model_name={MODEL}", "engine.max_model_len=2048", "engine.max_num_seqs=4",
+                             "deployment.health_check_period_s=2"], {}) as url:
+        wait_ready(url)
         yield url
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
-        serve_api.HTTP_PROXY_TIMEOUT = proxy_timeout
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
