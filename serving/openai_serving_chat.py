@@ -125,7 +125,7 @@ class OpenAIServingChat(OpenAIServing):
         return hooks
 
     def grammars(self) -> GrammarCompiler:
-        """The engine's grammar compiler, built on first use (0.3 s for SmolLM2's 49k tokens on the CPU)."""
+        """The engine's grammar compiler, built once (the router calls this right after loading the model)."""
         with self._grammar_lock:
             if self._grammar_compiler is None:
                 e = self.engine
