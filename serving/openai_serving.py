@@ -109,6 +109,8 @@ class OpenAIServing:
         req = self.parse(body)
         hooks = self.request_hooks(req)
         prompt_ids = self.render_prompt(req, hooks)
+        if not prompt_ids:  # checked here: the engine's own check is not a client error (it has no status 400)
+            raise InvalidRequestError("the prompt is empty", param=self.prompt_param)
         ctx = RequestContext(request_id, make_id(self.id_prefix), now(), prompt_ids, hooks, req.n,
                              completion_tokens=[0] * req.n)
         ctx.parsers = [self.new_output_parser(ctx) for _ in range(req.n)]
