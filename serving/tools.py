@@ -201,7 +201,7 @@ class ToolCallStreamParser:
                     self.pos, self.state = m.end(), "args"
                     self.depth, self.in_str, self.esc = 0, False, False
                     continue
-                end = self._balance(self.start if self.pos == self.start else self.pos, t, emit=False)
+                end = self._balance(t)
                 if end is None:
                     break  # wait for more text (or a complete object in another key order)
                 try:  # a whole object that did not stream (e.g. "arguments" first): one delta pair
@@ -218,14 +218,13 @@ class ToolCallStreamParser:
                     while self.pos < len(t) and t[self.pos] in " \n\t":
                         self.pos += 1
                 begin = self.pos
-                end = self._balance(self.pos, t, emit=True)
+                end = self._balance(t)
                 piece = t[begin:end if end is not None else len(t)]
                 if piece:
                     out.append(self._delta(arguments=piece))
                 if end is None:
-                    self.pos = len(t)
                     break
-                self.pos, self.state = end, "close"
+                self.state = "close"
             else:  # close: skip to the call object's own closing brace
                 close = t.find("}", self.pos)
                 if close < 0:
@@ -234,8 +233,10 @@ class ToolCallStreamParser:
                 self.pos, self.state = close + 1, "seek"
         return out
 
-    def _balance(self, i: int, t: str, emit: bool) -> int | None:
-        """Scan a JSON value from ``i`` (state kept across calls); the index after it once it closes, else None."""
+    def _balance(self, t: str) -> int | None:
+        """Scan a JSON value on from ``self.pos`` (string/depth state kept across feeds); moves ``self.pos`` to
+        where it stopped and returns it once the value's last bracket closes, else None (more text needed)."""
+        i = self.pos
         while i < len(t):
             c = t[i]
             i += 1
@@ -255,6 +256,5 @@ class ToolCallStreamParser:
                 if self.depth == 0:
                     self.pos = i
                     return i
-        if not emit:
-            self.pos = i
+        self.pos = i
         return None
