@@ -247,6 +247,8 @@ def decode_main(argv: list[str]) -> int:
         grammar_tok = AutoTokenizer.from_pretrained(argv[i + 1])
         argv = argv[:i] + argv[i + 2:]
     args = bench.parse_args(argv)
+    if args.gpu_memory_gb is not None and args.gpu_memory_gb <= 0:
+        args.gpu_memory_gb = None  # no cap, as serving.bench reads 0
     cuda = torch.cuda.is_available() and args.device != "cpu"
     opts = bench._engine_options(args, cuda, max_num_seqs=max(args.batch_sizes), warmup=True, max_waiting=1024)
     eng = LLMEngine(args.model, opts)
