@@ -122,6 +122,13 @@ class LLMServer:
                                              e.info.get("kv_cache_dtype", "")).set(1)
         except BaseException:  # noqa: BLE001 - recorded in engine.error, reported by /ready and check_health
             logger.exception("model load failed")
+            return
+        # the grammar compiler's set-up (2.3 s for a 49k vocabulary on the CPU) here, not on the event loop at
+        # the first structured request
+        try:
+            self.chat_serving.grammars()
+        except ImportError as e:  # the serve extra brings xgrammar; without it only structured requests fail
+            logger.warning("structured outputs unavailable: %s", e)
 
     async def check_health(self) -> None:
         if self.engine.error is not None or not self.engine.alive:

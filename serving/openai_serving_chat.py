@@ -3,8 +3,14 @@
 The generated text of each choice goes through an ``OutputParser`` (hook (c) of ``serving.openai_serving``):
 the default one passes text through as ``content``; a tool-call parser replaces it to hold back and turn
 text into ``tool_calls`` (and may report ``finish_reason: "tool_calls"``), streamed and collected alike.
+
+Tool calling and structured outputs plug in through ``request_hooks``: ``tools`` (unless ``tool_choice`` is
+``none``) select ``ToolCallOutputParser``; a forced ``tool_choice`` (``required`` or a named function) or a JSON
+``response_format`` adds a grammar processor (``serving.structured``) per choice; the prompt goes through
+``serving.tools.render_messages`` (the template's own tool support, else the fallback prompt).
 """
 
+import threading
 from typing import Any
 
 from serving.engine import StepOutput
@@ -20,9 +26,13 @@ from serving.protocol import (
     ChatLogprobs,
     ChatResponseMessage,
     DeltaMessage,
+    DeltaToolCall,
+    ToolCall,
     TopLogprob,
 )
 from serving.sampler import TokenLogprob
+from serving.structured import GrammarCompiler, tool_call_schema
+from serving.tools import ToolCallStreamParser, parse_tool_calls, render_messages
 
 # For tokenizers without a chat template of their own (a base model): ChatML, which the SFT stage trains on.
 CHATML_TEMPLATE = (
@@ -48,18 +58,90 @@ class OutputParser:
         return ChatResponseMessage(content=text), finish_reason
 
 
+class ToolCallOutputParser(OutputParser):
+    """Generated text -> ``tool_calls`` (``serving.tools``); ``finish_reason`` "tool_calls" when it stopped on
+    its own after calling (a call cut at ``max_tokens`` still reports "length")."""
+
+    def __init__(self, names: set[str], forced: bool):
+        self.names = names
+        self.stream = ToolCallStreamParser(names, forced)
+
+    def feed(self, text: str) -> DeltaMessage | None:
+        return self._delta(self.stream.feed(text))
+
+    def finish(self, finish_reason: str) -> tuple[DeltaMessage | None, str]:
+        held = self._delta(self.stream.finish())
+        return held, "tool_calls" if self.stream.calls and finish_reason == "stop" else finish_reason
+
+    def parse(self, text: str, finish_reason: str | None) -> tuple[ChatResponseMessage, str | None]:
+        content, calls = parse_tool_calls(text, self.names)
+        message = ChatResponseMessage(content=content, tool_calls=[ToolCall(**c) for c in calls] or None)
+        return message, "tool_calls" if calls and finish_reason == "stop" else finish_reason
+
+    @staticmethod
+    def _delta(items: list[dict[str, Any]]) -> DeltaMessage | None:
+        content = "".join(x["content"] for x in items if "content" in x)
+        calls: list[dict[str, Any]] = []
+        for x in items:
+            for c in x.get("tool_calls", []):
+                if calls and calls[-1]["index"] == c["index"] and "id" not in c:  # more arguments of the same call
+                    calls[-1]["function"]["arguments"] += c["function"]["arguments"]
+                else:
+                    calls.append({**c, "function": dict(c["function"])})
+        if not content and not calls:
+            return None
+        return DeltaMessage(content=content or None, tool_calls=[DeltaToolCall(**c) for c in calls] or None)
+
+
 class OpenAIServingChat(OpenAIServing):
     request_cls = ChatCompletionRequest
     prompt_param = "messages"
     id_prefix = "chatcmpl"
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._grammar_compiler: GrammarCompiler | None = None
+        self._grammar_lock = threading.Lock()
+
+    def request_hooks(self, req: ChatCompletionRequest) -> RequestHooks:
+        hooks = RequestHooks()
+        grammar = None
+        forced = req.forced_tool() if req.tools_enabled() else None
+        if req.tools_enabled():
+            names = {t.function.name for t in req.tools}
+            hooks.output_parser = lambda: ToolCallOutputParser(names, forced=forced is not None)
+        if forced is not None:
+            fns = [{"name": t.function.name, "parameters": t.function.parameters} for t in req.tools
+                   if forced in ("any", t.function.name)]
+            grammar = self.grammars().compile(
+                tool_call_schema(fns, parallel=forced == "any" and req.parallel_tool_calls is not False), "tools")
+        elif req.json_format():
+            rf = req.response_format
+            grammar = self.grammars().compile(rf.json_schema.schema_ if rf.type == "json_schema" else None,
+                                              "response_format")
+        if grammar is not None:
+            compiler = self.grammars()
+            hooks.logits_processors = lambda index: [compiler.processor(grammar)]
+        return hooks
+
+    def grammars(self) -> GrammarCompiler:
+        """The engine's grammar compiler, built once (the router calls this right after loading the model)."""
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                e = self.engine
+                self._grammar_compiler = GrammarCompiler(e.tokenizer, e.runner.vocab, sorted(e.eos_ids))
+            return self._grammar_compiler
+
     def render_prompt(self, req: ChatCompletionRequest, hooks: RequestHooks) -> list[int]:
         tok = self.engine.tokenizer
-        msgs = [m.template_dict() for m in req.messages]
         template = None if tok.chat_template else CHATML_TEMPLATE
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools_enabled() else None
+        msgs, tool_kwargs = render_messages([m.template_dict() for m in req.messages], tools,
+                                            tok.chat_template or CHATML_TEMPLATE,
+                                            req.forced_tool() if tools else None)
         try:
             text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, chat_template=template,
-                                           **hooks.template_kwargs)
+                                           **tool_kwargs, **hooks.template_kwargs)
         except Exception as e:  # noqa: BLE001 - a template's own error (e.g. role order) is the client's 400
             raise InvalidRequestError(f"messages could not be rendered with the chat template: {e}",
                                       param="messages") from None

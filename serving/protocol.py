@@ -22,13 +22,12 @@ MAX_STOP_TOKEN_IDS = 64
 
 # Fields OpenAI defines that this server does not implement: a request that sets them gets a 400 naming them,
 # unless the value given is one that changes nothing (NOOP_* below, accepted and dropped).
-UNSUPPORTED_CHAT_FIELDS = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias",
-                           "audio", "modalities", "prediction", "reasoning_effort", "web_search_options", "store")
+UNSUPPORTED_CHAT_FIELDS = ("functions", "function_call", "logit_bias", "audio", "modalities", "prediction",
+                           "reasoning_effort", "web_search_options", "store")
 UNSUPPORTED_COMPLETION_FIELDS = ("best_of", "echo", "logit_bias", "suffix")
 # Values of those fields that ask for what the server does anyway (OpenAI's defaults): nothing changes.
 NOOP_CHAT_VALUES: dict[str, tuple[Any, ...]] = {
-    "store": (False,), "response_format": ({"type": "text"},), "modalities": (["text"],), "logit_bias": ({},),
-    "tools": ([],), "functions": ([],), "tool_choice": ("none",), "function_call": ("none",),
+    "store": (False,), "modalities": (["text"],), "logit_bias": ({},), "functions": ([],), "function_call": ("none",),
 }
 NOOP_COMPLETION_VALUES: dict[str, tuple[Any, ...]] = {"best_of": (1,), "echo": (False,), "logit_bias": ({},),
                                                       "suffix": ("",)}
@@ -63,11 +62,24 @@ class _Strict(BaseModel):
         return data
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     refusal: str | None = None  # an assistant turn's refusal: rendered as its text when it has no content
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # role "tool": the call this result answers
 
     @field_validator("content")
     @classmethod
@@ -85,7 +97,55 @@ class ChatMessage(_Strict):
 
     def template_dict(self) -> dict[str, Any]:
         """This message as the chat template reads it (``developer`` is OpenAI's new name for ``system``)."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        d: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            d["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
+        if self.name is not None and self.role == "tool":
+            d["name"] = self.name
+        return d
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: bool | None = None
+
+
+class ChatTool(_Strict):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # constrained either way: only the schema's own properties are generated
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is 'json_schema'")
+        return self
 
 
 class StreamOptions(_Strict):
@@ -164,12 +224,15 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    response_format: ResponseFormat | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     # accepted, changing nothing here: tags for OpenAI's dashboard, a tier, cache and abuse-tracking hints
     metadata: dict[str, str] | None = Field(None, max_length=16)
     service_tier: Literal["auto", "default"] | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    parallel_tool_calls: bool | None = None  # only with tools: until they are implemented, a no-op
 
     @classmethod
     def _forgive(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -179,7 +242,28 @@ class ChatCompletionRequest(_SamplingRequest):
     def _checks(self):
         if self.top_logprobs and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        names = [t.function.name for t in self.tools or []]
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise InvalidRequestError(f"tool_choice names function '{self.tool_choice.function.name}', which is "
+                                      "not in tools", param="tool_choice")
+        if self.tool_choice == "required" and not names:
+            raise InvalidRequestError("tool_choice 'required' needs tools", param="tool_choice")
+        if self.ignore_eos and (self.forced_tool() or self.json_format()):
+            raise InvalidRequestError("ignore_eos cannot be combined with a forced tool_choice or a JSON "
+                                      "response_format", param="ignore_eos")
         return self
+
+    def forced_tool(self) -> str | None:
+        """The function every answer must call, "any" for ``required``, None when calls are optional or off."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return "any" if self.tool_choice == "required" else None
+
+    def tools_enabled(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def json_format(self) -> bool:
+        return self.response_format is not None and self.response_format.type != "text"
 
     def max_new_tokens(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
@@ -259,6 +343,7 @@ class ChatLogprobs(BaseModel):
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatCompletionChoice(BaseModel):
@@ -278,9 +363,25 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """A streamed call: the first delta of each has ``id``, ``type`` and ``function.name``; later ones add
+    argument text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionStreamChoice(BaseModel):

@@ -54,6 +54,37 @@ class TokenLogprob:
     top: list[tuple[int, float]]
 
 
+def apply_logits_processors(logits: torch.Tensor, seqs: list[Any]) -> torch.Tensor:
+    """Each sequence's ``params.logits_processors`` on its row; out of place (never writes into the runner's
+    output, a CUDA graph's static buffer).
+
+    Grammar processors (``batched = True``, ``serving.structured``) each fill their row of one CPU bitmask
+    (rows without one stay all-allowed) and the mask is applied to the whole batch in one vectorized pass on the
+    logits' device: no row waits on another's grammar (filling a row took 0.04 ms at vocab 49k on the 2-core
+    CPU). One grammar per sequence: a second one's row would overwrite the first's."""
+    rows = [i for i, s in enumerate(seqs) if s.params.logits_processors]
+    if not rows:
+        return logits
+    grammar_rows: list[tuple[int, Any]] = []
+    cloned = False
+    for i in rows:
+        for proc in seqs[i].params.logits_processors:
+            if getattr(proc, "batched", False):
+                grammar_rows.append((i, proc))
+                continue
+            if not cloned:
+                logits, cloned = logits.clone(), True
+            logits[i] = proc(seqs[i].output_ids, logits[i])
+    if grammar_rows:
+        from serving.structured import apply_token_bitmask, new_bitmask
+
+        mask = new_bitmask(logits.shape[0], logits.shape[-1])
+        for i, proc in grammar_rows:
+            proc.fill_bitmask(seqs[i].output_ids, mask, i)
+        logits = apply_token_bitmask(logits, mask)
+    return logits
+
+
 def _seen_mask(s: Any, vocab: int, device: torch.device) -> torch.Tensor:
     ids = list(getattr(s, "prompt_ids", None) or []) + list(s.output_ids)
     mask = torch.zeros(vocab, dtype=torch.bool, device=device)
@@ -64,17 +95,17 @@ def _seen_mask(s: Any, vocab: int, device: torch.device) -> torch.Tensor:
 
 def process_logits(logits: torch.Tensor, seqs: list[Any]) -> torch.Tensor:
     """Logits after the per-sequence processors, penalties and min_tokens masks (a copy when any applies)."""
-    logits = logits.float()
+    raw = logits.float()
+    logits = apply_logits_processors(raw, seqs)
     params = [s.params for s in seqs]
-    if not any(p.logits_processors or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+    if not any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
                or (p.min_tokens and p.all_stop_token_ids) for p in params):
         return logits
-    logits = logits.clone()
+    if logits is raw:
+        logits = logits.clone()
     vocab, dev = logits.shape[-1], logits.device
     for i, s in enumerate(seqs):
         p = s.params
-        for proc in p.logits_processors:
-            logits[i] = proc(list(s.output_ids), logits[i])
         if p.repetition_penalty != 1.0:
             seen = _seen_mask(s, vocab, dev)
             row = logits[i]
@@ -86,7 +117,9 @@ def process_logits(logits: torch.Tensor, seqs: list[Any]) -> torch.Tensor:
                 ids = torch.tensor(s.output_ids, device=dev)
                 s.counts.index_add_(0, ids, torch.ones(len(ids), device=dev))
             logits[i] -= p.frequency_penalty * s.counts + p.presence_penalty * (s.counts > 0).float()
-        if p.min_tokens and len(s.output_ids) < p.min_tokens and p.all_stop_token_ids:
+        # a grammar decides where its output ends (end-of-sequence is then the only token it allows)
+        grammar = any(getattr(proc, "batched", False) for proc in p.logits_processors)
+        if p.min_tokens and len(s.output_ids) < p.min_tokens and p.all_stop_token_ids and not grammar:
             logits[i, torch.tensor(p.all_stop_token_ids, device=dev)] = float("-inf")
     return logits
 

@@ -175,8 +175,8 @@ def test_error_statuses(server, client):
         return httpx.post(f"{base}/v1/chat/completions", headers=auth, timeout=60, **kw)
 
     msgs = [{"role": "user", "content": "hi"}]
-    r = post({"model": MODEL, "messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}}]})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    r = post({"model": MODEL, "messages": msgs, "functions": [{"name": "f"}]})  # the deprecated form of tools
+    assert r.status_code == 400 and r.json()["error"]["param"] == "functions"
     r = post({"model": MODEL, "messages": msgs, "made_up_field": 1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "made_up_field"
     r = post({"model": MODEL, "messages": msgs, "temperature": 7})

@@ -3,6 +3,8 @@
 # accelerate, but no colossalai, bitsandbytes or pydantic, and no ../shared), each under the 64 MiB a `run` call
 # carries:
 #   .whl/        colossalai (+ the modules it imports), pydantic, bitsandbytes; install.sh puts them on PYTHONPATH
+#   .whl-grammar/ xgrammar (+ apache-tvm-ffi, pydantic) and tok32k/ (SmolLM2's BPE cut to 32k tokens) for
+#                `python -m serving.bench_structured decode`; its own install.sh
 #   .whl-smol-a/ the gguf wheel, ../shared/data (HH harmless, Alpaca seeds), first half of SmolLM2's GGUF
 #   .whl-smol-b/ second half of the GGUF
 #   .whl-gpu/    the serving stack without Ray: gptqmodel (a pure-Python wheel built here from its sdist) and what it
@@ -14,7 +16,7 @@ PY=${PY:-.venv/bin/python}
 PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
       --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 
-rm -rf .whl .whl-smol-a .whl-smol-b .whl-gpu && mkdir -p .whl .whl-smol-a .whl-smol-b .whl-gpu
+rm -rf .whl .whl-smol-a .whl-smol-b .whl-gpu .whl-grammar && mkdir -p .whl .whl-smol-a .whl-smol-b .whl-gpu .whl-grammar
 "$PY" -m pip download -q --no-deps "${PLAT[@]}" -d .whl bitsandbytes galore-torch  # both would pull torch
 "$PY" -m pip download -q "${PLAT[@]}" -d .whl pydantic einops rich click tqdm
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w .whl colossalai==0.5.0 contexttimer  # sdists
@@ -26,6 +28,12 @@ here=$(cd "$(dirname "$0")" && pwd)
 python3 -m pip install -q --no-index --no-deps --target /tmp/site-whl "$here"/*.whl >&2
 echo "export PYTHONPATH=/tmp/site-whl:\${PYTHONPATH:-}"
 EOF
+
+# constrained decoding: xgrammar would pull torch/transformers/triton (the GPU machine has them), so --no-deps
+"$PY" -m pip download -q --no-deps "${PLAT[@]}" -d .whl-grammar "xgrammar==0.2.9" "apache-tvm-ffi==0.1.15.post2"
+"$PY" -m pip download -q "${PLAT[@]}" -d .whl-grammar pydantic
+cp .whl/install.sh .whl-grammar/install.sh
+"$PY" -m serving.bench_structured save-tokenizer .whl-grammar/tok32k --vocab 32000
 
 "$PY" -m pip download -q --no-deps --only-binary=:all: -d .whl-smol-a gguf
 mkdir -p .whl-smol-a/shared-data
@@ -59,4 +67,4 @@ mkdir -p .whl-gpu/shared-tools .whl-gpu/shared-data
 cp ../shared/tools/*.py .whl-gpu/shared-tools/
 cp -r ../shared/data/instructionwild .whl-gpu/shared-data/
 
-du -sh .whl .whl-smol-a .whl-smol-b .whl-gpu
+du -sh .whl .whl-smol-a .whl-smol-b .whl-gpu .whl-grammar
