@@ -3,6 +3,10 @@
 #   bash tests/gpu/serving_session.sh kernels   # W4A16 GEMV tuning + stack vs fp16/tinygemm; 7B checkpoint made meanwhile
 #   bash tests/gpu/serving_session.sh speed     # engine v2 (Marlin and triton_gemv) vs fixed-slot engine vs HF generate
 #   bash tests/gpu/serving_session.sh chat      # 10-turn chat with/without prefix caching, mixed-length load
+#   bash tests/gpu/serving_session.sh measure   # one call: JSON-schema mask cost (carry .whl-grammar too), the
+#                                               # paged engine at 4 GiB and at the fixed-slot engine's measured
+#                                               # 4,650 MiB, 10-turn chat TTFT with/without prefix caching,
+#                                               # triton_gemv vs Marlin decode (no cap)
 # Carry .whl-gpu (tests/gpu/wheels.sh). Results under $OUT; the tuned W4A16 table is kept in /tmp for later calls.
 set -euo pipefail
 eval "$(bash .whl-gpu/install.sh)"
@@ -24,5 +28,20 @@ case "${1:-}" in
   chat)
     export SERVING_W4A16_CONFIGS=$TABLE
     CKPT=$CKPT bash tests/gpu/bench_engine_v2.sh chat ;;
-  *) echo "usage: $0 kernels|speed|chat" >&2; exit 2 ;;
+  measure)
+    [ -f .whl-grammar/install.sh ] && eval "$(bash .whl-grammar/install.sh)"
+    [ -f "$CKPT/quantize_config.json" ] || python3 .whl-gpu/shared-tools/make_llama7b_gptq.py "$CKPT" >&2
+    [ -f "$TABLE" ] && export SERVING_W4A16_CONFIGS=$TABLE
+    P4=(--model "$CKPT" --device cuda --kv-cache-dtype int8 --embed-on-host --lm-head-int8 --cuda-stack-limit 256
+        --prefill-chunk 128 --compile)
+    mkdir -p /tmp/measure-logs  # at most 8 files come back: the logs travel as one tarball, renewed each step
+    step() { local name=$1; shift; local t=$SECONDS
+             "$@" > /dev/null 2> "/tmp/measure-logs/$name.log" || echo "$name failed" >&2
+             echo "[$name] $((SECONDS - t)) s" >&2; tar -czf "$OUT/logs.tgz" -C /tmp/measure-logs .; }
+    step structured env OUT="$OUT" bash tests/gpu/structured_gpu.sh "$CKPT"
+    step paged_4g python3 -m serving.bench "${P4[@]}" --gpu-memory-gb 4 --batch-sizes 1,2 --prompt-len 128       --gen-len 128 --phases engine --out "$OUT/paged_4g.json"
+    step paged_eq python3 -m serving.bench "${P4[@]}" --gpu-memory-gb 4.54 --batch-sizes 1,2,4 --prompt-len 128       --gen-len 128 --turns 10 --turn-gen 32 --phases engine,chat,chat_no_prefix --out "$OUT/paged_eq.json"
+    step gemv python3 -m serving.bench --model "$CKPT" --device cuda --gpu-memory-gb 0 --kv-cache-dtype int8       --lm-head-int8 --compile --max-model-len 512 --prefill-chunk 128 --batch-sizes 1,4 --prompt-len 128       --gen-len 128 --gptq-backend triton_gemv --phases engine --out "$OUT/gemv_triton.json"
+    step marlin python3 -m serving.bench --model "$CKPT" --device cuda --gpu-memory-gb 0 --kv-cache-dtype int8       --lm-head-int8 --compile --max-model-len 512 --prefill-chunk 128 --batch-sizes 1,4 --prompt-len 128       --gen-len 128 --gptq-backend marlin --phases engine --out "$OUT/gemv_marlin.json" ;;
+  *) echo "usage: $0 kernels|speed|chat|measure" >&2; exit 2 ;;
 esac
