@@ -1,14 +1,16 @@
 """Stage configuration: pydantic models loaded from YAML, with ``key.sub=value`` CLI overrides.
 
 Option groups (model, data, train, checkpoint, log) are declared once and shared by
-every stage; each stage config adds its own group (``rm``, ``ppo``, ``quantize``).
+every stage; each stage config adds its own group (``ppo``, ``dpo``, ``grpo``, ``quantize``).
 Unknown keys are rejected so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -176,6 +178,104 @@ class PPOConfig(StageConfig):
     """PPO with a PTX loss: actor, critic, frozen reference and frozen reward model."""
 
     ppo: PPOOptions
+
+
+class DPOOptions(_Strict):
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL to the reference (DPO's beta).")
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: the DPO paper's loss; ipo: squared "
+                                            "distance of the log-ratio margin to 1/(2 beta).")
+    reference_path: str | None = Field(None, description="The frozen reference; default: model.path (the SFT "
+                                       "model the policy starts from).")
+    precompute_reference: bool = Field(True, description="Score every pair with the reference once before training "
+                                       "(stored in output_dir, reused on resume) instead of holding the reference "
+                                       "in memory for every step.")
+
+
+class DPOConfig(StageConfig):
+    """Direct preference optimisation: the policy and a frozen reference (or its precomputed log-probs)."""
+
+    dpo: DPOOptions = Field(default_factory=DPOOptions)
+
+
+def import_function(path: str) -> Callable[..., Any]:
+    """The callable at ``pkg.module:name``; ValueError (pydantic names the field) if it cannot be had."""
+    module, sep, name = path.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"{path!r} is not an import path of the form pkg.module:function")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"cannot import module {module!r} of {path!r}: {e}") from None
+    fn = mod
+    for part in name.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise ValueError(f"module {module!r} has no attribute {name!r} (from {path!r})")
+    if not callable(fn):
+        raise ValueError(f"{path!r} is not callable")
+    return fn  # type: ignore[return-value]
+
+
+class RewardSpec(_Strict):
+    """One reward term of GRPO: a reward model, or a Python function; the terms are summed with their weights.
+
+    A function is called once per batch of samples as ``fn(prompts=..., completions=..., messages=...)`` with
+    ``prompts: list[str]`` (each sample's last user message), ``completions: list[str]`` (the sampled answers,
+    decoded without special tokens) and ``messages: list[list[dict]]`` (each prompt's whole conversation, dicts
+    with role and content), and returns one float per completion.
+    """
+
+    function: str | None = Field(None, description="Import path pkg.module:function (see the class docstring).")
+    model: str | None = Field(None, description="The RM stage's output folder (or its model/): the score at the "
+                              "last token.")
+    weight: float = Field(1.0, description="Multiplier of this term in the summed reward.")
+    name: str | None = Field(None, description="Metric name; default: the function's name, or 'rm'.")
+
+    @field_validator("function")
+    @classmethod
+    def _importable(cls, v: str | None) -> str | None:
+        if v is not None:
+            import_function(v)
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardSpec:
+        if (self.function is None) == (self.model is None):
+            raise ValueError("set exactly one of function (pkg.module:fn) or model (an RM folder)")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return self.function.rpartition(":")[2] if self.function else "rm"
+
+
+class GRPOOptions(_Strict):
+    rewards: list[RewardSpec] = Field(..., min_length=1, description="Reward terms, summed with their weights.")
+    group_size: int = Field(4, ge=2, description="Samples per prompt (G); advantages are normalised per group.")
+    rollout_batch_size: int = Field(4, ge=1, description="Prompts per process per step (G samples each).")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each step's samples.")
+    clip_eps: float = Field(0.2, gt=0, description="Policy ratio clip.")
+    kl_coef: float = Field(0.04, ge=0, description="Weight of the KL to the frozen reference in the loss.")
+    scale_advantages: bool = Field(True, description="Divide by the group's reward std (GRPO); false: only centre.")
+    reward_clip: float = Field(10.0, gt=0, description="Clip each reward model's score to +/- this.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+    @field_validator("rewards", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, dict) else v
+
+    @property
+    def needs_reward_model(self) -> bool:
+        return any(r.model is not None for r in self.rewards)
+
+
+class GRPOConfig(StageConfig):
+    """GRPO: G samples per prompt, group-normalised rewards as advantages, no critic, KL to a frozen reference."""
+
+    grpo: GRPOOptions
 
 
 C = TypeVar("C", bound=BaseModel)
