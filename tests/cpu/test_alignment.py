@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from conftest import run_stage, write_jsonl
 from test_stages import QUESTIONS, base_config, losses_by_step, preference_rows, write_config
 
@@ -134,3 +133,159 @@ def test_dpo_kill_and_resume_matches_uninterrupted_run_and_reuses_reference_logp
     assert manifest["inputs"]["reference_logps_reused"] is True
     assert manifest["metrics"]["eval_acc"] == pytest.approx(
         json.loads((straight / "manifest.json").read_text())["metrics"]["eval_acc"])
+
+
+# ----------------------------------------------------------------------------- GRPO
+
+PROBE = "tests.cpu.reward_probe:longer_is_better"
+HELD_OUT = ["Name a color.", "Count to two.", "Say hello."]
+
+
+def test_group_advantages_are_zero_mean_per_group():
+    from training.losses import group_advantages
+
+    torch.manual_seed(0)
+    rewards = torch.randn(12) * 3 + 1
+    adv = group_advantages(rewards, group_size=4)
+    groups = adv.view(3, 4)
+    assert torch.allclose(groups.mean(1), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(groups.std(1, unbiased=False), torch.ones(3), atol=1e-4)
+    assert torch.equal(groups.argsort(1), rewards.view(3, 4).argsort(1))  # in a group, better answer: larger advantage
+    centred = group_advantages(rewards, group_size=4, scale=False)
+    assert torch.allclose(centred.view(3, 4), rewards.view(3, 4) - rewards.view(3, 4).mean(1, keepdim=True))
+    same = group_advantages(torch.tensor([2.0, 2.0, 2.0, 0.0, 1.0, 0.0]), group_size=3)
+    assert torch.equal(same[:3], torch.zeros(3)) and torch.isfinite(same).all()  # all tied: nothing to learn
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(torch.zeros(6), group_size=4)
+
+
+def test_grpo_loss_kl_is_zero_at_the_reference_and_pushes_up_good_answers():
+    from training.losses import grpo_loss, kl_k3
+
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -1.0, -3.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    assert torch.equal(kl_k3(logp.detach(), logp.detach(), mask), torch.zeros(2, 3))
+    assert (kl_k3(logp.detach(), logp.detach() - 0.3, mask)[mask.bool()] > 0).all()
+    loss, parts = grpo_loss(logp, logp.detach(), logp.detach(), torch.tensor([1.0, -1.0]), mask, 0.2, kl_coef=0.1)
+    loss.backward()
+    assert float(parts["kl_loss"]) == 0.0 and float(parts["clip_frac"]) == 0.0
+    assert (logp.grad[0] < 0).all() and (logp.grad[1, :2] > 0).all()  # descent raises row 0, lowers row 1
+    assert logp.grad[1, 2] == 0  # padding gets no gradient
+
+
+def test_rule_based_arithmetic_reward_and_its_shipped_task():
+    from conftest import ROOT
+
+    from training.rewards import answer_format, arithmetic_correct, arithmetic_rows, write_task
+
+    prompts = ["What is 12 + 30? Reply with the result", "What is 9 - 4? Answer", "Tell me a joke."]
+    completions = ["12 plus 30 is 42.\nAnswer: 42", "Answer: 6", "Answer: 1"]
+    assert arithmetic_correct(prompts=prompts, completions=completions, messages=[]) == [1.0, 0.0, 0.0]
+    assert answer_format(prompts=prompts, completions=completions) == [1.0, 1.0, 1.0]
+    assert answer_format(prompts=prompts[:2], completions=["42", "Answer: five"]) == [0.0, 0.0]
+    rows = arithmetic_rows(50, seed=3)
+    assert arithmetic_correct([r["prompt"] for r in rows], ["Answer: -1"] * 50) == [0.0] * 50  # results are >= 0
+    shipped = ROOT / "training" / "demo_data"
+    fresh = write_task(Path(__import__("tempfile").mkdtemp()))
+    for f in fresh:  # the shipped files are what the generator writes
+        assert (shipped / f.name).read_text() == f.read_text(), f.name
+
+
+def test_bad_reward_import_path_is_a_config_error_naming_the_field(tiny_model, tmp_path):
+    def cfg_with(fn: str) -> Path:
+        cfg = base_config(tiny_model, [str(tmp_path / "p.jsonl")], tmp_path / "g")
+        cfg["grpo"] = {"rewards": [{"model": str(tiny_model)}, {"function": fn, "weight": 0.5}]}
+        return write_config(tmp_path / "g.yaml", cfg)
+
+    for fn, why in (("no_such_pkg.mod:fn", "cannot import module 'no_such_pkg.mod'"),
+                    ("training.rewards:no_such_fn", "has no attribute 'no_such_fn'"),
+                    ("training.rewards", "pkg.module:function"),
+                    ("tests.cpu.reward_probe:NOT_CALLABLE", "is not callable")):
+        with pytest.raises(ConfigError) as e:
+            load_config(GRPOConfig, cfg_with(fn))
+        assert "grpo.rewards.1.function" in str(e.value) and why in str(e.value), str(e.value)
+    with pytest.raises(ConfigError, match="grpo.rewards.0: .*exactly one of function"):
+        load_config(GRPOConfig, cfg_with(PROBE), ["grpo.rewards=[{weight: 1.0}]"])
+    proc = run_stage("training.grpo", cfg_with("no_such_pkg.mod:fn"), check=False)
+    assert proc.returncode == 2 and "grpo.rewards.1.function" in proc.stderr and "no_such_pkg" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def reward_model(tiny_model, tmp_path_factory) -> Path:
+    """A reward model folder (random head) made the way the RM stage starts one."""
+    from transformers import AutoTokenizer
+
+    from training.config import ModelConfig
+    from training.models import load_value_model
+
+    out = tmp_path_factory.mktemp("rm") / "model"
+    load_value_model(ModelConfig(path=str(tiny_model))).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+def grpo_config(tiny_model: Path, tmp_path: Path, out: Path, rewards: list[dict], **grpo) -> Path:
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"instruction": q} for q in QUESTIONS])
+    held = write_jsonl(tmp_path / "held_out.jsonl", [{"prompt": q} for q in HELD_OUT])
+    cfg = base_config(tiny_model, [str(prompts)], out, max_steps=3, micro_batch_size=4, lr=1e-3)
+    cfg["data"]["eval"] = [str(held)]
+    cfg["grpo"] = {"rewards": rewards, "group_size": 4, "rollout_batch_size": 2, "ppo_epochs": 2, "kl_coef": 0.1,
+                   "generation": {"max_new_tokens": 8, "temperature": 1.0, "top_k": 20}, **grpo}
+    return write_config(tmp_path / f"{out.name}.yaml", cfg)
+
+
+def test_grpo_calls_the_reward_function_by_import_path_with_the_documented_arguments(tiny_model, reward_model,
+                                                                                     tmp_path):
+    out, log = tmp_path / "grpo", tmp_path / "calls.jsonl"
+    rewards = [{"function": PROBE, "weight": 0.5}, {"model": str(reward_model), "weight": 1.0}]
+    run_stage("training.grpo", grpo_config(tiny_model, tmp_path, out, rewards), env={"REWARD_PROBE_LOG": str(log)})
+
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    # eval before (3 held-out prompts), 3 steps of 2 prompts x G=4 samples, eval after
+    assert [len(c["completions"]) for c in calls] == [3, 8, 8, 8, 3]
+    assert calls[0]["prompts"] == HELD_OUT and calls[-1]["prompts"] == HELD_OUT
+    assert calls[0]["messages"] == [[{"role": "user", "content": q}] for q in HELD_OUT]
+    for c in calls[1:4]:
+        assert all(p in QUESTIONS for p in c["prompts"])
+        assert [c["prompts"][i] for i in range(0, 8, 4)] == [c["prompts"][i + 3] for i in range(0, 8, 4)]  # groups
+        assert c["messages"] == [[{"role": "user", "content": p}] for p in c["prompts"]]
+        assert all(isinstance(x, str) and "<|im_end|>" not in x for x in c["completions"])
+        assert c["extra"] == []
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert abs(rows[0]["kl"]) < 1e-5  # the policy is the reference before the first update
+    for key in ("reward", "reward_longer_is_better", "reward_rm", "policy_loss", "kl_loss", "clip_frac",
+                "reward_group_std", "response_length", "grad_norm"):
+        assert all(key in r for r in rows), key
+    probe = [sum(len(x) / 10 for x in c["completions"]) / 8 for c in calls[1:4]]
+    assert [r["reward_longer_is_better"] for r in rows] == pytest.approx(probe, rel=1e-4)
+    for r in rows:
+        assert r["reward"] == pytest.approx(0.5 * r["reward_longer_is_better"] + r["reward_rm"], rel=1e-4, abs=1e-5)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stage"] == "grpo" and manifest["outputs"]["model"] == str(out / "model")
+    m = manifest["metrics"]
+    assert m["eval_longer_is_better_before"] == pytest.approx(sum(len(x) / 10 for x in calls[0]["completions"]) / 3,
+                                                              rel=1e-4)
+    assert {"eval_rm_before", "eval_rm_after", "eval_reward_before", "eval_reward_after"} <= set(m)
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert not torch.equal(trained.lm_head.weight, AutoModelForCausalLM.from_pretrained(tiny_model).lm_head.weight)
+
+
+def test_grpo_kill_and_resume_matches_uninterrupted_run(tiny_model, reward_model, tmp_path):
+    rewards = [{"function": PROBE}, {"model": str(reward_model), "weight": 0.5}]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_stage("training.grpo", grpo_config(tiny_model, tmp_path, straight, rewards))
+    cfg = grpo_config(tiny_model, tmp_path, killed, rewards)
+    proc = run_stage("training.grpo", cfg, "checkpoint.save_every=1", env={"TRAINING_CRASH_AFTER_STEP": "2"},
+                     check=False)
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    assert {"model", "model.optim", "model.sched", "state.json"} <= {
+        p.name for p in (killed / "checkpoints" / "step-000001").iterdir()}
+    run_stage("training.grpo", cfg, "checkpoint.save_every=1", "--resume")
+    for key in ("reward", "kl", "policy_loss", "kl_loss", "response_length"):
+        assert losses_by_step(killed, key) == pytest.approx(losses_by_step(straight, key), rel=1e-4, abs=1e-6), key
+    a, b = (json.loads((d / "manifest.json").read_text())["metrics"] for d in (straight, killed))
+    assert b["eval_reward_before"] == pytest.approx(a["eval_reward_before"])
+    assert b["eval_reward_after"] == pytest.approx(a["eval_reward_after"], rel=1e-4)
