@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import run_stage, write_jsonl
 from test_stages import QUESTIONS, base_config, losses_by_step, preference_rows, write_config
 
@@ -289,3 +290,92 @@ def test_grpo_kill_and_resume_matches_uninterrupted_run(tiny_model, reward_model
     a, b = (json.loads((d / "manifest.json").read_text())["metrics"] for d in (straight, killed))
     assert b["eval_reward_before"] == pytest.approx(a["eval_reward_before"])
     assert b["eval_reward_after"] == pytest.approx(a["eval_reward_after"], rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+def test_pipeline_runs_alignment_dpo_then_grpo_end_to_end_and_quantizes_their_output(tiny_model, tmp_path):
+    from test_pipeline import DEMO, _stage_configs, record, run_pipeline
+
+    runs = tmp_path / "runs"
+    cfgs = _stage_configs(tmp_path, tiny_model)
+    common = {"train": {"plugin": "ddp", "micro_batch_size": 2, "lr": 1e-3, "warmup_steps": 0},
+              "log": {"every": 1, "tensorboard": False, "progress": False}}
+    cfgs["dpo"] = {"model": {"path": str(runs / "sft")},
+                   "data": {"train": [str(DEMO / "preference_en.jsonl")], "max_samples": 12, "max_length": 128,
+                            "eval_fraction": 0.25},
+                   **common, "train": {**common["train"], "max_steps": 3},
+                   "checkpoint": {"output_dir": str(runs / "dpo"), "save_every": 1}, "dpo": {"beta": 0.1}}
+    cfgs["grpo"] = {"model": {"path": str(runs / "sft")},
+                    "data": {"train": [str(DEMO / "arithmetic_train.jsonl")],
+                             "eval": [str(DEMO / "arithmetic_eval.jsonl")], "max_samples": 8, "max_length": 64},
+                    **common, "train": {**common["train"], "max_steps": 2, "micro_batch_size": 4},
+                    "checkpoint": {"output_dir": str(runs / "grpo"), "save_every": 1},
+                    "grpo": {"rewards": [{"function": "training.rewards:arithmetic_correct"},
+                                         {"function": "training.rewards:answer_format", "weight": 0.2}],
+                             "group_size": 2, "rollout_batch_size": 2, "generation": {"max_new_tokens": 6}}}
+    stages = []
+    for name in ("sft", "rm", "ppo", "dpo", "grpo", "quantize"):
+        if name in cfgs:
+            (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(cfgs[name]))
+            stages.append({"name": name, "config": str(tmp_path / f"{name}.yaml")})
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"name": "tiny", "run_dir": str(runs), "env": {"GPTQMODEL_CPU_WORKERS": "2"},
+                                      "alignment": "dpo", "stages": stages}))
+    quantize = "quantize" in cfgs
+
+    dpo = run_pipeline(config)
+    assert dpo.returncode == 0, dpo.stdout[-3000:] + dpo.stderr[-6000:]
+    rec = record(tmp_path)
+    assert list(rec) == ["sft", "dpo", *(["quantize"] if quantize else [])]  # DPO needs no RM: it never ran
+    assert all(r["status"] == "ran" for r in rec.values()), rec
+    assert not (runs / "rm").exists() and not (runs / "ppo").exists() and not (runs / "grpo").exists()
+    assert rec["dpo"]["metric"] == "eval_acc" and rec["dpo"]["model"] == str(runs / "dpo" / "model")
+    if quantize:
+        qm = json.loads((runs / "quantize" / "manifest.json").read_text())
+        assert qm["inputs"]["model"] == str(runs / "dpo")
+        assert (runs / "quantize" / "model" / "quantize_config.json").exists()
+
+    grpo = run_pipeline(config, "alignment=grpo")  # rule rewards only: still no RM
+    assert grpo.returncode == 0, grpo.stdout[-3000:] + grpo.stderr[-6000:]
+    rec = record(tmp_path)
+    assert list(rec) == ["sft", "grpo", *(["quantize"] if quantize else [])]
+    assert rec["sft"]["status"] == "skipped" and rec["grpo"]["status"] == "ran" and not (runs / "rm").exists()
+    gm = json.loads((runs / "grpo" / "manifest.json").read_text())["metrics"]
+    assert {"eval_arithmetic_correct_before", "eval_arithmetic_correct_after", "eval_answer_format_after"} <= set(gm)
+    if quantize:
+        assert rec["quantize"]["status"] == "ran"  # its input changed: quantized again, from the GRPO model
+        qm = json.loads((runs / "quantize" / "manifest.json").read_text())
+        assert qm["inputs"]["model"] == str(runs / "grpo")
+
+
+def test_alignment_keeps_rm_only_when_a_stage_needs_it(tmp_path):
+    from training import pipeline
+
+    def stage(name: str, body: dict) -> dict:
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"checkpoint": {"output_dir": str(tmp_path / name)},
+                                                               **body}))
+        return {"name": name, "config": str(tmp_path / f"{name}.yaml")}
+
+    base = {"model": {"path": "m"}, "data": {"train": ["p.jsonl"]}}
+    rm_reward = {**base, "grpo": {"rewards": [{"model": str(tmp_path / "rm")}, {"function": PROBE}]}}
+    ppo = {**base, "ppo": {"reward_model_path": "r"}}
+    spec = {"stages": [stage("sft", base), stage("rm", base), stage("ppo", ppo), stage("dpo", base),
+                       stage("grpo", rm_reward)]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+
+    def names(*over: str) -> list[str]:
+        return [s.name for s in pipeline.load_pipeline(tmp_path / "p.yaml", list(over)).stages]
+
+    assert names() == ["sft", "rm", "ppo", "dpo", "grpo"]  # no alignment: every listed stage
+    assert names("alignment=ppo") == ["sft", "rm", "ppo"]
+    assert names("alignment=dpo") == ["sft", "dpo"]
+    assert names("alignment=grpo") == ["sft", "rm", "grpo"]  # a reward term names the RM
+    assert names("alignment=grpo", f"grpo:grpo.rewards=[{{function: '{PROBE}'}}]") == ["sft", "grpo"]
+    with pytest.raises(ConfigError, match="alignment: Input should be"):
+        names("alignment=kto")
+    spec["stages"] = spec["stages"][:3]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="alignment: grpo is not one of the stages"):
+        names("alignment=grpo")
