@@ -138,7 +138,8 @@ def apply_alignment(cfg: PipelineConfig) -> list[str]:
 
 
 def _config_class(spec: StageSpec) -> type[BaseModel] | None:
-    target = CONFIG_CLASSES.get(spec.name) if spec.module is None else None
+    key = spec.name if spec.module is None else spec.module.removeprefix("training.")  # e.g. a 2nd grpo stage
+    target = CONFIG_CLASSES.get(key)
     if target is None:
         return None
     module, _, cls = target.partition(":")
