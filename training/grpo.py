@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     eos_ids = eos_token_ids(tokenizer)
 
     logger = runner.make_logger(stage, steps)
-    meter = Throughput(stage.device, train_flops_per_token(actor_t.unwrap().config, n_params, cfg.data.max_length))
+    meter = Throughput(stage.device, train_flops_per_token(actor.config, n_params, cfg.data.max_length))
     evaluate = partial(evaluate_rewards, actor_t.model, terms, eval_prompts, cfg, tokenizer, eos_ids, stage.device)
     before: dict[str, float] = {}
     if eval_prompts and stage.start_step == 0:

@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   if "<|im_end|>" in tokenizer.get_vocab() else [])} - {None})
 
     logger = runner.make_logger(stage, steps)
-    meter = Throughput(stage.device, train_flops_per_token(actor_t.unwrap().config, n_params, cfg.data.max_length))
+    meter = Throughput(stage.device, train_flops_per_token(actor.config, n_params, cfg.data.max_length))
     last: dict[str, float] = {}
     evaluate = partial(evaluate_reward, actor_t.model, reward_model, eval_prompts, cfg, eos_ids, pad_id, stage.device)
     before: dict[str, float] = {}

@@ -379,3 +379,34 @@ def test_alignment_keeps_rm_only_when_a_stage_needs_it(tmp_path):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match="alignment: grpo is not one of the stages"):
         names("alignment=grpo")
+
+
+def test_dpo_under_torchrun_scores_the_reference_once_across_ranks(tiny_model, tmp_path):
+    from training.dpo import REFERENCE_FILE
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_stage("training.dpo", dpo_config(tiny_model, tmp_path, one), "train.max_steps=1")
+    run_stage("training.dpo", dpo_config(tiny_model, tmp_path, two), "train.max_steps=2", "train.micro_batch_size=4",
+              nproc=2)
+    a, b = (torch.load(d / REFERENCE_FILE, weights_only=True) for d in (one, two))
+    assert torch.allclose(a["train"], b["train"], atol=1e-5) and torch.allclose(a["eval"], b["eval"], atol=1e-5)
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["metrics"]["eval_pairs"] == 8
+
+
+def test_dpo_and_grpo_train_lora_adapters_and_export_merged_models(tiny_model, tmp_path):
+    lora = ("model.lora.rank=4", "model.lora.alpha=8")
+    run_stage("training.dpo", dpo_config(tiny_model, tmp_path, tmp_path / "dpo"), "train.max_steps=2", *lora)
+    rewards = [{"function": "training.rewards:answer_format"}, {"function": PROBE, "weight": 0.1}]
+    run_stage("training.grpo", grpo_config(tiny_model, tmp_path, tmp_path / "grpo", rewards), "train.max_steps=1",
+              *lora)
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    for name in ("dpo", "grpo"):
+        m = json.loads((tmp_path / name / "manifest.json").read_text())["metrics"]
+        assert 0 < m["trainable_parameters"] < m["parameters"] / 10, (name, m)
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / name / "model")
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+        assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight,
+                               base.model.layers[0].self_attn.q_proj.weight), name
