@@ -410,3 +410,22 @@ def test_dpo_and_grpo_train_lora_adapters_and_export_merged_models(tiny_model, t
         assert not any("lora" in n for n, _ in merged.named_parameters())
         assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight,
                                base.model.layers[0].self_attn.q_proj.weight), name
+
+
+def test_shipped_dpo_and_grpo_configs_validate():
+    from conftest import ROOT
+
+    from training import pipeline
+    from training.config import DPOConfig
+
+    configs = ROOT / "training" / "configs"
+    for path in sorted(configs.rglob("*.yaml")):
+        cls = DPOConfig if path.stem == "dpo" else GRPOConfig if path.stem.startswith("grpo") else None
+        if cls is not None:
+            cfg = load_config(cls, path)
+            assert cfg.checkpoint.output_dir.endswith(path.stem), path
+    quality = pipeline.load_pipeline(configs / "quality-gpu" / "pipeline.yaml")
+    assert [s.name for s in quality.stages] == ["rm", "ppo", "dpo", "grpo", "grpo_rule"]  # no alignment: all run
+    assert pipeline.stage_output_dir(quality.stages[-1]) == Path("runs/quality-gpu/grpo_rule")
+    demo = [s.name for s in pipeline.load_pipeline(configs / "demo" / "pipeline.yaml", ["alignment=dpo"]).stages]
+    assert demo == ["sft", "dpo", "quantize"]
