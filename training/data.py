@@ -507,6 +507,13 @@ def tokenize_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase, max_leng
     return ids[-max_length:]
 
 
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Tokens that end a sampled answer: the tokenizer's EOS, plus ChatML's end of turn when the vocabulary has it
+    (SmolLM2's EOS is <|endoftext|>, but its chat turns end with <|im_end|>)."""
+    extra = [tokenizer.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tokenizer.get_vocab() else []
+    return sorted({tokenizer.eos_token_id, *extra} - {None})
+
+
 # ----------------------------------------------------------------------------- batching
 
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -111,20 +112,25 @@ def score_with_reference(ref: torch.nn.Module, examples: list[dict], pad_id: int
     return out.cpu()
 
 
-def precompute_reference(stage: runner.Stage, ref: torch.nn.Module, examples: dict[str, list[dict]], pad_id: int,
-                         reference: str) -> dict[str, Any]:
+def precompute_reference(stage: runner.Stage, load_ref: Callable[[], torch.nn.Module],
+                         examples: dict[str, list[dict]], pad_id: int, reference: str) -> dict[str, Any]:
     """Attach ``ref_chosen_logp``/``ref_rejected_logp`` to every example: from ``reference_logps.pt`` when resuming
-    the same data and reference, else one scoring pass (then stored). Returns what the manifest records."""
+    with the same tokenized pairs and reference (the reference is then not even loaded), else from one scoring pass
+    (then stored, atomically). Returns what the manifest records."""
     cfg: DPOConfig = stage.cfg
     path = stage.output_dir / REFERENCE_FILE
     prints = {name: _fingerprint(exs, reference) for name, exs in examples.items()}
     stored = torch.load(path, weights_only=True) if stage.resume_from is not None and path.exists() else None
     reused = stored is not None and all(stored.get(f"{n}_fingerprint") == p for n, p in prints.items())
     if not reused:
+        ref = load_ref()
         stored = {}
         for name, exs in examples.items():
             stored[name] = score_with_reference(ref, exs, pad_id, cfg, stage.device)
             stored[f"{name}_fingerprint"] = prints[name]
+        del ref
+        if stage.device.type == "cuda":
+            torch.cuda.empty_cache()  # the policy and its optimizer get the reference's memory
         if engine.is_main():
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             torch.save(stored, tmp)
@@ -138,20 +144,21 @@ def precompute_reference(stage: runner.Stage, ref: torch.nn.Module, examples: di
 
 def setup(stage: runner.Stage, tokenizer: Any, train: list[dict], held: list[dict],
           report: dict[str, Any]) -> dict[str, Any]:
-    """Load the frozen reference; with ``precompute_reference`` score every pair with it and free it again."""
+    """The loss's extra arguments: the frozen reference to keep, or (``precompute_reference``) None once every pair
+    carries its reference log-probs."""
     cfg: DPOConfig = stage.cfg
     reference = cfg.dpo.reference_path or cfg.model.path
     ref_cfg = cfg.model.model_copy(update={"path": reference, "gguf_file": None if cfg.dpo.reference_path else
                                            cfg.model.gguf_file})
-    ref = engine.frozen(load_policy(ref_cfg, trainable=False), cfg.train, stage.device)
+
+    def load_ref() -> torch.nn.Module:
+        return engine.frozen(load_policy(ref_cfg, trainable=False), cfg.train, stage.device)
+
     report["reference"] = reference
     if not cfg.dpo.precompute_reference:
-        return {"ref": ref, "cfg": cfg}
-    report.update(precompute_reference(stage, ref, {"train": train, "eval": held}, tokenizer.pad_token_id,
+        return {"ref": load_ref(), "cfg": cfg}
+    report.update(precompute_reference(stage, load_ref, {"train": train, "eval": held}, tokenizer.pad_token_id,
                                        reference))
-    del ref
-    if stage.device.type == "cuda":
-        torch.cuda.empty_cache()
     return {"ref": None, "cfg": cfg}
 
 

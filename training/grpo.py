@@ -28,7 +28,7 @@ import torch
 from training import engine, losses, runner
 from training.checkpoint import export_model
 from training.config import ConfigError, GRPOConfig, RewardSpec, import_function, load_config, stage_arg_parser
-from training.data import Prompt, ResumableSampler, collate_prompts, iterate_batches, tokenize_prompt
+from training.data import Prompt, ResumableSampler, collate_prompts, eos_token_ids, iterate_batches, tokenize_prompt
 from training.metrics import Throughput, read_metrics, train_flops_per_token
 from training.models import (
     count_parameters,
@@ -74,7 +74,7 @@ def score(terms: list[RewardTerm], seq: torch.Tensor, mask: torch.Tensor, prompt
             s = last_token_values(token_values(term.model, seq, mask), mask).float().clamp(-clip, clip)
         else:
             got = term.fn(prompts=[p.messages[-1]["content"] for p in prompts], completions=completions,
-                          messages=[p.messages for p in prompts])
+                          messages=[[dict(m) for m in p.messages] for p in prompts])  # copies: ours stay intact
             values = [float(v) for v in got]
             if len(values) != len(completions) or not all(math.isfinite(v) for v in values):
                 raise ConfigError(f"{term.field}: {term.spec.function} returned {len(values)} values for "
@@ -170,12 +170,6 @@ def evaluate_rewards(actor, terms: list[RewardTerm], prompts: list[tuple[list[in
     sums = [engine.all_reduce_mean(float(x), device) * world for x in totals]
     count = max(sums[-1], 1.0)
     return {**{n: s / count for n, s in zip(names, sums, strict=False)}, "prompts": sums[-1]}
-
-
-def eos_token_ids(tokenizer: Any) -> list[int]:
-    """The tokenizer's EOS, plus ChatML's end of turn when the vocabulary has it (SmolLM2 ends turns with it)."""
-    extra = [tokenizer.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tokenizer.get_vocab() else []
-    return sorted({tokenizer.eos_token_id, *extra} - {None})
 
 
 def main(argv: list[str] | None = None) -> int:

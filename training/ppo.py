@@ -32,6 +32,7 @@ from training.data import (
     ResumableSampler,
     collate_prompts,
     collate_sft,
+    eos_token_ids,
     iterate_batches,
     load_rows,
     tokenize_conversation,
@@ -288,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                                      partial(collate_prompts, pad_id=pad_id))
     ptx_batches = iterate_batches(ptx, ptx_sampler, cfg.train.micro_batch_size,
                                   partial(collate_sft, pad_id=pad_id)) if ptx else None
-    eos_ids = sorted({tokenizer.eos_token_id, *([tokenizer.convert_tokens_to_ids("<|im_end|>")]
-                                                  if "<|im_end|>" in tokenizer.get_vocab() else [])} - {None})
+    eos_ids = eos_token_ids(tokenizer)
 
     logger = runner.make_logger(stage, steps)
     meter = Throughput(stage.device, train_flops_per_token(actor.config, n_params, cfg.data.max_length))

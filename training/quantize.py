@@ -1,6 +1,6 @@
 """Stage 4: the aligned model as a 4-bit GPTQ checkpoint (GPTQModel), with a quality report and a memory plan.
 
-Quantize (reads ``model.path``: a model folder, a .gguf, or the PPO/SFT stage folder holding manifest.json):
+Quantize (reads ``model.path``: a model folder, a .gguf, or a stage folder (PPO/DPO/GRPO/SFT) holding manifest.json):
     python -m training.quantize --config training/configs/quantize.yaml [gptq.bits=8 calibration.num_samples=64 ...]
 Quality report of a finished run (perplexity of source, GPTQ and round-to-nearest; greedy generations):
     python -m training.quantize report --config training/configs/quantize.yaml

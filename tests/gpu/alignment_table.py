@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from training import runner  # noqa: E402
 from training.artifacts import read_manifest, stage_model  # noqa: E402
 from training.config import GenerationConfig, load_config  # noqa: E402
-from training.data import collate_prompts, tokenize_prompt  # noqa: E402
+from training.data import collate_prompts, eos_token_ids, tokenize_prompt  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 from training.models import last_token_values, load_policy, load_tokenizer, load_value_model, token_values  # noqa: E402
 from training.pipeline import _config_class, load_pipeline, stage_output_dir  # noqa: E402
@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         _, eval_rows, _ = runner.load_data(base.data, "prompt", base.train.seed)
         prompts = [tokenize_prompt(r, tokenizer, base.data.max_length) for r in eval_rows]
         gen = base.ppo.generation if "ppo" in cfgs else base.grpo.generation
-        eos = sorted({tokenizer.eos_token_id, *([tokenizer.convert_tokens_to_ids("<|im_end|>")]
-                                                if "<|im_end|>" in tokenizer.get_vocab() else [])} - {None})
+        eos = eos_token_ids(tokenizer)
         pad = tokenizer.pad_token_id
         rm = load_value_model(base.model.model_copy(update={"path": str(outs["rm"]), "gguf_file": None}),
                               trainable=False).eval().to(device)
