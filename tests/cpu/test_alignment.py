@@ -429,3 +429,25 @@ def test_shipped_dpo_and_grpo_configs_validate():
     assert pipeline.stage_output_dir(quality.stages[-1]) == Path("runs/quality-gpu/grpo_rule")
     demo = [s.name for s in pipeline.load_pipeline(configs / "demo" / "pipeline.yaml", ["alignment=dpo"]).stages]
     assert demo == ["sft", "dpo", "quantize"]
+
+
+def test_dpo_counts_only_reply_tokens_in_every_pair_format(tiny_model):
+    from transformers import AutoTokenizer
+
+    from training.data import collate_dpo, parse_preference, tokenize_preference
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rows = [  # ColossalChat, Anthropic HH transcripts, OpenAI messages + chosen/rejected
+        {"context": [{"from": "human", "content": "Say hello."}],
+         "chosen": [{"from": "assistant", "content": "Hello!"}], "rejected": [{"from": "assistant", "content": "No."}]},
+        {"chosen": "\n\nHuman: Say hello.\n\nAssistant: Hello!", "rejected": "\n\nHuman: Say hello.\n\nAssistant: No."},
+        {"messages": [{"role": "user", "content": "Say hello."}], "chosen": "Hello!", "rejected": "No."},
+    ]
+    batch = collate_dpo([tokenize_preference(parse_preference(r), tok, 64) for r in rows], pad_id=tok.pad_token_id)
+    for side, reply in (("chosen", "Hello!"), ("rejected", "No.")):
+        ids, mask = batch[f"{side}_input_ids"], batch[f"{side}_loss_mask"]
+        assert torch.equal(ids[0], ids[1]) and torch.equal(ids[1], ids[2])  # one rendering for the three formats
+        for b in range(3):
+            text = tok.decode(ids[b][mask[b].bool()])
+            assert text.startswith(reply) and "Say hello" not in text and "user" not in text, text
+            assert mask[b].sum() < batch[f"{side}_attention_mask"][b].sum()
