@@ -137,7 +137,8 @@ def apply_alignment(cfg: PipelineConfig) -> list[str]:
     return sorted(drop & set(names))
 
 
-def _config_class(spec: StageSpec) -> type[BaseModel] | None:
+def config_class(spec: StageSpec) -> type[BaseModel] | None:
+    """The stage's config class, by its name or its training.<stage> module; None for modules of other kinds."""
     key = spec.name if spec.module is None else spec.module.removeprefix("training.")  # e.g. a 2nd grpo stage
     target = CONFIG_CLASSES.get(key)
     if target is None:
@@ -148,7 +149,7 @@ def _config_class(spec: StageSpec) -> type[BaseModel] | None:
 
 def stage_output_dir(spec: StageSpec) -> Path:
     """Validate the stage's config (with its overrides) and return ``checkpoint.output_dir``."""
-    cls = _config_class(spec)
+    cls = config_class(spec)
     try:
         if cls is not None:
             return Path(load_config(cls, spec.config, spec.overrides).checkpoint.output_dir)  # type: ignore[attr-defined]

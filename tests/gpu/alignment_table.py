@@ -38,7 +38,7 @@ from training.config import GenerationConfig, load_config  # noqa: E402
 from training.data import collate_prompts, eos_token_ids, tokenize_prompt  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 from training.models import last_token_values, load_policy, load_tokenizer, load_value_model, token_values  # noqa: E402
-from training.pipeline import _config_class, load_pipeline, stage_output_dir  # noqa: E402
+from training.pipeline import config_class, load_pipeline, stage_output_dir  # noqa: E402
 from training.ppo import pack_right, response_logprobs, sample  # noqa: E402
 
 BATCH = 32
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     pipe = load_pipeline(args.pipeline, args.overrides)
     specs = {s.name: s for s in pipe.stages}
-    cfgs = {n: load_config(_config_class(s), s.config, s.overrides) for n, s in specs.items()}
+    cfgs = {n: load_config(config_class(s), s.config, s.overrides) for n, s in specs.items()}
     outs = {n: stage_output_dir(s) for n, s in specs.items()}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     table: dict[str, Any] = {"machine": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
