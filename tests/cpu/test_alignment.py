@@ -179,10 +179,12 @@ def test_rule_based_arithmetic_reward_and_its_shipped_task():
 
     from training.rewards import answer_format, arithmetic_correct, arithmetic_rows, write_task
 
-    prompts = ["What is 12 + 30? Reply with the result", "What is 9 - 4? Answer", "Tell me a joke."]
-    completions = ["12 plus 30 is 42.\nAnswer: 42", "Answer: 6", "Answer: 1"]
-    assert arithmetic_correct(prompts=prompts, completions=completions, messages=[]) == [1.0, 0.0, 0.0]
-    assert answer_format(prompts=prompts, completions=completions) == [1.0, 1.0, 1.0]
+    prompts = ["What is 12 + 30? Reply with the result", "What is 9 - 4? Answer", "Tell me a joke.",
+               "What is 17 + 39?", "What is 10 - 5?", "What is 10 - 5?"]
+    completions = ["12 plus 30 is 42.\nAnswer: 42", "Answer: 6", "Answer: 1", "17 + 39 = 56.", "What is 10 - 5?",
+                   "10 - 5 = 5"]
+    assert arithmetic_correct(prompts=prompts, completions=completions, messages=[]) == [1, 0, 0, 1, 0, 1]
+    assert answer_format(prompts=prompts, completions=completions) == [1, 1, 1, 0, 0, 0]
     assert answer_format(prompts=prompts[:2], completions=["42", "Answer: five"]) == [0.0, 0.0]
     rows = arithmetic_rows(50, seed=3)
     assert arithmetic_correct([r["prompt"] for r in rows], ["Answer: -1"] * 50) == [0.0] * 50  # results are >= 0
