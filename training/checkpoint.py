@@ -13,10 +13,14 @@ Layout of a stage's ``output_dir``::
 
 A checkpoint is built in a ``.tmp-`` folder and renamed into place only when every rank
 has finished writing, so a killed process never leaves a half checkpoint that looks whole.
+A full disk while writing a checkpoint, the export or the manifest raises ``DiskFullError``
+(the stages exit with ``DISK_FULL_EXIT`` = 28, ENOSPC's number): the partial files are
+removed and ``latest`` keeps naming the previous complete checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -35,16 +39,78 @@ from training.engine import Trainable
 MANIFEST = "manifest.json"
 STATE = "state.json"
 LATEST = "latest"
+# The stages' exit code for a full disk: ENOSPC's errno, distinct from 2 (bad config or data) and from a crash (1),
+# so a pipeline or a Job's podFailurePolicy can stop instead of retrying into the same full volume.
+DISK_FULL_EXIT = 28
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# How writers that keep the OS text say it (safetensors' Rust writer: "os error 28").
+_DISK_FULL_TEXT = ("no space left on device", "os error 28", "disk quota exceeded")
+# torch's zip writer drops the errno ("file write failed", or "unexpected pos 473984 vs 473936" on a full 2.5 MiB
+# tmpfs), so a failed write with less than this left on the filesystem counts as a full disk too.
+_LOW_SPACE_BYTES = 64 << 20
+
+
+class DiskFullError(Exception):
+    """A write under ``path`` failed because its filesystem is full; nothing half-written was left in place."""
+
+    def __init__(self, path: Path, cause: BaseException):
+        self.path = path
+        super().__init__(f"no space left on device while writing {path} ({type(cause).__name__}: "
+                         f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else cause!r}); partial "
+                         "files were removed and the previous checkpoint (if any) is still `latest`: free space and "
+                         "rerun with --resume")
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        try:
+            st = os.statvfs(p)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize
+    return None
+
+
+def is_disk_full(e: BaseException, path: Path | None = None) -> bool:
+    """True when ``e`` (or what it wraps) is an out-of-space error, or any write error while ``path``'s filesystem
+    has almost nothing left (for writers that lose the errno)."""
+    if path is not None:
+        free = _free_bytes(path)
+        if free is not None and free < _LOW_SPACE_BYTES:
+            return True
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(t in str(cur).lower() for t in _DISK_FULL_TEXT):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file and ``os.replace`` so readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        _remove(tmp)
+        if is_disk_full(e, path):
+            raise DiskFullError(path, e) from e
+        raise
     os.replace(tmp, path)
 
 
@@ -86,13 +152,21 @@ def export_model(trainable: Trainable, folder: Path, tokenizer: Any) -> None:
     if engine.is_main() and tmp.exists():
         shutil.rmtree(tmp)
     engine.barrier()
-    if trainable.cfg.plugin == "ddp":
+    try:
+        if trainable.cfg.plugin == "ddp":
+            if engine.is_main():
+                merged = merged_for_export(trainable.model.unwrap(unwrap_peft=False))
+                merged.save_pretrained(tmp, safe_serialization=True)
+        else:
+            trainable.booster.save_model(trainable.model, str(tmp), shard=True, use_safetensors=True)
         if engine.is_main():
-            merged_for_export(trainable.model.unwrap(unwrap_peft=False)).save_pretrained(tmp, safe_serialization=True)
-    else:
-        trainable.booster.save_model(trainable.model, str(tmp), shard=True, use_safetensors=True)
+            tokenizer.save_pretrained(tmp)
+    except Exception as e:
+        if not is_disk_full(e, tmp):
+            raise
+        _remove(tmp)
+        raise DiskFullError(folder, e) from e
     if engine.is_main():
-        tokenizer.save_pretrained(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -123,13 +197,13 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             (tmp / "rng").mkdir(parents=True)
         engine.barrier()
-        for t in trainables:
-            save_model(t, tmp / t.name, tokenizer)
-            optim_path = tmp / f"{t.name}.optim"
-            t.booster.save_optimizer(t.optimizer, str(optim_path), shard=t.cfg.plugin != "ddp")
-            if engine.is_main():
-                t.booster.save_lr_scheduler(t.scheduler, str(tmp / f"{t.name}.sched"))
-        torch.save(_rng_state(), tmp / "rng" / f"rank-{engine.rank()}.pt")
+        try:
+            self._write(tmp, trainables, tokenizer)
+        except Exception as e:
+            if not is_disk_full(e, tmp):
+                raise
+            _remove(tmp)  # frees the space; `latest` was not touched and still names the previous checkpoint
+            raise DiskFullError(tmp, e) from e
         engine.barrier()
         if engine.is_main():
             atomic_write_json(tmp / STATE, {"step": step, "time": time.time(), "world_size": engine.world_size(),
@@ -141,6 +215,16 @@ class Checkpointer:
             self._prune(keep=final)
         engine.barrier()
         return final
+
+    @staticmethod
+    def _write(tmp: Path, trainables: list[Trainable], tokenizer: Any) -> None:
+        for t in trainables:
+            save_model(t, tmp / t.name, tokenizer)
+            optim_path = tmp / f"{t.name}.optim"
+            t.booster.save_optimizer(t.optimizer, str(optim_path), shard=t.cfg.plugin != "ddp")
+            if engine.is_main():
+                t.booster.save_lr_scheduler(t.scheduler, str(tmp / f"{t.name}.sched"))
+        torch.save(_rng_state(), tmp / "rng" / f"rank-{engine.rank()}.pt")
 
     def _prune(self, keep: Path) -> None:
         done = sorted(p for p in self.root.glob("step-*") if p.is_dir())

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from training.checkpoint import MANIFEST, atomic_write_json, read_manifest
+from training.checkpoint import DISK_FULL_EXIT, MANIFEST, atomic_write_json, read_manifest
 from training.config import ConfigError, load_config, parse_overrides
 
 Launcher = Literal["python", "torchrun"]
@@ -51,7 +51,8 @@ KEY_METRICS = {
     "quantize": ("perplexity.gptq", "gptq_vs_source", "checkpoint_bytes"),
 }
 CONFIG_ERROR_EXIT = 2  # the stages' exit code for a bad config or dataset: never retried
-NO_RESTART = {CONFIG_ERROR_EXIT, -signal.SIGINT, -signal.SIGTERM}  # bad input, or stopped on purpose
+# bad input, a full disk (a restart would fill it again), or stopped on purpose
+NO_RESTART = {CONFIG_ERROR_EXIT, DISK_FULL_EXIT, -signal.SIGINT, -signal.SIGTERM}
 
 
 class _Strict(BaseModel):
