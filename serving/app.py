@@ -86,37 +86,38 @@ def _validation_error(e: ValidationError) -> APIError:
 
 
 class ApiKeys:
-    """Keys from env ``API_KEYS`` (comma-separated) and/or file ``API_KEYS_FILE`` (one per line, re-read on change)."""
+    """Keys from env ``API_KEYS`` (comma-separated) and key files (one per line, '#' comments, re-read on change):
+    ``ServeConfig.api_keys_files`` plus env ``API_KEYS_FILE``."""
 
-    def __init__(self) -> None:
+    def __init__(self, files: list[str] | None = None) -> None:
         self.env_keys = {k.strip() for k in os.environ.get("API_KEYS", "").split(",") if k.strip()}
-        self.file = os.environ.get("API_KEYS_FILE") or None
-        self._mtime: float | None = None
-        self._file_keys: set[str] = set()
+        self.files = list(dict.fromkeys([*(files or []), *([os.environ["API_KEYS_FILE"]]
+                                                            if os.environ.get("API_KEYS_FILE") else [])]))
+        self._mtimes: dict[str, float] = {}
+        self._file_keys: dict[str, set[str]] = {}
         self._reload()
 
     def _reload(self) -> None:
-        if not self.file:
-            return
-        try:
-            mtime = os.stat(self.file).st_mtime
-        except OSError:
-            return
-        if mtime != self._mtime:
-            text = Path(self.file).read_text(encoding="utf-8")
-            self._file_keys = {x.strip() for x in text.splitlines() if x.strip() and not x.startswith("#")}
-            self._mtime = mtime
+        for path in self.files:
+            try:
+                mtime = os.stat(path).st_mtime
+            except OSError:
+                continue
+            if mtime != self._mtimes.get(path):
+                text = Path(path).read_text(encoding="utf-8")
+                self._file_keys[path] = {x.strip() for x in text.splitlines() if x.strip() and not x.startswith("#")}
+                self._mtimes[path] = mtime
 
     @property
     def enabled(self) -> bool:
-        return bool(self.env_keys or self.file)
+        return bool(self.env_keys or self.files)
 
     def check(self, header: str | None) -> None:
         if not self.enabled:
             return
         self._reload()
         token = header[7:].strip() if header and header.lower().startswith("bearer ") else None
-        if not token or token not in (self.env_keys | self._file_keys):
+        if not token or not any(token in keys for keys in (self.env_keys, *self._file_keys.values())):
             raise APIError(401, "Incorrect API key provided." if token else "Missing API key (Authorization: "
                            "Bearer KEY).", code="invalid_api_key")
 
@@ -133,7 +134,7 @@ class LLMServer:
         logging.basicConfig(level=self.cfg.log_level, format="%(message)s")
         self.model_name = self.cfg.model_name
         self.metrics = EngineMetrics(self.model_name)
-        self.keys = ApiKeys()
+        self.keys = ApiKeys(self.cfg.api_keys_files)
         from serving.engine import EngineOptions
 
         self.engine = LLMEngine(resolve_model_path(self.cfg.model), EngineOptions.from_config(self.cfg.engine),

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from training.config import ConfigError, load_config
 
 DEFAULT_PORT = 8000
+DEFAULT_HOST = "127.0.0.1"
 DEFAULT_GPU_MEMORY_GB = 4.0
 DEFAULT_MAX_MODEL_LEN = 2048
 DEFAULT_MAX_NUM_SEQS = 32
@@ -122,16 +123,36 @@ class ServeConfig(_Strict):
     served_model_name: str | None = Field(None, description="Name clients pass as `model`. Default: folder name.")
     tokenizer: str | None = Field(None, description="Tokenizer folder when it differs from the model folder.")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's.")
-    host: str = Field("0.0.0.0", description="HTTP bind address.")
+    host: str = Field(DEFAULT_HOST, description="HTTP bind address. Loopback by default so a laptop or CI run is "
+                                                "not reachable from the network; the Helm chart sets 0.0.0.0.")
     port: int = Field(DEFAULT_PORT, ge=1, le=65535)
     root_path: str = Field("", description="Path prefix when served behind a proxy.")
+    docs: bool = Field(False, description="Serve the interactive API pages /docs (Swagger UI) and /redoc. Off by "
+                                          "default: public pages that load scripts from a CDN. /openapi.json is "
+                                          "always served.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     request_timeout_s: float = Field(600, gt=0, description="Longest a request may run before it is cancelled.")
     ray_address: str | None = Field(None, description="Existing Ray cluster to join (default: start a local one).")
     ray_metrics_export_port: int | None = Field(8080, description="Port where Ray exports Ray Serve's own "
                                                                   "Prometheus metrics (None: Ray's default).")
+    ray_node_ip_address: str | None = Field(
+        None, description="Address of the local Ray node `python -m serving` starts; Ray binds its metrics exporter "
+                          "(ray_metrics_export_port) to it. None: 127.0.0.1 when `host` is a loopback address (so the "
+                          "exporter is not public either), else Ray's choice (the machine's address, which the chart's "
+                          "PodMonitor scrapes).")
+    api_keys_files: list[str] = Field(
+        default_factory=list,
+        description="Files of API keys, one per line ('#' comments), re-read when they change: a Kubernetes Secret "
+                    "mount, or the private file `python -m serving` writes from env API_KEYS. Keys never travel in "
+                    "the config or in a Ray runtime env (Ray logs those). Env API_KEYS_FILE adds one more file.")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+
+    @property
+    def node_ip_address(self) -> str | None:
+        if self.ray_node_ip_address is not None:
+            return self.ray_node_ip_address
+        return "127.0.0.1" if self.host in ("127.0.0.1", "localhost", "::1") else None
 
     @property
     def model_name(self) -> str:

@@ -195,6 +195,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.heartbeat: float = time.monotonic()  # the scheduler loop's latest iteration (idle: every 0.5 s)
         self.tokenizer = None
         self.runner: LlamaRunner | None = None
         self.graphs: DecodeGraphs | None = None
@@ -488,6 +489,7 @@ class LLMEngine:
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
+                self.heartbeat = time.monotonic()
                 self._drain_inbox(block=not self._running and not self._waiting)
                 if self._stop.is_set():
                     break
@@ -508,6 +510,7 @@ class LLMEngine:
     def _drain_inbox(self, block: bool) -> None:
         items = []
         try:
+            # idle: wake at least every 0.5 s so ``heartbeat`` stays fresh for the watchdog
             items.append(self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait())
             while True:
                 items.append(self._inbox.get_nowait())
