@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.api_router import build_app
 
     files = list(cfg.api_keys_files)
     if os.environ.get("API_KEYS_FILE"):

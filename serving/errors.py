@@ -8,7 +8,14 @@ and no wire field names (``param`` is filled in by the OpenAI layer, which knows
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+# Seconds a client is told to wait (Retry-After) before trying again: a full queue drains within a few decode
+# steps of a few ms each, so 1 s; a loading model takes tens of seconds on the 2-core CI box (11 s for Ray
+# alone), so 5 s between polls.
+RETRY_AFTER_QUEUE_FULL_S = 1
+RETRY_AFTER_UNAVAILABLE_S = 5
 
 
 class ServingError(Exception):
@@ -18,6 +25,7 @@ class ServingError(Exception):
     type = "server_error"
     code: str | None = None
     param: str | None = None
+    retry_after: int | None = None  # seconds, sent as the Retry-After header (429, 503)
 
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -65,17 +73,41 @@ class NotFoundError(ServingError):
 class QueueFullError(ServingError):
     status = 429
     type = "rate_limit_exceeded"
+    retry_after = RETRY_AFTER_QUEUE_FULL_S
 
 
 class ServiceUnavailableError(ServingError):
     status = 503
     type = "service_unavailable"
+    retry_after = RETRY_AFTER_UNAVAILABLE_S
+
+
+class NotReadyError(ServiceUnavailableError):
+    code = "not_ready"
+
+
+class ModelLoadError(ServiceUnavailableError):
+    code = "model_load_failed"
 
 
 class EngineDeadError(ServiceUnavailableError):
     pass
 
 
+class InternalServerError(ServingError):
+    """Anything unexpected: a 500 with a generic message (the details go to the log, not to the client)."""
+
+
 def error_body(err: ServingError) -> dict[str, Any]:
-    """OpenAI's ``{"error": {message, type, param, code}}`` for one error (JSON body or SSE ``data:`` payload)."""
+    """OpenAI's ``{"error": {message, type, param, code}}`` for one error: the one renderer, used for JSON
+    responses (``error_headers`` beside it) and, through ``error_event``, for SSE error events."""
     return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+
+
+def error_headers(err: ServingError) -> dict[str, str]:
+    return {"Retry-After": str(err.retry_after)} if err.retry_after is not None else {}
+
+
+def error_event(err: ServingError) -> str:
+    """The SSE event a stream that already sent its 200 ends with (followed by ``data: [DONE]``)."""
+    return f"data: {json.dumps(error_body(err))}\n\n"

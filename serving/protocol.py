@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serving.errors import UnsupportedFieldError
 from serving.sampler import SamplingParams
 
 MAX_STOP = 4
@@ -21,12 +22,6 @@ UNSUPPORTED_CHAT_FIELDS = ("tools", "tool_choice", "functions", "function_call",
                            "audio", "modalities", "prediction", "parallel_tool_calls", "reasoning_effort",
                            "web_search_options", "store", "metadata", "service_tier")
 UNSUPPORTED_COMPLETION_FIELDS = ("best_of", "echo", "logit_bias", "suffix")
-
-
-class UnsupportedFieldError(ValueError):
-    def __init__(self, field: str):
-        super().__init__(f"'{field}' is not supported by this server")
-        self.field = field
 
 
 def _reject_unsupported(data: Any, names: tuple[str, ...]) -> Any:
@@ -59,6 +54,10 @@ class ChatMessage(_Strict):
         if isinstance(self.content, list):
             return "".join(p["text"] for p in self.content)
         return self.content or ""
+
+    def template_dict(self) -> dict[str, Any]:
+        """This message as the chat template reads it (``developer`` is OpenAI's new name for ``system``)."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
 
 
 class StreamOptions(_Strict):

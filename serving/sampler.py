@@ -7,10 +7,17 @@ seeded ``torch.Generator`` or None, created here on first use).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+# A per-sequence logits processor (vLLM's per-request form): called once per decode step with the ids this
+# sequence generated so far and its row of logits (float32, shape [vocab]); returns the row to sample from
+# (e.g. with -inf where a grammar forbids a token). It may keep state (a grammar matcher advancing over the
+# new ids); one instance serves one sequence.
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -26,6 +33,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
 
 @dataclass

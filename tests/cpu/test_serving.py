@@ -38,7 +38,7 @@ def server(tiny_model: Path):
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from serving.app import build_app
+    from serving.api_router import build_app
     from serving.config import load_serve_config
 
     port = _free_port()
