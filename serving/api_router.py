@@ -15,45 +15,63 @@ subclasses, rendered here as JSON by ``error_body`` (with ``Retry-After`` on 429
 # query parameter and answer 422 to every POST (seen 2026-11-23, tests/cpu/test_loadtest_serving.py).
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import threading
 import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
 
+from serving import testing_hooks
 from serving.config import ServeConfig, load_serve_config, resolve_model_path
 from serving.engine import EngineOptions, LLMEngine
 from serving.errors import (
     AuthenticationError,
-    InternalServerError,
-    InvalidRequestError,
+    EngineDeadError,
     ModelLoadError,
     NotFoundError,
     NotReadyError,
-    ServiceUnavailableError,
+    QueueFullError,
     ServingError,
-    error_body,
-    error_headers,
+    internal_error,
+)
+from serving.http_surface import (
+    error_response,
+    install_error_handlers,
+    install_openapi,
+    json_body,
+    models_doc,
+    probe_doc,
+    text_doc,
 )
 from serving.metrics import EngineMetrics
 from serving.openai_serving import OpenAIServing
 from serving.openai_serving_chat import OpenAIServingChat
 from serving.openai_serving_completion import OpenAIServingCompletion
-from serving.protocol import ModelCard, ModelList, make_id, now
+from serving.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    make_id,
+    now,
+)
+from serving.request_limits import parse_json, read_body
 
 logger = logging.getLogger("serving.request")
 WEB_INDEX = Path(__file__).parent / "web" / "index.html"
-
-
-def error_response(err: ServingError) -> JSONResponse:
-    return JSONResponse(error_body(err), status_code=err.status, headers=error_headers(err))
 
 
 class ApiKeys:
@@ -94,7 +112,11 @@ class ApiKeys:
                                       "(Authorization: Bearer KEY).")
 
 
-api = FastAPI(title="colossal-rlhf OpenAI-compatible server")
+# /docs and /redoc are routes of their own below, answering only when ServeConfig.docs is on.
+api = FastAPI(title="colossal-rlhf OpenAI-compatible server", docs_url=None, redoc_url=None)
+install_openapi(api)
+_replica_metrics: list[EngineMetrics] = []  # the replica's registry, for errors FastAPI answers before our routes
+install_error_handlers(api, lambda status: _replica_metrics and _replica_metrics[0].error(status))
 
 
 @serve.ingress(api)
@@ -112,6 +134,12 @@ class LLMServer:
                                 stats=self.metrics)
         self.chat_serving = OpenAIServingChat(self.engine, self.model_name, self.metrics)
         self.completion_serving = OpenAIServingCompletion(self.engine, self.model_name, self.metrics)
+        _replica_metrics[:] = [self.metrics]
+        # Parsing, validation and tokenization run here, off the event loop that streams tokens and answers
+        # probes; admission (below) bounds how many requests can be queued for it.
+        self.pool = ThreadPoolExecutor(self.cfg.request_workers, thread_name_prefix="request-prep")
+        self.inflight = 0  # OpenAI requests admitted and not yet answered (streams: until their last byte)
+        testing_hooks.install(self.metrics, [self.chat_serving, self.completion_serving])
         self.created = now()
         self._loader = threading.Thread(target=self._load, name="model-loader", daemon=True)
         self._loader.start()
@@ -125,46 +153,73 @@ class LLMServer:
         except BaseException:  # noqa: BLE001 - recorded in engine.error, reported by /ready and check_health
             logger.exception("model load failed")
 
+    def liveness_error(self) -> ServingError | None:
+        """Why this replica should be restarted: the engine loop died, or it stopped coming round (a hang)."""
+        e = self.engine
+        if e.error is not None or not e.alive:
+            return EngineDeadError(f"engine failed: {e.error}")
+        stalled = time.monotonic() - e.heartbeat
+        if e.ready.is_set() and stalled > self.cfg.engine_stall_timeout_s:
+            return EngineDeadError(f"engine loop stalled: no iteration for {stalled:.1f} s (engine_stall_timeout_s="
+                                   f"{self.cfg.engine_stall_timeout_s:g})", code="engine_stalled")
+        return None
+
     async def check_health(self) -> None:
-        if self.engine.error is not None or not self.engine.alive:
-            raise RuntimeError(f"engine failed: {self.engine.error}")
+        err = self.liveness_error()
+        if err is not None:
+            raise RuntimeError(err.message)
 
     def __del__(self) -> None:
         self.engine.shutdown()
 
     # ------------------------------------------------------------------ probes, metrics, page
-    @api.get("/health")
+    @api.get("/health", **probe_doc("Liveness: the engine loop is running (503 when dead or stalled)"))
     async def health(self) -> Response:
-        if self.engine.error is not None or not self.engine.alive:
-            return error_response(ServiceUnavailableError(f"engine failed: {self.engine.error}"))
+        err = self.liveness_error()
+        if err is not None:
+            logger.error("health check failed: %s", err.message)
+            return error_response(err)
         return JSONResponse({"status": "ok"})
 
-    @api.get("/ready")
+    @api.get("/ready", **probe_doc("Readiness: the model is loaded and takes requests"))
     async def ready(self) -> Response:
         if self.engine.ready.is_set() and self.engine.alive:
             return JSONResponse({"status": "ready", "model": self.model_name, **self.engine.load_stats()})
         return error_response(self._not_ready())
 
-    @api.get("/metrics")
+    @api.get("/metrics", response_class=PlainTextResponse,
+             **text_doc("text/plain", "Prometheus text exposition (version 0.0.4)"))
     async def metrics_endpoint(self) -> Response:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @api.get("/")
+    @api.get("/", response_class=HTMLResponse, **text_doc("text/html", "The chat page", 404))
     async def index(self) -> Response:
         if WEB_INDEX.is_file():
             return FileResponse(WEB_INDEX, media_type="text/html")
         return error_response(NotFoundError("no web page installed (serving/web/index.html)"))
 
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self) -> Response:
+        if not self.cfg.docs:
+            return error_response(NotFoundError("/docs is off (ServeConfig.docs)", code="unknown_route"))
+        return get_swagger_ui_html(openapi_url="openapi.json", title=api.title)
+
+    @api.get("/redoc", include_in_schema=False)
+    async def redoc(self) -> Response:
+        if not self.cfg.docs:
+            return error_response(NotFoundError("/redoc is off (ServeConfig.docs)", code="unknown_route"))
+        return get_redoc_html(openapi_url="openapi.json", title=api.title)
+
     # ------------------------------------------------------------------ OpenAI API
-    @api.get("/v1/models")
+    @api.get("/v1/models", **models_doc())
     async def models(self, request: Request) -> Response:
         return await self._guard(request, "models", self._models)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", **json_body(ChatCompletionRequest, ChatCompletionResponse))
     async def chat(self, request: Request) -> Response:
         return await self._guard(request, "chat", self._endpoint(self.chat_serving))
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", **json_body(CompletionRequest, CompletionResponse))
     async def completions(self, request: Request) -> Response:
         return await self._guard(request, "completions", self._endpoint(self.completion_serving))
 
@@ -175,6 +230,8 @@ class LLMServer:
         return NotReadyError("model is loading; retry shortly")
 
     async def _guard(self, request: Request, endpoint: str, handler) -> Response:
+        # Ray's proxy gives every request an x-request-id (the client's, or one it makes) and sends it back on the
+        # response itself: setting it here too would send the header twice.
         rid = request.headers.get("x-request-id") or make_id("req")
         t0 = time.monotonic()
         try:
@@ -185,13 +242,12 @@ class LLMServer:
         except asyncio.CancelledError:
             self._log(rid, endpoint, 499, t0)
             raise
-        except Exception:  # noqa: BLE001 - a bug must still answer in OpenAI's shape (and be logged whole)
+        except Exception:  # noqa: BLE001 - a bug must still answer in OpenAI's shape (and be logged whole, once)
             logger.exception("request %s failed", rid)
-            resp = error_response(InternalServerError("internal server error"))
+            resp = error_response(internal_error(rid))
         if resp.status_code >= 400:
             self.metrics.error(resp.status_code)
         self.metrics.http_requests.labels(self.model_name, endpoint, str(resp.status_code)).inc()
-        resp.headers["x-request-id"] = rid
         self._log(rid, endpoint, resp.status_code, t0)
         return resp
 
@@ -199,20 +255,42 @@ class LLMServer:
         logger.info(json.dumps({"event": "request", "request_id": rid, "endpoint": endpoint, "status": status,
                                 "latency_s": round(time.monotonic() - t0, 4), **extra}))
 
+    def _admission_limit(self) -> int:
+        return self.engine.num_slots + self.cfg.engine.max_waiting
+
+    async def _offload(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
+
     def _endpoint(self, serving: OpenAIServing):
         async def handle(request: Request, rid: str) -> Response:
             if not self.engine.ready.is_set() or not self.engine.alive:
                 raise self._not_ready()
+            # Admission before the body is even read: a burst beyond the limit costs one comparison each.
+            limit = self._admission_limit()
+            if self.inflight >= limit:
+                raise QueueFullError(f"the server is at capacity ({limit} requests running or waiting); retry later")
+            self.inflight += 1
+            streaming = False
             try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise InvalidRequestError(f"request body is not valid JSON: {e}") from None
-            result = await serving.create(body, rid)
-            if isinstance(result, BaseModel):
-                return JSONResponse(result.model_dump())
-            return StreamingResponse(result, media_type="text/event-stream", headers={"x-request-id": rid})
+                raw = await read_body(request, self.cfg.max_body_bytes)
+                body = await self._offload(parse_json, raw, self.cfg.max_json_depth)
+                result = await serving.create(body, rid, offload=self._offload)
+                if isinstance(result, BaseModel):
+                    return JSONResponse(await self._offload(result.model_dump))
+                streaming = True
+                return StreamingResponse(self._release_after(result), media_type="text/event-stream")
+            finally:
+                if not streaming:
+                    self.inflight -= 1
 
         return handle
+
+    async def _release_after(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            self.inflight -= 1
 
     async def _models(self, request: Request, rid: str) -> Response:
         card = ModelCard(id=self.model_name, created=self.created, max_model_len=self.engine.max_model_len)
@@ -223,8 +301,9 @@ def build_app(cfg: ServeConfig) -> serve.Application:
     """The Ray Serve application for ``cfg`` (one deployment: ingress + engine). As a Serve YAML
     ``import_path``, Ray validates the ``args`` into ``ServeConfig`` through this annotation."""
     d = cfg.deployment
+    max_ongoing, max_queued = cfg.serve_limits()
     opts: dict[str, Any] = {
-        "name": d.name, "max_ongoing_requests": d.max_ongoing_requests, "max_queued_requests": d.max_queued_requests,
+        "name": d.name, "max_ongoing_requests": max_ongoing, "max_queued_requests": max_queued,
         "health_check_period_s": d.health_check_period_s, "health_check_timeout_s": d.health_check_timeout_s,
         "graceful_shutdown_timeout_s": d.graceful_shutdown_timeout_s,
         "ray_actor_options": {"num_gpus": d.num_gpus, "num_cpus": d.num_cpus},

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serving.request_limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH
 from training.config import ConfigError, load_config
 
 DEFAULT_PORT = 8000
@@ -22,6 +23,8 @@ DEFAULT_GPU_MEMORY_GB = 4.0
 DEFAULT_MAX_MODEL_LEN = 2048
 DEFAULT_MAX_NUM_SEQS = 32
 DEFAULT_MAX_WAITING = 64
+ADMISSION_HEADROOM = 4  # Serve's max_ongoing_requests over the engine's limit: 3x bursts must reach our 429
+DEFAULT_ENGINE_STALL_TIMEOUT_S = 30.0
 
 __all__ = ["ConfigError", "DeploymentConfig", "EngineConfig", "ServeConfig", "load_serve_config", "resolve_model_path"]
 
@@ -106,10 +109,14 @@ class DeploymentConfig(_Strict):
     num_replicas: int = Field(1, ge=1, description="Fixed replica count (ignored when autoscaling is set).")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (1 on a GPU node).")
     num_cpus: float = Field(1, ge=0, description="CPUs per replica.")
-    max_ongoing_requests: int = Field(96, ge=1, description="Ray Serve's per-replica concurrency cap; keep it at "
-                                                            "least max_num_seqs + max_waiting so our own admission "
-                                                            "(429) answers first.")
-    max_queued_requests: int = Field(-1, ge=-1, description="Ray Serve's proxy-side queue bound (-1: unbounded).")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Ray Serve's per-replica concurrency cap. None: ADMISSION_HEADROOM (4) x the "
+                                "engine's admission limit (max_num_seqs + max_waiting), so a burst of 3x the limit "
+                                "reaches the replica and gets its 429 at once instead of waiting in Ray's proxy "
+                                "(refused requests hold a place for well under a millisecond).")
+    max_queued_requests: int | None = Field(
+        None, ge=-1, description="Ray Serve's proxy-side queue bound (-1: unbounded, which lets a burst wait for "
+                                 "seconds). None: the engine's admission limit; past it Ray answers 503 at once.")
     health_check_period_s: float = Field(10, gt=0)
     health_check_timeout_s: float = Field(30, gt=0)
     graceful_shutdown_timeout_s: float = Field(20, ge=0)
@@ -145,8 +152,34 @@ class ServeConfig(_Strict):
         description="Files of API keys, one per line ('#' comments), re-read when they change: a Kubernetes Secret "
                     "mount, or the private file `python -m serving` writes from env API_KEYS. Keys never travel in "
                     "the config or in a Ray runtime env (Ray logs those). Env API_KEYS_FILE adds one more file.")
+    max_body_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES, ge=1024, description="Largest request body; bigger ones get a 413 while being read, "
+                                                     "before any parsing.")
+    max_json_depth: int = Field(DEFAULT_MAX_JSON_DEPTH, ge=4, le=512,
+                                description="Deepest JSON nesting accepted in a request body (400 beyond).")
+    request_workers: int = Field(
+        2, ge=1, le=64, description="Threads that parse, validate and tokenize request bodies, off the event loop "
+                                    "that streams tokens and answers the probes.")
+    engine_stall_timeout_s: float = Field(
+        DEFAULT_ENGINE_STALL_TIMEOUT_S, gt=0,
+        description="/health (and Ray's replica health check) fail when the engine loop has not come round for "
+                    "this long: a hung loop gets its replica restarted. The idle loop wakes every 0.5 s and a "
+                    "decode step takes milliseconds, so 30 s is only ever a hang.")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+
+    @property
+    def admission_limit(self) -> int:
+        """Requests one replica takes at most (running + waiting); the API's own 429 beyond it."""
+        return self.engine.max_num_seqs + self.engine.max_waiting
+
+    def serve_limits(self) -> tuple[int, int]:
+        """Ray Serve's (max_ongoing_requests, max_queued_requests), derived from the engine's limits unless set."""
+        d = self.deployment
+        ongoing = d.max_ongoing_requests if d.max_ongoing_requests is not None else \
+            ADMISSION_HEADROOM * self.admission_limit
+        queued = d.max_queued_requests if d.max_queued_requests is not None else self.admission_limit
+        return ongoing, queued
 
     @property
     def node_ip_address(self) -> str | None:

@@ -154,8 +154,8 @@ class CompletionRequest(_SamplingRequest):
         if isinstance(v, list) and v and isinstance(v[0], str):
             if len(v) != 1:
                 raise ValueError("only one prompt per request is supported")
-            return v[0]
-        if isinstance(v, list) and not v:
+            v = v[0]
+        if not v:  # "", [""] and []: nothing to continue from (the engine would refuse it as a server error)
             raise ValueError("prompt must not be empty")
         return v
 
