@@ -200,6 +200,19 @@ def test_eight_20mb_bodies_get_413_while_a_stream_flows_and_health_answers(serve
     gaps = stream.gaps(t_start, t_end)
     assert gaps and max(gaps) < 1.0, f"inter-token gaps during the attack: max {max(gaps):.3f} s"
     assert health_ms and max(health_ms) < 200, f"/health during the attack: max {max(health_ms):.0f} ms"
+
+    def chunks():  # no Content-Length: the limit must hold while reading
+        yield payload[: 1 << 20]
+        for i in range(1 << 20, len(payload), 1 << 20):
+            yield payload[i:i + (1 << 20)]
+
+    try:
+        r = httpx.post(base + "/v1/chat/completions", content=chunks(),
+                       headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
+    except httpx.TransportError as e:
+        pytest.fail(f"the chunked 20 MB body got no answer: {e!r}")
+    assert "content-length" not in r.request.headers
+    _is_openai_error(r, 413, code="request_too_large")
     print(json.dumps({"attack_s": round(t_end - t_start, 3), "answered_413": len(answered),
                       "max_gap_s": round(max(gaps), 3), "max_health_ms": round(max(health_ms), 1)}))
 
@@ -413,3 +426,25 @@ def test_api_key_is_in_no_log_file(server):
         if KEY.encode() in data:
             leaks.append(str(p))
     assert len(files) > 20 and not leaks, f"the API key is in {leaks}"
+    # nor in the environment of the processes the server started (Ray's raylet, workers and the replica would
+    # inherit it); the server itself was given it by this test, as a user's shell gives it
+    leader = server["proc"].pid
+    procs = [d for d in Path("/proc").iterdir() if d.name.isdigit() and int(d.name) != leader
+             and _sid(int(d.name)) == leader]
+    assert len(procs) > 3
+    in_env = [d.name for d in procs if KEY.encode() in _environ(d)]
+    assert not in_env, f"the API key is in the environment of processes {in_env}"
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
+
+
+def _environ(proc: Path) -> bytes:
+    try:
+        return (proc / "environ").read_bytes()
+    except OSError:
+        return b""
