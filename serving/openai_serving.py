@@ -141,6 +141,8 @@ class OpenAIServing:
         req = self.parse(body)
         hooks = self.request_hooks(req)
         prompt_ids = self.render_prompt(req, hooks)
+        if not prompt_ids:  # checked here: the engine's own check is not a client error (it has no status 400)
+            raise InvalidRequestError("the prompt is empty", param=self.prompt_param)
         ctx = RequestContext(request_id, make_id(self.id_prefix), now(), prompt_ids, hooks, req.n,
                              completion_tokens=[0] * req.n)
         ctx.parsers = [self.new_output_parser(ctx) for _ in range(req.n)]
@@ -171,14 +173,20 @@ class OpenAIServing:
     def sampling_params(self, req: Any, ctx: RequestContext, index: int) -> Any:
         default = max(1, self.engine.max_model_len - len(ctx.prompt_ids))
         params = req.sampling_params(default, index=index)
+        vocab = self.engine.runner.vocab
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {vocab}",
+                                      param="stop_token_ids")
+        if params.min_tokens:
+            params.all_stop_token_ids = sorted(set(getattr(self.engine, "eos_ids", ())) | set(params.stop_token_ids))
         params.logits_processors = list(ctx.hooks.logits_processors(index))
         return params
 
     def submit(self, ctx: RequestContext, req: Any) -> list[RequestStream]:
+        all_params = [self.sampling_params(req, ctx, i) for i in range(req.n)]
         streams: list[RequestStream] = []
         try:
-            for i in range(req.n):
-                params = self.sampling_params(req, ctx, i)
+            for i, params in enumerate(all_params):
                 streams.append(self.engine.submit(ctx.prompt_ids, params, f"{ctx.request_id}-{i}"))
         except ServingError as e:
             for s in streams:
@@ -225,10 +233,14 @@ class OpenAIServing:
         return self.build_response(req, ctx, results)
 
     async def _stream(self, req: Any, ctx: RequestContext, streams: list[RequestStream]) -> AsyncIterator[str]:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        opts = req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        continuous = bool(include_usage and opts.continuous_usage_stats)  # vLLM's: usage so far in every chunk
         dump: dict[str, Any] = {} if include_usage else {"exclude": {"usage"}}
 
         def sse(chunk: BaseModel) -> str:
+            if continuous:
+                chunk.usage = ctx.usage()
             return f"data: {chunk.model_dump_json(**dump)}\n\n"
 
         try:

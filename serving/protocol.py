@@ -1,7 +1,9 @@
 """OpenAI wire types (pydantic), in OpenAI's field order, with strict validation.
 
-A field the server does not implement is rejected with a 400 that names it (never silently ignored);
-unknown fields are rejected too. Requests convert themselves into engine ``SamplingParams``.
+A field the server does not implement is rejected with a 400 that names it (never silently ignored) unless its
+value is one that changes nothing (``store: false``, ``response_format: {"type": "text"}``, ...); unknown
+fields are rejected too, ``null`` means "not given", types stay strict. Requests convert themselves into
+engine ``SamplingParams``.
 """
 
 from __future__ import annotations
@@ -12,33 +14,59 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serving.errors import UnsupportedFieldError
+from serving.errors import InvalidRequestError, UnsupportedFieldError
 from serving.sampler import SamplingParams
 
 MAX_STOP = 4
+MAX_STOP_TOKEN_IDS = 64
 
-# Fields OpenAI defines that this server does not implement: a request that sets them gets a 400 naming them.
+# Fields OpenAI defines that this server does not implement: a request that sets them gets a 400 naming them,
+# unless the value given is one that changes nothing (NOOP_* below, accepted and dropped).
 UNSUPPORTED_CHAT_FIELDS = ("tools", "tool_choice", "functions", "function_call", "response_format", "logit_bias",
-                           "audio", "modalities", "prediction", "parallel_tool_calls", "reasoning_effort",
-                           "web_search_options", "store", "metadata", "service_tier")
+                           "audio", "modalities", "prediction", "reasoning_effort", "web_search_options", "store")
 UNSUPPORTED_COMPLETION_FIELDS = ("best_of", "echo", "logit_bias", "suffix")
+# Values of those fields that ask for what the server does anyway (OpenAI's defaults): nothing changes.
+NOOP_CHAT_VALUES: dict[str, tuple[Any, ...]] = {
+    "store": (False,), "response_format": ({"type": "text"},), "modalities": (["text"],), "logit_bias": ({},),
+    "tools": ([],), "functions": ([],), "tool_choice": ("none",), "function_call": ("none",),
+}
+NOOP_COMPLETION_VALUES: dict[str, tuple[Any, ...]] = {"best_of": (1,), "echo": (False,), "logit_bias": ({},),
+                                                      "suffix": ("",)}
 
 
-def _reject_unsupported(data: Any, names: tuple[str, ...]) -> Any:
-    if isinstance(data, dict):
-        for name in names:
-            if data.get(name) not in (None, False, [], {}):
+def _forgive(data: dict[str, Any], unsupported: tuple[str, ...], noop: dict[str, tuple[Any, ...]]) -> dict[str, Any]:
+    """Drop the no-op values of unsupported fields; any other value of one is a 400 naming it."""
+    for name in unsupported:
+        if name in data:
+            if any(type(data[name]) is type(v) and data[name] == v for v in noop.get(name, ())):
+                del data[name]
+            else:
                 raise UnsupportedFieldError(name)
     return data
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields are a 400; ``null`` for any field means "not given" (its default), as OpenAI reads it.
+    Types are strict: ``"10"`` is not an integer, ``"true"`` not a boolean (an integer is a number, as in JSON)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = cls._forgive({k: v for k, v in data.items() if v is not None})
+        return data
+
+    @classmethod
+    def _forgive(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return data
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[dict[str, Any]] | None = None
+    refusal: str | None = None  # an assistant turn's refusal: rendered as its text when it has no content
     name: str | None = None
 
     @field_validator("content")
@@ -53,7 +81,7 @@ class ChatMessage(_Strict):
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(p["text"] for p in self.content)
-        return self.content or ""
+        return self.content or self.refusal or ""
 
     def template_dict(self) -> dict[str, Any]:
         """This message as the chat template reads it (``developer`` is OpenAI's new name for ``system``)."""
@@ -75,10 +103,18 @@ class _SamplingRequest(_Strict):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = None  # read only when streaming (it changes nothing otherwise)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     user: str | None = None
+    # vLLM's sampling extensions (OpenWebUI, LiteLLM and the openai client's extra_body send them)
+    top_k: int | None = Field(None, ge=-1, description="Keep the k most likely tokens; 0 or -1: all.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens less likely than min_p x the top one.")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="Divide (x for negative) the logits of "
+                                      "tokens already in the prompt or output; 1: off.")
+    min_tokens: int = Field(0, ge=0, description="End-of-sequence and stop_token_ids are not sampled before this "
+                                                 "many tokens.")
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False  # vLLM's extension: generate until max_tokens or a stop string, past end-of-sequence
 
     @field_validator("stop")
@@ -91,10 +127,17 @@ class _SamplingRequest(_Strict):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _token_ids(cls, v: list[int] | None) -> list[int] | None:
+        if v and any(t < 0 for t in v):
+            raise ValueError("token ids must be non-negative")
+        return v
+
     @model_validator(mode="after")
-    def _stream_opts(self):
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
+    def _cross_checks(self):
+        if self.min_tokens and self.min_tokens > self.max_new_tokens(self.min_tokens):
+            raise InvalidRequestError("min_tokens must not exceed max_tokens", param="min_tokens")
         return self
 
     def max_new_tokens(self, default: int) -> int:
@@ -103,10 +146,12 @@ class _SamplingRequest(_Strict):
     def sampling_params(self, default_max_tokens: int, index: int = 0) -> SamplingParams:
         seed = None if self.seed is None else (self.seed + index) % (2**63)
         return SamplingParams(max_tokens=self.max_new_tokens(default_max_tokens), temperature=self.temperature,
-                              top_p=self.top_p, seed=seed, presence_penalty=self.presence_penalty,
-                              frequency_penalty=self.frequency_penalty, stop=list(self.stop or []),
-                              logprobs=self._want_logprobs(), top_logprobs=self._top_logprobs(),
-                              ignore_eos=self.ignore_eos)
+                              top_p=self.top_p, top_k=self.top_k if self.top_k and self.top_k > 0 else 0,
+                              min_p=self.min_p, seed=seed, presence_penalty=self.presence_penalty,
+                              frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                              min_tokens=self.min_tokens, stop=list(self.stop or []),
+                              stop_token_ids=list(self.stop_token_ids or []), logprobs=self._want_logprobs(),
+                              top_logprobs=self._top_logprobs(), ignore_eos=self.ignore_eos)
 
     def _want_logprobs(self) -> bool:
         return bool(self.logprobs)
@@ -119,16 +164,21 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    # accepted, changing nothing here: tags for OpenAI's dashboard, a tier, cache and abuse-tracking hints
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    service_tier: Literal["auto", "default"] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    parallel_tool_calls: bool | None = None  # only with tools: until they are implemented, a no-op
 
-    @model_validator(mode="before")
     @classmethod
-    def _unsupported(cls, data: Any) -> Any:
-        return _reject_unsupported(data, UNSUPPORTED_CHAT_FIELDS)
+    def _forgive(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return _forgive(data, UNSUPPORTED_CHAT_FIELDS, NOOP_CHAT_VALUES)
 
     @model_validator(mode="after")
     def _checks(self):
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         return self
 
     def max_new_tokens(self, default: int) -> int:
@@ -140,13 +190,11 @@ class CompletionRequest(_SamplingRequest):
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)  # legacy API: an integer
 
-    @model_validator(mode="before")
     @classmethod
-    def _unsupported(cls, data: Any) -> Any:
-        data = _reject_unsupported(data, UNSUPPORTED_COMPLETION_FIELDS)
-        if isinstance(data, dict) and data.get("top_logprobs") is not None:
+    def _forgive(cls, data: dict[str, Any]) -> dict[str, Any]:
+        if "top_logprobs" in data:  # the legacy API has no top_logprobs: its logprobs integer is that
             raise UnsupportedFieldError("top_logprobs")
-        return data
+        return _forgive(data, UNSUPPORTED_COMPLETION_FIELDS, NOOP_COMPLETION_VALUES)
 
     @field_validator("prompt")
     @classmethod

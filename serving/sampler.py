@@ -1,8 +1,12 @@
-"""Sampling: one next token per sequence from a batch of logits, with OpenAI's sampling options.
+"""Sampling: one next token per sequence from a batch of logits, with OpenAI's and vLLM's sampling options.
 
-A sequence passed to ``sample`` needs ``params`` (``SamplingParams``), ``output_ids`` (tokens generated so far),
-``counts`` (a per-vocabulary count tensor or None, kept by the caller for penalties) and ``generator`` (a
-seeded ``torch.Generator`` or None, created here on first use).
+A sequence passed to ``sample`` needs ``params`` (``SamplingParams``), ``prompt_ids`` and ``output_ids`` (its
+prompt and the tokens generated so far), ``counts`` (a per-vocabulary count tensor or None, kept by the caller
+for penalties) and ``generator`` (a seeded ``torch.Generator`` or None, created here on first use).
+
+Order, as vLLM applies them: per-sequence logits processors -> repetition, frequency and presence penalties ->
+min_tokens (end-of-sequence and stop ids masked) -> [greedy: argmax] -> temperature -> min_p -> top_k -> top_p ->
+draw. Logprobs are those of the logits after the penalties and masks, before temperature.
 """
 
 from __future__ import annotations
@@ -25,11 +29,18 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: all tokens
+    min_p: float = 0.0
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    # what min_tokens masks: stop_token_ids plus the model's end-of-sequence ids (the server fills it in, as
+    # vLLM's _all_stop_token_ids; the engine knows the EOS ids, the request does not)
+    all_stop_token_ids: list[int] = field(default_factory=list)
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
@@ -43,34 +54,74 @@ class TokenLogprob:
     top: list[tuple[int, float]]
 
 
-def sample(logits: torch.Tensor, seqs: list[Any]) -> tuple[list[int], list[TokenLogprob] | None]:
+def _seen_mask(s: Any, vocab: int, device: torch.device) -> torch.Tensor:
+    ids = list(getattr(s, "prompt_ids", None) or []) + list(s.output_ids)
+    mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    if ids:
+        mask[torch.tensor(ids, device=device)] = True
+    return mask
+
+
+def process_logits(logits: torch.Tensor, seqs: list[Any]) -> torch.Tensor:
+    """Logits after the per-sequence processors, penalties and min_tokens masks (a copy when any applies)."""
     logits = logits.float()
     params = [s.params for s in seqs]
-    if any(p.presence_penalty or p.frequency_penalty for p in params):
-        logits = logits.clone()
-        for i, s in enumerate(seqs):
-            p = s.params
-            if (p.presence_penalty or p.frequency_penalty) and s.output_ids:
-                if s.counts is None:
-                    s.counts = torch.zeros(logits.shape[-1], device=logits.device)
-                    s.counts.index_add_(0, torch.tensor(s.output_ids, device=logits.device),
-                                        torch.ones(len(s.output_ids), device=logits.device))
-                logits[i] -= p.frequency_penalty * s.counts + p.presence_penalty * (s.counts > 0).float()
+    if not any(p.logits_processors or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+               or (p.min_tokens and p.all_stop_token_ids) for p in params):
+        return logits
+    logits = logits.clone()
+    vocab, dev = logits.shape[-1], logits.device
+    for i, s in enumerate(seqs):
+        p = s.params
+        for proc in p.logits_processors:
+            logits[i] = proc(list(s.output_ids), logits[i])
+        if p.repetition_penalty != 1.0:
+            seen = _seen_mask(s, vocab, dev)
+            row = logits[i]
+            logits[i] = torch.where(seen, torch.where(row > 0, row / p.repetition_penalty,
+                                                      row * p.repetition_penalty), row)
+        if (p.presence_penalty or p.frequency_penalty) and s.output_ids:
+            if s.counts is None:
+                s.counts = torch.zeros(vocab, device=dev)
+                ids = torch.tensor(s.output_ids, device=dev)
+                s.counts.index_add_(0, ids, torch.ones(len(ids), device=dev))
+            logits[i] -= p.frequency_penalty * s.counts + p.presence_penalty * (s.counts > 0).float()
+        if p.min_tokens and len(s.output_ids) < p.min_tokens and p.all_stop_token_ids:
+            logits[i, torch.tensor(p.all_stop_token_ids, device=dev)] = float("-inf")
+    return logits
+
+
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Unnormalized probabilities to draw from: temperature, then min_p, top_k and top_p filters per row."""
+    t = torch.tensor([max(p.temperature, 1e-5) for p in params], device=logits.device)[:, None]
+    probs = torch.softmax(logits / t, dim=-1)
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=logits.device)[:, None]
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    vocab = logits.shape[-1]
+    if any(0 < p.top_k < vocab for p in params) or any(p.top_p < 1.0 for p in params):
+        sp, si = probs.sort(dim=-1, descending=True)
+        ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=logits.device)
+        sp = sp.masked_fill(torch.arange(vocab, device=logits.device)[None, :] >= ks[:, None], 0.0)
+        if any(p.top_p < 1.0 for p in params):
+            # top_p over what top_k kept (renormalized), keeping at least the most likely token
+            cum = sp.cumsum(dim=-1) / sp.sum(dim=-1, keepdim=True)
+            top_p = torch.tensor([p.top_p for p in params], device=logits.device)[:, None]
+            sp = sp.masked_fill(cum - sp / sp.sum(dim=-1, keepdim=True) > top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, si, sp)
+    return probs
+
+
+def sample(logits: torch.Tensor, seqs: list[Any]) -> tuple[list[int], list[TokenLogprob] | None]:
+    logits = process_logits(logits, seqs)
+    params = [s.params for s in seqs]
     need_lp = any(p.logprobs for p in params)
     logprobs = torch.log_softmax(logits, dim=-1) if need_lp else None
-    temps = [p.temperature for p in params]
     greedy = logits.argmax(dim=-1)
-    if all(t == 0 for t in temps):
+    if all(p.temperature == 0 for p in params):
         chosen = greedy
     else:
-        t = torch.tensor([max(x, 1e-5) for x in temps], device=logits.device)[:, None]
-        probs = torch.softmax(logits / t, dim=-1)
-        if any(p.top_p < 1.0 for p in params):
-            sp, si = probs.sort(dim=-1, descending=True)
-            cum = sp.cumsum(dim=-1)
-            top_p = torch.tensor([p.top_p for p in params], device=logits.device)[:, None]
-            sp = sp.masked_fill(cum - sp > top_p, 0.0)
-            probs = torch.zeros_like(probs).scatter_(-1, si, sp)
+        probs = sampling_probs(logits, params)
         chosen = greedy.clone()
         unseeded = [i for i, p in enumerate(params) if p.temperature > 0 and p.seed is None]
         if unseeded:

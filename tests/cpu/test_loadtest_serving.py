@@ -44,18 +44,20 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    """``python -m serving`` on the tiny model, API keys on, Ray's temp files in a fresh folder."""
+    """``python -m serving`` on the tiny model, API keys on, Ray's temp files in a fresh folder; started as a vLLM
+    user types it (``--model M --port P --host H``) on top of a config file for the rest."""
     tmp = tmp_path_factory.mktemp("serve")
     port = _free_port()
     cfg = tmp / "serve.yaml"
-    cfg.write_text(f"model: {tiny_model}\nserved_model_name: tiny\nhost: 127.0.0.1\nport: {port}\n"
-                   "ray_metrics_export_port: null\n"
+    cfg.write_text("served_model_name: tiny\nport: 1\nray_metrics_export_port: null\n"
                    "engine:\n  device: cpu\n  max_model_len: 256\n  max_num_seqs: 4\n  cpu_kv_cache_gb: 0.05\n"
                    "deployment:\n  num_cpus: 0\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "API_KEYS": API_KEY,
            "RAY_TMPDIR": tempfile.mkdtemp(prefix="lt-ray-"), "RAY_USAGE_STATS_ENABLED": "0"}  # short: socket paths
     log = (tmp / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "serving", "--config", str(cfg)], cwd=ROOT, env=env,
+    cmd = ["-m", "serving", "--config", str(cfg), "--model", str(tiny_model), "--port", str(port),
+           "--host", "127.0.0.1"]
+    proc = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -6,10 +6,6 @@ One app for the whole module (module-scoped fixture); API keys are on, so every 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,76 +17,30 @@ try:  # openai >= 3 ships its HTTP client as httpx2 (same API as httpx)
 except ImportError:
     import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from serve_app import running_app, wait_ready
 
 KEY = "test-key-123"
 MODEL = "tiny-chat"
 SLOTS, WAITING = 8, 12
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model: Path):
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    from serving.api_router import build_app
-    from serving.config import load_serve_config
-
-    port = _free_port()
-    cfg = load_serve_config("serving/configs/cpu-small.yaml", [
-        f"served_model_name={MODEL}", f"port={port}", "host=127.0.0.1", "engine.max_model_len=256",
-        f"engine.max_num_seqs={SLOTS}", f"engine.max_waiting={WAITING}", "deployment.max_ongoing_requests=64",
-        "deployment.health_check_period_s=2"], model=str(tiny_model))
-    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    # Ray Serve's proxy gets 5 s to report ready by default: too short on a busy 2-core CI box
-    slow_box = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
-                # 50 ms per decode step: a 200-token stream lasts 10 s, longer than sending all of the queue
-                # test's requests and hanging up on them takes on a loaded 2-core box, so that test sees exactly
-                # its 429s and aborts, never a stream that finished first (the replicas inherit this)
-                "SERVING_TEST_STEP_DELAY_S": "0.05"}
-    saved = {k: os.environ.get(k) for k in slow_box}
-    os.environ.update(slow_box)
-    import ray.serve._private.api as serve_api  # serve.start waits a fixed 60 s for the proxy
-
-    proxy_timeout = serve_api.HTTP_PROXY_TIMEOUT
-    serve_api.HTTP_PROXY_TIMEOUT = 600
-    for attempt in range(3):  # Ray waits a fixed 30 s for its raylet; an overloaded 2-core box can miss that
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp,
-                     runtime_env={"env_vars": {"API_KEYS": f"other-key,{KEY}", "TOKENIZERS_PARALLELISM": "false"}})
-            break
-        except Exception:  # noqa: BLE001 - ray raises a bare Exception on a slow start
-            ray.shutdown()
-            if attempt == 2:
-                raise
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(cfg), name="llm", route_prefix="/", blocking=False)
-        base = f"http://127.0.0.1:{port}"
+    pytest.importorskip("ray")
+    overrides = [f"served_model_name={MODEL}", "engine.max_model_len=256", f"engine.max_num_seqs={SLOTS}",
+                 f"engine.max_waiting={WAITING}", "deployment.max_ongoing_requests=64",
+                 "deployment.health_check_period_s=2"]
+    # 50 ms per decode step: a 200-token stream lasts 10 s, longer than sending all of the queue test's requests
+    # and hanging up on them takes on a loaded 2-core box, so that test sees exactly its 429s and aborts, never a
+    # stream that finished first (the replicas inherit this)
+    with running_app(tiny_model, overrides, {"API_KEYS": f"other-key,{KEY}"},
+                     test_env={"SERVING_TEST_STEP_DELAY_S": "0.05"}) as base:
         early = httpx.get(f"{base}/ready", timeout=10)  # the replica is up, the model still loading
         early_chat = httpx.post(f"{base}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
                                 json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
         health = httpx.get(f"{base}/health", timeout=10)
-        deadline = time.monotonic() + 300
-        while httpx.get(f"{base}/ready", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, "server never became ready"
-            time.sleep(0.5)
+        wait_ready(base)
         yield {"base": base, "early": early, "early_chat": early_chat, "health": health}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
-        serve_api.HTTP_PROXY_TIMEOUT = proxy_timeout
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +69,7 @@ def test_probes_503_until_ready(server):
     assert server["early"].status_code == 503
     assert server["early"].json()["error"]["code"] == "not_ready"
     assert server["early_chat"].status_code == 503
+    assert server["early_chat"].headers["retry-after"] == server["early"].headers["retry-after"] == "5"
     ready = httpx.get(server["base"] + "/ready").json()
     assert ready["status"] == "ready" and ready["slots"] == SLOTS
 
@@ -271,6 +222,7 @@ def test_queue_full_429_and_disconnect_frees_capacity(server):
             reqs = [c.build_request("POST", f"{base}/v1/chat/completions", json=body, headers=auth) for _ in range(n)]
             resps = await asyncio.gather(*(c.send(r, stream=True) for r in reqs))
             codes = [r.status_code for r in resps]
+            assert {r.headers.get("retry-after") for r in resps if r.status_code == 429} == {"1"}
             for r in resps:  # read one event of each admitted stream, then hang up
                 if r.status_code == 200:
                     async for line in r.aiter_lines():
