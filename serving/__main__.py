@@ -31,6 +31,7 @@ from training.config import ConfigError
 if TYPE_CHECKING:
     from serving.config import ServeConfig
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # vLLM's --dtype spellings -> engine.dtype
 DTYPES = {"auto": "auto", "half": "float16", "float16": "float16", "bfloat16": "bfloat16", "float": "float32",
           "float32": "float32"}
@@ -125,11 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.api_key:
         os.environ["API_KEYS"] = args.api_key
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    import ray
-    from ray import serve
-
-    from serving.api_router import build_app
-
     files = list(cfg.api_keys_files)
     if os.environ.get("API_KEYS_FILE"):
         files.append(os.path.abspath(os.environ["API_KEYS_FILE"]))
@@ -145,8 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.ray_address:
         if cfg.ray_metrics_export_port:
             init_kwargs["_metrics_export_port"] = cfg.ray_metrics_export_port
-        if cfg.node_ip_address:  # Ray binds its metrics exporter to the node's address (loopback: not public)
-            init_kwargs["_node_ip_address"] = cfg.node_ip_address
+        node_ip = cfg.node_ip_address
+        if node_ip in LOOPBACK:
+            # Ray binds its metrics exporter to the node's address, and turns an explicit 127.0.0.1 into the
+            # machine's routable one; its single-node switch (the macOS/Windows default) keeps it on loopback.
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        elif node_ip:
+            init_kwargs["_node_ip_address"] = node_ip
+    import ray  # after the environment above: Ray reads its switches at import
+    from ray import serve
+
+    from serving.api_router import build_app
+
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE",) if k in os.environ}  # nothing secret: Ray logs it
     ray.init(**init_kwargs, runtime_env={"env_vars": env} if env else None)
     serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s,

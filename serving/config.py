@@ -145,8 +145,8 @@ class ServeConfig(_Strict):
     ray_node_ip_address: str | None = Field(
         None, description="Address of the local Ray node `python -m serving` starts; Ray binds its metrics exporter "
                           "(ray_metrics_export_port) to it. None: 127.0.0.1 when `host` is a loopback address (so the "
-                          "exporter is not public either), else Ray's choice (the machine's address, which the chart's "
-                          "PodMonitor scrapes).")
+                          "exporter is not public either; Ray then runs single-node, its macOS default), else Ray's "
+                          "choice (the machine's address, which the chart's PodMonitor scrapes).")
     api_keys_files: list[str] = Field(
         default_factory=list,
         description="Files of API keys, one per line ('#' comments), re-read when they change: a Kubernetes Secret "

@@ -50,10 +50,10 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile")
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     cfg = tmp / "serve.yaml"
     cfg.write_text(yaml.safe_dump({
-        "served_model_name": MODEL, "port": port, "ray_metrics_export_port": _free_port(),
+        "served_model_name": MODEL, "port": port, "ray_metrics_export_port": metrics_port,
         "engine_stall_timeout_s": STALL_S,
         "engine": {"device": "cpu", "max_model_len": 256, "max_num_seqs": SLOTS, "max_waiting": WAITING,
                    "warmup": False},
@@ -84,7 +84,8 @@ def server(tiny_model, tmp_path_factory):
                 pass
             assert time.monotonic() < deadline, log.read_text(errors="replace")[-6000:]
             time.sleep(1)
-        yield {"base": base, "control": control, "log": log, "ray_tmp": Path(ray_tmp), "proc": proc}
+        yield {"base": base, "control": control, "log": log, "ray_tmp": Path(ray_tmp), "proc": proc, "port": port,
+               "metrics_port": metrics_port}
     finally:
         control.unlink(missing_ok=True)
         if proc.poll() is None:
@@ -335,6 +336,25 @@ def test_surface_routes_docs_and_openapi(server):
     assert list(doc["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
     assert list(doc["paths"]["/"]["get"]["responses"]["200"]["content"]) == ["text/html"]
     assert httpx.get(base + "/metrics", timeout=10).headers["content-type"].startswith("text/plain")
+
+
+def _listeners(port: int) -> set[str]:
+    """Addresses listening on TCP ``port`` (IPv4 and IPv6), from /proc/net/tcp*."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.rsplit(":", 1)
+            if state == "0A" and int(p, 16) == port:
+                out.add("127.0.0.1" if addr == "0100007F" else "0.0.0.0" if addr == "00000000" else addr)
+    return out
+
+
+def test_http_and_ray_metrics_listen_on_loopback_by_default(server):
+    """Finding 6: no host given, so the API and Ray's metrics exporter bind 127.0.0.1 only."""
+    assert _listeners(server["port"]) == {"127.0.0.1"}
+    assert _listeners(server["metrics_port"]) == {"127.0.0.1"}
+    assert httpx.get(f"http://127.0.0.1:{server['metrics_port']}/metrics", timeout=10).status_code == 200
 
 
 def test_schemathesis_against_the_apps_own_openapi_finds_no_5xx(server):
