@@ -112,6 +112,33 @@ class ApiKeys:
                                       "(Authorization: Bearer KEY).")
 
 
+# Defined before the ingress class: Ray Serve's ingress captures the names its methods use when it wraps it
+# (a helper defined below the class was a NameError in the replica).
+class _Place:
+    """One admitted request's place in ``LLMServer.inflight``, given back once: when its answer is complete, or
+    when it is garbage-collected (a stream whose client left before it started is never iterated, so no
+    ``finally`` of it runs)."""
+
+    def __init__(self, server: Any):
+        self.server = server
+        server.inflight += 1
+
+    def release(self) -> None:
+        if self.server is not None:
+            self.server.inflight -= 1
+            self.server = None
+
+    __del__ = release
+
+
+async def _release_after(chunks: AsyncIterator[str], place: _Place) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        place.release()
+
+
 # /docs and /redoc are routes of their own below, answering only when ServeConfig.docs is on.
 api = FastAPI(title="colossal-rlhf OpenAI-compatible server", docs_url=None, redoc_url=None)
 install_openapi(api)
@@ -258,6 +285,9 @@ class LLMServer:
     def _admission_limit(self) -> int:
         return self.engine.num_slots + self.cfg.engine.max_waiting
 
+    def _prepare(self, serving: OpenAIServing, raw: bytes, rid: str) -> Any:
+        return serving.prepare(parse_json(raw, self.cfg.max_json_depth), rid)
+
     async def _offload(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args))
 
@@ -269,28 +299,21 @@ class LLMServer:
             limit = self._admission_limit()
             if self.inflight >= limit:
                 raise QueueFullError(f"the server is at capacity ({limit} requests running or waiting); retry later")
-            self.inflight += 1
-            streaming = False
+            place = _Place(self)
             try:
                 raw = await read_body(request, self.cfg.max_body_bytes)
-                body = await self._offload(parse_json, raw, self.cfg.max_json_depth)
-                result = await serving.create(body, rid, offload=self._offload)
-                if isinstance(result, BaseModel):
-                    return JSONResponse(await self._offload(result.model_dump))
-                streaming = True
-                return StreamingResponse(self._release_after(result), media_type="text/event-stream")
-            finally:
-                if not streaming:
-                    self.inflight -= 1
+                # one trip to the pool per request: JSON, validation, prompt rendering and tokenization
+                req, ctx = await self._offload(self._prepare, serving, raw, rid)
+                result = await serving.run(req, ctx)
+            except BaseException:
+                place.release()
+                raise
+            if isinstance(result, BaseModel):
+                place.release()
+                return JSONResponse(result.model_dump())
+            return StreamingResponse(_release_after(result, place), media_type="text/event-stream")
 
         return handle
-
-    async def _release_after(self, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
-        try:
-            async for chunk in chunks:
-                yield chunk
-        finally:
-            self.inflight -= 1
 
     async def _models(self, request: Request, rid: str) -> Response:
         card = ModelCard(id=self.model_name, created=self.created, max_model_len=self.engine.max_model_len)

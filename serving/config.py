@@ -116,7 +116,8 @@ class DeploymentConfig(_Strict):
                                 "(refused requests hold a place for well under a millisecond).")
     max_queued_requests: int | None = Field(
         None, ge=-1, description="Ray Serve's proxy-side queue bound (-1: unbounded, which lets a burst wait for "
-                                 "seconds). None: the engine's admission limit; past it Ray answers 503 at once.")
+                                 "seconds). None: ADMISSION_HEADROOM (4) x the engine's admission limit; past it "
+                                 "Ray answers 503 at once.")
     health_check_period_s: float = Field(10, gt=0)
     health_check_timeout_s: float = Field(30, gt=0)
     graceful_shutdown_timeout_s: float = Field(20, ge=0)
@@ -178,7 +179,11 @@ class ServeConfig(_Strict):
         d = self.deployment
         ongoing = d.max_ongoing_requests if d.max_ongoing_requests is not None else \
             ADMISSION_HEADROOM * self.admission_limit
-        queued = d.max_queued_requests if d.max_queued_requests is not None else self.admission_limit
+        # Ray counts a request as queued while its router picks a replica, so a burst is briefly "queued" even
+        # with room on the replica: at 1x the limit, 3x bursts got Ray's plain-text 503s (seen in
+        # tests/cpu/test_serving_hostile.py); at 4x they all reach the replica's 429.
+        queued = d.max_queued_requests if d.max_queued_requests is not None else \
+            ADMISSION_HEADROOM * self.admission_limit
         return ongoing, queued
 
     @property

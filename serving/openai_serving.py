@@ -131,7 +131,11 @@ class OpenAIServing:
             req, ctx = self.prepare(body, request_id)
         else:
             req, ctx = await offload(self.prepare, body, request_id)
-        streams = self.submit(ctx, req)  # on the event loop: the engine's streams deliver to it
+        return await self.run(req, ctx)
+
+    async def run(self, req: Any, ctx: RequestContext) -> BaseModel | AsyncIterator[str]:
+        """Submit a prepared request and stream or collect it (on the event loop the engine delivers to)."""
+        streams = self.submit(ctx, req)
         if req.stream:
             return self._stream(req, ctx, streams)
         return await self._collect(req, ctx, streams)
