@@ -6,16 +6,23 @@
 
 Flags set the ServeConfig fields they name (``--max-model-len`` is ``engine.max_model_len``); ``KEY=VALUE``
 overrides set any field; a flag wins over the same field in an override or the config file.
-Blocks until interrupted; HTTP on ``host:port`` (default 0.0.0.0:8000).
+Blocks until interrupted; HTTP on ``host:port`` (default 127.0.0.1:8000; the Helm chart sets 0.0.0.0).
+
+API keys: ``API_KEYS`` (comma-separated, or ``--api-key``) is moved into a private 0600 file that the replicas
+read (and out of this process's environment); ``API_KEYS_FILE`` names a file of keys (e.g. a Kubernetes Secret
+mount). Keys never go into a Ray runtime env: Ray writes runtime envs to its logs.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +31,7 @@ from training.config import ConfigError
 if TYPE_CHECKING:
     from serving.config import ServeConfig
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # vLLM's --dtype spellings -> engine.dtype
 DTYPES = {"auto": "auto", "half": "float16", "float16": "float16", "bfloat16": "bfloat16", "float": "float32",
           "float32": "float32"}
@@ -55,7 +63,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="engine.device.")
     p.add_argument("--seed", type=int, help="Seed for requests that give none (engine.seed).")
     p.add_argument("--enforce-eager", action="store_true", help="No CUDA graphs (engine.cuda_graphs=false).")
-    p.add_argument("--api-key", help="Require this bearer key (as API_KEYS=KEY; API_KEYS_FILE also works).")
+    p.add_argument("--api-key", help="Require this bearer key (as API_KEYS=KEY; API_KEYS_FILE also works). Visible "
+                                     "to `ps` as any argument is: prefer API_KEYS_FILE.")
     p.add_argument("overrides", nargs="*", help="Config overrides, e.g. engine.gpu_memory_gb=4 port=8001; a first "
                                                 "argument without '=' is the model folder (vLLM's `serve M`).")
     return p
@@ -91,6 +100,23 @@ def load_cli_config(argv: list[str] | None) -> tuple[ServeConfig, argparse.Names
     return load_serve_config(args.config, overrides + flag_overrides(args), args.model), args
 
 
+def keys_file_from_env() -> str | None:
+    """Move env ``API_KEYS`` into a new 0600 file in a 0700 folder (removed at exit) and return its path.
+
+    Popped from ``os.environ`` before Ray starts, so neither Ray's logs nor the environment its processes
+    inherit hold a key."""
+    keys = [k.strip() for k in os.environ.pop("API_KEYS", "").split(",") if k.strip()]
+    if not keys:
+        return None
+    folder = tempfile.mkdtemp(prefix="serving-keys-")
+    atexit.register(shutil.rmtree, folder, True)
+    path = Path(folder) / "api-keys"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("\n".join(keys) + "\n")
+    return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg, args = load_cli_config(argv)
@@ -100,16 +126,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.api_key:
         os.environ["API_KEYS"] = args.api_key
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    import ray
+    files = list(cfg.api_keys_files)
+    if os.environ.get("API_KEYS_FILE"):
+        files.append(os.path.abspath(os.environ["API_KEYS_FILE"]))
+    written = keys_file_from_env()
+    if written:
+        files.append(written)
+        if cfg.ray_address:
+            logging.getLogger("serving").warning("API_KEYS went to %s on this machine only; replicas on other nodes "
+                                                 "need API_KEYS_FILE on a path every node has (a Secret mount)",
+                                                 written)
+    cfg.api_keys_files = files
+    init_kwargs: dict = {"address": cfg.ray_address} if cfg.ray_address else {}
+    if not cfg.ray_address:
+        if cfg.ray_metrics_export_port:
+            init_kwargs["_metrics_export_port"] = cfg.ray_metrics_export_port
+        node_ip = cfg.node_ip_address
+        if node_ip in LOOPBACK:
+            # Ray binds its metrics exporter to the node's address, and turns an explicit 127.0.0.1 into the
+            # machine's routable one; its single-node switch (the macOS/Windows default) keeps it on loopback.
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        elif node_ip:
+            init_kwargs["_node_ip_address"] = node_ip
+    import ray  # after the environment above: Ray reads its switches at import
     from ray import serve
 
     from serving.api_router import build_app
 
-    init_kwargs = {"address": cfg.ray_address} if cfg.ray_address else {}
-    if not cfg.ray_address and cfg.ray_metrics_export_port:
-        init_kwargs["_metrics_export_port"] = cfg.ray_metrics_export_port
-    ray.init(**init_kwargs, runtime_env={"env_vars": {k: os.environ[k] for k in ("API_KEYS", "API_KEYS_FILE",
-                                                                               "HF_HUB_OFFLINE") if k in os.environ}})
+    env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE",) if k in os.environ}  # nothing secret: Ray logs it
+    ray.init(**init_kwargs, runtime_env={"env_vars": env} if env else None)
     serve.start(http_options={"host": cfg.host, "port": cfg.port, "request_timeout_s": cfg.request_timeout_s,
                               "root_path": cfg.root_path})
     serve.run(build_app(cfg), name="llm", route_prefix="/", blocking=True)

@@ -13,13 +13,17 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serving.request_limits import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_JSON_DEPTH
 from training.artifacts import model_folder
 from training.config import ConfigError, load_config
 
 DEFAULT_PORT = 8000
+DEFAULT_HOST = "127.0.0.1"
 DEFAULT_GPU_MEMORY_GB = 4.0
 DEFAULT_MAX_NUM_SEQS = 32
 DEFAULT_MAX_WAITING = 64
+ADMISSION_HEADROOM = 4  # Serve's max_ongoing_requests over the engine's limit: 3x bursts must reach our 429
+DEFAULT_ENGINE_STALL_TIMEOUT_S = 30.0
 
 __all__ = ["ConfigError", "DeploymentConfig", "EngineConfig", "ServeConfig", "load_serve_config", "resolve_model_path"]
 
@@ -128,10 +132,15 @@ class DeploymentConfig(_Strict):
     num_replicas: int = Field(1, ge=1, description="Fixed replica count (ignored when autoscaling is set).")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (1 on a GPU node).")
     num_cpus: float = Field(1, ge=0, description="CPUs per replica.")
-    max_ongoing_requests: int = Field(96, ge=1, description="Ray Serve's per-replica concurrency cap; keep it at "
-                                                            "least max_num_seqs + max_waiting so our own admission "
-                                                            "(429) answers first.")
-    max_queued_requests: int = Field(-1, ge=-1, description="Ray Serve's proxy-side queue bound (-1: unbounded).")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Ray Serve's per-replica concurrency cap. None: ADMISSION_HEADROOM (4) x the "
+                                "engine's admission limit (max_num_seqs + max_waiting), so a burst of 3x the limit "
+                                "reaches the replica and gets its 429 at once instead of waiting in Ray's proxy "
+                                "(refused requests hold a place for well under a millisecond).")
+    max_queued_requests: int | None = Field(
+        None, ge=-1, description="Ray Serve's proxy-side queue bound (-1: unbounded, which lets a burst wait for "
+                                 "seconds). None: ADMISSION_HEADROOM (4) x the engine's admission limit; past it "
+                                 "Ray answers 503 at once.")
     health_check_period_s: float = Field(10, gt=0)
     health_check_timeout_s: float = Field(30, gt=0)
     graceful_shutdown_timeout_s: float = Field(20, ge=0)
@@ -145,16 +154,66 @@ class ServeConfig(_Strict):
     served_model_name: str | None = Field(None, description="Name clients pass as `model`. Default: folder name.")
     tokenizer: str | None = Field(None, description="Tokenizer folder when it differs from the model folder.")
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's.")
-    host: str = Field("0.0.0.0", description="HTTP bind address.")
+    host: str = Field(DEFAULT_HOST, description="HTTP bind address. Loopback by default so a laptop or CI run is "
+                                                "not reachable from the network; the Helm chart sets 0.0.0.0.")
     port: int = Field(DEFAULT_PORT, ge=1, le=65535)
     root_path: str = Field("", description="Path prefix when served behind a proxy.")
+    docs: bool = Field(False, description="Serve the interactive API pages /docs (Swagger UI) and /redoc. Off by "
+                                          "default: public pages that load scripts from a CDN. /openapi.json is "
+                                          "always served.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     request_timeout_s: float = Field(600, gt=0, description="Longest a request may run before it is cancelled.")
     ray_address: str | None = Field(None, description="Existing Ray cluster to join (default: start a local one).")
     ray_metrics_export_port: int | None = Field(8080, description="Port where Ray exports Ray Serve's own "
                                                                   "Prometheus metrics (None: Ray's default).")
+    ray_node_ip_address: str | None = Field(
+        None, description="Address of the local Ray node `python -m serving` starts; Ray binds its metrics exporter "
+                          "(ray_metrics_export_port) to it. None: 127.0.0.1 when `host` is a loopback address (so the "
+                          "exporter is not public either; Ray then runs single-node, its macOS default), else Ray's "
+                          "choice (the machine's address, which the chart's PodMonitor scrapes).")
+    api_keys_files: list[str] = Field(
+        default_factory=list,
+        description="Files of API keys, one per line ('#' comments), re-read when they change: a Kubernetes Secret "
+                    "mount, or the private file `python -m serving` writes from env API_KEYS. Keys never travel in "
+                    "the config or in a Ray runtime env (Ray logs those). Env API_KEYS_FILE adds one more file.")
+    max_body_bytes: int = Field(
+        DEFAULT_MAX_BODY_BYTES, ge=1024, description="Largest request body; bigger ones get a 413 while being read, "
+                                                     "before any parsing.")
+    max_json_depth: int = Field(DEFAULT_MAX_JSON_DEPTH, ge=4, le=512,
+                                description="Deepest JSON nesting accepted in a request body (400 beyond).")
+    request_workers: int = Field(
+        2, ge=1, le=64, description="Threads that parse, validate and tokenize request bodies, off the event loop "
+                                    "that streams tokens and answers the probes.")
+    engine_stall_timeout_s: float = Field(
+        DEFAULT_ENGINE_STALL_TIMEOUT_S, gt=0,
+        description="/health (and Ray's replica health check) fail when the engine loop has not come round for "
+                    "this long: a hung loop gets its replica restarted. The idle loop wakes every 0.5 s and a "
+                    "decode step takes milliseconds, so 30 s is only ever a hang.")
     engine: EngineConfig = Field(default_factory=EngineConfig)
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+
+    @property
+    def admission_limit(self) -> int:
+        """Requests one replica takes at most (running + waiting); the API's own 429 beyond it."""
+        return self.engine.max_num_seqs + self.engine.max_waiting
+
+    def serve_limits(self) -> tuple[int, int]:
+        """Ray Serve's (max_ongoing_requests, max_queued_requests), derived from the engine's limits unless set."""
+        d = self.deployment
+        ongoing = d.max_ongoing_requests if d.max_ongoing_requests is not None else \
+            ADMISSION_HEADROOM * self.admission_limit
+        # Ray counts a request as queued while its router picks a replica, so a burst is briefly "queued" even
+        # with room on the replica: at 1x the limit, 3x bursts got Ray's plain-text 503s (seen in
+        # tests/cpu/test_serving_hostile.py); at 4x they all reach the replica's 429.
+        queued = d.max_queued_requests if d.max_queued_requests is not None else \
+            ADMISSION_HEADROOM * self.admission_limit
+        return ongoing, queued
+
+    @property
+    def node_ip_address(self) -> str | None:
+        if self.ray_node_ip_address is not None:
+            return self.ray_node_ip_address
+        return "127.0.0.1" if self.host in ("127.0.0.1", "localhost", "::1") else None
 
     @property
     def model_name(self) -> str:

@@ -115,6 +115,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.heartbeat: float = time.monotonic()  # the scheduler loop's latest iteration (idle: every 0.5 s)
         self.tokenizer = None
         self.runner: LlamaRunner | None = None
         self.graphs: DecodeGraphs | None = None

@@ -59,6 +59,18 @@ class ContextLengthError(InvalidRequestError):
     code = "context_length_exceeded"
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """A body over ``ServeConfig.max_body_bytes``: refused while reading, before any parsing."""
+
+    status = 413
+    code = "request_too_large"
+
+
+class MethodNotAllowedError(InvalidRequestError):
+    status = 405
+    code = "method_not_allowed"
+
+
 class AuthenticationError(ServingError):
     status = 401
     type = "authentication_error"
@@ -96,6 +108,12 @@ class EngineDeadError(ServiceUnavailableError):
 
 class InternalServerError(ServingError):
     """Anything unexpected: a 500 with a generic message (the details go to the log, not to the client)."""
+
+
+def internal_error(request_id: str) -> InternalServerError:
+    """The 500 for an unexpected exception: the request id lets an operator find its traceback in the log."""
+    return InternalServerError(f"The server had an error while processing your request (request id {request_id}); "
+                               "it has been logged.", code="internal_error")
 
 
 def error_body(err: ServingError) -> dict[str, Any]:

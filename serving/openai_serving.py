@@ -26,17 +26,27 @@ Extension points (where tool calling and structured outputs plug in, see ``Reque
 """
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from serving.engine import LLMEngine, RequestStream, StepOutput
-from serving.errors import InvalidRequestError, NotFoundError, ServingError, UnsupportedFieldError, error_event
+from serving.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    ServingError,
+    UnsupportedFieldError,
+    error_event,
+    internal_error,
+)
 from serving.metrics import EngineMetrics
 from serving.protocol import UsageInfo, make_id, now
 from serving.sampler import LogitsProcessor
+
+logger = logging.getLogger("serving.request")
 
 
 def _no_processors(index: int) -> list[LogitsProcessor]:
@@ -85,10 +95,18 @@ class ChoiceResult:
         return next((o.finish_reason for o in reversed(self.outputs) if o.finish_reason), None)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _union_tag(part: Any) -> bool:
+    """pydantic puts the union member it tried into ``loc`` (``prompt.list[int].0``): not a field of the body."""
+    return isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "(" in part)
+
+
 def validation_error(e: ValidationError) -> InvalidRequestError:
     """pydantic's first complaint as a 400 naming the field (``messages.0.role``)."""
     err = e.errors()[0]
-    param = ".".join(str(p) for p in err["loc"]) or None
+    param = ".".join(str(p) for p in err["loc"] if not _union_tag(p)) or None
     if err["type"] == "extra_forbidden":
         return UnsupportedFieldError(param, f"'{param}' is not a recognized or supported parameter")
     return InvalidRequestError(f"{param}: {err['msg']}" if param else err["msg"], param=param)
@@ -105,7 +123,25 @@ class OpenAIServing:
         self.engine, self.model_name, self.metrics = engine, model_name, metrics
 
     # ------------------------------------------------------------------ the flow
-    async def create(self, body: Any, request_id: str) -> BaseModel | AsyncIterator[str]:
+    async def create(self, body: Any, request_id: str,
+                     offload: Callable[..., Awaitable[Any]] | None = None) -> BaseModel | AsyncIterator[str]:
+        """``offload(fn, *args)`` runs the CPU-bound part (validation, prompt rendering, tokenization) elsewhere:
+        the router passes its worker pool, so a big or slow request never holds up the event loop."""
+        if offload is None:
+            req, ctx = self.prepare(body, request_id)
+        else:
+            req, ctx = await offload(self.prepare, body, request_id)
+        return await self.run(req, ctx)
+
+    async def run(self, req: Any, ctx: RequestContext) -> BaseModel | AsyncIterator[str]:
+        """Submit a prepared request and stream or collect it (on the event loop the engine delivers to)."""
+        streams = self.submit(ctx, req)
+        if req.stream:
+            return self._stream(req, ctx, streams)
+        return await self._collect(req, ctx, streams)
+
+    def prepare(self, body: Any, request_id: str) -> tuple[Any, RequestContext]:
+        """Parse, pick the hooks, render and tokenize the prompt: thread-safe, no event loop needed."""
         req = self.parse(body)
         hooks = self.request_hooks(req)
         prompt_ids = self.render_prompt(req, hooks)
@@ -114,16 +150,14 @@ class OpenAIServing:
         ctx = RequestContext(request_id, make_id(self.id_prefix), now(), prompt_ids, hooks, req.n,
                              completion_tokens=[0] * req.n)
         ctx.parsers = [self.new_output_parser(ctx) for _ in range(req.n)]
-        streams = self.submit(ctx, req)
-        if req.stream:
-            return self._stream(req, ctx, streams)
-        return await self._collect(req, ctx, streams)
+        return req, ctx
 
     def parse(self, body: Any) -> Any:
         if not isinstance(body, dict):
             raise InvalidRequestError("request body must be a JSON object")
         try:
-            req = self.request_cls.model_validate(body)
+            # strict: OpenAI's types as JSON gives them ("10" is no integer, "yes" no boolean, false no token id)
+            req = self.request_cls.model_validate(body, strict=True)
         except ValidationError as e:
             raise validation_error(e) from None
         if req.model != self.model_name:
@@ -225,6 +259,10 @@ class OpenAIServing:
         except ServingError as e:
             self.metrics.error(e.status)
             yield error_event(e)
+        except Exception:  # noqa: BLE001 - after the 200 a bug can only end the stream, in OpenAI's shape
+            logger.exception("request %s failed while streaming", ctx.request_id)
+            self.metrics.error(500)
+            yield error_event(internal_error(ctx.request_id))
         yield "data: [DONE]\n\n"
 
     # ------------------------------------------------------------------ builders (per endpoint)

@@ -170,7 +170,9 @@ class _SamplingRequest(_Strict):
     # vLLM's sampling extensions (OpenWebUI, LiteLLM and the openai client's extra_body send them)
     top_k: int | None = Field(None, ge=-1, description="Keep the k most likely tokens; 0 or -1: all.")
     min_p: float = Field(0.0, ge=0.0, le=1.0, description="Drop tokens less likely than min_p x the top one.")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="Divide (x for negative) the logits of "
+    # ge=0.01, not gt=0: schemathesis sent 5e-324, the division made the logits inf and the NaN probabilities
+    # killed the engine loop (every later request 503); at 0.01 a logit of 650 stays finite even in fp16.
+    repetition_penalty: float = Field(1.0, ge=0.01, le=2.0, description="Divide (x for negative) the logits of "
                                       "tokens already in the prompt or output; 1: off.")
     min_tokens: int = Field(0, ge=0, description="End-of-sequence and stop_token_ids are not sampled before this "
                                                  "many tokens.")
@@ -286,8 +288,8 @@ class CompletionRequest(_SamplingRequest):
         if isinstance(v, list) and v and isinstance(v[0], str):
             if len(v) != 1:
                 raise ValueError("only one prompt per request is supported")
-            return v[0]
-        if isinstance(v, list) and not v:
+            v = v[0]
+        if not v:  # "", [""] and []: nothing to continue from (the engine would refuse it as a server error)
             raise ValueError("prompt must not be empty")
         return v
 

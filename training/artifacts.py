@@ -8,8 +8,10 @@ and serving read a stage folder without importing torch.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +22,78 @@ STATE = "state.json"  # inside a checkpoint: written last, so a checkpoint with 
 LATEST = "latest"  # checkpoints/latest names the newest complete checkpoint
 
 
+# The stages' exit code for a full disk: ENOSPC's errno, distinct from 2 (bad config or data) and from a crash (1),
+# so a pipeline or a Job's podFailurePolicy can stop instead of retrying into the same full volume.
+DISK_FULL_EXIT = 28
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# How writers that keep the OS text say it (safetensors' Rust writer: "os error 28").
+_DISK_FULL_TEXT = ("no space left on device", "os error 28", "disk quota exceeded")
+# torch's zip writer drops the errno ("file write failed", or "unexpected pos 473984 vs 473936" on a full 2.5 MiB
+# tmpfs), so a failed write with less than this left on the filesystem counts as a full disk too.
+_LOW_SPACE_BYTES = 64 << 20
+
+
+class DiskFullError(Exception):
+    """A write under ``path`` failed because its filesystem is full; nothing half-written was left in place."""
+
+    def __init__(self, path: Path, cause: BaseException):
+        self.path = path
+        super().__init__(f"no space left on device while writing {path} ({type(cause).__name__}: "
+                         f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else cause!r}); partial "
+                         "files were removed and the previous checkpoint (if any) is still `latest`: free space and "
+                         "rerun with --resume")
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (path, *path.parents):
+        try:
+            st = os.statvfs(p)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize
+    return None
+
+
+def is_disk_full(e: BaseException, path: Path | None = None) -> bool:
+    """True when ``e`` (or what it wraps) is an out-of-space error, or any write error while ``path``'s filesystem
+    has almost nothing left (for writers that lose the errno)."""
+    if path is not None:
+        free = _free_bytes(path)
+        if free is not None and free < _LOW_SPACE_BYTES:
+            return True
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(t in str(cur).lower() for t in _DISK_FULL_TEXT):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file and ``os.replace`` so readers never see a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        _remove(tmp)
+        if is_disk_full(e, path):
+            raise DiskFullError(path, e) from e
+        raise
     os.replace(tmp, path)
 
 

@@ -13,6 +13,9 @@ Layout of a stage's ``output_dir``::
 
 A checkpoint is built in a ``.tmp-`` folder and renamed into place only when every rank
 has finished writing, so a killed process never leaves a half checkpoint that looks whole.
+A full disk while writing a checkpoint, the export or the manifest raises ``DiskFullError``
+(the stages exit with ``DISK_FULL_EXIT`` = 28, ENOSPC's number): the partial files are
+removed and ``latest`` keeps naming the previous complete checkpoint.
 """
 
 from __future__ import annotations
@@ -30,7 +33,18 @@ import numpy as np
 import torch
 
 from training import engine
-from training.artifacts import LATEST, MANIFEST, STATE, atomic_write_json, atomic_write_text, latest_checkpoint
+from training.artifacts import (  # noqa: F401 - DISK_FULL_EXIT and the writers are re-exported for the stages
+    DISK_FULL_EXIT,
+    LATEST,
+    MANIFEST,
+    STATE,
+    DiskFullError,
+    _remove,
+    atomic_write_json,
+    atomic_write_text,
+    is_disk_full,
+    latest_checkpoint,
+)
 from training.artifacts import read_manifest as read_manifest  # re-exported: the manifest's writer and reader
 from training.engine import Trainable
 
@@ -69,13 +83,21 @@ def export_model(trainable: Trainable, folder: Path, tokenizer: Any) -> None:
     if engine.is_main() and tmp.exists():
         shutil.rmtree(tmp)
     engine.barrier()
-    if trainable.cfg.plugin == "ddp":
+    try:
+        if trainable.cfg.plugin == "ddp":
+            if engine.is_main():
+                merged = merged_for_export(trainable.model.unwrap(unwrap_peft=False))
+                merged.save_pretrained(tmp, safe_serialization=True)
+        else:
+            trainable.booster.save_model(trainable.model, str(tmp), shard=True, use_safetensors=True)
         if engine.is_main():
-            merged_for_export(trainable.model.unwrap(unwrap_peft=False)).save_pretrained(tmp, safe_serialization=True)
-    else:
-        trainable.booster.save_model(trainable.model, str(tmp), shard=True, use_safetensors=True)
+            tokenizer.save_pretrained(tmp)
+    except Exception as e:
+        if not is_disk_full(e, tmp):
+            raise
+        _remove(tmp)
+        raise DiskFullError(folder, e) from e
     if engine.is_main():
-        tokenizer.save_pretrained(tmp)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -102,13 +124,13 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             (tmp / "rng").mkdir(parents=True)
         engine.barrier()
-        for t in trainables:
-            save_model(t, tmp / t.name, tokenizer)
-            optim_path = tmp / f"{t.name}.optim"
-            t.booster.save_optimizer(t.optimizer, str(optim_path), shard=t.cfg.plugin != "ddp")
-            if engine.is_main():
-                t.booster.save_lr_scheduler(t.scheduler, str(tmp / f"{t.name}.sched"))
-        torch.save(_rng_state(), tmp / "rng" / f"rank-{engine.rank()}.pt")
+        try:
+            self._write(tmp, trainables, tokenizer)
+        except Exception as e:
+            if not is_disk_full(e, tmp):
+                raise
+            _remove(tmp)  # frees the space; `latest` was not touched and still names the previous checkpoint
+            raise DiskFullError(tmp, e) from e
         engine.barrier()
         if engine.is_main():
             atomic_write_json(tmp / STATE, {"step": step, "time": time.time(), "world_size": engine.world_size(),
@@ -120,6 +142,16 @@ class Checkpointer:
             self._prune(keep=final)
         engine.barrier()
         return final
+
+    @staticmethod
+    def _write(tmp: Path, trainables: list[Trainable], tokenizer: Any) -> None:
+        for t in trainables:
+            save_model(t, tmp / t.name, tokenizer)
+            optim_path = tmp / f"{t.name}.optim"
+            t.booster.save_optimizer(t.optimizer, str(optim_path), shard=t.cfg.plugin != "ddp")
+            if engine.is_main():
+                t.booster.save_lr_scheduler(t.scheduler, str(tmp / f"{t.name}.sched"))
+        torch.save(_rng_state(), tmp / "rng" / f"rank-{engine.rank()}.pt")
 
     def _prune(self, keep: Path) -> None:
         done = sorted(p for p in self.root.glob("step-*") if p.is_dir())

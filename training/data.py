@@ -15,6 +15,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,9 @@ def _raw_rows(source: str) -> Iterator[tuple[int, Any]]:
                         "or hf:NAME[:SPLIT]", source=source)
     try:
         text = _read_text(path)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        # gzip raises EOFError for a cut-off stream and zlib.error/BadGzipFile for damaged bytes; both name no file
+        raise DataError(f"compressed data is truncated or corrupt ({type(e).__name__}: {e})", source=source) from e
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read: {e}", source=source) from e
     if _line_based(source):

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from training.artifacts import MANIFEST, atomic_write_json, latest_checkpoint, read_manifest
+from training.artifacts import DISK_FULL_EXIT, MANIFEST, atomic_write_json, latest_checkpoint, read_manifest
 from training.config import (  # noqa: F401 - the pipeline's config classes, re-exported where they are used
     BaseModelSpec,
     ConfigError,
@@ -63,7 +63,8 @@ KEY_METRICS = {
     "quantize": ("perplexity.gptq", "gptq_vs_source", "checkpoint_bytes"),
 }
 CONFIG_ERROR_EXIT = 2  # the stages' exit code for a bad config or dataset: never retried
-NO_RESTART = {CONFIG_ERROR_EXIT, -signal.SIGINT, -signal.SIGTERM}  # bad input, or stopped on purpose
+# bad input, a full disk (a restart would fill it again), or stopped on purpose
+NO_RESTART = {CONFIG_ERROR_EXIT, DISK_FULL_EXIT, -signal.SIGINT, -signal.SIGTERM}
 
 
 @dataclass

@@ -12,6 +12,10 @@ buffer, adding ``ptx_coef`` times the SFT loss on PTX data to the actor's loss.
 
 Writes ``actor/`` (Hugging Face causal LM) and ``critic/`` beside ``metrics.jsonl`` and
 ``manifest.json``; checkpoints hold both models with their own optimizers and schedulers.
+
+Exit codes: 0 done; 2 bad config or dataset (one ``error:`` line naming the field or file, e.g. a truncated
+``.jsonl.gz``); 28 the disk filled while writing a checkpoint, the export or the manifest (one line naming the
+path; the partial files are removed, ``latest`` keeps the last complete checkpoint, ``--resume`` after freeing space).
 """
 
 from __future__ import annotations

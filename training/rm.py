@@ -7,6 +7,10 @@ Loss: -log sigmoid(r(chosen) - r(rejected)), with r the head's value at the last
 Reports held-out accuracy (share of pairs ranked right) and margin. The output folder
 ``model/`` is a Hugging Face ``*ForTokenClassification`` (one label) that PPO loads as the
 reward model and as the critic's starting point.
+
+Exit codes: 0 done; 2 bad config or dataset (one ``error:`` line naming the field or file, e.g. a truncated
+``.jsonl.gz``); 28 the disk filled while writing a checkpoint, the export or the manifest (one line naming the
+path; the partial files are removed, ``latest`` keeps the last complete checkpoint, ``--resume`` after freeing space).
 """
 
 from __future__ import annotations

@@ -210,7 +210,13 @@ def finish(stage: Stage, *, outputs: dict[str, str], inputs: dict[str, Any], met
 
 
 def run_cli(main: Callable[[], int]) -> int:
-    """Run a stage entry point; bad configs and datasets end with one clear line and exit code 2."""
+    """Run a stage entry point; one clear line on stderr and a documented exit code for the expected failures.
+
+    Exit 2: a bad config or dataset (never worth a retry). Exit 28 (``DISK_FULL_EXIT``, ENOSPC's number): the disk
+    filled while writing a checkpoint, the export or the manifest; partial files are removed and ``latest`` still
+    names the last complete checkpoint, so ``--resume`` continues from it once there is room.
+    """
+    from training.checkpoint import DISK_FULL_EXIT, DiskFullError
     from training.data import DataError
 
     try:
@@ -218,6 +224,9 @@ def run_cli(main: Callable[[], int]) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DiskFullError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return DISK_FULL_EXIT
 
 
 @dataclass

@@ -6,6 +6,10 @@ Many nodes:       torchrun --nnodes 2 --node_rank $RANK --rdzv_endpoint $HOST:29
 
 Writes ``output_dir/model`` (Hugging Face safetensors + tokenizer), ``metrics.jsonl``,
 TensorBoard logs, resumable ``checkpoints/`` and, last, ``manifest.json``.
+
+Exit codes: 0 done; 2 bad config or dataset (one ``error:`` line naming the field or file, e.g. a truncated
+``.jsonl.gz``); 28 the disk filled while writing a checkpoint, the export or the manifest (one line naming the
+path; the partial files are removed, ``latest`` keeps the last complete checkpoint, ``--resume`` after freeing space).
 """
 
 from __future__ import annotations

@@ -199,6 +199,23 @@ def test_invalid_json_and_missing_file(tmp_path: Path) -> None:
         load_rows([str(json_src)], "prompt")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "not_gzip"])
+def test_truncated_or_corrupt_gzip_is_a_data_error_naming_the_file(tmp_path: Path, damage: str) -> None:
+    raw = gzip.compress("".join(json.dumps({"prompt": f"question {i} " * 50}) + "\n" for i in range(200)).encode())
+    if damage == "truncated":  # a download or copy cut off half-way
+        raw = raw[: len(raw) // 2]
+    elif damage == "flipped":  # bytes damaged in place: the CRC or the deflate stream fails
+        mid = len(raw) // 2
+        raw = raw[:mid] + bytes(b ^ 0xFF for b in raw[mid:mid + 4]) + raw[mid + 4:]
+    else:
+        raw = b"plain text with a .gz name"
+    src = tmp_path / "prompts.jsonl.gz"
+    src.write_bytes(raw)
+    with pytest.raises(DataError, match=r"prompts.jsonl.gz: compressed data is truncated or corrupt") as info:
+        load_rows([str(src)], "prompt")
+    assert "\n" not in str(info.value)
+
+
 def test_skip_mode_counts_and_max_samples(tmp_path: Path) -> None:
     rows = [{"prompt": "a"}, {"prompt": 3}, {"nothing": 1}, {"prompt": "b"}, [1, 2]]
     src = _jsonl(tmp_path / "p.jsonl", rows)

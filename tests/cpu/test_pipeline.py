@@ -207,6 +207,9 @@ def test_config_errors_are_not_retried_and_name_the_stage(tmp_path, monkeypatch)
     monkeypatch.setattr(pipeline.subprocess, "call", lambda cmd, env: 2)
     p = pipeline.plan(cfg)[0]
     assert pipeline.run_stage(p, cfg, {}) == 2 and p.result["restarts"] == 0
+    monkeypatch.setattr(pipeline.subprocess, "call", lambda cmd, env: 28)  # a full disk: a retry fills it again
+    p = pipeline.plan(cfg)[0]
+    assert pipeline.run_stage(p, cfg, {}) == 28 and p.result["restarts"] == 0
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"stages": [{"name": "sft", "config": str(tmp_path / "missing.yaml")}]}))

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import gzip
 import json
+import os
+import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -253,6 +258,15 @@ def test_bad_config_and_bad_row_give_clear_errors(tiny_model, tmp_path):
     proc = run_stage("training.sft", write_config(tmp_path / "e.yaml", cfg), "train.learning_rate=1", check=False)
     assert proc.returncode == 2 and "train.learning_rate" in proc.stderr
 
+    raw = gzip.compress(data.read_bytes() * 40)
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(raw[: len(raw) // 2])  # a copy cut off half-way
+    bad_gz = {**cfg, "data": {**cfg["data"], "train": [str(cut)]}}
+    proc = run_stage("training.sft", write_config(tmp_path / "g.yaml", bad_gz), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: " + str(cut) + ": compressed data is truncated or corrupt" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
     cfg["data"]["on_error"] = "skip"
     cfg["train"]["max_steps"] = 1
     run_stage("training.sft", write_config(tmp_path / "f.yaml", cfg))
@@ -318,3 +332,73 @@ def test_policy_loss_ignores_overflowing_ratios_on_padding():
     assert torch.isfinite(loss) and torch.isfinite(logprobs.grad).all()
     assert float(loss.detach()) == pytest.approx(-(torch.exp(torch.tensor(0.1)) - 1.0).item() / 2, abs=1e-6)
     assert float(clip_frac) == 0.0
+
+
+def _mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_full_disk_at_a_checkpoint_on_a_real_tiny_tmpfs_exits_28_and_keeps_latest(tiny_model, tmp_path):
+    """A real full filesystem (a 2.5 MiB tmpfs; one checkpoint of the tiny model is 1.6 MB): the second
+    checkpoint cannot fit. Needs root to mount; skipped elsewhere (the monkeypatched test below still runs)."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "2560k"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        data = write_jsonl(tmp_path / "sft.jsonl", SFT_ROWS * 3)
+        cfg = base_config(tiny_model, [str(data)], disk / "out", max_steps=6)
+        cfg["checkpoint"]["save_every"] = 2
+        proc = run_stage("training.sft", write_config(tmp_path / "c.yaml", cfg), check=False)
+        assert proc.returncode == 28, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: no space left on device while writing " + str(disk / "out" / "checkpoints"))
+        assert "Traceback" not in proc.stderr
+        ck = disk / "out" / "checkpoints"
+        assert (ck / "latest").read_text().strip() == "step-000002"
+        assert not list(ck.glob(".tmp-*")) and not list(ck.glob(".latest.tmp-*"))
+        assert (ck / "step-000002" / "state.json").is_file() and not (disk / "out" / "manifest.json").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_checkpoint_write_hitting_enospc_monkeypatched_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    """ENOSPC simulated by a monkeypatched writer (no real full disk): the half-written folder is removed, `latest`
+    still names the previous checkpoint, and the error names the path; other write errors pass through unchanged."""
+    from training import checkpoint as ck_mod
+
+    ck = ck_mod.Checkpointer(tmp_path / "out")
+    monkeypatch.setattr(ck_mod.Checkpointer, "_write", staticmethod(lambda tmp, trainables, tok: None))
+    ck.save(2, [], None, {"note": "complete"})
+
+    def fills_the_disk(tmp, trainables, tok):
+        (tmp / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "model.safetensors"))
+
+    monkeypatch.setattr(ck_mod.Checkpointer, "_write", staticmethod(fills_the_disk))
+    with pytest.raises(ck_mod.DiskFullError, match=r"no space left on device while writing .*\.tmp-step-000004"):
+        ck.save(4, [], None, {})
+    assert ck.latest() == ck.root / "step-000002"
+    assert sorted(p.name for p in ck.root.iterdir()) == ["latest", "step-000002"]
+
+    def other_failure(tmp, trainables, tok):  # torch's errno-less text on a disk with room is not a full disk
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(ck_mod.Checkpointer, "_write", staticmethod(other_failure))
+    with pytest.raises(RuntimeError, match="file write failed"):
+        ck.save(6, [], None, {})
+
+    def enospc_write(*_a, **_k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", enospc_write)
+    with pytest.raises(ck_mod.DiskFullError, match="manifest.json"):
+        ck_mod.atomic_write_json(tmp_path / "out" / "manifest.json", {"x": 1})
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["checkpoints"]
+
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
+        ck_mod.atomic_write_text(tmp_path / uuid.uuid4().hex, "x")

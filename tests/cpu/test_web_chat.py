@@ -121,6 +121,8 @@ def drive_page(url: str, chromium: str) -> dict:
             seen["models"] = page.eval_on_selector_all("#model option", "els => els.map(e => e.value)")
             page.fill("#max_tokens", "24")
             page.fill("#temperature", "0")
+            page.fill("#api_key", "sk-session-only")  # keys are off on this server: any key is accepted
+            page.evaluate("() => localStorage.setItem('chat.api_key', 'sk-left-by-an-old-page')")
             page.evaluate(OBSERVER)
 
             page.fill("#input", "Hello there")
@@ -129,6 +131,9 @@ def drive_page(url: str, chromium: str) -> dict:
             page.wait_for_selector(".msg.assistant .meta", timeout=180_000)  # written when the stream ends
             seen["first_reply"] = page.locator(".msg.assistant .text").first.text_content()
             seen["snapshots"] = page.evaluate("window.__snapshots")
+            seen["key_storage"] = page.evaluate("() => ({local: localStorage.getItem('chat.api_key'), "
+                                                "session: sessionStorage.getItem('chat.api_key'), "
+                                                "local_max_tokens: localStorage.getItem('chat.max_tokens')})")
 
             page.fill("#input", "And again?")
             page.click("#send")
@@ -154,6 +159,8 @@ def test_web_page_streams_multi_turn_replies_and_shows_errors(server):
     seen = drive_page(server, _chromium())
 
     assert seen["models"] == ["tiny-chat"]
+    # the key stays in this tab's session only; the other settings persist; an old page's stored key is gone
+    assert seen["key_storage"] == {"local": None, "session": "sk-session-only", "local_max_tokens": "24"}
     reply = seen["first_reply"]
     assert reply, "no reply text appeared"
     growing = [s for i, s in enumerate(seen["snapshots"]) if s and (i == 0 or s != seen["snapshots"][i - 1])]

@@ -71,12 +71,12 @@ spec:
   {{- end }}
   podFailurePolicy:
     rules:
-      # exit 2 = a config or dataset error (training.runner.run_cli): retrying cannot help
+      # exit 2 = a config or dataset error, 28 = the disk is full (training.runner.run_cli): retrying cannot help
       - action: FailJob
         onExitCodes:
           containerName: {{ $name }}
           operator: In
-          values: [2]
+          values: [2, 28]
       # evictions, preemption and node drains do not count against backoffLimit
       - action: Ignore
         onPodConditions:
