@@ -7,13 +7,13 @@ Example files: ``serving/configs/*.yaml``.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from training.artifacts import model_folder
 from training.config import ConfigError, load_config
 
 DEFAULT_PORT = 8000
@@ -163,19 +163,8 @@ class ServeConfig(_Strict):
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
-    """A model folder, or a stage output folder whose manifest names the model folder."""
-    p = Path(path)
-    manifest = p / "manifest.json"
-    if manifest.is_file() and not (p / "config.json").is_file():
-        data = json.loads(manifest.read_text())
-        model = (data.get("outputs") or {}).get("model")
-        if not model:
-            raise ConfigError(f"model: {manifest} has no outputs.model")
-        mp = Path(model)
-        return mp if mp.is_absolute() else (p / mp if (p / mp).exists() else mp)
-    if not (p / "config.json").is_file():
-        raise ConfigError(f"model: {p} is not a model folder (no config.json) nor a stage output (no manifest.json)")
-    return p
+    """A model folder, or a stage output folder whose manifest names the model folder (training's one lookup)."""
+    return model_folder(path, "model")
 
 
 def load_serve_config(path: str | None, overrides: list[str] | None = None, model: str | None = None) -> ServeConfig:

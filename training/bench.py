@@ -256,7 +256,7 @@ def capacity(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _write(path: Path, obj: Any) -> None:
-    from training.checkpoint import atomic_write_json
+    from training.artifacts import atomic_write_json
 
     atomic_write_json(path, obj)
 

@@ -30,26 +30,9 @@ import numpy as np
 import torch
 
 from training import engine
+from training.artifacts import LATEST, MANIFEST, STATE, atomic_write_json, atomic_write_text, latest_checkpoint
+from training.artifacts import read_manifest as read_manifest  # re-exported: the manifest's writer and reader
 from training.engine import Trainable
-
-MANIFEST = "manifest.json"
-STATE = "state.json"
-LATEST = "latest"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file and ``os.replace`` so readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -108,11 +91,7 @@ class Checkpointer:
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
-        pointer = self.root / LATEST
-        if not pointer.exists():
-            return None
-        path = self.root / pointer.read_text().strip()
-        return path if (path / STATE).exists() else None
+        return latest_checkpoint(self.root.parent)
 
     def save(self, step: int, trainables: list[Trainable], tokenizer: Any, state: dict[str, Any]) -> Path:
         name = f"step-{step:06d}"
@@ -171,13 +150,6 @@ class Checkpointer:
         _set_rng_state(torch.load(rng_file, weights_only=False))
 
 
-def model_source_for_resume(checkpoint: Path | None, name: str, plugin: str) -> Path | None:
-    """Where a ddp run reloads weights from on resume (sharded plugins load after boosting)."""
-    if checkpoint is None or plugin != "ddp":
-        return None
-    return checkpoint / name
-
-
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for mod in ("torch", "transformers", "colossalai", "peft"):
@@ -206,10 +178,3 @@ def write_manifest(output_dir: str | Path, *, stage: str, config: dict[str, Any]
             "config": config,
         })
     return path
-
-
-def read_manifest(output_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(output_dir) / MANIFEST
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())

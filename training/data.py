@@ -485,7 +485,8 @@ def _prompt_split(tokenizer: PreTrainedTokenizerBase, prompt_text: str, full: li
 
 def tokenize_preference(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase,
                         max_length: int) -> dict[str, list[int]] | None:
-    """chosen/rejected input_ids; an over-long prompt loses its start first (down to half of max_length), then
+    """chosen/rejected input_ids and how many of their first tokens are prompt (``*_prompt_len``, for DPO's
+    response-only log-probs); an over-long prompt loses its start first (down to half of max_length), then
     sequences are cut at max_length. None if chosen and rejected become identical or lose their whole reply."""
     prompt_text = _render(tokenizer, pair.prompt, generation_prompt=True)
     c_prompt, c_reply = _prompt_split(tokenizer, prompt_text, pair.prompt + pair.chosen)
@@ -496,13 +497,21 @@ def tokenize_preference(pair: PreferencePair, tokenizer: PreTrainedTokenizerBase
     rejected = (r_prompt[len(r_prompt) - kr:] + r_reply)[:max_length]
     if len(chosen) <= kc or len(rejected) <= kr or chosen == rejected:
         return None
-    return {"chosen_input_ids": chosen, "rejected_input_ids": rejected}
+    return {"chosen_input_ids": chosen, "rejected_input_ids": rejected, "chosen_prompt_len": kc,
+            "rejected_prompt_len": kr}
 
 
 def tokenize_prompt(prompt: Prompt, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[int]:
     """The prompt with the assistant generation prompt; its last ``max_length`` tokens."""
     ids, _ = _encode(tokenizer, _render(tokenizer, prompt.messages, generation_prompt=True))
     return ids[-max_length:]
+
+
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Tokens that end a sampled answer: the tokenizer's EOS, plus ChatML's end of turn when the vocabulary has it
+    (SmolLM2's EOS is <|endoftext|>, but its chat turns end with <|im_end|>)."""
+    extra = [tokenizer.convert_tokens_to_ids("<|im_end|>")] if "<|im_end|>" in tokenizer.get_vocab() else []
+    return sorted({tokenizer.eos_token_id, *extra} - {None})
 
 
 # ----------------------------------------------------------------------------- batching
@@ -529,6 +538,20 @@ def collate_preference(batch: list[dict], pad_id: int) -> dict[str, Tensor]:
     for side in ("chosen", "rejected"):
         ids = [b[f"{side}_input_ids"] for b in batch]
         out[f"{side}_input_ids"], out[f"{side}_attention_mask"] = _pad(ids, pad_id), _mask(ids)
+    return out
+
+
+def collate_dpo(batch: list[dict], pad_id: int) -> dict[str, Tensor]:
+    """``collate_preference`` plus each side's response mask (1 on reply tokens) and, when the examples carry them,
+    the reference's precomputed sequence log-probs (``ref_chosen_logp``, ``ref_rejected_logp``)."""
+    out = collate_preference(batch, pad_id)
+    for side in ("chosen", "rejected"):
+        rows = [[0] * b[f"{side}_prompt_len"] + [1] * (len(b[f"{side}_input_ids"]) - b[f"{side}_prompt_len"])
+                for b in batch]
+        out[f"{side}_loss_mask"] = _pad(rows, 0)
+        key = f"ref_{side}_logp"
+        if all(key in b for b in batch):
+            out[key] = torch.tensor([b[key] for b in batch], dtype=torch.float32)
     return out
 
 

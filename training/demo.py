@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         artifact_table(record, Path("models/smollm2-135m-instruct"), console)
         demo_record = {"url": url, "model": model, "timings": timings, "pipeline": record.get("stages", []),
                        "server_started_at": started}
-        from training.checkpoint import atomic_write_json
+        from training.artifacts import atomic_write_json
 
         atomic_write_json(run_dir / "demo.json", demo_record)
         keep = args.keep_serving == "yes" or (args.keep_serving == "auto" and sys.stdin.isatty())

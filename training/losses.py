@@ -1,4 +1,4 @@
-"""Every loss and advantage computation of the three stages, as plain tensor functions."""
+"""Every loss and advantage computation of the stages (SFT, RM, PPO, DPO, GRPO), as plain tensor functions."""
 
 from __future__ import annotations
 
@@ -106,3 +106,71 @@ def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     logp = F.log_softmax(logits.float(), dim=-1)
     ent = -(logp.exp() * logp).sum(-1)
     return masked_mean(ent, mask)
+
+
+def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token) over the tokens ``loss_mask`` marks (the response), per row; [B].
+
+    ``logits[:, t]`` predicts ``input_ids[:, t + 1]``, so ``loss_mask`` is aligned with ``input_ids`` and its first
+    column is never counted.
+    """
+    logp = token_logprobs(logits[:, :-1], input_ids[:, 1:])
+    return (logp * loss_mask[:, 1:].to(logp.dtype)).sum(-1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, kind: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor]:
+    """DPO on per-sequence response log-probs; returns (mean loss, implicit reward of chosen, of rejected) [B].
+
+    The implicit reward is ``beta * (log pi - log pi_ref)``. ``sigmoid``: -log sigmoid(r_chosen - r_rejected)
+    (Rafailov et al. 2023). ``ipo``: (h - 1 / (2 beta))^2 with h the log-ratio margin (Azar et al. 2023), which
+    does not push the margin to infinity on separable pairs.
+    """
+    chosen = beta * (policy_chosen - ref_chosen)
+    rejected = beta * (policy_rejected - ref_rejected)
+    if kind == "sigmoid":
+        loss = -F.logsigmoid(chosen - rejected)
+    elif kind == "ipo":
+        h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+        loss = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"dpo loss kind must be sigmoid or ipo, got {kind!r}")
+    return loss.mean(), chosen.detach(), rejected.detach()
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6,
+                     scale: bool = True) -> torch.Tensor:
+    """GRPO: each sample's reward minus its group's mean (divided by the group's std when ``scale``); [B].
+
+    ``rewards`` holds ``group_size`` consecutive samples per prompt. A group whose samples all score the same gets
+    zero advantage (nothing to learn from it), not a division by zero.
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    g = rewards.float().view(-1, group_size)
+    adv = g - g.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (g.std(dim=1, keepdim=True, unbiased=False) + eps)
+    return adv.view(-1)
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate exp(d) - d - 1 with d = log pi_ref - log pi: never negative, unbiased
+    under samples from pi, and zero (with zero gradient) where the policy equals the reference; [B, T].
+
+    ``d`` is clamped to +/-20 so a padding position (or a collapsed token) cannot overflow ``exp``.
+    """
+    d = ((ref_logprobs - logprobs) * mask).clamp(-20, 20)
+    return (torch.exp(d) - d - 1) * mask
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+              advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float,
+              kl_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy surrogate with the sequence's advantage at every response token, plus ``kl_coef`` times the
+    KL to the reference (in the loss, not the reward, as GRPO does); returns (loss, detached parts)."""
+    pg, clip_frac = policy_loss(logprobs, old_logprobs, advantages.unsqueeze(1).expand_as(logprobs), mask, clip_eps)
+    kl = masked_mean(kl_k3(logprobs, ref_logprobs, mask), mask)
+    loss = pg + kl_coef * kl
+    return loss, {"policy_loss": pg.detach(), "kl_loss": kl.detach(), "clip_frac": clip_frac.detach()}

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from training.artifacts import is_stage_folder, stage_model
 from training.config import ConfigError, ModelConfig
 
 
@@ -28,24 +29,14 @@ def _locate(cfg: ModelConfig) -> tuple[str, str | None]:
         return str(path.parent), path.name
     if cfg.gguf_file:
         return str(path), cfg.gguf_file
-    if not (path / "config.json").exists() and (path / "manifest.json").exists():
-        return _locate(cfg.model_copy(update={"path": _manifest_model(path)}))
+    if is_stage_folder(path):
+        return _locate(cfg.model_copy(update={"path": str(stage_model(path, "model.path"))}))
     if not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return str(path), ggufs[0].name
         raise ConfigError(f"model.path: {cfg.path} has no config.json (not a Hugging Face model folder)")
     return str(path), None
-
-
-def _manifest_model(stage_dir: Path) -> str:
-    """The model a completed stage produced (``outputs.model`` of its manifest.json)."""
-    from training.checkpoint import read_manifest
-
-    model = (read_manifest(stage_dir) or {}).get("outputs", {}).get("model")
-    if not model:
-        raise ConfigError(f"model.path: {stage_dir}/manifest.json names no outputs.model")
-    return model
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:

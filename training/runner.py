@@ -1,6 +1,6 @@
-"""What the SFT and RM stages share: start-up, data preparation, resume and the supervised loop.
+"""What the stages share: start-up, data preparation, resume, and the supervised loop of SFT, RM and DPO.
 
-PPO has its own loop (rollouts, then updates) but uses the same start-up and resume.
+PPO and GRPO have their own loops (rollouts, then updates) but use the same start-up and resume.
 """
 
 from __future__ import annotations
@@ -233,10 +233,14 @@ class SupervisedStage:
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float], int]]
     eval_batch: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, float]]  # sums, with a "count" key
     eval_summary: Callable[[dict[str, float]], dict[str, float]]  # sums -> reported metrics
+    # (stage, tokenizer, train, held, data report) -> extra keyword arguments of loss and eval_batch; runs before
+    # the model is loaded (DPO scores its pairs with the reference here, or loads the reference to keep)
+    setup: Callable[..., dict[str, Any]] | None = None
 
 
 @torch.no_grad()
-def evaluate(spec: SupervisedStage, model: nn.Module, examples: list, pad_id: int, stage: Stage) -> dict[str, float]:
+def evaluate(spec: SupervisedStage, model: nn.Module, examples: list, pad_id: int, stage: Stage,
+             extra: dict[str, Any] | None = None) -> dict[str, float]:
     """Sum ``spec.eval_batch`` over held-out examples on every rank, then summarise."""
     model.eval()
     size = stage.cfg.train.micro_batch_size
@@ -246,7 +250,7 @@ def evaluate(spec: SupervisedStage, model: nn.Module, examples: list, pad_id: in
     for i in range(0, len(shard), size):
         batch = {k: v.to(stage.device) for k, v in spec.collate(shard[i:i + size], pad_id=pad_id).items()}
         with engine.autocast(stage.cfg.train, stage.device):
-            for k, v in spec.eval_batch(model, batch).items():
+            for k, v in spec.eval_batch(model, batch, **(extra or {})).items():
                 sums[k] = sums.get(k, 0.0) + v
     scale = engine.world_size() if split else 1
     totals = {k: engine.all_reduce_mean(v, stage.device) * scale for k, v in sorted(sums.items())}
@@ -273,6 +277,7 @@ def run_supervised(spec: SupervisedStage, argv: list[str] | None, description: s
     tokenize = partial(spec.tokenize, tokenizer=tokenizer, max_length=cfg.data.max_length)
     train, data_report["train_too_long"] = tokenize_all(train_rows, tokenize, spec.kind)
     held = [t for t in map(tokenize, eval_rows) if t is not None]
+    extra = spec.setup(stage, tokenizer, train, held, data_report) if spec.setup is not None else {}
 
     model = spec.load_model(cfg.model)
     if getattr(model.config, "pad_token_id", None) is None:
@@ -292,8 +297,9 @@ def run_supervised(spec: SupervisedStage, argv: list[str] | None, description: s
     batches = iterate_batches(train, sampler, cfg.train.micro_batch_size, partial(spec.collate, pad_id=pad_id))
 
     logger = make_logger(stage, steps)
-    eval_fn = (lambda: evaluate(spec, trainable.model, held, pad_id, stage)) if held else None
-    final = supervised_loop(stage, trainable, batches, sampler, partial(spec.loss, trainable.model), steps=steps,
+    eval_fn = (lambda: evaluate(spec, trainable.model, held, pad_id, stage, extra)) if held else None
+    final = supervised_loop(stage, trainable, batches, sampler, partial(spec.loss, trainable.model, **extra),
+                            steps=steps,
                             logger=logger, flops_per_token=train_flops_per_token(model.config, n_params,
                                                                                  cfg.data.max_length),
                             tokenizer=tokenizer, evaluate=eval_fn, eval_every=cfg.log.eval_every)

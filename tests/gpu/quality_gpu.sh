@@ -6,7 +6,13 @@
 #   .whl-smol-b: second half of the GGUF
 #   .whl:        colossalai, bitsandbytes, pydantic (see .whl/install.sh)
 # Calls:  bash tests/gpu/quality_gpu.sh stage   (carry .whl-smol-a; then again carrying .whl-smol-b)
-#         bash tests/gpu/quality_gpu.sh run     (carry .whl)  -> $OUT/quality.tgz (manifests, metrics, logs)
+#         bash tests/gpu/quality_gpu.sh run     (carry .whl)  -> $OUT/alignment_table.json (RM vs DPO; PPO vs GRPO
+#                                                  against the same RM; GRPO on the arithmetic rule) and
+#                                                  $OUT/quality.tgz (manifests, metrics, logs)
+#           PPO_STEPS / GRPO_STEPS / GRPO_RULE_STEPS (default 25 / 25 / 20) size the run to about 8-9 minutes on
+#           one H200: the RM (2 epochs) took 82 s and PPO 4.4 s a step there (60 steps, 262 s); DPO (2 epochs, as
+#           the RM) and GRPO (no critic) are estimated from those, not measured yet. EXTRA_OVERRIDES adds
+#           STAGE:key=value items, e.g. EXTRA_OVERRIDES="dpo:train.lr=5e-6 dpo:dpo.beta=0.2".
 #         bash tests/gpu/quality_gpu.sh quantize (carry .whl-gpu) -> $OUT/quant.tgz: GPTQ variants' quality reports
 set -euo pipefail
 STAGE=/tmp/smol
@@ -28,8 +34,15 @@ case "${1:-}" in
             mkdir -p ../shared/data && cp -r "$STAGE"/shared-data/. ../shared/data/
         fi
         rc=0
-        python3 -m training.pipeline --config training/configs/quality-gpu/pipeline.yaml 2>&1 | tee /tmp/quality.log \
-            | grep -E --line-buffered "complete|eval|reward|ERROR|Error" || rc=$?
+        # shellcheck disable=SC2206
+        SIZE=("ppo:train.max_steps=${PPO_STEPS:-25}" "grpo:train.max_steps=${GRPO_STEPS:-25}"
+              "grpo_rule:train.max_steps=${GRPO_RULE_STEPS:-20}" ${EXTRA_OVERRIDES:-})
+        python3 -m training.pipeline --config training/configs/quality-gpu/pipeline.yaml "${SIZE[@]}" 2>&1 \
+            | tee /tmp/quality.log | grep -E --line-buffered "complete|eval|reward|ERROR|Error" || rc=$?
+        if [ "$rc" = 0 ]; then  # one side-by-side table: $OUT/alignment_table.json
+            python3 tests/gpu/alignment_table.py --pipeline training/configs/quality-gpu/pipeline.yaml "${SIZE[@]}" \
+                2>>/tmp/quality.log || rc=$?
+        fi
         tar -czf "${OUT:-/tmp}/quality.tgz" /tmp/quality.log runs/quality-gpu/*/manifest.json \
             runs/quality-gpu/*/metrics.jsonl runs/quality-gpu/pipeline.json 2>/dev/null || true
         exit $rc ;;

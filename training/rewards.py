@@ -1,0 +1,91 @@
+"""Rule-based (verifiable) rewards for GRPO, and the arithmetic task they verify.
+
+A reward function takes keyword arguments and returns one float per completion (see ``RewardSpec`` in
+training/config.py)::
+
+    fn(prompts: list[str], completions: list[str], messages: list[list[dict]]) -> list[float]
+
+``prompts`` are each sample's last user message, ``completions`` the sampled answers (special tokens removed),
+``messages`` the whole prompt conversations. Accept ``**kwargs`` so later arguments do not break a function.
+
+The arithmetic task (``training/demo_data/arithmetic_{train,eval}.jsonl``, written by ``arithmetic_rows``) asks
+"What is A + B?" or "What is A - B?" and wants the reply to end with ``Answer: N``. The question carries
+everything needed to check an answer, so the reward needs no label column:
+
+    grpo.rewards: [{function: training.rewards:arithmetic_correct, weight: 1.0},
+                   {function: training.rewards:answer_format, weight: 0.2}]
+
+Regenerate the shipped files with ``python -m training.rewards training/demo_data``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+INSTRUCTION = "Reply with the result on the last line as 'Answer: <number>'."
+_QUESTION = re.compile(r"What is (\d+) ([+-]) (\d+)\?")
+_ANSWER = re.compile(r"Answer:\s*(-?\d+)\s*\.?\s*$")
+TRAIN_ROWS, EVAL_ROWS = 512, 64
+
+
+def question_answer(prompt: str) -> int | None:
+    """The true result of the prompt's "What is A op B?", or None if it asks no such question."""
+    m = _QUESTION.search(prompt)
+    if m is None:
+        return None
+    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+    return a + b if op == "+" else a - b
+
+
+def stated_answer(completion: str) -> int | None:
+    """The number after a final ``Answer:``, or None if the reply does not end that way."""
+    m = _ANSWER.search(completion.strip())
+    return int(m.group(1)) if m else None
+
+
+def arithmetic_correct(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+    """1.0 where the reply ends with ``Answer: N`` and N is the question's result, else 0.0 (also for prompts that
+    ask no arithmetic question). Its mean over held-out prompts is the task's pass rate."""
+    out = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        truth = question_answer(prompt)
+        out.append(float(truth is not None and stated_answer(completion) == truth))
+    return out
+
+
+def answer_format(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+    """1.0 where the reply ends with ``Answer: <integer>``, right or wrong: a denser signal than correctness."""
+    return [float(stated_answer(c) is not None) for c in completions]
+
+
+def arithmetic_rows(n: int, seed: int) -> list[dict[str, str]]:
+    """``n`` prompt rows, additions and subtractions of numbers 1..50 with non-negative results."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        op = rng.choice("+-")
+        if op == "-" and b > a:
+            a, b = b, a
+        rows.append({"prompt": f"What is {a} {op} {b}? {INSTRUCTION}"})
+    return rows
+
+
+def write_task(folder: Path) -> list[Path]:
+    """The shipped train and eval files (different seeds: no held-out question is trained on verbatim)."""
+    out = []
+    for name, n, seed in (("arithmetic_train.jsonl", TRAIN_ROWS, 1), ("arithmetic_eval.jsonl", EVAL_ROWS, 2)):
+        path = folder / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(n, seed)), encoding="utf-8")
+        out.append(path)
+    return out
+
+
+if __name__ == "__main__":
+    for p in write_task(Path(sys.argv[1] if len(sys.argv) > 1 else "training/demo_data")):
+        print(p)
