@@ -18,6 +18,7 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off (the API does not expose it; PPO/GRPO rollouts use it)
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -56,7 +57,13 @@ def sample(logits: torch.Tensor, seqs: list[Any]) -> tuple[list[int], list[Token
         chosen = greedy
     else:
         t = torch.tensor([max(x, 1e-5) for x in temps], device=logits.device)[:, None]
-        probs = torch.softmax(logits / t, dim=-1)
+        scaled = logits / t
+        if any(p.top_k for p in params):  # keep each row's k largest (ties at the k-th kept, as torch.topk's cut)
+            v = scaled.shape[-1]
+            k = torch.tensor([min(p.top_k, v) if p.top_k else v for p in params], device=logits.device)
+            kth = scaled.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)
         if any(p.top_p < 1.0 for p in params):
             sp, si = probs.sort(dim=-1, descending=True)
             cum = sp.cumsum(dim=-1)
