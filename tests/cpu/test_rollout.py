@@ -160,3 +160,25 @@ def test_auto_picks_the_hf_loop_on_cpu_and_a_too_small_cache_is_refused(actor):
     assert isinstance(ro, HFRollout)
     with pytest.raises(ConfigError, match="rollout_kv_cache_gb"):
         engine_rollout(model, tok, [tok.eos_token_id], rollout_kv_cache_gb=1e-6)
+
+
+def test_grpo_through_the_engine_gives_the_hf_loops_greedy_eval_answers(tiny_model, tmp_path):
+    import json
+
+    from conftest import run_stage
+    from test_alignment import PROBE, grpo_config
+
+    calls = {}
+    for name in ("hf", "serving"):
+        out, log = tmp_path / name, tmp_path / f"{name}.jsonl"
+        cfg = grpo_config(tiny_model, tmp_path, out, [{"function": PROBE}], rollout_engine=name)
+        run_stage("training.grpo", cfg, "train.max_steps=1", env={"REWARD_PROBE_LOG": str(log)})
+        calls[name] = [json.loads(line) for line in log.read_text().splitlines()]
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["inputs"]["rollout"]["engine"] == name
+        from training.metrics import read_metrics
+
+        assert read_metrics(out)[0]["rollout_s"] > 0
+    # eval before training (greedy, the initial policy): the same answers; then G=4 samples of 2 prompts each
+    assert calls["serving"][0]["completions"] == calls["hf"][0]["completions"]
+    assert [len(c["completions"]) for c in calls["serving"]] == [3, 8, 3]
