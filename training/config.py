@@ -165,7 +165,7 @@ class RolloutOptions(_Strict):
     rollout_engine: Literal["auto", "serving", "hf"] = Field(
         "auto", description="serving: the project's engine (serving.engine: paged KV cache, continuous batching, "
         "CUDA graphs) over the actor's weights; hf: token-by-token through the training model's forward "
-        "(ppo.sample). auto: serving on CUDA, hf on CPU.")
+        "(ppo.sample). auto: serving, or hf with a plugin the engine cannot read (gemini, 3d with tp_size > 1).")
     rollout_weights: Literal["auto", "shared", "copy"] = Field(
         "auto", description="serving only. shared: the engine runs the actor's own parameters (no copy; the "
         "optimizer's in-place updates are seen at once); copy: a copy in the compute dtype, synced in place before "

@@ -58,11 +58,20 @@ def rollout_seed(train_seed: int, step: int, rank: int) -> int:
     return (((train_seed * 1_000_003 + step) * 1_009 + rank) * 65_536) % (1 << 62)
 
 
-def resolve_engine(opts: RolloutOptions, device: torch.device) -> str:
-    """``auto``: the engine on CUDA; on CPU the HF loop (tiny CPU models: see README, PPO rollouts)."""
+def resolve_engine(opts: RolloutOptions, train: TrainConfig) -> str:
+    """``auto``: the engine, unless the plugin keeps parameters it cannot read (``check_plugin``): then the HF loop.
+
+    The engine is the faster one on CPU as well: the CI-sized tiny Llama's PPO rollouts took 0.02 s a step against
+    0.15-0.74 s for the HF loop (4 steps of 4 prompts x 8 tokens, 2 shared cores), whose new shapes every step cost
+    CPU kernels their set-up again; the engine decodes in fixed context buckets.
+    """
     if opts.rollout_engine != "auto":
         return opts.rollout_engine
-    return "serving" if device.type == "cuda" else "hf"
+    try:
+        check_plugin(train, "rollout")
+    except ConfigError:
+        return "hf"
+    return "serving"
 
 
 def check_plugin(train: TrainConfig, section: str) -> None:
@@ -288,7 +297,7 @@ def make_rollout(opts: RolloutOptions, gen: GenerationConfig, section: str, trai
     """The stage's rollout generator over ``model`` (the boosted actor) from ``{section}.rollout_*``."""
     from training.engine import compute_dtype
 
-    if resolve_engine(opts, device) == "hf":
+    if resolve_engine(opts, train) == "hf":
         return HFRollout(model, tokenizer, eos_ids, device)
     check_plugin(train, section)
     return EngineRollout(model, tokenizer, eos_ids, device, opts, compute_dtype(train, device), max_prompt_len,

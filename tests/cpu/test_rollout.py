@@ -153,11 +153,19 @@ def test_plugins_that_cannot_share_weights_are_config_errors_naming_the_way_out(
     check_plugin(TrainConfig(plugin="3d", tp_size=1, zero_stage=1), "ppo")
 
 
-def test_auto_picks_the_hf_loop_on_cpu_and_a_too_small_cache_is_refused(actor):
+def test_auto_picks_the_engine_unless_the_plugin_cannot_share_and_a_too_small_cache_is_refused(actor):
     model, tok = actor
-    ro = make_rollout(RolloutOptions(), GenerationConfig(), "ppo", TrainConfig(), model, tok, [tok.eos_token_id],
-                      torch.device("cpu"), 32, 4)
-    assert isinstance(ro, HFRollout)
+    args = (model, tok, [tok.eos_token_id], torch.device("cpu"), 32, 4)
+    ro = make_rollout(RolloutOptions(), GenerationConfig(), "ppo", TrainConfig(), *args)
+    try:
+        assert isinstance(ro, EngineRollout) and ro.weights == "shared"
+    finally:
+        ro.close()
+    assert isinstance(make_rollout(RolloutOptions(), GenerationConfig(), "ppo", TrainConfig(plugin="gemini"), *args),
+                      HFRollout)
+    with pytest.raises(ConfigError, match="Gemini"):
+        make_rollout(RolloutOptions(rollout_engine="serving"), GenerationConfig(), "ppo", TrainConfig(plugin="gemini"),
+                     *args)
     with pytest.raises(ConfigError, match="rollout_kv_cache_gb"):
         engine_rollout(model, tok, [tok.eos_token_id], rollout_kv_cache_gb=1e-6)
 
