@@ -12,6 +12,9 @@ model only if a reward term names one.
 
 Held-out prompts are answered greedily before and after, scored by every reward term (a 0/1 rule's mean is its
 pass rate). Writes ``model/`` (a Hugging Face causal LM) beside ``metrics.jsonl`` and ``manifest.json``.
+
+Rollouts (and the greedy held-out answers) come from ``training.rollout``: the serving engine over the actor's
+weights, or the HF loop ``ppo.sample`` (``grpo.rollout_engine``); the losses' log-probs from the training forward.
 """
 
 from __future__ import annotations

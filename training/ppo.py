@@ -12,6 +12,9 @@ buffer, adding ``ptx_coef`` times the SFT loss on PTX data to the actor's loss.
 
 Writes ``actor/`` (Hugging Face causal LM) and ``critic/`` beside ``metrics.jsonl`` and
 ``manifest.json``; checkpoints hold both models with their own optimizers and schedulers.
+
+Rollouts (and the greedy held-out answers) come from ``training.rollout``: the serving engine over the actor's
+weights, or the HF loop ``ppo.sample`` (``ppo.rollout_engine``); the losses' log-probs from the training forward.
 """
 
 from __future__ import annotations

@@ -122,8 +122,12 @@ class HFRollout:
 
 def hf_causal_lm(model: nn.Module) -> nn.Module:
     """The Hugging Face causal LM inside a boosted (and maybe LoRA-wrapped) model: what the engine's runner reads."""
-    model = model.unwrap() if hasattr(model, "unwrap") else model
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(model, "unwrap"):  # a booster's wrapper; keep PEFT's own model (ColossalAI wraps it for saving)
+        try:
+            model = model.unwrap(unwrap_peft=False)
+        except TypeError:  # plugins whose unwrap takes no argument
+            model = model.unwrap()
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: LoRA layers in place
 
 
 class EngineRollout:

@@ -27,7 +27,6 @@ case "${1:-}" in
         $PY tests/gpu/rollout_quality.py --manifest runs/quality-gpu/ppo/manifest.json --steps "${PPO_STEPS:-20}" \
             --work /tmp/rollout-quality --out "$OUT/rollout_quality.json" ;;
     smoke)
-        PY=${PY:-python}
         $PY -m training.bench throughput --out /tmp/rollout-smoke --shape tiny --stages ppo --plugins ddp \
             --rollout-engines hf,serving --seq 32 --batch 2 --steps 3 --skip 1 | tail -60
         cp /tmp/rollout-smoke/throughput.json "$OUT/throughput.json" ;;
