@@ -138,6 +138,10 @@ class EngineRollout:
     def __init__(self, actor: nn.Module, tokenizer: Any, eos_ids: list[int], device: torch.device,
                  opts: RolloutOptions, compute_dtype: torch.dtype, max_prompt_len: int, max_new_tokens: int,
                  max_rows: int, block_size: int = 16):
+        if max_rows > MAX_ENGINE_ROWS:
+            raise ConfigError(f"rollout_batch_size: {max_rows} rows per rollout (x group_size for GRPO) exceed the "
+                              f"engine's {MAX_ENGINE_ROWS} (serving.engine max_num_seqs); lower it or set "
+                              "rollout_engine=hf")
         self.source = hf_causal_lm(actor)
         self.tokenizer, self.eos_ids, self.device = tokenizer, list(eos_ids), device
         dtype = next(self.source.parameters()).dtype
@@ -149,9 +153,6 @@ class EngineRollout:
             self.model = self.source
         self.max_len = max_prompt_len + max_new_tokens + 1  # the engine ends a row one short of its max_model_len
         self.max_rows = max_rows
-        if max_rows > MAX_ENGINE_ROWS:
-            raise ConfigError(f"rollout rows: {max_rows} rows per rollout exceed the engine's {MAX_ENGINE_ROWS} "
-                              "(serving.engine max_num_seqs); lower the rollout batch or use rollout_engine=hf")
         cfg = self.model.config
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads

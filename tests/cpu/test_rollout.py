@@ -52,6 +52,9 @@ def test_greedy_engine_rollout_equals_hf_loop_with_padding_eos_and_stop_strings(
         ro.close()
     lengths = want[1][:, P:].sum(1)
     assert lengths[1] <= 4 and lengths[0] < 12, lengths  # row 1 ended at its stop token, row 0 at the string
+    answer0 = want[0][0, P:P + int(lengths[0])].tolist()
+    assert gen.stop[0] in tok.decode(answer0, skip_special_tokens=True)
+    assert gen.stop[0] not in tok.decode(answer0[:-1], skip_special_tokens=True)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
