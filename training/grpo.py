@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = next(batches)
         rows = [prompt_rows[i] for i in batch.pop("index").tolist()]
         batch = {k: v.to(stage.device) for k, v in batch.items()}
+        rollout.pop_timings()  # the held-out evaluations' generation is not this step's rollout
         with engine.autocast(cfg.train, stage.device):  # the precision the updates run in: ratio 1 before them
             exp = make_experience(actor_t.model, ref, terms, batch, rows, cfg, tokenizer, eos_ids, rollout,
                                   rollout_seed(cfg.train.seed, step, engine.rank()))

@@ -331,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         before = next((r for r in read_metrics(stage.output_dir, "eval") if r["step"] == 0), {})
     for step in range(stage.start_step + 1, steps + 1):
         batch = {k: v.to(stage.device) for k, v in next(prompt_batches).items()}
+        rollout.pop_timings()  # the held-out evaluations' generation is not this step's rollout
         with engine.autocast(cfg.train, stage.device):  # the precision the updates run in: ratio 1 before them
             exp = make_experience(actor_t.model, critic_t.model, ref, reward_model, batch, cfg, eos_ids, pad_id,
                                   rollout, rollout_seed(cfg.train.seed, step, engine.rank()))

@@ -191,7 +191,8 @@ class EngineRollout:
 
         t0 = time.perf_counter()
         self.engine = LLMEngine.from_model(self.model, self.tokenizer, self.engine_config, device=self.device)
-        self.engine.load_and_start()
+        with torch.autocast(self.device.type, enabled=False):  # a rebuild inside the stage's autocast: graphs as built
+            self.engine.load_and_start()
         # the stage's stop tokens exactly (ppo.sample's), not the engine's own reading of the model's configs
         self.engine.eos_ids = set(self.eos_ids)
         self._ptrs = self._pointers()
