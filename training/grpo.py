@@ -77,9 +77,12 @@ def score(terms: list[RewardTerm], seq: torch.Tensor, mask: torch.Tensor, prompt
         if term.model is not None:
             s = last_token_values(token_values(term.model, seq, mask), mask).float().clamp(-clip, clip)
         else:
-            got = term.fn(prompts=[p.messages[-1]["content"] for p in prompts], completions=completions,
-                          messages=[[dict(m) for m in p.messages] for p in prompts])  # copies: ours stay intact
-            values = [float(v) for v in got]
+            try:
+                got = term.fn(prompts=[p.messages[-1]["content"] for p in prompts], completions=completions,
+                              messages=[[dict(m) for m in p.messages] for p in prompts])  # copies: ours stay intact
+                values = [float(v) for v in got]
+            except Exception as e:  # user code: say which configured reward failed, keep its traceback
+                raise RuntimeError(f"{term.field}: {term.spec.function} failed: {e!r}") from e
             if len(values) != len(completions) or not all(math.isfinite(v) for v in values):
                 raise ConfigError(f"{term.field}: {term.spec.function} returned {len(values)} values for "
                                   f"{len(completions)} completions (or a non-finite one); it must return one "

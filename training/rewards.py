@@ -9,8 +9,12 @@ training/config.py)::
 ``messages`` the whole prompt conversations. Accept ``**kwargs`` so later arguments do not break a function.
 
 The arithmetic task (``training/demo_data/arithmetic_{train,eval}.jsonl``, written by ``arithmetic_rows``) asks
-"What is A + B?" or "What is A - B?" and wants the reply to end with ``Answer: N``. The question carries
-everything needed to check an answer, so the reward needs no label column:
+"What is A + B?" or "What is A - B?" and asks for the reply to end with ``Answer: N``. The question carries
+everything needed to check an answer, so the reward needs no label column. ``arithmetic_correct`` checks the
+reply's final number: SmolLM2-135M-Instruct answers "17 + 39 = 56." and, greedy on the first 32 eval prompts
+(CPU, 48 new tokens), got 9 of 32 right that way but never used the ``Answer:`` line (1 of 32 samples at
+temperature 1 did), so a strict check would give GRPO groups of zeros, nothing to learn from. ``answer_format``
+rewards the requested format separately:
 
     grpo.rewards: [{function: training.rewards:arithmetic_correct, weight: 1.0},
                    {function: training.rewards:answer_format, weight: 0.2}]
@@ -30,15 +34,21 @@ from typing import Any
 INSTRUCTION = "Reply with the result on the last line as 'Answer: <number>'."
 _QUESTION = re.compile(r"What is (\d+) ([+-]) (\d+)\?")
 _ANSWER = re.compile(r"Answer:\s*(-?\d+)\s*\.?\s*$")
+_NUMBER = re.compile(r"-?\d+")
 TRAIN_ROWS, EVAL_ROWS = 512, 64
+
+
+def _question(prompt: str) -> tuple[int, str, int] | None:
+    m = _QUESTION.search(prompt)
+    return (int(m.group(1)), m.group(2), int(m.group(3))) if m else None
 
 
 def question_answer(prompt: str) -> int | None:
     """The true result of the prompt's "What is A op B?", or None if it asks no such question."""
-    m = _QUESTION.search(prompt)
-    if m is None:
+    q = _question(prompt)
+    if q is None:
         return None
-    a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+    a, op, b = q
     return a + b if op == "+" else a - b
 
 
@@ -48,13 +58,23 @@ def stated_answer(completion: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def final_number(completion: str, prompt: str = "") -> int | None:
+    """The last integer of the reply once the question's own "A op B" is taken out (so "What is 10 - 5?" repeated
+    back does not count as answering 5); None if no number is left."""
+    q = _question(prompt)
+    if q is not None:
+        completion = re.sub(rf"{q[0]}\s*[{q[1]}]\s*{q[2]}", " ", completion)
+    found = _NUMBER.findall(completion)
+    return int(found[-1]) if found else None
+
+
 def arithmetic_correct(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
-    """1.0 where the reply ends with ``Answer: N`` and N is the question's result, else 0.0 (also for prompts that
-    ask no arithmetic question). Its mean over held-out prompts is the task's pass rate."""
+    """1.0 where the reply's final number is the question's result, else 0.0 (also for prompts that ask no
+    arithmetic question). Its mean over held-out prompts is the task's pass rate."""
     out = []
     for prompt, completion in zip(prompts, completions, strict=True):
         truth = question_answer(prompt)
-        out.append(float(truth is not None and stated_answer(completion) == truth))
+        out.append(float(truth is not None and final_number(completion, prompt) == truth))
     return out
 
 

@@ -23,3 +23,7 @@ def wrong_count(prompts: list[str], completions: list[str], **_: Any) -> list[fl
 
 
 NOT_CALLABLE = 3
+
+
+def raises(prompts: list[str], completions: list[str], **_: Any) -> list[float]:
+    raise KeyError("no label for this prompt")

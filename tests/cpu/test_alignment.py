@@ -13,7 +13,7 @@ import yaml
 from conftest import run_stage, write_jsonl
 from test_stages import QUESTIONS, base_config, losses_by_step, preference_rows, write_config
 
-from training.config import ConfigError, GRPOConfig, load_config
+from training.config import ConfigError, GRPOConfig, import_function, load_config
 from training.metrics import read_metrics
 
 # ----------------------------------------------------------------------------- DPO
@@ -179,10 +179,12 @@ def test_rule_based_arithmetic_reward_and_its_shipped_task():
 
     from training.rewards import answer_format, arithmetic_correct, arithmetic_rows, write_task
 
-    prompts = ["What is 12 + 30? Reply with the result", "What is 9 - 4? Answer", "Tell me a joke."]
-    completions = ["12 plus 30 is 42.\nAnswer: 42", "Answer: 6", "Answer: 1"]
-    assert arithmetic_correct(prompts=prompts, completions=completions, messages=[]) == [1.0, 0.0, 0.0]
-    assert answer_format(prompts=prompts, completions=completions) == [1.0, 1.0, 1.0]
+    prompts = ["What is 12 + 30? Reply with the result", "What is 9 - 4? Answer", "Tell me a joke.",
+               "What is 17 + 39?", "What is 10 - 5?", "What is 10 - 5?"]
+    completions = ["12 plus 30 is 42.\nAnswer: 42", "Answer: 6", "Answer: 1", "17 + 39 = 56.", "What is 10 - 5?",
+                   "10 - 5 = 5"]
+    assert arithmetic_correct(prompts=prompts, completions=completions, messages=[]) == [1, 0, 0, 1, 0, 1]
+    assert answer_format(prompts=prompts, completions=completions) == [1, 1, 1, 0, 0, 0]
     assert answer_format(prompts=prompts[:2], completions=["42", "Answer: five"]) == [0.0, 0.0]
     rows = arithmetic_rows(50, seed=3)
     assert arithmetic_correct([r["prompt"] for r in rows], ["Answer: -1"] * 50) == [0.0] * 50  # results are >= 0
@@ -209,6 +211,24 @@ def test_bad_reward_import_path_is_a_config_error_naming_the_field(tiny_model, t
         load_config(GRPOConfig, cfg_with(PROBE), ["grpo.rewards=[{weight: 1.0}]"])
     proc = run_stage("training.grpo", cfg_with("no_such_pkg.mod:fn"), check=False)
     assert proc.returncode == 2 and "grpo.rewards.1.function" in proc.stderr and "no_such_pkg" in proc.stderr
+
+
+def test_a_reward_function_that_misbehaves_is_named():
+    from training.config import RewardSpec
+    from training.data import Prompt
+    from training.grpo import RewardTerm, score
+
+    seq, mask = torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long)
+    prompts = [Prompt([{"role": "user", "content": "What is 1 + 1?"}])] * 2
+    for fn, why in (("tests.cpu.reward_probe:wrong_count", "returned 1 values for 2 completions"),
+                    ("tests.cpu.reward_probe:raises", "failed: KeyError")):
+        term = RewardTerm(RewardSpec(function=fn), "grpo.rewards.0.function", fn=import_function(fn))
+        with pytest.raises((ConfigError, RuntimeError), match=f"grpo.rewards.0.function: {fn} .*{why}"):
+            score([term], seq, mask, prompts, ["Answer: 2", "3"], clip=10.0)
+    ok = RewardTerm(RewardSpec(function="training.rewards:arithmetic_correct", weight=2.0), "f",
+                    fn=import_function("training.rewards:arithmetic_correct"))
+    total, parts = score([ok], seq, mask, prompts, ["Answer: 2", "3"], clip=10.0)
+    assert total.tolist() == [2.0, 0.0] and parts["arithmetic_correct"].tolist() == [1.0, 0.0]
 
 
 @pytest.fixture(scope="module")
