@@ -124,9 +124,28 @@ class LLMEngine:
         self.max_model_len = self.opts.max_model_len or 0
         self.ctx_buckets: list[int] = []
         self._fit_detail = ""
+        self._given: tuple[Any, Any] | None = None  # (model, tokenizer) of ``from_model``
         # Tests only: seconds added to every decode step, so that a tiny CPU model cannot finish a stream in the
         # moment between a client's hang-up and the server noticing it (tests/cpu/test_serving.py).
         self._test_step_delay = float(os.environ.get("SERVING_TEST_STEP_DELAY_S") or 0)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, tokenizer: Any, options: EngineConfig | dict | None = None,
+                   stats: StatsListener | None = None, device: torch.device | None = None) -> LLMEngine:
+        """An engine over an in-memory HF causal LM (already on its device) and its tokenizer, loading nothing: the
+        runner calls the model's own modules, so generation reads the live parameters in place (PPO/GRPO rollouts
+        in the training process see every in-place optimizer update). Options that rewrite the model's modules
+        (``fuse_projections``, ``lm_head_int8``, ``embed_on_host``) are refused: they would copy or replace the
+        weights the caller keeps training."""
+        eng = cls(getattr(model.config, "_name_or_path", None) or "in-memory", options, stats=stats)
+        bad = [k for k in ("fuse_projections", "lm_head_int8", "embed_on_host") if getattr(eng.opts, k)]
+        if bad:
+            raise EngineError(f"engine options {bad} rewrite the model's weights; an in-memory model needs them off")
+        eng._given = (model, tokenizer)
+        if device is not None:  # the model's own device (``options.device`` names no index: a torchrun rank's GPU)
+            eng.device = device
+            eng.memory.device = str(device)
+        return eng
 
     # ------------------------------------------------------------------ setup
     @property
@@ -168,10 +187,13 @@ class LLMEngine:
                 torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), self.device)
                 mem.budget = budget // MIB
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path or str(self.path))
-        if self.chat_template:
-            self.tokenizer.chat_template = self.chat_template
-        model, is_gptq = load_model(self.path, self.device, o.dtype, o.gptq_backend)
+        if self._given is not None:
+            (model, self.tokenizer), is_gptq = self._given, False
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path or str(self.path))
+            if self.chat_template:
+                self.tokenizer.chat_template = self.chat_template
+            model, is_gptq = load_model(self.path, self.device, o.dtype, o.gptq_backend)
         model_len = int(getattr(model.config, "max_position_embeddings", None) or o.max_model_len or 2048)
         want_len = min(o.max_model_len or model_len, model_len)
         embed_on_host = o.embed_on_host if o.embed_on_host is not None else (cuda and budget is not None)

@@ -1,11 +1,14 @@
 """Training benchmarks: step time, tokens/s, MFU and peak memory per stage and plugin; model capacity per plugin.
 
     python -m training.bench throughput --out DIR [--stages sft,rm,ppo] [--plugins ddp,zero2,gemini,3d]
+                                        [--rollout-engines hf,serving]
     python -m training.bench capacity --out DIR [--plugins ddp,gemini] [--memory-gb 16]
 
 ``throughput`` builds a random Llama at a real shape (default: 1.1B, TinyLlama's shape), writes synthetic
 full-length data, and runs the real stage CLIs (``python -m training.sft`` ...) with each plugin, reading
-their ``metrics.jsonl``; the first steps (warm-up, kernel builds) are left out of the averages.
+their ``metrics.jsonl``; the first steps (warm-up, kernel builds) are left out of the averages. PPO runs once per
+rollout engine (``ppo.rollout_engine``: the HF loop, the serving engine), side by side with the seconds per step
+of the rollout, the weight sync and the updates, and ``ppo_speedup`` (engine over HF loop, tokens/s and step time).
 ``capacity`` finds, for each plugin, the largest model of a 4096-wide Llama family (layers 2..32, 0.7B to
 6.7B parameters) that trains (SFT steps, AdamW) within a GPU memory cap. Both print JSON and write it to
 ``--out``. Random weights: numbers for speed and memory only.
@@ -106,7 +109,7 @@ def _plugin_train(plugin: str) -> dict[str, Any]:
 
 
 def stage_config(stage: str, plugin: str, model: Path, data: dict[str, Path], out: Path, *, seq: int, batch: int,
-                 steps: int) -> dict[str, Any]:
+                 steps: int, rollout_engine: str = "hf") -> dict[str, Any]:
     train = {**_plugin_train(plugin), "precision": "bf16", "micro_batch_size": batch, "max_steps": steps,
              "lr": 1e-5, "warmup_steps": 0}
     cfg: dict[str, Any] = {"model": {"path": str(model)},
@@ -119,7 +122,7 @@ def stage_config(stage: str, plugin: str, model: Path, data: dict[str, Path], ou
     if stage == "ppo":
         cfg["data"] = {"train": [str(data["prompts"])], "max_length": seq, "eval_fraction": 0.0}
         cfg["ppo"] = {"reward_model_path": str(model.parent / "rm"), "ptx_data": [str(data["sft"])], "ptx_coef": 0.1,
-                      "rollout_batch_size": batch * 2, "ppo_epochs": 1,
+                      "rollout_batch_size": batch * 2, "ppo_epochs": 1, "rollout_engine": rollout_engine,
                       "generation": {"max_new_tokens": 128, "temperature": 1.0}}
         cfg["train"]["micro_batch_size"] = batch
     return cfg
@@ -130,8 +133,26 @@ def summarize(metrics_path: Path, skip: int) -> dict[str, Any]:
     rows = [r for r in rows if r.get("split", "train") == "train" and "tokens_per_s" in r]
     kept = rows[skip:] or rows[-1:]
     mean = lambda k: sum(r[k] for r in kept) / len(kept) if all(k in r for r in kept) else None  # noqa: E731
-    return {"steps_measured": len(kept), "step_time_s": mean("step_time_s"), "tokens_per_s": mean("tokens_per_s"),
-            "mfu": mean("mfu"), "peak_mem_gib": max(r["peak_mem_gib"] for r in rows)}
+    out = {"steps_measured": len(kept), "step_time_s": mean("step_time_s"), "tokens_per_s": mean("tokens_per_s"),
+           "mfu": mean("mfu"), "peak_mem_gib": max(r["peak_mem_gib"] for r in rows)}
+    for k in ("rollout_s", "sync_s", "update_s", "response_length"):  # PPO's phases (training.rollout.PhaseTimes)
+        if mean(k) is not None:
+            out[k] = mean(k)
+    return out
+
+
+def ppo_speedup(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per plugin: the serving engine's PPO tokens/s and step time over the HF loop's."""
+    by = {(r["plugin"], r.get("rollout_engine")): r for r in runs if r["stage"] == "ppo" and r.get("tokens_per_s")}
+    out = {}
+    for (plugin, eng), r in by.items():
+        hf = by.get((plugin, "hf"))
+        if eng == "serving" and hf is not None:
+            out[plugin] = {"tokens_per_s": round(r["tokens_per_s"] / hf["tokens_per_s"], 2),
+                           "step_time": round(hf["step_time_s"] / r["step_time_s"], 2),
+                           **({"rollout_time": round(hf["rollout_s"] / r["rollout_s"], 2)}
+                              if hf.get("rollout_s") and r.get("rollout_s") else {})}
+    return out
 
 
 def _run(cmd: list[str], log: Path, timeout: int) -> tuple[int, float]:
@@ -157,27 +178,39 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
     data = make_data(work / "data", args.seq)
     results: dict[str, Any] = {"shape": args.shape, "params": n_params, "seq": args.seq, "batch": args.batch,
                                "runs": []}
-    for stage in args.stages.split(","):
-        for plugin in args.plugins.split(","):
-            out = work / "runs" / f"{stage}-{plugin}"
-            cfg = stage_config(stage, plugin, model, data, out, seq=args.seq, batch=args.batch, steps=args.steps)
-            cfg_path = work / f"{stage}-{plugin}.yaml"
-            cfg_path.write_text(yaml.safe_dump(cfg))
-            if stage == "ppo" and not (work / "rm").exists():  # reward model and critic: a value head on the model
-                (work / "rm").symlink_to(model.resolve())
-            log = work / f"{stage}-{plugin}.log"
-            nproc = cfg["train"].get("tp_size", 1)
-            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
-                if nproc > 1 else [sys.executable]
-            rc, wall = _run([*launcher, "-m", f"training.{stage}", "--config", str(cfg_path)], log, args.timeout)
-            run: dict[str, Any] = {"stage": stage, "plugin": plugin, "rc": rc, "wall_s": round(wall, 1)}
-            if (out / "metrics.jsonl").exists():
-                run.update(summarize(out / "metrics.jsonl", args.skip))
-            if rc != 0:
-                run["error"] = _tail(log)
+    jobs = [(stage, plugin, eng) for stage in args.stages.split(",") for plugin in args.plugins.split(",")
+            for eng in (args.rollout_engines.split(",") if stage == "ppo" else [None])]
+    for stage, plugin, eng in jobs:
+        name = f"{stage}-{plugin}" + (f"-{eng}" if eng else "")
+        if eng == "serving" and (plugin == "gemini" or plugin == "3d" and _plugin_train(plugin)["tp_size"] > 1):
+            run = {"stage": stage, "plugin": plugin, "rollout_engine": eng,
+                   "skipped": "the engine cannot read this plugin's parameters (training.rollout.check_plugin)"}
             results["runs"].append(run)
             print(json.dumps(run), flush=True)
-            _write(work / "throughput.json", results)
+            continue
+        out = work / "runs" / name
+        cfg = stage_config(stage, plugin, model, data, out, seq=args.seq, batch=args.batch, steps=args.steps,
+                           rollout_engine=eng or "hf")
+        cfg_path = work / f"{name}.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        if stage == "ppo" and not (work / "rm").exists():  # reward model and critic: a value head on the model
+            (work / "rm").symlink_to(model.resolve())
+        log = work / f"{name}.log"
+        nproc = cfg["train"].get("tp_size", 1)
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] \
+            if nproc > 1 else [sys.executable]
+        rc, wall = _run([*launcher, "-m", f"training.{stage}", "--config", str(cfg_path)], log, args.timeout)
+        run: dict[str, Any] = {"stage": stage, "plugin": plugin, "rc": rc, "wall_s": round(wall, 1)}
+        if eng:
+            run["rollout_engine"] = eng
+        if (out / "metrics.jsonl").exists():
+            run.update(summarize(out / "metrics.jsonl", args.skip))
+        if rc != 0:
+            run["error"] = _tail(log)
+        results["runs"].append(run)
+        print(json.dumps(run), flush=True)
+        results["ppo_speedup"] = ppo_speedup(results["runs"])
+        _write(work / "throughput.json", results)
     return results
 
 
@@ -270,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     tp.add_argument("--stages", default="sft,rm,ppo")
     tp.add_argument("--plugins", default="ddp,zero2,gemini,3d")
+    tp.add_argument("--rollout-engines", default="hf,serving", help="PPO's ppo.rollout_engine values to compare")
     tp.add_argument("--seq", type=int, default=1024)
     tp.add_argument("--batch", type=int, default=8)
     tp.add_argument("--steps", type=int, default=8)

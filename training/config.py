@@ -155,9 +155,29 @@ class GenerationConfig(_Strict):
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0, description="0 disables top-k.")
     top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] = Field(default_factory=list, description="Stop strings: the token that completes one (in the "
+                            "answer decoded without special tokens) ends the answer, as an EOS token does.")
 
 
-class PPOOptions(_Strict):
+class RolloutOptions(_Strict):
+    """How PPO and GRPO generate their rollouts (``training.rollout``)."""
+
+    rollout_engine: Literal["auto", "serving", "hf"] = Field(
+        "auto", description="serving: the project's engine (serving.engine: paged KV cache, continuous batching, "
+        "CUDA graphs) over the actor's weights; hf: token-by-token through the training model's forward "
+        "(ppo.sample). auto: serving, or hf with a plugin the engine cannot read (gemini, 3d with tp_size > 1).")
+    rollout_weights: Literal["auto", "shared", "copy"] = Field(
+        "auto", description="serving only. shared: the engine runs the actor's own parameters (no copy; the "
+        "optimizer's in-place updates are seen at once); copy: a copy in the compute dtype, synced in place before "
+        "each rollout (timed as sync_s). auto: shared when the actor's parameters already are in the compute dtype "
+        "(zero2, 3d, fp32), copy otherwise (ddp keeps fp32 weights under bf16/fp16 autocast).")
+    rollout_kv_cache_gb: float | None = Field(
+        None, gt=0, description="serving only: memory for the engine's KV cache (beside actor, critic, reference "
+        "and reward model in the same process). None: exactly one rollout's worth (every row at data.max_length "
+        "+ max_new_tokens); smaller: fewer rows decode at once, the rest wait.")
+
+
+class PPOOptions(RolloutOptions):
     reward_model_path: str = Field(..., description="The RM stage's output folder (its model/ with value head).")
     critic_path: str | None = Field(None, description="Critic initialisation; defaults to the reward model.")
     ptx_data: list[str] = Field(default_factory=list, description="SFT-format PTX sources; empty = off.")
@@ -251,7 +271,7 @@ class RewardSpec(_Strict):
         return self.function.rpartition(":")[2] if self.function else "rm"
 
 
-class GRPOOptions(_Strict):
+class GRPOOptions(RolloutOptions):
     rewards: list[RewardSpec] = Field(..., min_length=1, description="Reward terms, summed with their weights.")
     group_size: int = Field(4, ge=2, description="Samples per prompt (G); advantages are normalised per group.")
     rollout_batch_size: int = Field(4, ge=1, description="Prompts per process per step (G samples each).")

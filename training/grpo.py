@@ -12,6 +12,9 @@ model only if a reward term names one.
 
 Held-out prompts are answered greedily before and after, scored by every reward term (a 0/1 rule's mean is its
 pass rate). Writes ``model/`` (a Hugging Face causal LM) beside ``metrics.jsonl`` and ``manifest.json``.
+
+Rollouts (and the greedy held-out answers) come from ``training.rollout``: the serving engine over the actor's
+weights, or the HF loop ``ppo.sample`` (``grpo.rollout_engine``); the losses' log-probs from the training forward.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from training.models import (
     token_values,
 )
 from training.ppo import pack_right, response_logprobs, sample
+from training.rollout import PhaseTimes, Rollout, make_rollout, rollout_seed
 
 
 @dataclass
@@ -116,15 +120,20 @@ def decode_answers(tokenizer: Any, seq: torch.Tensor, mask: torch.Tensor, prompt
 
 @torch.no_grad()
 def make_experience(actor, ref, terms: list[RewardTerm], batch: dict[str, torch.Tensor], prompts: list[Prompt],
-                    cfg: GRPOConfig, tokenizer: Any, eos_ids: list[int]) -> GroupExperience:
-    """Sample G answers per prompt, score them, and turn the scores into group-relative advantages."""
+                    cfg: GRPOConfig, tokenizer: Any, eos_ids: list[int], rollout: Rollout | None = None,
+                    seed: int | None = None) -> GroupExperience:
+    """Sample G answers per prompt (``rollout``; default: ``sample`` through the actor), score them, and turn the
+    scores into group-relative advantages."""
     g = cfg.grpo
     pad_id = tokenizer.pad_token_id
     ids = batch["input_ids"].repeat_interleave(g.group_size, 0)
     attn = batch["attention_mask"].repeat_interleave(g.group_size, 0)
     grouped = [p for p in prompts for _ in range(g.group_size)]
     with engine.eval_mode(actor):
-        seq, mask = sample(actor, ids, attn, g.generation, eos_ids, pad_id)
+        if rollout is None:
+            seq, mask = sample(actor, ids, attn, g.generation, eos_ids, pad_id, tokenizer=tokenizer)
+        else:
+            seq, mask = rollout.generate(ids, attn, g.generation, seed=seed)
         P, R = ids.size(1), seq.size(1) - ids.size(1)
         action_mask = mask[:, P:].float()
         completions = decode_answers(tokenizer, seq, mask, P)
@@ -144,7 +153,8 @@ def make_experience(actor, ref, terms: list[RewardTerm], batch: dict[str, torch.
 
 @torch.no_grad()
 def evaluate_rewards(actor, terms: list[RewardTerm], prompts: list[tuple[list[int], Prompt]], cfg: GRPOConfig,
-                     tokenizer: Any, eos_ids: list[int], device: torch.device) -> dict[str, float]:
+                     tokenizer: Any, eos_ids: list[int], device: torch.device,
+                     rollout: Rollout | None = None) -> dict[str, float]:
     """Every reward term's mean over greedy answers to held-out prompts, sharded over ranks.
 
     Every rank runs the same number of batches (collective plugins need that); padding prompts weigh zero.
@@ -160,8 +170,12 @@ def evaluate_rewards(actor, terms: list[RewardTerm], prompts: list[tuple[list[in
             chunk = mine[i:i + size]
             batch = {k: v.to(device) for k, v in collate_prompts([c[0][0] for c in chunk],
                                                                  pad_id=tokenizer.pad_token_id).items()}
-            seq, mask = sample(actor, batch["input_ids"], batch["attention_mask"], cfg.grpo.generation, eos_ids,
-                               tokenizer.pad_token_id, greedy=True)
+            if rollout is None:
+                seq, mask = sample(actor, batch["input_ids"], batch["attention_mask"], cfg.grpo.generation, eos_ids,
+                                   tokenizer.pad_token_id, greedy=True, tokenizer=tokenizer)
+            else:
+                seq, mask = rollout.generate(batch["input_ids"], batch["attention_mask"], cfg.grpo.generation,
+                                             greedy=True)
             P = batch["input_ids"].size(1)
             length = mask[:, P:].sum(1).float()
             completions = decode_answers(tokenizer, seq, mask, P)
@@ -219,10 +233,14 @@ def main(argv: list[str] | None = None) -> int:
 
     batches = iterate_batches(prompts, sampler, g.rollout_batch_size, collate)
     eos_ids = eos_token_ids(tokenizer)
+    rollout = make_rollout(g, g.generation, "grpo", cfg.train, actor_t.model, tokenizer, eos_ids, stage.device,
+                           cfg.data.max_length, g.rollout_batch_size * g.group_size)
 
     logger = runner.make_logger(stage, steps)
     meter = Throughput(stage.device, train_flops_per_token(actor.config, n_params, cfg.data.max_length))
-    evaluate = partial(evaluate_rewards, actor_t.model, terms, eval_prompts, cfg, tokenizer, eos_ids, stage.device)
+    evaluate = partial(evaluate_rewards, actor_t.model, terms, eval_prompts, cfg, tokenizer, eos_ids, stage.device,
+                       rollout)
+    phases = PhaseTimes(stage.device)
     before: dict[str, float] = {}
     if eval_prompts and stage.start_step == 0:
         before = evaluate()  # the policy before GRPO
@@ -234,8 +252,11 @@ def main(argv: list[str] | None = None) -> int:
         batch = next(batches)
         rows = [prompt_rows[i] for i in batch.pop("index").tolist()]
         batch = {k: v.to(stage.device) for k, v in batch.items()}
+        rollout.pop_timings()  # the held-out evaluations' generation is not this step's rollout
         with engine.autocast(cfg.train, stage.device):  # the precision the updates run in: ratio 1 before them
-            exp = make_experience(actor_t.model, ref, terms, batch, rows, cfg, tokenizer, eos_ids)
+            exp = make_experience(actor_t.model, ref, terms, batch, rows, cfg, tokenizer, eos_ids, rollout,
+                                  rollout_seed(cfg.train.seed, step, engine.rank()))
+        t_update = phases.now()
         sums: dict[str, float] = {}
         done = 0
         actor_t.model.train()
@@ -259,10 +280,12 @@ def main(argv: list[str] | None = None) -> int:
                 done += 1
                 meter.add(int(mb["mask"].sum()))
         meter.add(0, steps=1)
+        phases.end_step(rollout, t_update)
         logger.advance()
         if step % cfg.log.every == 0 or step == steps:
             last = {k: engine.all_reduce_mean(v / done, stage.device) for k, v in sums.items()}
             last.update({k: engine.all_reduce_mean(v, stage.device) for k, v in exp.stats.items()})
+            last.update({k: engine.all_reduce_mean(v, stage.device) for k, v in phases.report().items()})
             last.update(lr=actor_t.lr, **meter.report())
             logger.log(step, last)
         if eval_prompts and cfg.log.eval_every and step % cfg.log.eval_every == 0 and step != steps:
@@ -278,10 +301,12 @@ def main(argv: list[str] | None = None) -> int:
             eval_metrics[f"eval_{k}_before"], eval_metrics[f"eval_{k}_after"] = before.get(k), after[k]
         eval_metrics["eval_prompts"] = after["prompts"]
     logger.close()
+    rollout.close()
 
     export_model(actor_t, stage.output_dir / "model", tokenizer)
     runner.finish(stage, outputs={"model": str(stage.output_dir / "model")},
                   inputs={"model": cfg.model.path, "data": cfg.data.train, "prompts": len(prompts),
+                          "rollout": {"engine": rollout.name, **getattr(rollout, "info", {})},
                           "rewards": [t.spec.model_dump(exclude_none=True) for t in terms], **data_report},
                   metrics={**{"final_" + k: v for k, v in last.items()}, **eval_metrics, "steps": steps,
                            "parameters": n_params, "trainable_parameters": n_trainable})

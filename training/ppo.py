@@ -13,6 +13,9 @@ buffer, adding ``ptx_coef`` times the SFT loss on PTX data to the actor's loss.
 Writes ``actor/`` (Hugging Face causal LM) and ``critic/`` beside ``metrics.jsonl`` and
 ``manifest.json``; checkpoints hold both models with their own optimizers and schedulers.
 
+Rollouts (and the greedy held-out answers) come from ``training.rollout``: the serving engine over the actor's
+weights, or the HF loop ``ppo.sample`` (``ppo.rollout_engine``); the losses' log-probs from the training forward.
+
 Exit codes: 0 done; 2 bad config or dataset (one ``error:`` line naming the field or file, e.g. a truncated
 ``.jsonl.gz``); 28 the disk filled while writing a checkpoint, the export or the manifest (one line naming the
 path; the partial files are removed, ``latest`` keeps the last complete checkpoint, ``--resume`` after freeing space).
@@ -25,6 +28,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,16 +56,21 @@ from training.models import (
     position_ids,
     token_values,
 )
+from training.rollout import PhaseTimes, Rollout, make_rollout, rollout_seed
 
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, gen: GenerationConfig,
-           eos_ids: list[int], pad_id: int, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+           eos_ids: list[int], pad_id: int, greedy: bool = False,
+           tokenizer: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample (or, ``greedy``, decode) continuations of left-padded prompts with a KV cache, through the boosted
     model's forward.
 
-    Returns (sequences [B, P+R], attention mask [B, P+R]); a row stops after its first EOS.
+    Returns (sequences [B, P+R], attention mask [B, P+R]); a row stops after its first EOS, or after the token that
+    completes one of ``gen.stop`` in its answer decoded without special tokens (``tokenizer`` needed then).
     """
+    if gen.stop and tokenizer is None:
+        raise ValueError("generation.stop needs the tokenizer to decode answers")
     B = input_ids.size(0)
     mask = attention_mask
     pos = position_ids(mask)
@@ -89,6 +98,12 @@ def sample(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
         tokens.append(nxt)
         mask = torch.cat([mask, (~done).long().unsqueeze(1)], dim=1)
         done = done | torch.isin(nxt, eos)
+        if gen.stop:
+            answers = torch.stack(tokens, dim=1).tolist()
+            for b in (~done).nonzero().flatten().tolist():
+                text = tokenizer.decode(answers[b], skip_special_tokens=True)
+                if any(s in text for s in gen.stop):
+                    done[b] = True
         cur_ids, cur_pos = nxt.unsqueeze(1), cur_pos[:, -1:] + 1
         if bool(done.all()):
             break
@@ -152,11 +167,16 @@ class Experience:
 
 @torch.no_grad()
 def make_experience(actor, critic, ref, reward_model, prompts: dict[str, torch.Tensor], cfg: PPOConfig,
-                    eos_ids: list[int], pad_id: int) -> Experience:
-    """Generate, score and compute advantages for one batch of prompts."""
+                    eos_ids: list[int], pad_id: int, rollout: Rollout | None = None,
+                    seed: int | None = None) -> Experience:
+    """Generate (``rollout``; default: ``sample`` through the actor), score and compute advantages for one batch
+    of prompts."""
     p = cfg.ppo
     with engine.eval_mode(actor, critic):
-        seq, mask = sample(actor, prompts["input_ids"], prompts["attention_mask"], p.generation, eos_ids, pad_id)
+        if rollout is None:
+            seq, mask = sample(actor, prompts["input_ids"], prompts["attention_mask"], p.generation, eos_ids, pad_id)
+        else:
+            seq, mask = rollout.generate(prompts["input_ids"], prompts["attention_mask"], p.generation, seed=seed)
         P = prompts["input_ids"].size(1)
         R = seq.size(1) - P
         action_mask = mask[:, P:].float()
@@ -176,7 +196,7 @@ def make_experience(actor, critic, ref, reward_model, prompts: dict[str, torch.T
 
 @torch.no_grad()
 def evaluate_reward(actor, reward_model, prompts: list[list[int]], cfg: PPOConfig, eos_ids: list[int], pad_id: int,
-                    device: torch.device) -> dict[str, float]:
+                    device: torch.device, rollout: Rollout | None = None) -> dict[str, float]:
     """Mean reward-model score and length of greedy answers to held-out prompts, sharded over ranks.
 
     Every rank runs the same number of batches (collective plugins need that); padding prompts weigh zero.
@@ -189,8 +209,12 @@ def evaluate_reward(actor, reward_model, prompts: list[list[int]], cfg: PPOConfi
         for i in range(0, len(mine), cfg.ppo.rollout_batch_size):
             chunk = mine[i:i + cfg.ppo.rollout_batch_size]
             batch = {k: v.to(device) for k, v in collate_prompts([c[0] for c in chunk], pad_id=pad_id).items()}
-            seq, mask = sample(actor, batch["input_ids"], batch["attention_mask"], cfg.ppo.generation, eos_ids, pad_id,
-                               greedy=True)
+            if rollout is None:
+                seq, mask = sample(actor, batch["input_ids"], batch["attention_mask"], cfg.ppo.generation, eos_ids,
+                                   pad_id, greedy=True)
+            else:
+                seq, mask = rollout.generate(batch["input_ids"], batch["attention_mask"], cfg.ppo.generation,
+                                             greedy=True)
             P = batch["input_ids"].size(1)
             length = mask[:, P:].sum(1).float().cpu()
             seq, mask, _ = pack_right(seq, mask, P)
@@ -294,11 +318,15 @@ def main(argv: list[str] | None = None) -> int:
     ptx_batches = iterate_batches(ptx, ptx_sampler, cfg.train.micro_batch_size,
                                   partial(collate_sft, pad_id=pad_id)) if ptx else None
     eos_ids = eos_token_ids(tokenizer)
+    rollout = make_rollout(p, p.generation, "ppo", cfg.train, actor_t.model, tokenizer, eos_ids, stage.device,
+                           cfg.data.max_length, p.rollout_batch_size)
 
     logger = runner.make_logger(stage, steps)
     meter = Throughput(stage.device, train_flops_per_token(actor.config, n_params, cfg.data.max_length))
     last: dict[str, float] = {}
-    evaluate = partial(evaluate_reward, actor_t.model, reward_model, eval_prompts, cfg, eos_ids, pad_id, stage.device)
+    evaluate = partial(evaluate_reward, actor_t.model, reward_model, eval_prompts, cfg, eos_ids, pad_id, stage.device,
+                       rollout)
+    phases = PhaseTimes(stage.device)
     before: dict[str, float] = {}
     if eval_prompts and stage.start_step == 0:
         before = evaluate()  # the policy before PPO
@@ -307,8 +335,11 @@ def main(argv: list[str] | None = None) -> int:
         before = next((r for r in read_metrics(stage.output_dir, "eval") if r["step"] == 0), {})
     for step in range(stage.start_step + 1, steps + 1):
         batch = {k: v.to(stage.device) for k, v in next(prompt_batches).items()}
+        rollout.pop_timings()  # the held-out evaluations' generation is not this step's rollout
         with engine.autocast(cfg.train, stage.device):  # the precision the updates run in: ratio 1 before them
-            exp = make_experience(actor_t.model, critic_t.model, ref, reward_model, batch, cfg, eos_ids, pad_id)
+            exp = make_experience(actor_t.model, critic_t.model, ref, reward_model, batch, cfg, eos_ids, pad_id,
+                                  rollout, rollout_seed(cfg.train.seed, step, engine.rank()))
+        t_update = phases.now()
         sums: dict[str, float] = {}
         updates_done = 0
         actor_t.model.train()
@@ -335,10 +366,12 @@ def main(argv: list[str] | None = None) -> int:
                 updates_done += 1
                 meter.add(int(mb["mask"].sum()))
         meter.add(0, steps=1)
+        phases.end_step(rollout, t_update)
         logger.advance()
         if step % cfg.log.every == 0 or step == steps:
             last = {k: engine.all_reduce_mean(v / updates_done, stage.device) for k, v in sums.items()}
             last.update({k: engine.all_reduce_mean(v, stage.device) for k, v in exp.stats.items()})
+            last.update({k: engine.all_reduce_mean(v, stage.device) for k, v in phases.report().items()})
             last.update(lr=actor_t.lr, critic_lr=critic_t.lr, **meter.report())
             logger.log(step, last)
         if eval_prompts and cfg.log.eval_every and step % cfg.log.eval_every == 0 and step != steps:
@@ -354,13 +387,14 @@ def main(argv: list[str] | None = None) -> int:
         eval_metrics = {"eval_reward_before": before.get("reward"), "eval_reward_after": after["reward"],
                         "eval_prompts": after["prompts"]}
     logger.close()
+    rollout.close()
 
     export_model(actor_t, stage.output_dir / "actor", tokenizer)
     export_model(critic_t, stage.output_dir / "critic", tokenizer)
     runner.finish(stage, outputs={"model": str(stage.output_dir / "actor"), "actor": str(stage.output_dir / "actor"),
                                   "critic": str(stage.output_dir / "critic")},
                   inputs={"model": cfg.model.path, "reward_model": p.reward_model_path, "data": cfg.data.train,
-                          **data_report},
+                          "rollout": {"engine": rollout.name, **getattr(rollout, "info", {})}, **data_report},
                   metrics={**{"final_" + k: v for k, v in last.items()}, **eval_metrics, "steps": steps,
                            "parameters": n_params,
                            "trainable_parameters": n_trainable})

@@ -206,21 +206,26 @@ def test_lora_with_gradient_checkpointing_resumes_and_exports_merged_model(tiny_
     assert 0 < manifest["metrics"]["trainable_parameters"] < manifest["metrics"]["parameters"] / 10
 
 
-def test_ppo_kill_and_resume_restores_actor_and_critic(tiny_model, reward_model, tmp_path):
+@pytest.mark.parametrize("rollout_engine", ["hf", "serving"])
+def test_ppo_kill_and_resume_restores_actor_and_critic(tiny_model, reward_model, tmp_path, rollout_engine):
     ref_out, out = tmp_path / "straight", tmp_path / "killed"
-    run_stage("training.ppo", ppo_config(tiny_model, reward_model, tmp_path, ref_out))
+    engine = f"ppo.rollout_engine={rollout_engine}"
+    run_stage("training.ppo", ppo_config(tiny_model, reward_model, tmp_path, ref_out), engine)
     cfg_path = ppo_config(tiny_model, reward_model, tmp_path, out)
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["checkpoint"]["save_every"] = 1
     write_config(cfg_path, cfg)
-    proc = run_stage("training.ppo", cfg_path, env={"TRAINING_CRASH_AFTER_STEP": "2"}, check=False)
+    proc = run_stage("training.ppo", cfg_path, engine, env={"TRAINING_CRASH_AFTER_STEP": "2"}, check=False)
     assert proc.returncode == 17
     ckpt = out / "checkpoints" / "step-000001"
     assert {"actor", "critic", "actor.optim", "critic.optim", "actor.sched", "critic.sched"} <= {
         p.name for p in ckpt.iterdir()}
-    run_stage("training.ppo", cfg_path, "--resume")
+    run_stage("training.ppo", cfg_path, "--resume", engine)
     for key in ("reward", "kl", "policy_loss", "value_loss", "ptx_loss"):
         assert losses_by_step(out, key) == pytest.approx(losses_by_step(ref_out, key), rel=1e-4, abs=1e-6), key
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"]["rollout"]["engine"] == rollout_engine
+    assert all(r["rollout_s"] > 0 and r["update_s"] > 0 for r in read_metrics(out))
 
 
 def test_sft_and_ppo_under_torchrun_with_two_ranks(tiny_model, reward_model, tmp_path):
