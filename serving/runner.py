@@ -2,8 +2,9 @@
 and the decode step captured as CUDA graphs per (batch bucket, context bucket).
 
 Attention over blocks has two implementations behind one signature (helpers' PAGED_INTERFACE):
-- the torch path here (``write_kv``, ``paged_decode_attention_ref``, ``paged_prefill_attention_ref``): gather a
-  row's blocks into a dense [kv_heads, context, head_dim] tensor, then SDPA. It is what CPU serving runs, and
+- the torch path (``serving.kernels.paged_attention_ref``: ``write_kv_ref``, ``paged_decode_attention_ref``,
+  ``paged_prefill_attention_ref``): gather a row's blocks into a dense [kv_heads, context, head_dim] tensor, then
+  SDPA. It is what CPU serving runs, and
   it is graph safe (fixed shapes per context bucket, no host sync);
 - ``serving.kernels.paged_attention.paged_decode_attention`` (Triton), used for decode on CUDA when that module
   imports: it reads K/V in place instead of gathering them.
@@ -22,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.kernels.paged_attention_ref import gather_kv, paged_prefill_attention_ref
+from serving.kernels.paged_attention_ref import write_kv_ref as write_kv
 from serving.kv_cache import KVBlocks
-from serving.model import Int8Linear, fuse_linears, quantize_int8
+from serving.model import Int8Linear, fuse_linears
 
 logger = logging.getLogger("serving.runner")
 
@@ -34,70 +37,16 @@ COMPILE_BACKEND = os.environ.get("SERVING_COMPILE_BACKEND", "inductor")
 
 # ----------------------------------------------------------------------------------- attention over blocks
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
-    """k/v [num_tokens, kv_heads, head_dim] into the cache at flat slots (block * block_size + offset); int8 with
-    per (token, head) scales when scales are given."""
-    bs = k_cache.shape[2]
-    blk, off = slot_mapping // bs, slot_mapping % bs
-    if k_scale is not None:
-        (k, ks), (v, vs) = quantize_int8(k, k_scale.dtype), quantize_int8(v, v_scale.dtype)
-        k_scale[blk, :, off] = ks
-        v_scale[blk, :, off] = vs
-    k_cache[blk, :, off] = k
-    v_cache[blk, :, off] = v
-
-
-def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
-              v_scale: torch.Tensor | None, blocks: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """blocks [..., nb] (long) -> dense K, V [..., kv_heads, nb*block_size, head_dim] in ``dtype``."""
-    def one(c: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
-        x = c[blocks]  # [..., nb, kvh, bs, hd]
-        if s is not None:
-            x = x.to(dtype) * s[blocks]
-        x = x.movedim(-4, -3)  # [..., kvh, nb, bs, hd]
-        return x.reshape(*x.shape[:-3], x.shape[-3] * x.shape[-2], x.shape[-1])
-    return one(k_cache, k_scale), one(v_cache, v_scale)
-
-
 def _decode_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
                    v_scale: torch.Tensor | None, block_tables: torch.Tensor, mask: torch.Tensor, scale: float,
                    num_blocks: int) -> torch.Tensor:
-    """q [b, nh, hd] over the first ``num_blocks`` table entries; mask [b, 1, 1, num_blocks*bs] -> [b, nh*hd]."""
+    """q [b, nh, hd] over the first ``num_blocks`` table entries; mask [b, 1, 1, num_blocks*bs] -> [b, nh*hd]
+    (the compiled decode layer's piece: its mask is built once per step, outside, for every layer)."""
     b, nh, hd = q.shape
-    kk, vv = gather_kv(k_cache, v_cache, k_scale, v_scale, block_tables[:, :num_blocks].long(), q.dtype)
+    kk, vv = gather_kv(k_cache, v_cache, k_scale, v_scale, block_tables, num_blocks, q.dtype)
     kvh = kk.shape[1]
     o = F.scaled_dot_product_attention(q.reshape(b, kvh, nh // kvh, hd), kk, vv, attn_mask=mask, scale=scale)
     return o.reshape(b, nh * hd)
-
-
-def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, block_tables: torch.Tensor,
-                               context_lens: torch.Tensor, scale: float, max_context: int) -> torch.Tensor:
-    """The interface's decode attention in torch: q [b, nh, hd] (rotated) -> [b, nh, hd]."""
-    bs = k_cache.shape[2]
-    nb = -(-max_context // bs)
-    mask = (torch.arange(nb * bs, device=q.device)[None, :] < context_lens[:, None]).view(q.shape[0], 1, 1, -1)
-    return _decode_attend(q, k_cache, v_cache, k_scale, v_scale, block_tables, mask, scale, nb).view_as(q)
-
-
-def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, block_table: torch.Tensor,
-                                start: int, scale: float) -> torch.Tensor:
-    """One sequence's chunk: q [t, nh, hd] at positions start..start+t-1, causal over cache positions
-    0..start+t-1 (the chunk's K/V already written) -> [t, nh, hd]."""
-    t, nh, hd = q.shape
-    end = start + t
-    bs = k_cache.shape[2]
-    kk, vv = gather_kv(k_cache, v_cache, k_scale, v_scale, block_table[:-(-end // bs)].long(), q.dtype)
-    kk, vv = kk[:, :end], vv[:, :end]  # [kvh, end, hd]
-    groups = nh // kk.shape[0]
-    if groups > 1:
-        kk, vv = kk.repeat_interleave(groups, dim=0), vv.repeat_interleave(groups, dim=0)
-    pos = torch.arange(start, end, device=q.device)
-    mask = torch.arange(end, device=q.device)[None, :] <= pos[:, None]
-    o = F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=mask, scale=scale)
-    return o.transpose(0, 1)
 
 
 def triton_decode_attention() -> Callable | None:

@@ -411,7 +411,7 @@ def test_stage_commands_run_real_modules_with_resume(case: str) -> None:
         assert cfg_vol["configMap"]["items"] == [{"key": f"{stage}.yaml", "path": f"{stage}.yaml"}]
         assert spec["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] >= 1
         rules = job["spec"]["podFailurePolicy"]["rules"]
-        assert rules[0]["onExitCodes"] == {"containerName": stage, "operator": "In", "values": [2]}
+        assert rules[0]["onExitCodes"] == {"containerName": stage, "operator": "In", "values": [2, 28]}
     if missing:
         pytest.skip(f"{missing} not on this branch")
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from serving.kernels.paged_attention_ref import gather_kv, paged_decode_attention_ref, paged_prefill_attention_ref
+from serving.kernels.paged_attention_ref import write_kv_ref as write_kv
 from serving.kv_cache import BlockPool, KVCacheManager, block_key
-from serving.runner import gather_kv, paged_decode_attention_ref, paged_prefill_attention_ref, write_kv
 
 
 def _check_invariants(kv: KVCacheManager) -> None:
@@ -144,7 +145,7 @@ def test_paged_attention_refs_equal_dense_attention(quant: bool):
         v = torch.randn(n, kvh, hd, generator=g)
         slots = torch.tensor([int(tables[row, p // bs]) * bs + p % bs for p in range(n)])
         write_kv(k, v, kc, vc, ks, vs, slots)
-        dense.append(gather_kv(kc, vc, ks, vs, tables[row, :-(-n // bs)].long(), torch.float32))
+        dense.append(tuple(x[0] for x in gather_kv(kc, vc, ks, vs, tables[row:row + 1], -(-n // bs), torch.float32)))
         back_k = dense[-1][0][:, :n].transpose(0, 1)
         assert torch.allclose(back_k, k, atol=0.05 if quant else 0)
     q = torch.randn(2, kvh * groups, hd, generator=g)

@@ -121,6 +121,7 @@ def drive_page(url: str, chromium: str) -> dict:
             seen["models"] = page.eval_on_selector_all("#model option", "els => els.map(e => e.value)")
             page.fill("#max_tokens", "24")
             page.fill("#temperature", "0")
+            page.click("details > summary")  # the key field sits under "more", as a person would open it
             page.fill("#api_key", "sk-session-only")  # keys are off on this server: any key is accepted
             page.evaluate("() => localStorage.setItem('chat.api_key', 'sk-left-by-an-old-page')")
             page.evaluate(OBSERVER)
