@@ -53,6 +53,8 @@ class Root:
         self.user = config.get("User") or "0:0"
         self.workdir = config.get("WorkingDir") or "/"
         self.cmd: list[str] = config.get("Cmd") or []
+        # buildah records WORKDIR without creating it when no later step writes there; runtimes create it at start
+        self.host(self.workdir).mkdir(parents=True, exist_ok=True)
 
     def host(self, inside: str) -> Path:
         """Where a path inside the image lies on this machine."""
@@ -76,8 +78,8 @@ class Root:
         full_env = {**self.env, "HOME": _home(self), **(env or {})}
         inner = ["/usr/bin/env", "-i", *(f"{k}={v}" for k, v in full_env.items()), "/bin/sh", "-c",
                  'cd "$0" && exec "$@"', self.workdir, *argv]
-        script = ('mount -t proc proc "$0/proc" && mount --rbind /dev "$0/dev" && mount --rbind /sys "$0/sys" '
-                  '&& exec chroot --userspec="$1" "$0" "$@"')
+        script = ('r=$0 u=$1 && shift && mount -t proc proc "$r/proc" && mount --rbind /dev "$r/dev" '
+                  '&& mount --rbind /sys "$r/sys" && exec chroot --userspec="$u" "$r" "$@"')
         cmd = ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c", script, str(self.path), self.user,
                *inner]
         with open(log, "ab") as out:

@@ -10,6 +10,7 @@ skip, saying so.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import time
@@ -25,6 +26,8 @@ pytestmark = pytest.mark.slow
 
 
 def _need(image: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("podman's storage, chroot and unshare need root (`make images-test` runs them with sudo)")
     if shutil.which("podman") is None or not image_exists(image):
         pytest.skip(f"{image} not built: `make images-test` builds it (tests/images/build.sh)")
 
