@@ -73,14 +73,19 @@ for f in (index / "files").iterdir():
 PY
     touch "$index/.complete"
   fi
-  python3 -m http.server --bind 127.0.0.1 --directory "$index" 0 >"$CACHE/index.log" 2>&1 &
+  # a fixed port: the index URL is a build arg, and a changed build arg misses podman's layer cache for every RUN
+  PORT=${IMAGES_INDEX_PORT:-38471}
+  python3 -m http.server --bind 127.0.0.1 --directory "$index" "$PORT" >"$CACHE/index.log" 2>&1 &
   INDEX_PID=$!
   trap 'kill "$INDEX_PID" 2>/dev/null || true' EXIT
+  local up=
   for _ in $(seq 50); do
-    PORT=$(sed -n 's/.*port \([0-9]*\).*/\1/p' "$CACHE/index.log" | head -1)
-    [ -n "$PORT" ] && break; sleep 0.2
+    python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/simple/torch/', timeout=2)" 2>/dev/null \
+      && up=1 && break
+    kill -0 "$INDEX_PID" 2>/dev/null || break
+    sleep 0.2
   done
-  [ -n "${PORT:-}" ] || { cat "$CACHE/index.log"; exit 1; }
+  [ -n "$up" ] || { echo "torch index did not start on 127.0.0.1:$PORT (IMAGES_INDEX_PORT):"; cat "$CACHE/index.log"; exit 1; }
   TORCH_INDEX_URL=http://127.0.0.1:$PORT/simple
 }
 
