@@ -41,9 +41,8 @@ k8s: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# tests/images (both images built and run, ~16 min cold): `make images-test`
-test: lint $(CHECKOV_STAMP) browser prometheus
-	$(PY) -m pytest -q -ra tests --ignore=tests/images; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
+test: lint $(CHECKOV_STAMP) browser prometheus podman
+	$(PY) -m pytest -q -ra tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
 
 # Debian's chromium for the web chat test (tests/cpu/test_web_chat.py drives it with playwright).
 browser:
@@ -56,21 +55,21 @@ prometheus:
 	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
 
-# Debian's podman, buildah and debootstrap for tests/images (root: podman's storage, chroot).
+# Debian's podman, buildah and debootstrap for tests/cpu/test_images.py, which builds both images' CPU variant
+# (docker/build-cpu.sh: `podman build --isolation chroot` on a Debian base made offline) and runs them from their
+# roots (podman mount + chroot standing in for a container runtime). Needs root (podman's storage, chroot).
 podman:
 	@command -v podman >/dev/null 2>&1 && command -v buildah >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1 \
 	  || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
 	  --no-install-recommends podman buildah debootstrap; }
 
-# Both images' CPU variant built from docker/Dockerfile.* by `podman build --isolation chroot` on a Debian base made
-# offline (debootstrap, cached under .cache/images with podman's layers); see README "Images built here".
+# Just the two CPU images (cached under .cache/images with podman's layers; README "Images built here").
 images: podman
-	$(SUDO) tests/images/build.sh all
+	$(SUDO) docker/build-cpu.sh all
 
-# ...and run from their roots (podman mount + chroot stand in for a container runtime): the serving image's command
-# answers a chat completion on the tiny model; the training image's runs `--help` and one SFT step.
-images-test: $(STAMP) images
-	$(SUDO) $(PY) -m pytest -q -ra tests/images
+# Build and run them (what `make test` does among the rest).
+images-test: $(STAMP) podman
+	$(SUDO) $(PY) -m pytest -q -ra tests/cpu/test_images.py
 
 # The main job: SmolLM2 through SFT -> RM -> PPO -> GPTQ, served, two streamed answers (training/demo.py).
 demo: $(STAMP)

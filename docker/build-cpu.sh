@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the CPU variant of both images with Debian's podman (`--isolation chroot`: no Docker engine, no registry).
-#   tests/images/build.sh [base|train|serve|all|clean]      (root; `make images-test` runs it, then the checks)
+#   docker/build-cpu.sh [base|train|serve|all|clean]      (root; `make images-test` runs it, then the checks)
 # The base stands in for the CUDA/Ray bases no registry here serves: Debian 12 made by debootstrap (cached as a
 # tarball), imported twice: as is for Dockerfile.train (whose apt steps install Python, as on Ubuntu), and with a
 # uid-1000 venv on PATH for Dockerfile.serve (what rayproject/ray gives: `pip`/`python` owned by user 1000).
@@ -8,7 +8,7 @@
 # docker/constraints-cpu.txt. Images and layers live in their own podman storage under the cache folder, so the
 # host's podman storage is never touched and a rebuild reuses every layer whose inputs did not change.
 set -euo pipefail
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${IMAGES_CACHE:-$ROOT/.cache/images}
 SUITE=bookworm
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -89,13 +89,13 @@ PY
   TORCH_INDEX_URL=http://127.0.0.1:$PORT/simple
 }
 
+# REVISION stays "unknown": a per-commit label would miss the cache for every RUN of the final stages
 build() {  # build DOCKERFILE TAG ARGS...
   local file=$1 tag=$2; shift 2
   stamp "build $tag"
   local t0=$SECONDS
   podman build --isolation chroot --format docker --layers -f "$ROOT/$file" -t "$tag" --build-arg CUDA=0 \
-    --build-arg CONSTRAINTS=docker/constraints-cpu.txt --build-arg TORCH_INDEX_URL="$TORCH_INDEX_URL" \
-    --build-arg REVISION="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" "$@" "$ROOT"
+    --build-arg CONSTRAINTS=docker/constraints-cpu.txt --build-arg TORCH_INDEX_URL="$TORCH_INDEX_URL" "$@" "$ROOT"
   stamp "built $tag in $((SECONDS - t0)) s"
 }
 

@@ -19,28 +19,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("IMAGES_CACHE", ROOT / ".cache" / "images"))
 TRAIN_IMAGE = os.environ.get("TRAIN_IMAGE", "localhost/colossal-rlhf-train:cpu")
 SERVE_IMAGE = os.environ.get("SERVE_IMAGE", "localhost/colossal-rlhf-serve:cpu")
 
 
 def podman(*args: str, timeout: float = 120) -> str:
-    """podman on the build script's own storage (tests/images/build.sh), never the host's default one."""
+    """podman on the build script's own storage (docker/build-cpu.sh), never the host's default one."""
     cmd = ["podman", "--root", str(CACHE / "storage"), "--runroot", str(CACHE / "run"), "--storage-driver",
            "overlay", *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd)} exited {r.returncode}: {r.stderr[-2000:]}")
     return r.stdout.strip()
-
-
-def image_exists(image: str) -> bool:
-    try:
-        podman("image", "exists", image)
-    except (RuntimeError, FileNotFoundError):
-        return False
-    return True
 
 
 class Root:
