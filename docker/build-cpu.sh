@@ -90,22 +90,31 @@ PY
 }
 
 # REVISION stays "unknown": a per-commit label would miss the cache for every RUN of the final stages
-build() {  # build DOCKERFILE TAG ARGS...
-  local file=$1 tag=$2; shift 2
-  stamp "build $tag"
-  local t0=$SECONDS
-  podman build --isolation chroot --format docker --layers -f "$ROOT/$file" -t "$tag" --build-arg CUDA=0 \
+podman_build() {  # podman_build DOCKERFILE ARGS...
+  local file=$1; shift
+  podman build --isolation chroot --format docker --layers -f "$ROOT/$file" --build-arg CUDA=0 \
     --build-arg CONSTRAINTS=docker/constraints-cpu.txt --build-arg TORCH_INDEX_URL="$TORCH_INDEX_URL" "$@" "$ROOT"
-  stamp "built $tag in $((SECONDS - t0)) s"
 }
 
 build_train() {
-  build docker/Dockerfile.train "$TRAIN_IMAGE" --build-arg CUDA_IMAGE="$TRAIN_BASE" --build-arg PYTHON_VERSION=3.11 \
-    --build-arg GXX_VERSION='4:12.*' --build-arg LIBGOMP_VERSION='12.*'
+  stamp "build $TRAIN_IMAGE"
+  local t0=$SECONDS
+  local -a args=(--build-arg CUDA_IMAGE="$TRAIN_BASE" --build-arg PYTHON_VERSION=3.11
+                 --build-arg GXX_VERSION='4:12.*' --build-arg LIBGOMP_VERSION='12.*')
+  # the builder stage tagged too, so pruning what earlier builds left untagged keeps its cached layers
+  podman_build docker/Dockerfile.train --target builder -t "$TRAIN_IMAGE-builder" "${args[@]}"
+  podman_build docker/Dockerfile.train -t "$TRAIN_IMAGE" "${args[@]}"
+  stamp "built $TRAIN_IMAGE in $((SECONDS - t0)) s"
 }
 
 build_serve() {
-  build docker/Dockerfile.serve "$SERVE_IMAGE" --build-arg RAY_IMAGE="$SERVE_BASE"
+  stamp "build $SERVE_IMAGE"
+  local t0=$SECONDS
+  # --no-cache: Debian's podman 4.3.1 (buildah 1.28) mounts an empty folder for `RUN --mount=type=bind,from=builder`
+  # when the builder stage came from the cache (buildah issue 4375: "/tmp/wheels ... non-existing path"), so this
+  # image is built whole every time (159-162 s here)
+  podman_build docker/Dockerfile.serve --no-cache -t "$SERVE_IMAGE" --build-arg RAY_IMAGE="$SERVE_BASE"
+  stamp "built $SERVE_IMAGE in $((SECONDS - t0)) s"
 }
 
 # an interrupted build leaves buildah's working containers (and their mounts): remove them, and dangling layers
@@ -125,7 +134,9 @@ case $what in
   base) ;;
   train) start_index; build_train ;;
   serve) start_index; build_serve ;;
-  all) start_index; build_train; build_serve ;;
+  all) start_index; build_train; build_serve
+       # what earlier builds left untagged (each about as big as the image): 38 GB after four rebuilds otherwise
+       podman image prune --force >/dev/null ;;
   *) echo "usage: $0 [base|train|serve|all|clean]" >&2; exit 2 ;;
 esac
 stamp "done ($what) in $((SECONDS - t0)) s"
