@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Builds the CPU variant of both images with Debian's podman (`--isolation chroot`: no Docker engine, no registry).
-#   docker/build-cpu.sh [base|train|serve|all|clean]      (root; `make images-test` runs it, then the checks)
+#   docker/build-cpu.sh [base|train|serve|all|clean]   (root; `make images`; tests/cpu/test_images.py runs `all`)
 # The base stands in for the CUDA/Ray bases no registry here serves: Debian 12 made by debootstrap (cached as a
 # tarball), imported twice: as is for Dockerfile.train (whose apt steps install Python, as on Ubuntu), and with a
 # uid-1000 venv on PATH for Dockerfile.serve (what rayproject/ray gives: `pip`/`python` owned by user 1000).
 # torch comes from this machine's CPU wheel through a local index (TORCH_INDEX_URL), pinned by
 # docker/constraints-cpu.txt. Images and layers live in their own podman storage under the cache folder, so the
-# host's podman storage is never touched and a rebuild reuses every layer whose inputs did not change.
+# host's podman storage is never touched and the training image's rebuild reuses every layer whose inputs did not
+# change (the serving image is built whole: see build_serve).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 CACHE=${IMAGES_CACHE:-$ROOT/.cache/images}
@@ -124,19 +125,23 @@ clean() {
   podman image prune --force >/dev/null
 }
 
-what=${1:-all}
-t0=$SECONDS
-[ "$what" = clean ] && { clean; exit 0; }
-make_base
-stamp "base ready in $((SECONDS - t0)) s"
-import_bases
-case $what in
-  base) ;;
-  train) start_index; build_train ;;
-  serve) start_index; build_serve ;;
-  all) start_index; build_train; build_serve
-       # what earlier builds left untagged (each about as big as the image): 38 GB after four rebuilds otherwise
-       podman image prune --force >/dev/null ;;
-  *) echo "usage: $0 [base|train|serve|all|clean]" >&2; exit 2 ;;
-esac
-stamp "done ($what) in $((SECONDS - t0)) s"
+# all in one function, read whole before it runs (bash reads a script as it goes: an edit mid-build would bite)
+main() {
+  local what=${1:-all} t0=$SECONDS
+  case $what in base|train|serve|all|clean) ;; *) echo "usage: $0 [base|train|serve|all|clean]" >&2; exit 2 ;; esac
+  [ "$what" = clean ] && { clean; exit 0; }
+  make_base
+  stamp "base ready in $((SECONDS - t0)) s"
+  import_bases
+  case $what in
+    base) ;;
+    train) start_index; build_train ;;
+    serve) start_index; build_serve ;;
+    all) start_index; build_train; build_serve
+         # what earlier builds left untagged (each about as big as the image): 38 GB after four rebuilds otherwise
+         podman image prune --force >/dev/null ;;
+  esac
+  stamp "done ($what) in $((SECONDS - t0)) s"
+}
+
+main "$@"
