@@ -15,7 +15,7 @@ CHECKOV_VENV ?= .venv-checkov
 CHECKOV ?= checkov==3.3.30
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 
-.PHONY: setup test lint demo serve chat browser prometheus clean k8s quality
+.PHONY: setup test lint demo serve chat browser prometheus clean k8s quality podman images images-test
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,7 @@ k8s: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint $(CHECKOV_STAMP) browser prometheus
+test: lint $(CHECKOV_STAMP) browser prometheus podman
 	$(PY) -m pytest -q -ra tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran"; exit 1; fi; exit $$rc
 
 # Debian's chromium for the web chat test (tests/cpu/test_web_chat.py drives it with playwright).
@@ -54,6 +54,22 @@ browser:
 prometheus:
 	@command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
+
+# Debian's podman, buildah and debootstrap for tests/cpu/test_images.py, which builds both images' CPU variant
+# (docker/build-cpu.sh: `podman build --isolation chroot` on a Debian base made offline) and runs them from their
+# roots (podman mount + chroot standing in for a container runtime). Needs root (podman's storage, chroot).
+podman:
+	@command -v podman >/dev/null 2>&1 && command -v buildah >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1 \
+	  || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q \
+	  --no-install-recommends podman buildah debootstrap; }
+
+# Just the two CPU images (cached under .cache/images with podman's layers; README "Images built here").
+images: podman
+	$(SUDO) docker/build-cpu.sh all
+
+# Build and run them (what `make test` does among the rest).
+images-test: $(STAMP) podman
+	$(SUDO) $(PY) -m pytest -q -ra tests/cpu/test_images.py
 
 # The main job: SmolLM2 through SFT -> RM -> PPO -> GPTQ, served, two streamed answers (training/demo.py).
 demo: $(STAMP)

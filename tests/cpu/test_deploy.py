@@ -844,9 +844,16 @@ def test_images_pin_torch_by_constraints_and_carry_their_kernel_build_tools() ->
         # what a JIT kernel build needs, checked while the image builds
         assert "ninja --version" in final and "nvcc --version" in final and "Python.h" in final, f.name
         assert re.search(r"TORCH_CUDA_ARCH_LIST=\$\{TORCH_CUDA_ARCH_LIST\}", final), f.name
+        # the GPU build by default; CUDA=0 (with docker/constraints-cpu.txt) is the CPU variant tests/images builds
+        assert set(re.findall(r"(?m)^ARG CUDA=(.*)$", final)) == {"1"}, f.name
+        assert re.search(r"(?m)^ARG CONSTRAINTS=docker/constraints\.txt$", text), f.name
     train = (ROOT / "docker" / "Dockerfile.train").read_text()
-    assert re.search(r"BUILD_EXT=1 .*pip install --no-deps --no-build-isolation \"colossalai==", train)
-    assert "python3.12-dev" in train.rsplit("\nFROM ", 1)[1] and "g++" in train.rsplit("\nFROM ", 1)[1]
+    assert re.search(r"BUILD_EXT=\"\$\{CUDA\}\" .*pip install --no-deps --no-build-isolation \"colossalai==", train)
+    assert re.search(r"(?m)^ARG PYTHON_VERSION=3\.12$", train), "Ubuntu 24.04's Python by default"
+    final = train.rsplit("\nFROM ", 1)[1]
+    assert "python${PYTHON_VERSION}-dev" in final and "g++" in final
+    cpu = [ln for ln in (ROOT / "docker" / "constraints-cpu.txt").read_text().splitlines() if ln and ln[0] != "#"]
+    assert cpu == ["torch==2.13.0"] and "!docker/constraints-cpu.txt" in (ROOT / ".dockerignore").read_text().split()
     import tomllib
 
     serve_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["serve"]
