@@ -27,6 +27,7 @@ from podman_root import ROOT, SERVE_IMAGE, TRAIN_IMAGE, image_root, stop
 # the first build of both images (debootstrap included) outlasts the suite's 900 s default
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 BUILD_TIMEOUT_S = 2100
+NEEDS_DISK = 16 * 2**30  # measured: 8.6 GB of cache and podman storage after a cold build, twice that as margin
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,9 @@ def images(tmp_path_factory) -> None:
     """Both CPU images, built (or brought up to date from podman's layer cache) by docker/build-cpu.sh."""
     if os.geteuid() != 0:
         pytest.skip("podman's storage, chroot and unshare need root (`make images-test` runs them with sudo)")
+    free = shutil.disk_usage(ROOT).free
+    if free < NEEDS_DISK:  # a cold build leaves ~8.6 GB under .cache/images; a full disk would fail every test after
+        pytest.skip(f"{free / 2**30:.1f} GiB free under {ROOT}, the image builds need {NEEDS_DISK / 2**30:.0f} GiB")
     if shutil.which("podman") is None or shutil.which("debootstrap") is None:
         pytest.fail("podman/debootstrap missing: `make podman` installs them (make test does)")
     log = tmp_path_factory.mktemp("images") / "build.log"
