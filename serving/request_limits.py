@@ -13,9 +13,10 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from starlette.requests import Request
+if TYPE_CHECKING:  # only a type here: the engine, imported by training's rollouts, must not need starlette
+    from starlette.requests import Request
 
 from serving.errors import InvalidRequestError, RequestTooLargeError
 

@@ -193,3 +193,25 @@ def test_grpo_through_the_engine_gives_the_hf_loops_greedy_eval_answers(tiny_mod
     # eval before training (greedy, the initial policy): the same answers; then G=4 samples of 2 prompts each
     assert calls["serving"][0]["completions"] == calls["hf"][0]["completions"]
     assert [len(c["completions"]) for c in calls["serving"]] == [3, 8, 3]
+
+
+def test_engine_imports_without_the_api_stack():
+    """Training imports serving's engine for rollouts on machines that have only the training stack (the GPU
+    test machine: torch, transformers, colossalai, pydantic). An import of starlette reached from
+    serving.config once failed every engine rollout there; this blocks the API-only packages and imports the
+    engine and the stages that use it."""
+    import subprocess
+    import sys
+    code = (
+        "import sys, importlib.abc\n"
+        "BLOCK = {'starlette', 'fastapi', 'ray', 'prometheus_client', 'uvicorn', 'xgrammar', 'openai', 'httpx'}\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in BLOCK:\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import serving.engine, training.rollout, training.ppo, training.grpo\n"
+        "from serving.engine import EngineConfig, LLMEngine, SamplingParams\n"
+        "print('imported')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "imported" in out.stdout, out.stderr[-2000:]
