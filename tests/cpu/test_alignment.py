@@ -471,3 +471,20 @@ def test_dpo_counts_only_reply_tokens_in_every_pair_format(tiny_model):
             text = tok.decode(ids[b][mask[b].bool()])
             assert text.startswith(reply) and "Say hello" not in text and "user" not in text, text
             assert mask[b].sum() < batch[f"{side}_attention_mask"][b].sum()
+
+
+def test_validation_fraction_tunes_on_training_rows_and_never_reads_the_held_out_ones(tmp_path):
+    from training import runner
+    from training.config import DataConfig
+
+    rows = [{"prompt": f"question {i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(40)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = DataConfig(train=[str(data)], eval_fraction=0.2)
+    train, test, _ = runner.load_data(cfg, "preference", seed=42)
+    tune_train, val, report = runner.load_data(cfg.model_copy(update={"validation_fraction": 0.25}), "preference",
+                                               seed=42)
+    key = [str(p) for p in test]
+    assert len(test) == 8 and len(val) == 8 and len(tune_train) == 24
+    assert not {str(p) for p in val + tune_train} & set(key)  # the test pairs are in neither part
+    assert {str(p) for p in val + tune_train} == {str(p) for p in train}  # the validation rows come from train
+    assert report["validation_rows"] == 8 and report["test_rows_set_aside"] == 8 and "eval_rows" not in report
