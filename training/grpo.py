@@ -32,7 +32,7 @@ from training import engine, losses, runner
 from training.checkpoint import export_model
 from training.config import ConfigError, GRPOConfig, RewardSpec, import_function, load_config, stage_arg_parser
 from training.data import Prompt, ResumableSampler, collate_prompts, eos_token_ids, iterate_batches, tokenize_prompt
-from training.heldout import EVAL_BATCH, decode_answers, evaluate_greedy
+from training.heldout import decode_answers, evaluate_greedy
 from training.metrics import Throughput, read_metrics, train_flops_per_token
 from training.models import (
     count_parameters,
@@ -158,8 +158,7 @@ def evaluate_rewards(actor, terms: list[RewardTerm], prompts: list[tuple[list[in
 
     return evaluate_greedy(actor, [p[0] for p in prompts], scores, cfg.grpo.generation, train=cfg.train,
                            eos_ids=eos_ids, pad_id=tokenizer.pad_token_id, device=device, tokenizer=tokenizer,
-                           rollout=rollout,
-                           batch_size=min(EVAL_BATCH, cfg.grpo.rollout_batch_size * cfg.grpo.group_size))
+                           rollout=rollout)
 
 
 def main(argv: list[str] | None = None) -> int:

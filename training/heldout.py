@@ -10,7 +10,7 @@ a differently loaded set of models (greedy answers that part at one near-tied to
 resumed stage reads its "before" back from its first run's metrics.jsonl. With the copies gone only the last two
 remain, and tests/gpu/alignment_table.py does not depend on them: it scores the SFT model's, PPO's and GRPO's
 greedy answers with this function in one process, one "before" for both. The batch size is one number
-(``batch_size``) instead of each stage's rollout size, so configs with different rollout sizes still batch alike.
+(``EVAL_BATCH``) instead of each stage's rollout size (capped only by the engine's rollout rows).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from training import engine
 from training.config import GenerationConfig, TrainConfig
 from training.data import collate_prompts
 
-# 32 rows: the quality configs' rollout size (PPO 32 rollouts, GRPO 4 prompts x G=8), so the engine's graphs and
-# KV cache, sized for a rollout, also fit one evaluation batch.
+# 32 rows: the quality configs' rollout size (PPO 32 rollouts, GRPO 4 prompts x G=8). The serving-engine rollout
+# takes at most its rollout's rows, so with it a stage whose rollout is smaller evaluates in batches of that size.
 EVAL_BATCH = 32
 
 # score(seq, mask, indices, completions) -> {name: [B] tensor}: right-packed rows, which prompts they answer
@@ -67,6 +67,7 @@ def evaluate_greedy(actor: torch.nn.Module, prompts: list[list[int]], score: Sco
     """
     from training.ppo import pack_right
 
+    batch_size = min(batch_size, getattr(rollout, "max_rows", batch_size))  # the engine takes at most a rollout
     world, rank = engine.world_size(), engine.rank()
     span = math.ceil(len(prompts) / world) * world
     mine = [(i, 1.0) if i < len(prompts) else (0, 0.0) for i in range(rank, span, world)]

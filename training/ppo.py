@@ -198,14 +198,13 @@ def evaluate_reward(actor, reward_model, prompts: list[list[int]], cfg: PPOConfi
                     device: torch.device, rollout: Rollout | None = None, tokenizer: Any = None) -> dict[str, float]:
     """Mean reward-model score and length of greedy answers to held-out prompts (``training.heldout``, shared with
     GRPO: the same prompts give the same "before")."""
-    from training.heldout import EVAL_BATCH, evaluate_greedy
+    from training.heldout import evaluate_greedy
 
     def rm_score(seq: torch.Tensor, mask: torch.Tensor, idx: list[int], completions: list[str]) -> dict:
         return {"reward": last_token_values(token_values(reward_model, seq, mask), mask).float()}
 
     return evaluate_greedy(actor, prompts, rm_score, cfg.ppo.generation, train=cfg.train, eos_ids=eos_ids,
-                           pad_id=pad_id, device=device, tokenizer=tokenizer, rollout=rollout,
-                           batch_size=min(EVAL_BATCH, cfg.ppo.rollout_batch_size))
+                           pad_id=pad_id, device=device, tokenizer=tokenizer, rollout=rollout)
 
 
 def _pad_to(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
