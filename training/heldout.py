@@ -8,8 +8,9 @@ in that run batched alike (PPO 32 rollouts, GRPO 8 x G=4), so the manifests do n
 between the processes: GRPO clipped RM scores (at 10, never reached), each process's own bf16 autocast kernels over
 a differently loaded set of models (greedy answers that part at one near-tied token then score apart), and a
 resumed stage reads its "before" back from its first run's metrics.jsonl. With the copies gone only the last two
-remain, and tests/gpu/alignment_table.py does not depend on them: it scores the SFT model's, PPO's and GRPO's
-greedy answers with this function in one process, one "before" for both. The batch size is one number
+remain, and tests/gpu/alignment_table.py does not depend on them: it answers with this module's ``greedy_batch``
+for the SFT model, PPO and GRPO in one process and scores them with one RM, one "before" for both (beside each
+stage's own before/after, so the next GPU run shows whether the stages still disagree). The batch size is one number
 (``EVAL_BATCH``) instead of each stage's rollout size (capped only by the engine's rollout rows).
 """
 

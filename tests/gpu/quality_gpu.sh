@@ -23,6 +23,7 @@ case "${1:-}" in
         for d in .whl-smol-a .whl-smol-b; do [ -d "$d" ] && cp -r "$d"/. "$STAGE"/; done
         ls -la "$STAGE" ;;
     run)
+        T0=$SECONDS  # the budget counts from here: the installs below are inside the call's 600 s too
         PY=${PYTHON:-python3}
         if [ -z "${QUALITY_LOCAL:-}" ]; then  # QUALITY_LOCAL=1: a CPU check of this loop on configs made here
             eval "$(bash .whl/install.sh)"
@@ -36,6 +37,7 @@ case "${1:-}" in
             if [ ! -d ../shared/data/hh-rlhf-harmless-base ]; then
                 mkdir -p ../shared/data && cp -r "$STAGE"/shared-data/. ../shared/data/
             fi
+            echo "TIMING install: $((SECONDS - T0)) s"
         fi
         # One stage at a time (pipeline --only, cumulative, so a finished stage is skipped and staleness is still
         # seen), each started only if its estimate fits what is left of RUN_BUDGET_S (the device call's 600 s less
@@ -43,7 +45,6 @@ case "${1:-}" in
         # called again (machine still warm: finished stages are skipped). Estimates are H200 seconds, measured
         # (rm 82 s; PPO <= 4.4 s a step; GRPO 2.7 s a step with 32 samples; DPO 0.2 s a step) plus loading.
         BUDGET=${RUN_BUDGET_S:-565}
-        T0=$SECONDS
         echo "--- run call at $(date -u +%H:%M:%S) UTC" >> /tmp/quality-timings.log
         rc=0
         # shellcheck disable=SC2206
