@@ -97,7 +97,7 @@ def _engine_options(args: argparse.Namespace, cuda: bool, legacy: bool = False, 
     from serving.engine import EngineOptions
 
     base.update(max_model_len=args.paged_max_model_len or None, block_size=args.block_size,
-                cuda_stack_limit=args.cuda_stack_limit or None)
+                cuda_stack_limit=args.cuda_stack_limit or None, vendor_blas=getattr(args, "vendor_blas", True))
     return EngineOptions(**{**base, **overrides})
 
 
@@ -537,6 +537,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--embed-on-host", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--lm-head-int8", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--vendor-blas", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-vendor-blas: engine.vendor_blas=false (no cuBLAS/SDPA outside the GPTQ linears)")
     p.add_argument("--compile", action="store_true", help="engine.compile: torch.compile the decode layer")
     p.add_argument("--fuse-projections", action="store_true", help="engine.fuse_projections: q/k/v, gate/up "
                    "as one GEMM each")

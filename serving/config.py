@@ -72,6 +72,13 @@ class EngineConfig(_Strict):
                                                          "vocab*hidden*2 bytes of GPU memory). None: on when a "
                                                          "gpu_memory_gb budget is set.")
     lm_head_int8: bool = Field(False, description="Store lm_head as int8 with per-row scales (half its bytes).")
+    vendor_blas: bool = Field(
+        True, description="false: no cuBLAS/cuDNN/SDPA anywhere outside the quantized linears (the 4 GB profile): "
+                          "the int8 lm_head through the Triton W8A16 kernel, rotary cos/sin without a matmul, prefill "
+                          "and decode attention through the Triton paged kernels. The process then never loads those "
+                          "libraries' kernels (H200, torch 2.11: +130 MiB outside the allocator for the first cuBLAS "
+                          "matmul, +28 MiB for SDPA). Needs triton and lm_head_int8; on CPU the kernels run "
+                          "interpreted (tests only).")
     cuda_graphs: bool = Field(True, description="Capture the decode step as CUDA graphs (CUDA only).")
     compile: bool = Field(False, description="torch.compile the decode layer (one program for all layers) to fuse "
                                              "its small element-wise kernels; adds compile time at start-up.")

@@ -197,8 +197,14 @@ class LLMEngine:
         model_len = int(getattr(model.config, "max_position_embeddings", None) or o.max_model_len or 2048)
         want_len = min(o.max_model_len or model_len, model_len)
         embed_on_host = o.embed_on_host if o.embed_on_host is not None else (cuda and budget is not None)
+        # vendor_blas=false is a CUDA memory setting (kernel images outside the allocator); CPU serving keeps torch's
+        # matmul and SDPA (the Triton kernels would run interpreted). The runner takes it on CPU in tests.
+        vendor_blas = o.vendor_blas or not cuda
+        if not o.vendor_blas and o.gptq_backend == "triton_gemv":
+            mem.notes.append("gptq_backend=triton_gemv prefills through dequantize + cuBLAS: vendor_blas=false "
+                             "keeps cuBLAS out of everything else only")
         self.runner = runner = LlamaRunner(model, self.device, embed_on_host, o.lm_head_int8, o.fuse_projections,
-                                           paged_kernel=o.attention_kernel == "auto")
+                                           paged_kernel=o.attention_kernel == "auto", vendor_blas=vendor_blas)
         compiled = runner.compile_decode() if o.compile else False
         self._model = model
         bs = o.block_size
@@ -301,6 +307,7 @@ class LLMEngine:
             "max_model_len": self.max_model_len, "model_max_len": model_len,
             "prefix_caching": o.enable_prefix_caching, "attention": runner.attention_path,
             "embed_on_host": runner.embed_on_host, "lm_head_int8": isinstance(runner.lm_head, Int8Linear),
+            "vendor_blas": runner.vendor_blas,
             "cuda_graphs": self.graphs is not None, "compiled_decode": compiled,
             "fused_projections": {"qkv": len(runner.fused_qkv), "gate_up": len(runner.fused_gate_up)},
             "weights_bytes_on_gpu": weights_bytes, "activation_probe_bytes": act_bytes,
