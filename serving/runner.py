@@ -430,7 +430,9 @@ class DecodeGraphs:
         self.pool = None
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, on_first_decode: Callable[[], None] | None = None) -> None:
+        """Every wanted bucket, largest first; ``on_first_decode`` is called after the first (eager) warm-up step
+        (the engine reads the process's memory there)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -441,6 +443,9 @@ class DecodeGraphs:
                     args = (self.h[:b], self.pos[:b], self.slots[:b], self.tables[:b], self.lens[:b], ctx)
                     for _ in range(2):  # warm up kernels/workspaces outside capture
                         self.runner.decode(*args)
+                    if on_first_decode is not None:
+                        on_first_decode()
+                        on_first_decode = None
                     g = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(g, pool=self.pool, stream=stream):
                         out = self.runner.decode(*args)
