@@ -97,7 +97,7 @@ def probe(args: argparse.Namespace) -> dict:
 
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     opts = EngineConfig(
-        device="cuda" if cuda else "cpu", gpu_memory_gb=args.gpu_memory_gb, max_model_len=args.max_model_len,
+        device="cuda" if cuda else "cpu", gpu_memory_gb=args.gpu_memory_gb, max_model_len=args.max_model_len or None,
         kv_cache_dtype="int8", embed_on_host=True if cuda else None, lm_head_int8=True,
         cuda_stack_limit=args.cuda_stack_limit if cuda else None, prefill_chunk=args.prefill_chunk,
         compile=args.compile and cuda, vendor_blas=args.vendor_blas, max_num_seqs=max(2, args.max_num_seqs),
@@ -150,7 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="CPU: a tiny random Llama made here")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--gpu-memory-gb", type=float, default=4.0)
-    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--max-model-len", type=int, default=1024,
+                   help="engine.max_model_len (0: the model's own, limited by what the budget holds)")
     p.add_argument("--max-num-seqs", type=int, default=2)
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--prefill-chunk", type=int, default=128)
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         from conftest import make_tiny_llama
 
         args.device, args.model = "cpu", str(make_tiny_llama(Path(tempfile.mkdtemp(prefix="memprobe-"))))
-        args.max_model_len = min(args.max_model_len, 256)
+        args.max_model_len = min(args.max_model_len or 256, 256)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = probe(args)
     text = json.dumps(result, indent=1, default=str)

@@ -7,6 +7,12 @@
 #                                               # paged engine at 4 GiB and at the fixed-slot engine's measured
 #                                               # 4,650 MiB, 10-turn chat TTFT with/without prefix caching,
 #                                               # triton_gemv vs Marlin decode (no cap)
+#   bash tests/gpu/serving_session.sh mem       # one call: the 4 GB profile without vendor BLAS
+#                                               # (engine.vendor_blas=false) at --gpu-memory-gb 4 holding 1,024 int8
+#                                               # tokens: memory probe (NVML per load step + peak), bench engine
+#                                               # (batch 1, 2, one 1,024-token sequence), 10-turn chat TTFT with and
+#                                               # without prefix caching, mixed-length load; then the same probe with
+#                                               # vendor BLAS (what cuBLAS/SDPA cost) and the longest length that fits
 # Carry .whl-gpu (tests/gpu/wheels.sh). Results under $OUT; the tuned W4A16 table is kept in /tmp for later calls.
 set -euo pipefail
 eval "$(bash .whl-gpu/install.sh)"
@@ -43,5 +49,29 @@ case "${1:-}" in
     step paged_eq python3 -m serving.bench "${P4[@]}" --gpu-memory-gb 4.54 --batch-sizes 1,2,4 --prompt-len 128       --gen-len 128 --turns 10 --turn-gen 32 --phases engine,chat,chat_no_prefix --out "$OUT/paged_eq.json"
     step gemv python3 -m serving.bench --model "$CKPT" --device cuda --gpu-memory-gb 0 --kv-cache-dtype int8       --lm-head-int8 --compile --max-model-len 512 --prefill-chunk 128 --batch-sizes 1,4 --prompt-len 128       --gen-len 128 --gptq-backend triton_gemv --phases engine --out "$OUT/gemv_triton.json"
     step marlin python3 -m serving.bench --model "$CKPT" --device cuda --gpu-memory-gb 0 --kv-cache-dtype int8       --lm-head-int8 --compile --max-model-len 512 --prefill-chunk 128 --batch-sizes 1,4 --prompt-len 128       --gen-len 128 --gptq-backend marlin --phases engine --out "$OUT/gemv_marlin.json" ;;
-  *) echo "usage: $0 kernels|speed|chat|measure" >&2; exit 2 ;;
+  mem)
+    [ -f "$CKPT/quantize_config.json" ] || python3 .whl-gpu/shared-tools/make_llama7b_gptq.py "$CKPT" >&2
+    [ -f "$TABLE" ] && export SERVING_W4A16_CONFIGS=$TABLE
+    LIMIT=${MEM_LIMIT_S:-575}  # the call's 600 s: every step gets what is left, results are written as they come
+    mkdir -p /tmp/mem-logs
+    mstep() { local name=$1; shift; local left=$((LIMIT - SECONDS)) t=$SECONDS rc=0
+              if [ "$left" -lt 60 ]; then echo "[$name] skipped: ${left} s left" >&2; return 0; fi
+              timeout "$left" "$@" > "/tmp/mem-logs/$name.out" 2> "/tmp/mem-logs/$name.log" || rc=$?
+              echo "[$name] rc=$rc $((SECONDS - t)) s" >&2; tar -czf "$OUT/mem_logs.tgz" -C /tmp/mem-logs .; }
+    PROBE=(python3 tests/gpu/memory_probe.py --model "$CKPT" --device cuda --gpu-memory-gb 4 --cuda-stack-limit 256
+           --prefill-chunk 128 --compile --max-num-seqs 2)
+    mstep probe_own "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --out "$OUT/mem_probe_own.json"
+    mstep bench python3 -m serving.bench --model "$CKPT" --device cuda --kv-cache-dtype int8 --embed-on-host \
+      --lm-head-int8 --cuda-stack-limit 256 --prefill-chunk 128 --compile --no-vendor-blas --gpu-memory-gb 4 \
+      --paged-max-model-len 1024 --batch-sizes 1,2 --prompt-len 128 --gen-len 128 --turns 10 --turn-gen 32 \
+      --load-requests 48 --prompts .whl-gpu/shared-data/instructionwild \
+      --phases engine,chat,chat_no_prefix,load --out "$OUT/mem_bench.json"
+    mstep probe_vendor "${PROBE[@]}" --vendor-blas --max-model-len 1024 --out "$OUT/mem_probe_vendor.json"
+    mstep probe_own_max "${PROBE[@]}" --no-vendor-blas --max-model-len 0 --out "$OUT/mem_probe_own_max.json"
+    for f in mem_probe_own mem_probe_vendor mem_probe_own_max; do
+      [ -f "$OUT/$f.json" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], \
+        json.dumps({k: r.get(k) for k in ('peak_mib', 'kv_cache_tokens', 'max_model_len', 'targets', 'deltas_mib',
+                                          'error')}))" "$OUT/$f.json"
+    done; true ;;
+  *) echo "usage: $0 kernels|speed|chat|measure|mem" >&2; exit 2 ;;
 esac
