@@ -342,7 +342,8 @@ class LLMEngine:
                 f"the memory budget leaves room for {max(0, cap_tokens)} cached tokens, less than one sequence of "
                 f"{floor} tokens (max_model_len={want_len}): raise engine.gpu_memory_gb, lower "
                 f"engine.max_model_len, or set engine.kv_cache_dtype=int8 / engine.embed_on_host / "
-                f"engine.lm_head_int8 / engine.cuda_stack_limit. {self._fit_detail}".strip())
+                f"engine.lm_head_int8 / engine.cuda_stack_limit / engine.vendor_blas=false. "
+                f"{self._fit_detail}".strip())
 
     def _probe_prefill(self, chunk: int, quant: bool, context: int) -> int:
         """Transient peak of the costliest prefill chunk (eager, outside any graph pool): the last chunk of a

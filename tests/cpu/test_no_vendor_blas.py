@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -280,3 +281,28 @@ def test_rope_without_matmul_equals_the_model_rotary(tiny_model):
     cos, sin = rot(x, pos)
     mine = rope_cos_sin(rot.inv_freq, rot.attention_scaling, pos, torch.float16)
     assert torch.equal(mine[0], cos) and torch.equal(mine[1], sin)
+
+
+def test_engine_on_cpu_keeps_torch_matmul_and_says_so(tiny_model):
+    """``engine.vendor_blas=false`` is a CUDA memory setting: a CPU engine keeps torch's path (the Triton kernels
+    would run interpreted) and reports it; it still needs nothing else to start."""
+    from serving.engine import EngineConfig, LLMEngine
+    from serving.sampler import SamplingParams
+
+    eng = LLMEngine(tiny_model, EngineConfig(device="cpu", vendor_blas=False, lm_head_int8=True, warmup=False,
+                                             max_model_len=64))
+    eng.load_and_start()
+    try:
+        assert eng.info["vendor_blas"] is True and eng.runner.vendor_blas is True
+        names = [s[0] for s in eng.memory.steps]
+        assert names[:3] == ["weights", "lm_head", "first_prefill"] and "fitted" in names
+        done, got = [], []
+        eng.add_request([5, 6, 7], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True),
+                        lambda o: (got.append(o), o.finish_reason and done.append(1)))
+        for _ in range(200):
+            if done:
+                break
+            time.sleep(0.05)
+        assert done and got[-1].completion_tokens == 3
+    finally:
+        eng.shutdown()
