@@ -180,6 +180,10 @@ class LlamaRunner:
         if why is not None:
             raise EngineError(f"engine.vendor_blas=false cannot run this model: {why}")
         self.lm_head.use_kernel = True
+        if self.device.type == "cuda" and any(type(m) is nn.Linear for layer in self.layers for m in layer.modules()):
+            # an fp16/bf16 checkpoint: its projections are cuBLAS GEMMs, so the libraries load anyway
+            logger.warning("engine.vendor_blas=false: this model's projections are plain linears (cuBLAS); only a "
+                           "GPTQ checkpoint keeps cuBLAS out of the process")
 
     def rope(self, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [b, t, head_dim] for positions [b, t]: the model's rotary module, or (no vendor BLAS) the
