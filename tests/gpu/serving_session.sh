@@ -11,8 +11,9 @@
 #                                               # (engine.vendor_blas=false) at --gpu-memory-gb 4 holding 1,024 int8
 #                                               # tokens: memory probe (NVML per load step + peak), bench engine
 #                                               # (batch 1, 2, one 1,024-token sequence), 10-turn chat TTFT with and
-#                                               # without prefix caching, mixed-length load; then the same probe with
-#                                               # vendor BLAS (what cuBLAS/SDPA cost) and the longest length that fits
+#                                               # without prefix caching, mixed-length load; then the longest length
+#                                               # that fits (256- and 64-byte stack), the probe with vendor BLAS
+#                                               # (what cuBLAS/SDPA cost), the fixed-slot engine on the same load
 # Carry .whl-gpu (tests/gpu/wheels.sh). Results under $OUT; the tuned W4A16 table is kept in /tmp for later calls.
 set -euo pipefail
 eval "$(bash .whl-gpu/install.sh)"
@@ -68,7 +69,7 @@ case "${1:-}" in
     # phases run even where the fit falls short of 1,024; its full_length_run holds that many tokens at once
     mstep bench python3 -m serving.bench --model "$CKPT" --device cuda --kv-cache-dtype int8 --embed-on-host \
       --lm-head-int8 --cuda-stack-limit 256 --prefill-chunk 128 --compile --no-vendor-blas --gpu-memory-gb 4 \
-      --paged-max-model-len 0 --batch-sizes 1,2 --prompt-len 128 --gen-len 128 --turns 10 --turn-gen 32 \
+      --paged-max-model-len 0 --batch-sizes 1,2,4 --prompt-len 128 --gen-len 128 --turns 10 --turn-gen 32 \
       --load-requests 48 --prompts .whl-gpu/shared-data/instructionwild \
       --phases engine,chat,chat_no_prefix,load --out "$OUT/mem_bench.json"
     mstep probe_own_max "${PROBE[@]}" --no-vendor-blas --max-model-len 0 --out "$OUT/mem_probe_own_max.json"
@@ -77,6 +78,11 @@ case "${1:-}" in
     mstep probe_own_stack64 "${PROBE[@]}" --no-vendor-blas --max-model-len 0 --cuda-stack-limit 64 \
       --out "$OUT/mem_probe_own_stack64.json"
     mstep probe_vendor "${PROBE[@]}" --vendor-blas --max-model-len 1024 --out "$OUT/mem_probe_vendor.json"
+    # today's fixed-slot engine on the same load at the same --gpu-memory-gb (it caps the allocator only)
+    mstep load_legacy python3 -m serving.bench --model "$CKPT" --device cuda --kv-cache-dtype int8 --embed-on-host \
+      --lm-head-int8 --prefill-chunk 128 --gpu-memory-gb 4 --max-model-len 512 --batch-sizes 1,2,4 --gen-len 128 \
+      --load-requests 48 \
+      --prompts .whl-gpu/shared-data/instructionwild --phases load_legacy --out "$OUT/mem_load_legacy.json"
     for f in mem_probe_own mem_probe_vendor mem_probe_own_max mem_probe_own_stack64; do
       [ -f "$OUT/$f.json" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], \
         json.dumps({k: r.get(k) for k in ('peak_mib', 'kv_cache_tokens', 'max_model_len', 'targets', 'deltas_mib',
