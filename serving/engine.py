@@ -138,7 +138,7 @@ class LLMEngine:
         (``fuse_projections``, ``lm_head_int8``, ``embed_on_host``) are refused: they would copy or replace the
         weights the caller keeps training."""
         eng = cls(getattr(model.config, "_name_or_path", None) or "in-memory", options, stats=stats)
-        bad = [k for k in ("fuse_projections", "lm_head_int8", "embed_on_host") if getattr(eng.opts, k)]
+        bad = [k for k in ("fuse_projections", "lm_head_int8", "lm_head_int4", "embed_on_host") if getattr(eng.opts, k)]
         if bad:
             raise EngineError(f"engine options {bad} rewrite the model's weights; an in-memory model needs them off")
         eng._given = (model, tokenizer)
@@ -215,7 +215,8 @@ class LLMEngine:
             mem.notes.append("gptq_backend=triton_gemv prefills through dequantize + cuBLAS: vendor_blas=false "
                              "keeps cuBLAS out of everything else only")
         self.runner = runner = LlamaRunner(model, self.device, embed_on_host, o.lm_head_int8, o.fuse_projections,
-                                           paged_kernel=o.attention_kernel == "auto", vendor_blas=vendor_blas)
+                                           paged_kernel=o.attention_kernel == "auto", vendor_blas=vendor_blas,
+                                           lm_head_int4=o.lm_head_int4)
         self._mark("lm_head")
         compiled = runner.compile_decode() if o.compile else False
         self._model = model
@@ -323,7 +324,7 @@ class LLMEngine:
             "max_model_len": self.max_model_len, "model_max_len": model_len,
             "prefix_caching": o.enable_prefix_caching, "attention": runner.attention_path,
             "embed_on_host": runner.embed_on_host, "lm_head_int8": isinstance(runner.lm_head, Int8Linear),
-            "vendor_blas": runner.vendor_blas,
+            "lm_head": type(runner.lm_head).__name__, "vendor_blas": runner.vendor_blas,
             "cuda_graphs": self.graphs is not None, "compiled_decode": compiled,
             "fused_projections": {"qkv": len(runner.fused_qkv), "gate_up": len(runner.fused_gate_up)},
             "weights_bytes_on_gpu": weights_bytes, "activation_probe_bytes": act_bytes,

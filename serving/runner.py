@@ -96,7 +96,8 @@ class LlamaRunner:
     """A compact Llama-family forward that reuses the loaded model's modules, with attention over ``KVBlocks``."""
 
     def __init__(self, model: nn.Module, device: torch.device, embed_on_host: bool, lm_head_int8: bool,
-                 fuse_projections: bool = False, paged_kernel: bool = True, vendor_blas: bool = True):
+                 fuse_projections: bool = False, paged_kernel: bool = True, vendor_blas: bool = True,
+                 lm_head_int4: bool = False):
         inner = model.model
         cfg = model.config
         self.config = cfg
@@ -123,7 +124,18 @@ class LlamaRunner:
         else:
             self.embed_weight = emb.weight.detach()
         self.lm_head: nn.Module = model.lm_head
-        if lm_head_int8 and isinstance(model.lm_head, nn.Linear):
+        if lm_head_int4 and isinstance(model.lm_head, nn.Linear):
+            from serving.kernels.w4a16 import interpreting
+            from serving.quant_linear import int4_lm_head
+
+            if device.type != "cuda" and not interpreting():
+                raise EngineError("engine.lm_head_int4 runs the Triton W4A16 GEMV: it needs CUDA")
+
+            weight = model.lm_head.weight
+            model.lm_head = nn.Identity()
+            self.lm_head = int4_lm_head(weight, device)
+            del weight
+        elif lm_head_int8 and isinstance(model.lm_head, nn.Linear):
             weight = model.lm_head.weight
             model.lm_head = nn.Identity()
             self.lm_head = Int8Linear(weight.to("cpu"))
@@ -173,13 +185,14 @@ class LlamaRunner:
             why = "engine.attention_kernel=torch is SDPA"
         elif getattr(self.rotary, "rope_type", "default") in DYNAMIC_ROPE or not hasattr(self.rotary, "inv_freq"):
             why = f"rotary type {getattr(self.rotary, 'rope_type', type(self.rotary).__name__)!r}"
-        elif not isinstance(self.lm_head, Int8Linear):
-            why = "the lm_head is not int8 (set engine.lm_head_int8)"
+        elif not isinstance(self.lm_head, Int8Linear) and type(self.lm_head).__name__ != "GemvOnlyW4A16Linear":
+            why = "the lm_head is not quantized (set engine.lm_head_int8 or engine.lm_head_int4)"
         elif self.head_dim < 16 or self.head_dim & (self.head_dim - 1):
             why = f"head_dim {self.head_dim} is not a power of two >= 16"
         if why is not None:
             raise EngineError(f"engine.vendor_blas=false cannot run this model: {why}")
-        self.lm_head.use_kernel = True
+        if isinstance(self.lm_head, Int8Linear):
+            self.lm_head.use_kernel = True
         if self.device.type == "cuda" and any(type(m) is nn.Linear for layer in self.layers for m in layer.modules()):
             # an fp16/bf16 checkpoint: its projections are cuBLAS GEMMs, so the libraries load anyway
             logger.warning("engine.vendor_blas=false: this model's projections are plain linears (cuBLAS); only a "

@@ -207,7 +207,7 @@ class OpRecorder(TorchDispatchMode):
 
 
 def _greedy(model_path: Path, vendor_blas: bool, quant: bool, prompts: list[list[int]], steps: int,
-            chunk: int = 24, bs: int = 16):
+            chunk: int = 24, bs: int = 16, lm_head_int4: bool = False):
     """Chunked prefill of each prompt, then ``steps`` batched greedy decode steps, through ``LlamaRunner`` (the
     int8 lm_head on both paths) under the op recorder. Returns (tokens per prompt, banned ops seen, all ops)."""
     from transformers import AutoModelForCausalLM
@@ -217,7 +217,8 @@ def _greedy(model_path: Path, vendor_blas: bool, quant: bool, prompts: list[list
 
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
     dev = torch.device("cpu")
-    runner = LlamaRunner(model, dev, embed_on_host=False, lm_head_int8=True, vendor_blas=vendor_blas)
+    runner = LlamaRunner(model, dev, embed_on_host=False, lm_head_int8=not lm_head_int4, vendor_blas=vendor_blas,
+                         lm_head_int4=lm_head_int4)
     per_seq = -(-(max(map(len, prompts)) + steps) // bs)
     runner.cache = KVBlocks(len(runner.layers), 1 + per_seq * len(prompts), bs, runner.kv_heads, runner.head_dim,
                             runner.dtype, dev, quant)
@@ -257,6 +258,39 @@ def test_runner_without_vendor_blas_calls_no_matmul_or_sdpa_and_decodes_the_same
     assert own == ref
 
 
+def test_int4_lm_head_without_vendor_blas_calls_no_matmul_and_decodes_the_same(interpreted, tiny_model):
+    """The 4-bit lm_head (W4A16 GEMV, rows in chunks of 8) on both paths: the same greedy tokens, no matmul or SDPA
+    without vendor BLAS (with it, SDPA is still seen)."""
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (30, 9)]
+    ref, ref_banned, _ = _greedy(tiny_model, True, True, prompts, steps=6, lm_head_int4=True)
+    assert any("scaled_dot_product" in op for op in ref_banned), ref_banned
+    own, own_banned, _ = _greedy(tiny_model, False, True, prompts, steps=6, lm_head_int4=True)
+    assert own_banned == [] and own == ref
+
+
+@pytest.mark.parametrize("m", [1, 3, 11])
+def test_int4_lm_head_equals_its_dequantized_weight_and_stays_near_fp(interpreted, m):
+    """11 rows run as 8 + 3 through the GEMV (never the dequantize + cuBLAS path); the RTN g128 weight is within
+    half a step of the fp one."""
+    from serving.kernels.reference import gptq_linear
+    from serving.quant_linear import int4_lm_head, quantize_rtn_int4
+
+    g = torch.Generator().manual_seed(m)
+    w = torch.randn(72, 256, generator=g) * 0.05
+    x = torch.randn(m, 256, generator=g)
+    head = int4_lm_head(w, torch.device("cpu"))
+    qweight, qzeros, scales, gs = quantize_rtn_int4(w)
+    assert gs == 128 and head.config_for(m).split_k == 1
+    ref = gptq_linear(x, qweight, qzeros, scales, None)
+    torch.testing.assert_close(head(x), ref, atol=1e-4, rtol=1e-4)
+    from serving.kernels.reference import dequantize
+
+    step = scales.float().repeat_interleave(gs, dim=0)  # [K, N]
+    # half a step, plus the fp16 rounding of the scale times at most 7 steps (2**-11 relative each)
+    assert ((dequantize(qweight, qzeros, scales, None) - w.t()).abs() <= step * (0.5 + 7 * 2**-11)).all()
+
+
 def test_vendor_blas_off_refuses_what_it_cannot_replace(tiny_model):
     from transformers import AutoModelForCausalLM
 
@@ -264,7 +298,7 @@ def test_vendor_blas_off_refuses_what_it_cannot_replace(tiny_model):
     from serving.runner import LlamaRunner
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
-    with pytest.raises(EngineError, match="lm_head_int8"):
+    with pytest.raises(EngineError, match="lm_head_int4"):
         LlamaRunner(model, torch.device("cpu"), False, lm_head_int8=False, vendor_blas=False)
     with pytest.raises(EngineError, match="attention_kernel=torch"):
         LlamaRunner(model, torch.device("cpu"), False, lm_head_int8=True, paged_kernel=False, vendor_blas=False)
@@ -306,3 +340,13 @@ def test_engine_on_cpu_keeps_torch_matmul_and_says_so(tiny_model):
         assert done and got[-1].completion_tokens == 3
     finally:
         eng.shutdown()
+
+
+def test_lm_head_int8_and_int4_exclude_each_other():
+    from pydantic import ValidationError
+
+    from serving.config import EngineConfig
+
+    with pytest.raises(ValidationError, match="lm_head_int8 and lm_head_int4"):
+        EngineConfig(lm_head_int8=True, lm_head_int4=True)
+    assert EngineConfig(lm_head_int4=True).lm_head_int4

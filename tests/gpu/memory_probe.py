@@ -98,7 +98,8 @@ def probe(args: argparse.Namespace) -> dict:
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     opts = EngineConfig(
         device="cuda" if cuda else "cpu", gpu_memory_gb=args.gpu_memory_gb, max_model_len=args.max_model_len or None,
-        kv_cache_dtype="int8", embed_on_host=True if cuda else None, lm_head_int8=True,
+        kv_cache_dtype="int8", embed_on_host=True if cuda else None, lm_head_int8=not args.lm_head_int4,
+        lm_head_int4=args.lm_head_int4,
         cuda_stack_limit=args.cuda_stack_limit if cuda else None, prefill_chunk=args.prefill_chunk,
         compile=args.compile and cuda, vendor_blas=args.vendor_blas, max_num_seqs=max(2, args.max_num_seqs),
         gptq_backend=args.gptq_backend, warmup=True)
@@ -160,6 +161,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vendor-blas", action=argparse.BooleanOptionalAction, default=True,
                    help="--no-vendor-blas: engine.vendor_blas=false (the 4 GB profile)")
     p.add_argument("--gptq-backend", default="auto")
+    p.add_argument("--lm-head-int4", action="store_true", help="engine.lm_head_int4 instead of the int8 lm_head")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     if not args.smoke and not args.model:

@@ -12,7 +12,7 @@
 #                                               # tokens: memory probe (NVML per load step + peak), bench engine
 #                                               # (batch 1, 2, one 1,024-token sequence), 10-turn chat TTFT with and
 #                                               # without prefix caching, mixed-length load; then the longest length
-#                                               # that fits (256- and 64-byte stack), the probe with vendor BLAS
+#                                               # that fits (256- and 64-byte stack, 4-bit lm_head), with vendor BLAS
 #                                               # (what cuBLAS/SDPA cost), the fixed-slot engine on the same load
 # Carry .whl-gpu (tests/gpu/wheels.sh). Results under $OUT; the tuned W4A16 table is kept in /tmp for later calls.
 set -euo pipefail
@@ -77,13 +77,16 @@ case "${1:-}" in
     # limit by itself for a kernel that needs more, so 64 B is safe and shows what the kernels actually need
     mstep probe_own_stack64 "${PROBE[@]}" --no-vendor-blas --max-model-len 0 --cuda-stack-limit 64 \
       --out "$OUT/mem_probe_own_stack64.json"
+    # the 4-bit lm_head (engine.lm_head_int4: 66.5 MiB against int8's 125) at the longest length that fits
+    mstep probe_own_int4 "${PROBE[@]}" --no-vendor-blas --lm-head-int4 --max-model-len 0 \
+      --out "$OUT/mem_probe_own_int4.json"
     mstep probe_vendor "${PROBE[@]}" --vendor-blas --max-model-len 1024 --out "$OUT/mem_probe_vendor.json"
     # today's fixed-slot engine on the same load at the same --gpu-memory-gb (it caps the allocator only)
     mstep load_legacy python3 -m serving.bench --model "$CKPT" --device cuda --kv-cache-dtype int8 --embed-on-host \
       --lm-head-int8 --prefill-chunk 128 --gpu-memory-gb 4 --max-model-len 512 --batch-sizes 1,2,4 --gen-len 128 \
       --load-requests 48 \
       --prompts .whl-gpu/shared-data/instructionwild --phases load_legacy --out "$OUT/mem_load_legacy.json"
-    for f in mem_probe_own mem_probe_vendor mem_probe_own_max mem_probe_own_stack64; do
+    for f in mem_probe_own mem_probe_own_max mem_probe_own_stack64 mem_probe_own_int4 mem_probe_vendor; do
       [ -f "$OUT/$f.json" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], \
         json.dumps({k: r.get(k) for k in ('peak_mib', 'kv_cache_tokens', 'max_model_len', 'targets', 'deltas_mib',
                                           'error')}))" "$OUT/$f.json"
