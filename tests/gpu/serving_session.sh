@@ -64,32 +64,41 @@ case "${1:-}" in
               echo "[$name] rc=$rc $((SECONDS - t)) s" >&2; tar -czf "$OUT/mem_logs.tgz" -C /tmp/mem-logs .; }
     PROBE=(python3 tests/gpu/memory_probe.py --model "$CKPT" --device cuda --gpu-memory-gb 4 --cuda-stack-limit 256
            --prefill-chunk 128 --compile --max-num-seqs 2)
-    mstep probe_own "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --out "$OUT/mem_probe_own.json"
     # the bench takes the longest length the budget holds (at least 1,024 is the target), so that the chat and load
-    # phases run even where the fit falls short of 1,024; its full_length_run holds that many tokens at once
-    mstep bench python3 -m serving.bench --model "$CKPT" --device cuda --kv-cache-dtype int8 --embed-on-host \
-      --lm-head-int8 --cuda-stack-limit 256 --prefill-chunk 128 --compile --no-vendor-blas --gpu-memory-gb 4 \
-      --paged-max-model-len 0 --batch-sizes 1,2,4 --prompt-len 128 --gen-len 128 --turns 10 --turn-gen 32 \
-      --load-requests 48 --prompts .whl-gpu/shared-data/instructionwild \
-      --phases engine,chat,chat_no_prefix,load --out "$OUT/mem_bench.json"
-    mstep probe_own_max "${PROBE[@]}" --no-vendor-blas --max-model-len 0 --out "$OUT/mem_probe_own_max.json"
+    # phases run even where the fit falls short of 1,024; its full_length_run holds that many tokens at once. One
+    # file per part: a step cut by the time limit loses only its own result.
+    BENCH=(python3 -m serving.bench --model "$CKPT" --device cuda --kv-cache-dtype int8 --embed-on-host --lm-head-int8
+           --cuda-stack-limit 256 --prefill-chunk 128 --compile --no-vendor-blas --gpu-memory-gb 4
+           --paged-max-model-len 0 --batch-sizes 1,2,4 --prompt-len 128 --gen-len 128 --turns 10 --turn-gen 32
+           --load-requests 48 --prompts .whl-gpu/shared-data/instructionwild)
+    R=/tmp/mem-logs  # at most 8 files come back: the first four results in $OUT, every result in the tarball
+    mstep probe_own "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --out "$OUT/mem_probe_own.json"
+    mstep bench_engine "${BENCH[@]}" --phases engine --out "$OUT/mem_bench_engine.json"
+    mstep bench_chat "${BENCH[@]}" --phases chat,chat_no_prefix --out "$OUT/mem_bench_chat.json"
+    mstep bench_load "${BENCH[@]}" --phases load --out "$OUT/mem_bench_load.json"
+    mstep probe_own_max "${PROBE[@]}" --no-vendor-blas --max-model-len 0 --out "$R/mem_probe_own_max.json"
     # the stack reservation is stack x 2,048 threads x 132 SMs (66 MiB at 256 B on the H200); CUDA raises the
     # limit by itself for a kernel that needs more, so 64 B is safe and shows what the kernels actually need
     mstep probe_own_stack64 "${PROBE[@]}" --no-vendor-blas --max-model-len 0 --cuda-stack-limit 64 \
-      --out "$OUT/mem_probe_own_stack64.json"
+      --out "$R/mem_probe_own_stack64.json"
     # the 4-bit lm_head (engine.lm_head_int4: 66.5 MiB against int8's 125) at the longest length that fits
     mstep probe_own_int4 "${PROBE[@]}" --no-vendor-blas --lm-head-int4 --max-model-len 0 \
-      --out "$OUT/mem_probe_own_int4.json"
-    mstep probe_vendor "${PROBE[@]}" --vendor-blas --max-model-len 1024 --out "$OUT/mem_probe_vendor.json"
+      --out "$R/mem_probe_own_int4.json"
+    mstep probe_vendor "${PROBE[@]}" --vendor-blas --max-model-len 1024 --out "$R/mem_probe_vendor.json"
     # today's fixed-slot engine on the same load at the same --gpu-memory-gb (it caps the allocator only)
     mstep load_legacy python3 -m serving.bench --model "$CKPT" --device cuda --kv-cache-dtype int8 --embed-on-host \
       --lm-head-int8 --prefill-chunk 128 --gpu-memory-gb 4 --max-model-len 512 --batch-sizes 1,2,4 --gen-len 128 \
-      --load-requests 48 \
-      --prompts .whl-gpu/shared-data/instructionwild --phases load_legacy --out "$OUT/mem_load_legacy.json"
-    for f in mem_probe_own mem_probe_own_max mem_probe_own_stack64 mem_probe_own_int4 mem_probe_vendor; do
-      [ -f "$OUT/$f.json" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], \
+      --load-requests 48 --prompts .whl-gpu/shared-data/instructionwild --phases load_legacy \
+      --out "$R/mem_load_legacy.json"
+    tar -czf "$OUT/mem_logs.tgz" -C "$R" .
+    for f in "$OUT"/mem_probe_own.json "$R"/mem_probe_*.json; do
+      [ -f "$f" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], \
         json.dumps({k: r.get(k) for k in ('peak_mib', 'kv_cache_tokens', 'max_model_len', 'targets', 'deltas_mib',
-                                          'error')}))" "$OUT/$f.json"
+                                          'error')}))" "$f"
+    done
+    for f in "$OUT"/mem_bench_*.json; do
+      [ -f "$f" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], \
+        json.dumps(r.get('summary_paged')))" "$f"
     done; true ;;
   *) echo "usage: $0 kernels|speed|chat|measure|mem" >&2; exit 2 ;;
 esac
