@@ -97,7 +97,8 @@ def _engine_options(args: argparse.Namespace, cuda: bool, legacy: bool = False, 
     from serving.engine import EngineOptions
 
     base.update(max_model_len=args.paged_max_model_len or None, block_size=args.block_size,
-                cuda_stack_limit=args.cuda_stack_limit or None)
+                cuda_stack_limit=args.cuda_stack_limit or None, vendor_blas=getattr(args, "vendor_blas", True),
+                lm_head_int4=getattr(args, "lm_head_int4", False))
     return EngineOptions(**{**base, **overrides})
 
 
@@ -536,7 +537,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-cache-dtype", default="int8", choices=["auto", "int8"])
     p.add_argument("--embed-on-host", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--lm-head-int8", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--lm-head-int4", action="store_true", help="engine.lm_head_int4 (paged engine only)")
     p.add_argument("--no-cuda-graphs", action="store_true")
+    p.add_argument("--vendor-blas", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-vendor-blas: engine.vendor_blas=false (no cuBLAS/SDPA outside the GPTQ linears)")
     p.add_argument("--compile", action="store_true", help="engine.compile: torch.compile the decode layer")
     p.add_argument("--fuse-projections", action="store_true", help="engine.fuse_projections: q/k/v, gate/up "
                    "as one GEMM each")

@@ -72,6 +72,17 @@ class EngineConfig(_Strict):
                                                          "vocab*hidden*2 bytes of GPU memory). None: on when a "
                                                          "gpu_memory_gb budget is set.")
     lm_head_int8: bool = Field(False, description="Store lm_head as int8 with per-row scales (half its bytes).")
+    lm_head_int4: bool = Field(
+        False, description="Store lm_head as 4-bit (round to nearest, groups of 128) through the project's W4A16 "
+                           "GEMV: a quarter of fp16's bytes (LLaMA-7B: 66.5 MiB against int8's 125). Its quality "
+                           "cost is not measured. Exclusive with lm_head_int8; needs triton (CUDA).")
+    vendor_blas: bool = Field(
+        True, description="false: no cuBLAS/cuDNN/SDPA anywhere outside the quantized linears (the 4 GB profile): "
+                          "the int8 lm_head through the Triton W8A16 kernel, rotary cos/sin without a matmul, prefill "
+                          "and decode attention through the Triton paged kernels. The process then never loads those "
+                          "libraries' kernels (H200, torch 2.11: +130 MiB outside the allocator for the first cuBLAS "
+                          "matmul, +28 MiB for SDPA). Needs triton and lm_head_int8; on CPU the kernels run "
+                          "interpreted (tests only).")
     cuda_graphs: bool = Field(True, description="Capture the decode step as CUDA graphs (CUDA only).")
     compile: bool = Field(False, description="torch.compile the decode layer (one program for all layers) to fuse "
                                              "its small element-wise kernels; adds compile time at start-up.")
@@ -93,6 +104,8 @@ class EngineConfig(_Strict):
             raise ValueError("graph_batch_sizes must be a non-empty list of positive integers")
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.lm_head_int8 and self.lm_head_int4:
+            raise ValueError("lm_head_int8 and lm_head_int4 exclude each other: choose one")
         return self
 
     @classmethod

@@ -138,7 +138,7 @@ class LLMEngine:
         (``fuse_projections``, ``lm_head_int8``, ``embed_on_host``) are refused: they would copy or replace the
         weights the caller keeps training."""
         eng = cls(getattr(model.config, "_name_or_path", None) or "in-memory", options, stats=stats)
-        bad = [k for k in ("fuse_projections", "lm_head_int8", "embed_on_host") if getattr(eng.opts, k)]
+        bad = [k for k in ("fuse_projections", "lm_head_int8", "lm_head_int4", "embed_on_host") if getattr(eng.opts, k)]
         if bad:
             raise EngineError(f"engine options {bad} rewrite the model's weights; an in-memory model needs them off")
         eng._given = (model, tokenizer)
@@ -170,6 +170,15 @@ class LLMEngine:
         self.memory.nvml_source = src
         return mib
 
+    def _mark(self, step: str) -> None:
+        """The process's memory after one load step into ``memory.steps`` (NVML on CUDA: one sync and 0.3 s)."""
+        if self.device.type != "cuda":
+            self.memory.steps.append([step, None, 0, 0])
+            return
+        mib = self._nvml_mib()
+        self.memory.steps.append([step, mib, torch.cuda.memory_allocated(self.device) // MIB,
+                                  torch.cuda.memory_reserved(self.device) // MIB])
+
     def load(self) -> None:
         """Load weights and tokenizer, size and allocate the KV blocks, capture graphs."""
         from transformers import AutoTokenizer
@@ -181,6 +190,7 @@ class LLMEngine:
         budget = None
         if cuda:
             mem.cuda_stack_limit = self._start_cuda()
+            self._mark("context")
             total = torch.cuda.get_device_properties(self.device).total_memory
             if o.gpu_memory_gb is not None:
                 budget = int(o.gpu_memory_gb * GIB)
@@ -194,11 +204,20 @@ class LLMEngine:
             if self.chat_template:
                 self.tokenizer.chat_template = self.chat_template
             model, is_gptq = load_model(self.path, self.device, o.dtype, o.gptq_backend)
+        self._mark("weights")
         model_len = int(getattr(model.config, "max_position_embeddings", None) or o.max_model_len or 2048)
         want_len = min(o.max_model_len or model_len, model_len)
         embed_on_host = o.embed_on_host if o.embed_on_host is not None else (cuda and budget is not None)
+        # vendor_blas=false is a CUDA memory setting (kernel images outside the allocator); CPU serving keeps torch's
+        # matmul and SDPA (the Triton kernels would run interpreted). The runner takes it on CPU in tests.
+        vendor_blas = o.vendor_blas or not cuda
+        if not o.vendor_blas and o.gptq_backend == "triton_gemv":
+            mem.notes.append("gptq_backend=triton_gemv prefills through dequantize + cuBLAS: vendor_blas=false "
+                             "keeps cuBLAS out of everything else only")
         self.runner = runner = LlamaRunner(model, self.device, embed_on_host, o.lm_head_int8, o.fuse_projections,
-                                           paged_kernel=o.attention_kernel == "auto")
+                                           paged_kernel=o.attention_kernel == "auto", vendor_blas=vendor_blas,
+                                           lm_head_int4=o.lm_head_int4)
+        self._mark("lm_head")
         compiled = runner.compile_decode() if o.compile else False
         self._model = model
         bs = o.block_size
@@ -213,10 +232,13 @@ class LLMEngine:
         mem.weights, mem.block_size, mem.kv_bytes_per_token = weights_bytes // MIB, bs, per_tok
         chunk = min(o.prefill_chunk, want_len)
         act_bytes = self._probe_prefill(chunk, quant, want_len) if cuda else 0
-        # an eager decode step (no graphs) also needs, per running row, one layer's gathered K and V (and their
-        # temporaries) and the logits; a graphed step keeps those in the graph pool, which the fit loop measures
+        self._mark("first_prefill")
+        # an eager decode step (no graphs) also needs, per running row, the logits and (torch attention path) one
+        # layer's gathered K and V and their temporaries; the Triton kernel reads K/V in place. A graphed step keeps
+        # those in the graph pool, which the fit loop measures
         elem = torch.tensor([], dtype=runner.dtype).element_size()
-        decode_row = want_len * runner.kv_heads * runner.head_dim * 4 * elem + runner.vocab * 8
+        gathered = want_len * runner.kv_heads * runner.head_dim * 4 * elem if runner.decode_kernel is None else 0
+        decode_row = gathered + runner.vocab * 8
 
         def act_need(graphed: bool) -> int:  # kept free beyond the cache (and graph pool)
             rows = 0 if graphed else min(o.max_num_seqs, 8) * decode_row
@@ -288,6 +310,7 @@ class LLMEngine:
                               f"{self._fit_detail}")
         if not fit:
             self._fill_memory(self._nvml_mib() if cuda else None, act_need(self.graphs is not None) if cuda else 0)
+        self._mark("fitted")
         self.kv = KVCacheManager(num_blocks, bs, o.enable_prefix_caching, extra_key=str(self.path.resolve()))
         self.sched = Scheduler(self.kv, o.max_num_seqs, o.max_prefill_tokens, o.prefill_chunk, self.stats)
         self.eos_ids = self._eos_ids(model)
@@ -301,6 +324,7 @@ class LLMEngine:
             "max_model_len": self.max_model_len, "model_max_len": model_len,
             "prefix_caching": o.enable_prefix_caching, "attention": runner.attention_path,
             "embed_on_host": runner.embed_on_host, "lm_head_int8": isinstance(runner.lm_head, Int8Linear),
+            "lm_head": type(runner.lm_head).__name__, "vendor_blas": runner.vendor_blas,
             "cuda_graphs": self.graphs is not None, "compiled_decode": compiled,
             "fused_projections": {"qkv": len(runner.fused_qkv), "gate_up": len(runner.fused_gate_up)},
             "weights_bytes_on_gpu": weights_bytes, "activation_probe_bytes": act_bytes,
@@ -319,7 +343,8 @@ class LLMEngine:
                 f"the memory budget leaves room for {max(0, cap_tokens)} cached tokens, less than one sequence of "
                 f"{floor} tokens (max_model_len={want_len}): raise engine.gpu_memory_gb, lower "
                 f"engine.max_model_len, or set engine.kv_cache_dtype=int8 / engine.embed_on_host / "
-                f"engine.lm_head_int8 / engine.cuda_stack_limit. {self._fit_detail}".strip())
+                f"engine.lm_head_int8 / engine.cuda_stack_limit / engine.vendor_blas=false. "
+                f"{self._fit_detail}".strip())
 
     def _probe_prefill(self, chunk: int, quant: bool, context: int) -> int:
         """Transient peak of the costliest prefill chunk (eager, outside any graph pool): the last chunk of a
@@ -375,6 +400,9 @@ class LLMEngine:
         o, runner = self.opts, self.runner
         runner.cache = KVBlocks(len(runner.layers), num_blocks, o.block_size, runner.kv_heads, runner.head_dim,
                                 runner.dtype, self.device, quant)
+        attempt = sum(1 for st in self.memory.steps if st[0].startswith("kv_cache"))
+        tag = f"#{attempt + 1}" if attempt else ""
+        self._mark("kv_cache" + tag)
         self.ctx_buckets = buckets(self.max_model_len)
         self.max_blocks_per_seq = -(-self.max_model_len // o.block_size)
         self.graphs = None
@@ -383,8 +411,9 @@ class LLMEngine:
             graphs = DecodeGraphs(runner, sizes, self.ctx_buckets, self.max_blocks_per_seq,
                                   max_batch_tokens=2 * (num_blocks - 1) * o.block_size)
             try:
-                graphs.capture()
+                graphs.capture(on_first_decode=lambda: self._mark("first_decode" + tag))
                 self.graphs = graphs
+                self._mark("graphs" + tag)
             except RuntimeError as e:  # a kernel that cannot be captured: run eager, say so
                 del graphs
                 if isinstance(e, torch.OutOfMemoryError) and oom_raises:
@@ -417,6 +446,7 @@ class LLMEngine:
             self.start()
             if self.opts.warmup:
                 self._warmup()
+                self._mark("warmed_up")
             self.ready.set()
         except BaseException as e:  # noqa: BLE001 - recorded for /ready and re-raised
             self.error = e

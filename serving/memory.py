@@ -48,6 +48,11 @@ class MemoryReport:
     process_nvml: int | None = None  # the whole process as nvidia-smi sees it (None: not readable)
     nvml_source: str | None = None
     cuda_stack_limit: int | None = None
+    # the process after each load step, in order: [step, nvml MiB (None: not readable / CPU), allocator allocated
+    # MiB, allocator reserved MiB]; steps: context, weights, lm_head (the runner built: int8 lm_head, host
+    # embedding), first_prefill, kv_cache, first_decode, graphs, fitted, warmed_up (a retried fit repeats
+    # kv_cache .. graphs with "#2", "#3")
+    steps: list[list[Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:

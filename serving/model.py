@@ -95,8 +95,10 @@ def load_model(path: Path, device: torch.device, dtype: str = "auto", gptq_backe
 
 
 class Int8Linear(nn.Module):
-    """Weight-only int8 linear with per-row scales, dequantized 1024 rows at a time: at hidden 4096 the fp16
-    temporary is 8 MiB, held by both the activation reserve and the CUDA graph pool of a 4 GiB replica."""
+    """Weight-only int8 linear with per-row scales. ``use_kernel``: the Triton W8A16 kernel
+    (``serving.kernels.w8a16``: no cuBLAS, no fp16 temporary); else dequantized 1024 rows at a time into
+    ``F.linear``: at hidden 4096 the fp16 temporary is 8 MiB, held by both the activation reserve and the CUDA graph
+    pool of a 4 GiB replica."""
 
     def __init__(self, weight: torch.Tensor, chunk: int = 1024):
         super().__init__()
@@ -106,8 +108,13 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.squeeze(1).to(weight.dtype).to(weight.device))
         self.chunk = chunk
         self.out_features = weight.shape[0]
+        self.use_kernel = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernel:
+            from serving.kernels.w8a16 import w8a16_linear
+
+            return w8a16_linear(x, self.weight, self.scale)
         step = self.chunk
         parts = [F.linear(x, self.weight[s:s + step].to(x.dtype)) for s in range(0, self.out_features, step)]
         return torch.cat(parts, dim=-1) * self.scale

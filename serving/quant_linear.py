@@ -10,6 +10,7 @@ in registers, tensor cores), so a model on these kernels never creates a cuBLAS 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -146,3 +147,50 @@ def swap_gptq_linears(model: nn.Module, config_table: str | Path | None = None) 
     logger.info("triton_gemv: %d GPTQ linears swapped, %d kept (%d tuned configs)", len(swapped), kept,
                 len(configs))
     return {"swapped": len(swapped), "kept": kept}
+
+
+class GemvOnlyW4A16Linear(W4A16Linear):
+    """A ``W4A16Linear`` that never leaves the GEMV kernel: rows in chunks of ``MAX_ROWS`` (never the dequantize +
+    cuBLAS path) and split-K off (no workspace: at a 32,000-row lm_head one would be 16 MiB). The 4-bit lm_head of
+    ``engine.lm_head_int4``, where only the rows that need logits come in (a decode batch, a prefill's last token)."""
+
+    def config_for(self, m: int) -> GemvConfig:
+        return dataclasses.replace(super().config_for(m), split_k=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cuda" and not w4a16.interpreting():
+            raise KernelError("the W4A16 lm_head needs a CUDA device (or TRITON_INTERPRET=1 on CPU)")
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        step = w4a16.MAX_ROWS
+        parts = [w4a16.gemv(x2[i:i + step], self.packed, self.config_for(min(step, x2.shape[0] - i)))
+                 for i in range(0, x2.shape[0], step)]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def quantize_rtn_int4(weight: torch.Tensor, group_size: int = 128) -> tuple[torch.Tensor, ...]:
+    """Round-to-nearest symmetric 4-bit quantization of a float ``[N, K]`` weight in the standard GPTQ v1 layout:
+    (qweight int32 [K/8, N], qzeros int32 [G, N/8] (zero point 8, stored as 7), scales fp16 [G, N], group size).
+    One group over all of K when K is not larger than ``group_size``. Runs on the weight's device (the engine
+    passes a host copy)."""
+    from serving.kernels.reference import pack_cols, pack_rows
+
+    n, k = weight.shape
+    gs = k if group_size >= k else group_size
+    if k % gs or k % 8:
+        raise KernelError(f"in_features {k} is not a multiple of the group size {gs} (and of 8)")
+    w = weight.detach().float().view(n, k // gs, gs)
+    scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 7.0
+    q = (torch.round(w / scale) + 8).clamp(0, 15).to(torch.uint8).view(n, k)
+    scales = scale.squeeze(-1).t().contiguous().to(torch.float16)  # [G, N]
+    qzeros = pack_cols(torch.full((k // gs, n), 7, dtype=torch.uint8, device=weight.device))
+    return pack_rows(q.t().contiguous()), qzeros, scales, gs
+
+
+def int4_lm_head(weight: torch.Tensor, device: torch.device, group_size: int = 128) -> GemvOnlyW4A16Linear:
+    """The lm_head as 4-bit RTN g128 through the W4A16 GEMV: quantized and repacked in host memory (no fp32 copy on
+    the GPU), then moved. LLaMA-7B: 66.5 MiB (int32 words + fp16 scale/zero pairs) against int8's 125 MiB."""
+    qweight, qzeros, scales, gs = quantize_rtn_int4(weight.detach().to("cpu"), group_size)
+    mod = GemvOnlyW4A16Linear.from_tensors(qweight, qzeros, scales, None, gs)
+    return mod.to(device)

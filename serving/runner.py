@@ -9,11 +9,21 @@ Attention over blocks has two implementations behind one signature (helpers' PAG
 - ``serving.kernels.paged_attention.paged_decode_attention`` (Triton), used for decode on CUDA when that module
   imports: it reads K/V in place instead of gathering them.
 
+Without vendor BLAS (``vendor_blas=False``, the 4 GB profile's ``engine.vendor_blas: false``) nothing outside the
+quantized linears calls a vendor library: the int8 lm_head runs ``serving.kernels.w8a16``, rotary cos/sin are a
+broadcast multiply (HF's rotary module does ``inv_freq @ positions``, a cuBLAS batched GEMM, in some transformers
+versions), prefill attention runs the Triton flash kernel over blocks and decode attention the Triton decode
+kernel, on any device (interpreted on CPU under ``TRITON_INTERPRET=1``). Why: on the H200 (torch 2.11, 256-byte
+stack) the first cuBLAS matmul adds 130 MiB to the process outside PyTorch's allocator and SDPA 28 MiB more; at
+the 4 GB profile that is ~600 int8 KV tokens (266,240 B a token), the gap between the 144 tokens the fit found and
+the 1,024 it must hold.
+
 Imports only torch (the model's modules come from ``serving.model.load_model``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -23,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.errors import EngineError
 from serving.kernels.paged_attention_ref import gather_kv, paged_prefill_attention_ref
 from serving.kernels.paged_attention_ref import write_kv_ref as write_kv
 from serving.kv_cache import KVBlocks
@@ -49,14 +60,28 @@ def _decode_attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     return o.reshape(b, nh * hd)
 
 
-def triton_decode_attention() -> Callable | None:
+def triton_decode_attention(force: bool = False) -> Callable | None:
     """``serving.kernels.paged_attention.paged_decode_attention`` when that module imports (the Triton kernel of
-    helper "pagedattn"), else None (the torch path)."""
+    helper "pagedattn"), else None (the torch path). ``force``: the Triton kernel on every device and dtype
+    (``backend="triton"``: interpreted on CPU), for the no-vendor-BLAS mode."""
     try:
         from serving.kernels.paged_attention import paged_decode_attention
     except ImportError:
         return None
-    return paged_decode_attention
+    return functools.partial(paged_decode_attention, backend="triton") if force else paged_decode_attention
+
+
+# RoPE variants whose inv_freq the HF module recomputes from the sequence length at run time
+DYNAMIC_ROPE = ("dynamic", "longrope")
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, scaling: float, pos: torch.Tensor, dtype: torch.dtype,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's Llama rotary cos/sin for ``pos`` [b, t] without a matmul: ``pos x inv_freq`` is an outer product
+    (one multiply per element, the same float32 values as HF's ``inv_freq @ positions``)."""
+    freqs = pos[..., None].float() * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
 # ----------------------------------------------------------------------------------- the forward
@@ -71,7 +96,8 @@ class LlamaRunner:
     """A compact Llama-family forward that reuses the loaded model's modules, with attention over ``KVBlocks``."""
 
     def __init__(self, model: nn.Module, device: torch.device, embed_on_host: bool, lm_head_int8: bool,
-                 fuse_projections: bool = False, paged_kernel: bool = True):
+                 fuse_projections: bool = False, paged_kernel: bool = True, vendor_blas: bool = True,
+                 lm_head_int4: bool = False):
         inner = model.model
         cfg = model.config
         self.config = cfg
@@ -98,7 +124,18 @@ class LlamaRunner:
         else:
             self.embed_weight = emb.weight.detach()
         self.lm_head: nn.Module = model.lm_head
-        if lm_head_int8 and isinstance(model.lm_head, nn.Linear):
+        if lm_head_int4 and isinstance(model.lm_head, nn.Linear):
+            from serving.kernels.w4a16 import interpreting
+            from serving.quant_linear import int4_lm_head
+
+            if device.type != "cuda" and not interpreting():
+                raise EngineError("engine.lm_head_int4 runs the Triton W4A16 GEMV: it needs CUDA")
+
+            weight = model.lm_head.weight
+            model.lm_head = nn.Identity()
+            self.lm_head = int4_lm_head(weight, device)
+            del weight
+        elif lm_head_int8 and isinstance(model.lm_head, nn.Linear):
             weight = model.lm_head.weight
             model.lm_head = nn.Identity()
             self.lm_head = Int8Linear(weight.to("cpu"))
@@ -109,8 +146,14 @@ class LlamaRunner:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         self.cache: KVBlocks | None = None
+        self.vendor_blas = vendor_blas
+        if not vendor_blas:
+            self._own_kernels(paged_kernel)
         # decode attention: the Triton kernel on CUDA when its module is there, else the torch gather + SDPA
-        self.decode_kernel = triton_decode_attention() if device.type == "cuda" and paged_kernel else None
+        if not vendor_blas:
+            self.decode_kernel = triton_decode_attention(force=True)
+        else:
+            self.decode_kernel = triton_decode_attention() if device.type == "cuda" and paged_kernel else None
         # q/k/v and gate/up as one GEMM each (``fuse_linears``), keyed by the attention / MLP module's id
         self.fused_qkv: dict[int, nn.Module] = {}
         self.fused_gate_up: dict[int, nn.Module] = {}
@@ -130,6 +173,38 @@ class LlamaRunner:
             self.decode_layer_fn = fused_decode_layer
         if fuse_projections:
             self._fuse_projections()
+
+    def _own_kernels(self, paged_kernel: bool) -> None:
+        """Checks for ``vendor_blas=False``: every piece it replaces must be replaceable, or a clear error."""
+        from importlib.util import find_spec
+
+        why = None
+        if find_spec("triton") is None:
+            why = "triton is not installed"
+        elif not paged_kernel:
+            why = "engine.attention_kernel=torch is SDPA"
+        elif getattr(self.rotary, "rope_type", "default") in DYNAMIC_ROPE or not hasattr(self.rotary, "inv_freq"):
+            why = f"rotary type {getattr(self.rotary, 'rope_type', type(self.rotary).__name__)!r}"
+        elif not isinstance(self.lm_head, Int8Linear) and type(self.lm_head).__name__ != "GemvOnlyW4A16Linear":
+            why = "the lm_head is not quantized (set engine.lm_head_int8 or engine.lm_head_int4)"
+        elif self.head_dim < 16 or self.head_dim & (self.head_dim - 1):
+            why = f"head_dim {self.head_dim} is not a power of two >= 16"
+        if why is not None:
+            raise EngineError(f"engine.vendor_blas=false cannot run this model: {why}")
+        if isinstance(self.lm_head, Int8Linear):
+            self.lm_head.use_kernel = True
+        if self.device.type == "cuda" and any(type(m) is nn.Linear for layer in self.layers for m in layer.modules()):
+            # an fp16/bf16 checkpoint: its projections are cuBLAS GEMMs, so the libraries load anyway
+            logger.warning("engine.vendor_blas=false: this model's projections are plain linears (cuBLAS); only a "
+                           "GPTQ checkpoint keeps cuBLAS out of the process")
+
+    def rope(self, h: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [b, t, head_dim] for positions [b, t]: the model's rotary module, or (no vendor BLAS) the
+        same values by broadcasting."""
+        if self.vendor_blas:
+            return self.rotary(h, pos)
+        return rope_cos_sin(self.rotary.inv_freq, float(getattr(self.rotary, "attention_scaling", 1.0)), pos,
+                            h.dtype)
 
     @property
     def attention_path(self) -> str:
@@ -191,6 +266,14 @@ class LlamaRunner:
             return h + layer.mlp.down_proj(_gate(*self.project_gate_up(layer.mlp, x)))
         return h + layer.mlp(x)
 
+    def prefill_attention(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, ksc: torch.Tensor | None,
+                          vsc: torch.Tensor | None, table: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+        if self.vendor_blas:
+            return paged_prefill_attention_ref(q, kc, vc, ksc, vsc, table, start, scale)
+        from serving.kernels.paged_attention import paged_prefill_attention
+
+        return paged_prefill_attention(q, kc, vc, ksc, vsc, table, start, scale, backend="triton")
+
     def slot_mapping(self, blocks: list[int], start: int, end: int) -> torch.Tensor:
         bs = self.cache.block_size
         return torch.tensor([blocks[p // bs] * bs + p % bs for p in range(start, end)], dtype=torch.long)
@@ -203,15 +286,15 @@ class LlamaRunner:
         end = start + t
         h = self.embed(torch.tensor(ids, dtype=torch.long)).unsqueeze(0)
         pos = torch.arange(start, end, device=self.device)
-        cos, sin = self.rotary(h, pos.unsqueeze(0))
+        cos, sin = self.rope(h, pos.unsqueeze(0))
         slots = self.slot_mapping(blocks, start, end).to(self.device)
         table = torch.tensor(blocks[:-(-end // cache.block_size)], dtype=torch.int32).to(self.device)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)
             write_kv(k[0], v[0], cache.k[i], cache.v[i], cache.ks[i], cache.vs[i], slots)
-            o = paged_prefill_attention_ref(q[0], cache.k[i], cache.v[i], cache.ks[i], cache.vs[i], table, start,
-                                            self.scale)
+            o = self.prefill_attention(q[0], cache.k[i], cache.v[i], cache.ks[i], cache.vs[i], table, start,
+                                       self.scale)
             h = h + attn.o_proj(o.reshape(1, t, self.n_heads * self.head_dim))
             h = self._mlp_block(layer, h)
         if not want_logits:
@@ -226,7 +309,7 @@ class LlamaRunner:
         cache = self.cache
         b = h.shape[0]
         nb = -(-max_context // cache.block_size)
-        cos, sin = self.rotary(h, pos.unsqueeze(1))
+        cos, sin = self.rope(h, pos.unsqueeze(1))
         mask = None
         if self.decode_kernel is None:
             mask = (torch.arange(nb * cache.block_size, device=self.device)[None, :] < context_lens[:, None])
@@ -364,7 +447,9 @@ class DecodeGraphs:
         self.pool = None
 
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, on_first_decode: Callable[[], None] | None = None) -> None:
+        """Every wanted bucket, largest first; ``on_first_decode`` is called after the first (eager) warm-up step
+        (the engine reads the process's memory there)."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -375,6 +460,9 @@ class DecodeGraphs:
                     args = (self.h[:b], self.pos[:b], self.slots[:b], self.tables[:b], self.lens[:b], ctx)
                     for _ in range(2):  # warm up kernels/workspaces outside capture
                         self.runner.decode(*args)
+                    if on_first_decode is not None:
+                        on_first_decode()
+                        on_first_decode = None
                     g = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(g, pool=self.pool, stream=stream):
                         out = self.runner.decode(*args)

@@ -5,8 +5,9 @@ block_size, head_dim]``, int8 with per (token, kv head) scales, int32 block tabl
 ``paged_decode_attention`` runs the Triton flash-decoding kernel (``paged_attention_triton``) on CUDA for fp16
 and bf16 queries, and the torch gather + SDPA reference (``paged_attention_ref``) everywhere else: CPU serving,
 fp32, or ``backend="torch"``. ``write_kv`` is one Triton launch on CUDA (torch index_put elsewhere);
-``paged_prefill_attention`` is torch on every device (graph safe; it runs once per chunk, outside the decode
-graphs). Nothing is imported or probed at import time: Triton is imported at the first Triton call.
+``paged_prefill_attention`` is torch by default on every device (graph safe; it runs once per chunk, outside the
+decode graphs), or a Triton flash-attention kernel over blocks with ``backend="triton"``. Nothing is imported or
+probed at import time: Triton is imported at the first Triton call.
 """
 
 from __future__ import annotations
@@ -174,12 +175,32 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             k_scale: torch.Tensor | None, v_scale: torch.Tensor | None, block_table: torch.Tensor,
-                            start: int, scale: float) -> torch.Tensor:
+                            start: int, scale: float, *, backend: Backend = "auto") -> torch.Tensor:
     """One sequence's chunk: q ``[num_tokens, num_heads, head_dim]`` at positions ``start ..``, causal over the
-    cache's positions ``0 .. start + num_tokens - 1`` (the chunk's K/V already written); torch on every device."""
+    cache's positions ``0 .. start + num_tokens - 1`` (the chunk's K/V already written). ``backend="auto"`` and
+    ``"torch"``: the gather + SDPA reference on every device (it runs once per chunk, outside the decode graphs);
+    ``"triton"``: the flash-attention kernel over blocks (``paged_prefill_attention_triton``), which the engine's
+    no-vendor-BLAS mode (``engine.vendor_blas=false``) takes so that the process never loads SDPA's kernels."""
     if q.dim() != 3 or block_table.dim() != 1:
         raise ValueError(f"q must be [num_tokens, num_heads, head_dim] and block_table [max_blocks]; got "
                          f"{tuple(q.shape)} and {tuple(block_table.shape)}")
     if start < 0:
         raise ValueError(f"start must be >= 0, got {start}")
-    return paged_prefill_attention_ref(q, k_cache, v_cache, k_scale, v_scale, block_table, start, scale)
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be auto, triton or torch, got {backend!r}")
+    if backend != "triton":
+        return paged_prefill_attention_ref(q, k_cache, v_cache, k_scale, v_scale, block_table, start, scale)
+    why_not = triton_supports(q, k_cache)
+    end = start + q.shape[0]
+    if why_not is None and q.stride(-1) != 1:
+        why_not = "q must be contiguous in head_dim"
+    if why_not is None and -(-end // k_cache.shape[2]) > block_table.shape[0]:
+        raise ValueError(f"prefill up to position {end} needs {-(-end // k_cache.shape[2])} blocks, the table "
+                         f"holds {block_table.shape[0]}")
+    if why_not is not None:
+        raise ValueError(f"the Triton prefill kernel cannot run this call: {why_not}")
+    if block_table.dtype != torch.int32 or block_table.stride(0) != 1:
+        raise ValueError(f"block_table must be contiguous int32, got {block_table.dtype}")
+    from serving.kernels.paged_attention_triton import paged_prefill_attention_triton
+
+    return paged_prefill_attention_triton(q, k_cache, v_cache, k_scale, v_scale, block_table, start, scale)

@@ -204,3 +204,83 @@ def write_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
         k, v, k_cache, v_cache, ks, vs, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         *sst, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[2], INT8=int8, num_warps=1)
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, bt_ptr, out_ptr, qk_scale, start, num_tokens,
+                    stride_qt, stride_qh, stride_kb, stride_kh, stride_kt, stride_sb, stride_sh, stride_st,
+                    stride_ot, stride_oh,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, INT8: tl.constexpr, IEEE: tl.constexpr):
+    mt = tl.program_id(0)
+    h = tl.program_id(1)
+    kvh = h // GROUP
+    rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = rows < num_tokens
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + d[None, :], mask=r_ok[:, None], other=0.0)
+    # rows past the chunk act as its last row (a finite softmax) and are never stored
+    qpos = start + tl.minimum(rows, num_tokens - 1)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    kend = start + tl.minimum(mt * BLOCK_M + BLOCK_M, num_tokens)  # the tile's last row sees up to here
+    for t0 in range(0, kend, BLOCK_N):
+        tok = t0 + tl.arange(0, BLOCK_N)
+        tmask = tok < kend
+        phys = tl.load(bt_ptr + tok // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
+        off = tok % BLOCK_SIZE
+        row = phys * stride_kb + kvh * stride_kh + off * stride_kt
+        k = tl.load(k_ptr + row[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+        v = tl.load(v_ptr + row[:, None] + d[None, :], mask=tmask[:, None], other=0.0)
+        if INT8:
+            srow = phys * stride_sb + kvh * stride_sh + off * stride_st
+            ks = tl.load(ks_ptr + srow, mask=tmask, other=0.0).to(tl.float32)
+            vs = tl.load(vs_ptr + srow, mask=tmask, other=0.0).to(tl.float32)
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        if INT8:
+            s = s * ks[None, :]
+        visible = (tok[None, :] <= qpos[:, None]) & tmask[None, :]
+        s = tl.where(visible, s * qk_scale, float("-inf"))
+        # position 0 is in the first tile and visible to every row: m is finite from the first tile on
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.math.exp2(m - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        if INT8:
+            p = p * vs[None, :]
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    o = acc / l_sum[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + d[None, :], o.to(out_ptr.dtype.element_ty),
+             mask=r_ok[:, None])
+
+
+def paged_prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                   k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                                   block_table: torch.Tensor, start: int, scale: float, block_m: int = 32,
+                                   block_n: int = 64) -> torch.Tensor:
+    """One sequence's chunk, as ``paged_prefill_attention_ref`` (checked by the caller): one program per
+    (``block_m`` query tokens, query head), flash attention over the chunk's blocks with the causal mask, K/V read
+    in place through ``block_table`` (int8 dequantized in registers as in the decode kernel). No SDPA, no cuBLAS."""
+    t, num_heads, head_dim = q.shape
+    kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    int8 = k_scale is not None
+    ks, vs = (k_scale, v_scale) if int8 else (k_cache, v_cache)
+    sst = (ks.stride(0), ks.stride(1), ks.stride(2)) if int8 else (0, 0, 0)
+    _prefill_kernel[(triton.cdiv(t, block_m), num_heads)](
+        q, k_cache, v_cache, ks, vs, block_table, out, scale * LOG2E, start, t,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *sst,
+        out.stride(0), out.stride(1),
+        GROUP=num_heads // kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        INT8=int8, IEEE=q.dtype == torch.float32, num_warps=4)
+    return out

@@ -463,7 +463,7 @@ def test_serving_config_validates_and_carries_the_values(case: str) -> None:
     merged = helm_python.Chart.load(str(CHART)).merge_values(values)["serving"]
     cfg = ServeConfig.model_validate(yaml.safe_load(find(objs, "ConfigMap", "-serving")["data"]["serve.yaml"]))
     assert cfg.engine.gpu_memory_gb == merged["gpuMemoryGB"]
-    assert cfg.engine.max_model_len == merged["maxModelLen"]
+    assert cfg.engine.max_model_len == merged.get("maxModelLen")  # null in values: the key is dropped
     assert cfg.served_model_name == merged["servedModelName"]
     assert cfg.deployment.max_ongoing_requests >= cfg.engine.max_num_seqs + cfg.engine.max_waiting
     for key, value in merged["config"].get("engine", {}).items():
@@ -489,6 +489,23 @@ def test_default_gpu_memory_budget_is_4_gb_and_reaches_the_app_config() -> None:
     assert ServeConfig.model_validate(yaml.safe_load(cm["data"]["serve.yaml"])).engine.gpu_memory_gb == 4
     cm = find(render({"serving": {"gpuMemoryGB": 7.5}}), "ConfigMap", "-serving")
     assert ServeConfig.model_validate(yaml.safe_load(cm["data"]["serve.yaml"])).engine.gpu_memory_gb == 7.5
+
+
+def test_default_max_model_len_follows_the_model_and_a_number_is_passed_through() -> None:
+    """maxModelLen null (the default) reaches the engine as null (the model's own context, limited by the budget);
+    a number reaches it as that number; below 16 the schema names the field."""
+    from serving.config import ServeConfig
+
+    def engine(values: dict) -> Any:
+        cm = find(render(values), "ConfigMap", "-serving")
+        return ServeConfig.model_validate(yaml.safe_load(cm["data"]["serve.yaml"])).engine
+
+    default = engine({})
+    assert default.max_model_len is None and default.vendor_blas is False
+    assert engine({"serving": {"maxModelLen": 2048}}).max_model_len == 2048
+    with helm_python.Chart.load(str(CHART)) as chart:
+        with pytest.raises(helm_python.HelmValuesError, match=re.escape("/serving/maxModelLen")):
+            chart.render({"serving": {"maxModelLen": 8}}, name="demo")
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if CASES[c].get("serving", {}).get("enabled", True)])

@@ -7,6 +7,13 @@
 #                                               # paged engine at 4 GiB and at the fixed-slot engine's measured
 #                                               # 4,650 MiB, 10-turn chat TTFT with/without prefix caching,
 #                                               # triton_gemv vs Marlin decode (no cap)
+#   bash tests/gpu/serving_session.sh mem       # one call: the 4 GB profile without vendor BLAS
+#                                               # (engine.vendor_blas=false) at --gpu-memory-gb 4 holding 1,024 int8
+#                                               # tokens: memory probe (NVML per load step + peak), bench engine
+#                                               # (batch 1, 2, one 1,024-token sequence), 10-turn chat TTFT with and
+#                                               # without prefix caching, mixed-length load; then the longest length
+#                                               # that fits (256- and 64-byte stack, 4-bit lm_head), with vendor BLAS
+#                                               # (what cuBLAS/SDPA cost), the fixed-slot engine on the same load
 # Carry .whl-gpu (tests/gpu/wheels.sh). Results under $OUT; the tuned W4A16 table is kept in /tmp for later calls.
 set -euo pipefail
 eval "$(bash .whl-gpu/install.sh)"
@@ -43,5 +50,55 @@ case "${1:-}" in
     step paged_eq python3 -m serving.bench "${P4[@]}" --gpu-memory-gb 4.54 --batch-sizes 1,2,4 --prompt-len 128       --gen-len 128 --turns 10 --turn-gen 32 --phases engine,chat,chat_no_prefix --out "$OUT/paged_eq.json"
     step gemv python3 -m serving.bench --model "$CKPT" --device cuda --gpu-memory-gb 0 --kv-cache-dtype int8       --lm-head-int8 --compile --max-model-len 512 --prefill-chunk 128 --batch-sizes 1,4 --prompt-len 128       --gen-len 128 --gptq-backend triton_gemv --phases engine --out "$OUT/gemv_triton.json"
     step marlin python3 -m serving.bench --model "$CKPT" --device cuda --gpu-memory-gb 0 --kv-cache-dtype int8       --lm-head-int8 --compile --max-model-len 512 --prefill-chunk 128 --batch-sizes 1,4 --prompt-len 128       --gen-len 128 --gptq-backend marlin --phases engine --out "$OUT/gemv_marlin.json" ;;
-  *) echo "usage: $0 kernels|speed|chat|measure" >&2; exit 2 ;;
+  mem)
+    [ -f "$CKPT/quantize_config.json" ] || python3 .whl-gpu/shared-tools/make_llama7b_gptq.py "$CKPT" >&2
+    [ -f "$TABLE" ] && export SERVING_W4A16_CONFIGS=$TABLE
+    LIMIT=${MEM_LIMIT_S:-575}  # the call's 600 s: every step gets what is left, results are written as they come
+    mkdir -p /tmp/mem-logs
+    # MEM_STEPS="probe_vendor probe_own_max" runs only those (a second call on the warm machine: the checkpoint in
+    # /tmp and GPTQModel's Marlin build are kept, so the first call's 220 s JIT is not paid again)
+    mstep() { local name=$1; shift; local left=$((LIMIT - SECONDS)) t=$SECONDS rc=0
+              if [ -n "${MEM_STEPS:-}" ] && [[ " $MEM_STEPS " != *" $name "* ]]; then return 0; fi
+              if [ "$left" -lt 60 ]; then echo "[$name] skipped: ${left} s left" >&2; return 0; fi
+              timeout "$left" "$@" > "/tmp/mem-logs/$name.out" 2> "/tmp/mem-logs/$name.log" || rc=$?
+              echo "[$name] rc=$rc $((SECONDS - t)) s" >&2; tar -czf "$OUT/mem_logs.tgz" -C /tmp/mem-logs .; }
+    PROBE=(python3 tests/gpu/memory_probe.py --model "$CKPT" --device cuda --gpu-memory-gb 4 --cuda-stack-limit 256
+           --prefill-chunk 128 --compile --max-num-seqs 2)
+    # the bench takes the longest length the budget holds (at least 1,024 is the target), so that the chat and load
+    # phases run even where the fit falls short of 1,024; its full_length_run holds that many tokens at once. One
+    # file per part: a step cut by the time limit loses only its own result.
+    BENCH=(python3 -m serving.bench --model "$CKPT" --device cuda --kv-cache-dtype int8 --embed-on-host --lm-head-int8
+           --cuda-stack-limit 256 --prefill-chunk 128 --compile --no-vendor-blas --gpu-memory-gb 4
+           --paged-max-model-len 0 --batch-sizes 1,2,4 --prompt-len 128 --gen-len 128 --turns 10 --turn-gen 32
+           --load-requests 48 --prompts .whl-gpu/shared-data/instructionwild)
+    R=/tmp/mem-logs  # at most 8 files come back: the first four results in $OUT, every result in the tarball
+    mstep probe_own "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --out "$OUT/mem_probe_own.json"
+    mstep bench_engine "${BENCH[@]}" --phases engine --out "$OUT/mem_bench_engine.json"
+    mstep bench_chat "${BENCH[@]}" --phases chat,chat_no_prefix --out "$OUT/mem_bench_chat.json"
+    mstep bench_load "${BENCH[@]}" --phases load --out "$OUT/mem_bench_load.json"
+    mstep probe_own_max "${PROBE[@]}" --no-vendor-blas --max-model-len 0 --out "$R/mem_probe_own_max.json"
+    # the stack reservation is stack x 2,048 threads x 132 SMs (66 MiB at 256 B on the H200); CUDA raises the
+    # limit by itself for a kernel that needs more, so 64 B is safe and shows what the kernels actually need
+    mstep probe_own_stack64 "${PROBE[@]}" --no-vendor-blas --max-model-len 0 --cuda-stack-limit 64 \
+      --out "$R/mem_probe_own_stack64.json"
+    # the 4-bit lm_head (engine.lm_head_int4: 66.5 MiB against int8's 125) at the longest length that fits
+    mstep probe_own_int4 "${PROBE[@]}" --no-vendor-blas --lm-head-int4 --max-model-len 0 \
+      --out "$R/mem_probe_own_int4.json"
+    mstep probe_vendor "${PROBE[@]}" --vendor-blas --max-model-len 1024 --out "$R/mem_probe_vendor.json"
+    # today's fixed-slot engine on the same load at the same --gpu-memory-gb (it caps the allocator only)
+    mstep load_legacy python3 -m serving.bench --model "$CKPT" --device cuda --kv-cache-dtype int8 --embed-on-host \
+      --lm-head-int8 --prefill-chunk 128 --gpu-memory-gb 4 --max-model-len 512 --batch-sizes 1,2,4 --gen-len 128 \
+      --load-requests 48 --prompts .whl-gpu/shared-data/instructionwild --phases load_legacy \
+      --out "$R/mem_load_legacy.json"
+    tar -czf "$OUT/mem_logs.tgz" -C "$R" .
+    for f in "$OUT"/mem_probe_own.json "$R"/mem_probe_*.json; do
+      [ -f "$f" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], \
+        json.dumps({k: r.get(k) for k in ('peak_mib', 'kv_cache_tokens', 'max_model_len', 'targets', 'deltas_mib',
+                                          'error')}))" "$f"
+    done
+    for f in "$OUT"/mem_bench_*.json; do
+      [ -f "$f" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], \
+        json.dumps(r.get('summary_paged')))" "$f"
+    done; true ;;
+  *) echo "usage: $0 kernels|speed|chat|measure|mem" >&2; exit 2 ;;
 esac

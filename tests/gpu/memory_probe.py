@@ -1,0 +1,192 @@
+"""Where the whole process's GPU memory goes at the 4 GB profile, step by step, as nvidia-smi (NVML) counts it.
+
+One engine load with the profile's options, then a short run that holds the cache full (one sequence of
+max_model_len tokens, then two of half that at once), and JSON with:
+- ``steps``: the engine's own load marks (``MemoryReport.steps``): [step, NVML MiB, allocated MiB, reserved MiB]
+  after context, weights, lm_head, first_prefill, kv_cache, first_decode, graphs, fitted, warmed_up, with the
+  step-to-step NVML deltas beside them (``deltas_mib``);
+- ``peak_mib``: the process's NVML maximum over the whole run (load included), sampled every 0.2 s in a thread;
+- ``kv_cache_tokens``, ``max_model_len``, the runs' token counts, and ``targets``: peak <= 4,096 MiB while holding
+  >= 1,024 cached int8 tokens (stretch 2,048).
+A load that fails (the fit refusing, out of memory) still reports the steps it reached, with the error.
+
+GPU (the lead's session; ``tests/gpu/serving_session.sh mem``):
+    python3 tests/gpu/memory_probe.py --model /tmp/llama7b-gptq --no-vendor-blas --out $OUT/mem_own.json
+CPU smoke (a tiny random Llama, no NVML: steps carry None):
+    python tests/gpu/memory_probe.py --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TARGET_MIB, MIN_TOKENS, STRETCH_TOKENS = 4096, 1024, 2048
+
+
+class NvmlPeak:
+    """This process's NVML MiB polled in a thread (``serving.memory.process_gpu_mib``), maximum and last kept."""
+
+    def __init__(self, device_index: int, interval_s: float = 0.2):
+        self.index, self.interval = device_index, interval_s
+        self.peak: int | None = None
+        self.samples = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from serving.memory import process_gpu_mib
+
+        while not self.stop.is_set():
+            mib, _ = process_gpu_mib(self.index)
+            if mib is not None:
+                self.peak = max(self.peak or 0, mib)
+                self.samples += 1
+            self.stop.wait(self.interval)
+
+    def __enter__(self) -> NvmlPeak:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(timeout=15)
+
+
+def _run(eng, lengths: list[int], gen: int, vocab: int, seed: int) -> dict:
+    """``len(lengths)`` sequences at once, each ``lengths[i]`` tokens in all (prompt + ``gen`` new, ignore_eos)."""
+    import torch
+
+    from serving.sampler import SamplingParams
+
+    g = torch.Generator().manual_seed(seed)
+    done = [threading.Event() for _ in lengths]
+    got = [0] * len(lengths)
+    errors: list[str] = []
+    t0 = time.perf_counter()
+    for i, n in enumerate(lengths):
+        ids = torch.randint(10, max(11, vocab - 10), (n - gen,), generator=g).tolist()
+
+        def sink(o, i=i):
+            if isinstance(o, BaseException):
+                errors.append(f"{type(o).__name__}: {str(o)[:200]}")
+                done[i].set()
+                return
+            got[i] = o.completion_tokens
+            if o.finish_reason:
+                done[i].set()
+
+        eng.add_request(ids, SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True), sink)
+    for d in done:
+        d.wait(1800)
+    return {"lengths": lengths, "generated": got, "cached_tokens_held": sum(n - 1 for n in lengths),
+            "errors": errors, "s": round(time.perf_counter() - t0, 2)}
+
+
+def probe(args: argparse.Namespace) -> dict:
+    import torch
+
+    from serving.engine import EngineConfig, LLMEngine
+
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    opts = EngineConfig(
+        device="cuda" if cuda else "cpu", gpu_memory_gb=args.gpu_memory_gb, max_model_len=args.max_model_len or None,
+        kv_cache_dtype="int8", embed_on_host=True if cuda else None, lm_head_int8=not args.lm_head_int4,
+        lm_head_int4=args.lm_head_int4,
+        cuda_stack_limit=args.cuda_stack_limit if cuda else None, prefill_chunk=args.prefill_chunk,
+        compile=args.compile and cuda, vendor_blas=args.vendor_blas, max_num_seqs=max(2, args.max_num_seqs),
+        gptq_backend=args.gptq_backend, warmup=True)
+    out: dict = {"args": vars(args), "device": opts.device, "options": opts.model_dump()}
+    eng = LLMEngine(args.model, opts)
+    with NvmlPeak(0) as peak:
+        t0 = time.monotonic()
+        try:
+            eng.load_and_start()
+        except Exception as e:  # noqa: BLE001 - the steps reached are the result
+            out["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
+        out["load_s"] = round(time.monotonic() - t0, 1)
+        if "error" not in out:
+            n = eng.max_model_len
+            gen = min(args.gen_len, n // 4)
+            out["runs"] = [_run(eng, [n], gen, eng.runner.vocab, 1),
+                           _run(eng, [n // 2, n // 2], gen, eng.runner.vocab, 2)]
+            out["memory_report"] = eng.memory_report()
+            eng.shutdown()
+        time.sleep(0.5)  # one more sample after the last step
+    rep = eng.memory.to_dict()
+    steps = rep["steps"]
+    out["steps"] = steps
+    prev = None
+    deltas = {}
+    for name, mib, _alloc, _res in steps:
+        if mib is not None and prev is not None:
+            deltas[name] = mib - prev
+        prev = mib if mib is not None else prev
+    out["deltas_mib"] = deltas
+    out["peak_mib"] = peak.peak
+    out["nvml_samples"] = peak.samples
+    out["kv_cache_tokens"] = eng.info.get("kv_cache_tokens")
+    out["max_model_len"] = eng.info.get("max_model_len")
+    out["vendor_blas"] = eng.info.get("vendor_blas")
+    ok_runs = "error" not in out and all(not r["errors"] for r in out.get("runs", []))
+    tokens = out["kv_cache_tokens"] or 0
+    out["targets"] = {
+        "peak_le_4096_mib": None if peak.peak is None else peak.peak <= TARGET_MIB,
+        "holds_1024_tokens": ok_runs and tokens >= MIN_TOKENS and (out["max_model_len"] or 0) >= MIN_TOKENS,
+        "stretch_2048_tokens": ok_runs and tokens >= STRETCH_TOKENS,
+    }
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="HF or GPTQ folder (required without --smoke)")
+    p.add_argument("--smoke", action="store_true", help="CPU: a tiny random Llama made here")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--gpu-memory-gb", type=float, default=4.0)
+    p.add_argument("--max-model-len", type=int, default=1024,
+                   help="engine.max_model_len (0: the model's own, limited by what the budget holds)")
+    p.add_argument("--max-num-seqs", type=int, default=2)
+    p.add_argument("--gen-len", type=int, default=32)
+    p.add_argument("--prefill-chunk", type=int, default=128)
+    p.add_argument("--cuda-stack-limit", type=int, default=256)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--vendor-blas", action=argparse.BooleanOptionalAction, default=True,
+                   help="--no-vendor-blas: engine.vendor_blas=false (the 4 GB profile)")
+    p.add_argument("--gptq-backend", default="auto")
+    p.add_argument("--lm-head-int4", action="store_true", help="engine.lm_head_int4 instead of the int8 lm_head")
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args(argv)
+    if not args.smoke and not args.model:
+        p.error("--model is required without --smoke")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(ROOT))  # this checkout's serving package, not an installed one
+    if args.smoke:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import make_tiny_llama
+
+        args.device, args.model = "cpu", str(make_tiny_llama(Path(tempfile.mkdtemp(prefix="memprobe-"))))
+        args.max_model_len = min(args.max_model_len or 256, 256)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    result = probe(args)
+    text = json.dumps(result, indent=1, default=str)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+    return 0 if "error" not in result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
