@@ -262,3 +262,69 @@ def test_swap_on_cpu_without_the_interpreter_is_refused(monkeypatch):
         swap_gptq_linears(model)
     with pytest.raises(KernelError, match="CUDA"):
         model(torch.randn(1, 256))
+
+
+# -- the swap's memory peak: each GPTQModel layer's tensors are released before the next layer is repacked
+
+class _CyclicGPTQLinear(torch.nn.Module):
+    """Standard GPTQ tensors held the way GPTQModel's TORCH layer holds them: the module keeps a bound method of
+    itself (its ``torch.compile(self.dequantize_weight)``), a cycle only the garbage collector would break."""
+
+    def __init__(self, k: int, n: int, seed: int):
+        super().__init__()
+        for key, val in ref.random_gptq(k, n, 64, sym=False, act_order=True, seed=seed).items():
+            self.register_buffer(key, val.clone())
+        self.register_buffer("bias", torch.randn(n).half())
+        self.bits, self.group_size = 4, 64
+        self.dequantize_weight = self.forward  # the cycle
+
+    def qzero_format(self) -> int:
+        return 1
+
+
+def test_swap_frees_each_source_layer_before_repacking_the_next(monkeypatch):
+    import gc
+
+    model = torch.nn.Sequential(*[_CyclicGPTQLinear(256, 64 * (i + 1), seed=i) for i in range(4)])
+    sources = [[getattr(m, key) for key in ("qweight", "qzeros", "scales", "g_idx", "bias")] for m in model]
+    x = torch.randn(2, 256).half()
+    want = [ref.gptq_linear(x, m.qweight, m.qzeros, m.scales, m.g_idx, m.bias) for m in model]
+
+    def live_bytes() -> int:  # what the held references (the cycles) still pin
+        return sum(t.untyped_storage().nbytes() for ts in sources for t in ts)
+
+    total = live_bytes()
+    layer = [sum(t.numel() * t.element_size() for t in ts) for ts in sources]
+    seen: list[tuple[int, int]] = []
+    real_repack = w4a16.repack
+
+    def repack(*a, **kw):
+        seen.append((len(seen), live_bytes()))
+        return real_repack(*a, **kw)
+
+    monkeypatch.setattr(w4a16, "repack", repack)
+    gc.disable()  # the cycles stay uncollected, as they did in the GPU OOM
+    try:
+        assert swap_gptq_linears(model) == {"swapped": 4, "kept": 0}
+    finally:
+        gc.enable()
+    # at the i-th repack, layers 0..i-1 are gone: the peak is the checkpoint, never checkpoint + copies
+    assert seen == [(i, total - sum(layer[:i])) for i in range(4)]
+    assert live_bytes() == 0
+    for m, w in zip(model, want, strict=True):  # the replacements kept their own bias and still compute right
+        _check(m(x), w, torch.float16)
+
+
+def test_free_source_tensors_spares_shared_and_kept_storage():
+    from serving.quant_linear import free_source_tensors
+
+    m = _CyclicGPTQLinear(256, 16, seed=0)
+    whole = torch.zeros(8, 64, dtype=torch.int32)
+    m.qweight = whole[:4]  # a view into a bigger buffer: other tensors may live in it
+    keep = torch.nn.Module()
+    keep.register_buffer("b", m.bias)  # storage the replacement uses
+    owned = sum(t.numel() * t.element_size() for t in (m.qzeros, m.scales, m.g_idx))
+    freed = free_source_tensors(m, keep=keep)
+    assert freed == owned
+    assert whole.untyped_storage().nbytes() == 8 * 64 * 4 and keep.b.untyped_storage().nbytes() == 16 * 2
+    assert m.qzeros is None and m.scales is None and m.g_idx is None
