@@ -65,6 +65,8 @@ class GemvConfig:
     scale_w: bool = False
     dot: bool = False  # several rows through tl.dot (rows padded to 16) instead of CUDA-core FMAs
     prefetch: bool = False  # load chunk c+1 while unpacking chunk c (more registers, more bytes in flight)
+    kernel: int = 1  # 1: w4a16_gemv_kernel; 2: w4a16_gemv2_kernel (per-row 2-D accumulators, unit-scale nibbles)
+    unroll: int = 1  # kernel 2: chunks loaded per loop iteration (1 or 2)
 
 
 @dataclass
@@ -170,6 +172,9 @@ def concat(parts: list[PackedW4]) -> PackedW4:
 
 _JIT: dict[tuple[str, bool], object] = {}
 GEMV_UNSPECIALIZED = ["M", "chunks_per_split", "stride_xm", "stride_om", "magic"]
+# kernel 2 lets Triton specialize the row strides (K and N of a layer: fixed, multiples of 16 at 7B), so the
+# activation loads of rows 1..7 are vectorized like row 0's; M (1 would be a constant) and the slice length stay
+GEMV2_UNSPECIALIZED = ["M", "chunks_per_split", "magic"]
 
 
 def interpreting() -> bool:
@@ -188,6 +193,8 @@ def _jitted(name: str):
         # specialized on (Triton would compile again whenever one of them crossed a multiple of 16 or 1)
         if name == "gemv":
             _JIT[key] = triton.jit(kernels.w4a16_gemv_kernel, do_not_specialize=GEMV_UNSPECIALIZED)
+        elif name == "gemv2":
+            _JIT[key] = triton.jit(kernels.w4a16_gemv2_kernel, do_not_specialize=GEMV2_UNSPECIALIZED)
         else:
             _JIT[key] = triton.jit(kernels.w4a16_dequant_kernel, do_not_specialize=["n0"])
     return _JIT[key]
@@ -274,6 +281,19 @@ def gemv(x: torch.Tensor, packed: PackedW4, config: GemvConfig, workspace: Split
     else:
         part, cnt = out, out  # unused
     perm = packed.perm if packed.perm is not None else packed.weight
+    if config.kernel == 2:
+        if config.unroll not in (1, 2):
+            raise KernelError(f"kernel 2 unrolls 1 or 2 chunks, not {config.unroll}")
+        _jitted("gemv2")[(tiles, split)](
+            x, packed.weight, packed.scale_zero, perm, out, part, cnt,
+            m, n, k, packed.weight.shape[1], _chunks_per_group(packed.group_size), per, x.stride(0), out.stride(0),
+            MAGIC,
+            BLOCK_M=bucket(m), BLOCK_N=config.block_n, GROUP_J=_group_j(packed.group_size),
+            HAS_PERM=packed.perm is not None, SPLIT=split > 1, SCALE_W=config.scale_w or m > 1,
+            UNROLL=config.unroll, num_warps=config.num_warps, num_stages=config.num_stages)
+        return out
+    if config.kernel != 1:
+        raise KernelError(f"no GEMV kernel {config.kernel} (1 or 2)")
     _jitted("gemv")[(tiles, split)](
         x, packed.weight, packed.scale_zero, perm, out, part, cnt,
         m, n, k, packed.weight.shape[1], _chunks_per_group(packed.group_size), per, x.stride(0), out.stride(0),
