@@ -118,6 +118,11 @@ def test_fused_layers_equal_the_separate_ones():
     fused = W4A16Linear.fuse(mods)
     x = torch.randn(1, 256)
     torch.testing.assert_close(fused(x), torch.cat([m(x) for m in mods], -1), rtol=1e-5, atol=1e-5)
+    from serving.model import fuse_linears  # the runner's --fuse-projections path (checks the fusion at load)
+
+    via_runner = fuse_linears(mods)
+    assert isinstance(via_runner, W4A16Linear) and via_runner.out_features == 128
+    torch.testing.assert_close(via_runner(x), fused(x), rtol=0, atol=0)
     other = W4A16Linear.from_tensors(**ref.random_gptq(256, 32, 64, True, True, seed=1), group_size=64)
     with pytest.raises(KernelError, match="permutation"):
         W4A16Linear.fuse([mods[0], other])
@@ -270,7 +275,8 @@ def _greedy(model, ids: list[list[int]], n: int) -> list[list[int]]:
 
 
 @pytest.mark.slow
-def test_greedy_tokens_of_a_swapped_gptq_model_equal_the_reference(tmp_path: Path):
+@pytest.mark.parametrize("kernel", [1, 2])
+def test_greedy_tokens_of_a_swapped_gptq_model_equal_the_reference(tmp_path: Path, kernel: int):
     """load_model(gptq_backend="triton_gemv") on CPU: GPTQModel's TORCH layers (v2 zero points) swapped for
     W4A16Linear (decode rows through the GEMV with split-K, the 9+-token prompts through the dequantize
     path), run in fp32 by HF ``generate``; tokens equal those of the dequantized reference weights, at batch 1
@@ -287,7 +293,8 @@ def test_greedy_tokens_of_a_swapped_gptq_model_equal_the_reference(tmp_path: Pat
     for m in swapped:  # one program per call where it fits: the interpreter's cost is per program
         m.dequant_block_n = 256
         for b in (1, 4):
-            m.configs[w4a16.config_key(m.out_features, m.in_features, b)] = GemvConfig(block_n=256, split_k=2)
+            m.configs[w4a16.config_key(m.out_features, m.in_features, b)] = GemvConfig(block_n=256, split_k=2,
+                                                                                       kernel=kernel)
         m._picked.clear()
     reference = _reference_model(path, tensors)
     gen = torch.Generator().manual_seed(1)
