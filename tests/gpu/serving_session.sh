@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # The serving GPU session on one H200, as back-to-back calls on one warm machine (/tmp survives between them):
 #   bash tests/gpu/serving_session.sh kernels   # W4A16 GEMV tuning + stack vs fp16/tinygemm; 7B checkpoint made meanwhile
+#   bash tests/gpu/serving_session.sh gemv      # kernel 1 (shipped table) vs kernel 2 (tuned, BUDGET_S=120) vs their
+#                                               # per-shape best vs fp16 cuBLAS vs tinygemm at rows 1,2,4,8 (~4 min);
+#                                               # writes $OUT/w4a16.json, the table to /tmp; checkpoint made meanwhile
+#   bash tests/gpu/serving_session.sh gemv_engine  # after gemv: serving.bench decode at batch 1 and 4 under 4 GiB,
+#                                               # Marlin vs triton_gemv with that table (~4 min)
 #   bash tests/gpu/serving_session.sh speed     # engine v2 (Marlin and triton_gemv) vs fixed-slot engine vs HF generate
 #   bash tests/gpu/serving_session.sh chat      # 10-turn chat with/without prefix caching, mixed-length load
 #   bash tests/gpu/serving_session.sh measure   # one call: JSON-schema mask cost (carry .whl-grammar too), the
@@ -18,6 +23,16 @@ case "${1:-}" in
     python3 tests/gpu/bench_w4a16.py --budget-s "${BUDGET_S:-90}" --backends ours,fp16,tinygemm > "$OUT/w4a16_stdout.json"
     cp "$OUT/w4a16_configs.json" "$TABLE"
     while [ ! -f "$CKPT/quantize_config.json" ]; do sleep 5; done; du -sh "$CKPT" ;;
+  gemv)
+    [ -f "$CKPT/config.json" ] || (python3 .whl-gpu/shared-tools/make_llama7b_gptq.py "$CKPT" > /tmp/mkckpt.log 2>&1 &)
+    python3 tests/gpu/bench_w4a16.py --budget-s "${BUDGET_S:-120}" --backends v1,v2,ours,fp16,tinygemm \
+      > "$OUT/w4a16_stdout.json"
+    cp "$OUT/w4a16_configs.json" "$TABLE" ;;
+  gemv_engine)
+    [ -f "$CKPT/config.json" ] || (python3 .whl-gpu/shared-tools/make_llama7b_gptq.py "$CKPT" > /tmp/mkckpt.log 2>&1 &)
+    [ -f "$TABLE" ] || cp serving/kernels/w4a16_configs.json "$TABLE"
+    python3 tests/gpu/bench_w4a16.py --engine-only --table "$TABLE" --engine-ckpt "$CKPT" \
+      --engine-timeout-s "${ENGINE_TIMEOUT_S:-270}" > /dev/null ;;
   speed)
     export SERVING_W4A16_CONFIGS=$TABLE
     CKPT=$CKPT bash tests/gpu/bench_engine_v2.sh speed
@@ -43,5 +58,5 @@ case "${1:-}" in
     step paged_eq python3 -m serving.bench "${P4[@]}" --gpu-memory-gb 4.54 --batch-sizes 1,2,4 --prompt-len 128       --gen-len 128 --turns 10 --turn-gen 32 --phases engine,chat,chat_no_prefix --out "$OUT/paged_eq.json"
     step gemv python3 -m serving.bench --model "$CKPT" --device cuda --gpu-memory-gb 0 --kv-cache-dtype int8       --lm-head-int8 --compile --max-model-len 512 --prefill-chunk 128 --batch-sizes 1,4 --prompt-len 128       --gen-len 128 --gptq-backend triton_gemv --phases engine --out "$OUT/gemv_triton.json"
     step marlin python3 -m serving.bench --model "$CKPT" --device cuda --gpu-memory-gb 0 --kv-cache-dtype int8       --lm-head-int8 --compile --max-model-len 512 --prefill-chunk 128 --batch-sizes 1,4 --prompt-len 128       --gen-len 128 --gptq-backend marlin --phases engine --out "$OUT/gemv_marlin.json" ;;
-  *) echo "usage: $0 kernels|speed|chat|measure" >&2; exit 2 ;;
+  *) echo "usage: $0 kernels|gemv|gemv_engine|speed|chat|measure" >&2; exit 2 ;;
 esac
