@@ -159,7 +159,8 @@ def w4a16_dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K8, chunks_per_group, n0, st
 def w4a16_gemv2_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
                        M, N, K, K8, chunks_per_group, chunks_per_split, stride_xm, stride_om, magic,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_J: tl.constexpr,
-                       HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, SCALE_W: tl.constexpr, UNROLL: tl.constexpr):
+                       HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, SCALE_W: tl.constexpr, UNROLL: tl.constexpr,
+                       DOT: tl.constexpr):
     """The second GEMV (``GemvConfig.kernel == 2``), same layout and split-K fixup as ``w4a16_gemv_kernel``.
 
     * One dequantized tile feeds every row: rows 1..8 have an accumulator each (acc0..acc7, 2-D like the weight
@@ -171,6 +172,9 @@ def w4a16_gemv2_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_pt
     * ``UNROLL`` 256-input chunks are loaded before any is unpacked: their words are in flight together.
     * ``SCALE_W`` False (one row only): the scale is applied once per group to a partial sum; with several rows
       the caller sets it, and each weight is scaled once for all rows.
+    * ``DOT``: the exact integers ``q - z`` go to ``tl.dot`` in the activations' dtype, rows padded to BLOCK_M
+      (16), the scale per group on the fp32 partial sums; as kernel 1's tl.dot loop but without its
+      ``* 16**-e`` per weight (112 FMULs of 787 SASS instructions per chunk there).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -188,6 +192,9 @@ def w4a16_gemv2_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_pt
     acc5 = acc0
     acc6 = acc0
     acc7 = acc0
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    accd = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
     rows = tl.arange(0, 32) * 0
     rm1 = rows + 1 < M  # activation row r exists (rows past M read as 0; their outputs are not stored)
     rm2 = rows + 2 < M
@@ -212,6 +219,7 @@ def w4a16_gemv2_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_pt
                 live = tl.full([32], c + 1, tl.int32) < c1
             w_hi = w >> 12
             part = tl.full([BLOCK_N, 32], 0.0, tl.float32)
+            partd = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
             for j in tl.static_range(8):
                 if j % GROUP_J == 0:
                     if GROUP_J < 8:
@@ -237,29 +245,45 @@ def w4a16_gemv2_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_pt
                 # adds q at unit scale
                 f = ((src & (15 << (4 * e))) | (magic - ((4 * e) << 23))).to(tl.float32, bitcast=True)
                 d = f - (z + 8388608.0 / (1 << (4 * e)))[:, None]  # q - z, exact
-                if SCALE_W:
-                    d = d * s[:, None]
-                xr = x_ptr + kx
-                x0 = tl.load(xr, mask=x_ok, other=0.0).to(tl.float32)
-                if SCALE_W:
-                    acc0 += x0[None, :] * d
-                else:
-                    part += x0[None, :] * d
-                if BLOCK_M > 1:
-                    acc1 += tl.load(xr + stride_xm, mask=x_ok & rm1, other=0.0).to(tl.float32)[None, :] * d
-                if BLOCK_M > 2:
-                    acc2 += tl.load(xr + 2 * stride_xm, mask=x_ok & rm2, other=0.0).to(tl.float32)[None, :] * d
-                    acc3 += tl.load(xr + 3 * stride_xm, mask=x_ok & rm3, other=0.0).to(tl.float32)[None, :] * d
-                if BLOCK_M > 4:
-                    acc4 += tl.load(xr + 4 * stride_xm, mask=x_ok & rm4, other=0.0).to(tl.float32)[None, :] * d
-                    acc5 += tl.load(xr + 5 * stride_xm, mask=x_ok & rm5, other=0.0).to(tl.float32)[None, :] * d
-                    acc6 += tl.load(xr + 6 * stride_xm, mask=x_ok & rm6, other=0.0).to(tl.float32)[None, :] * d
-                    acc7 += tl.load(xr + 7 * stride_xm, mask=x_ok & rm7, other=0.0).to(tl.float32)[None, :] * d
-                if not SCALE_W:
+                if DOT:
+                    xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kx[:, None],
+                                 mask=m_ok[None, :] & x_ok[:, None], other=0.0)  # [32, BLOCK_M]
+                    partd = tl.dot(d.to(x_ptr.dtype.element_ty), xt, partd)  # q - z: integers, exact in fp16
                     if (j + 1) % GROUP_J == 0:
-                        acc0 += s[:, None] * part
-                        part = tl.full([BLOCK_N, 32], 0.0, tl.float32)
-    for r in tl.static_range(BLOCK_M):
+                        accd += s[:, None] * partd
+                        partd = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
+                else:
+                    if SCALE_W:
+                        d = d * s[:, None]
+                    xr = x_ptr + kx
+                    x0 = tl.load(xr, mask=x_ok, other=0.0).to(tl.float32)
+                    if SCALE_W:
+                        acc0 += x0[None, :] * d
+                    else:
+                        part += x0[None, :] * d
+                    if BLOCK_M > 1:
+                        acc1 += tl.load(xr + stride_xm, mask=x_ok & rm1, other=0.0).to(tl.float32)[None, :] * d
+                    if BLOCK_M > 2:
+                        acc2 += tl.load(xr + 2 * stride_xm, mask=x_ok & rm2, other=0.0).to(tl.float32)[None, :] * d
+                        acc3 += tl.load(xr + 3 * stride_xm, mask=x_ok & rm3, other=0.0).to(tl.float32)[None, :] * d
+                    if BLOCK_M > 4:
+                        acc4 += tl.load(xr + 4 * stride_xm, mask=x_ok & rm4, other=0.0).to(tl.float32)[None, :] * d
+                        acc5 += tl.load(xr + 5 * stride_xm, mask=x_ok & rm5, other=0.0).to(tl.float32)[None, :] * d
+                        acc6 += tl.load(xr + 6 * stride_xm, mask=x_ok & rm6, other=0.0).to(tl.float32)[None, :] * d
+                        acc7 += tl.load(xr + 7 * stride_xm, mask=x_ok & rm7, other=0.0).to(tl.float32)[None, :] * d
+                    if not SCALE_W:
+                        if (j + 1) % GROUP_J == 0:
+                            acc0 += s[:, None] * part
+                            part = tl.full([BLOCK_N, 32], 0.0, tl.float32)
+    if DOT:
+        res = tl.trans(accd)  # [BLOCK_M, BLOCK_N]
+        o_mask = m_ok[:, None] & n_ok[None, :]
+        if SPLIT:
+            tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], res, mask=o_mask)
+        else:
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], res.to(out_ptr.dtype.element_ty),
+                     mask=o_mask)
+    for r in tl.static_range(0 if DOT else BLOCK_M):
         if r == 0:
             a = acc0
         elif r == 1:
@@ -286,7 +310,15 @@ def w4a16_gemv2_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_pt
         tl.debug_barrier()  # every thread's slice is stored before the counter moves (acq_rel atomic)
         done = tl.atomic_add(cnt_ptr + pid_n, 1)
         if done == tl.num_programs(1) - 1:
-            for r in tl.static_range(BLOCK_M):
+            if DOT:
+                o_mask = m_ok[:, None] & n_ok[None, :]
+                p_off = offs_m[:, None] * N + offs_n[None, :]
+                tot2 = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+                for sk in range(0, tl.num_programs(1)):
+                    tot2 += tl.load(part_ptr + sk * M * N + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], tot2.to(out_ptr.dtype.element_ty),
+                         mask=o_mask)
+            for r in tl.static_range(0 if DOT else BLOCK_M):
                 o_ok = n_ok & (offs_n * 0 + r < M)
                 tot = tl.full([BLOCK_N], 0.0, tl.float32)
                 for sk in range(0, tl.num_programs(1)):

@@ -288,9 +288,10 @@ def gemv(x: torch.Tensor, packed: PackedW4, config: GemvConfig, workspace: Split
             x, packed.weight, packed.scale_zero, perm, out, part, cnt,
             m, n, k, packed.weight.shape[1], _chunks_per_group(packed.group_size), per, x.stride(0), out.stride(0),
             MAGIC,
-            BLOCK_M=bucket(m), BLOCK_N=config.block_n, GROUP_J=_group_j(packed.group_size),
-            HAS_PERM=packed.perm is not None, SPLIT=split > 1, SCALE_W=config.scale_w or m > 1,
-            UNROLL=config.unroll, num_warps=config.num_warps, num_stages=config.num_stages)
+            BLOCK_M=max(16, bucket(m)) if config.dot else bucket(m), BLOCK_N=config.block_n,
+            GROUP_J=_group_j(packed.group_size), HAS_PERM=packed.perm is not None, SPLIT=split > 1,
+            SCALE_W=not config.dot and (config.scale_w or m > 1), UNROLL=config.unroll, DOT=config.dot,
+            num_warps=config.num_warps, num_stages=config.num_stages)
         return out
     if config.kernel != 1:
         raise KernelError(f"no GEMV kernel {config.kernel} (1 or 2)")

@@ -153,22 +153,22 @@ def _splits(n: int, k: int, bn: int, sms: int) -> list[int]:
 
 
 def candidates2(n: int, k: int, m: int, grid: str, sms: int) -> list[GemvConfig]:
-    """Kernel 2's grid. From 4 rows on its CUDA-core FMAs cost 10 (4 rows) to 21 (8 rows) SASS instructions per
-    weight against tl.dot's 6.7 (serving.kernels.sass), so there it gets a small grid: kernel 1's tl.dot is
-    expected to win those buckets, and the budget goes to 1 and 2 rows."""
-    if m <= 2:
-        blocks, warps = (16, 32, 64, 128), (1, 2, 4, 8)
-    else:
-        blocks, warps = (16, 32), (2, 4)
-    unrolls = (1, 2)
-    scale_ws = (False, True) if m == 1 else (False,)  # several rows: the weight is always scaled once
+    """Kernel 2's grid: its tl.dot loop at every row count (4.1-4.3 SASS instructions per weight from 1 to 8 rows
+    at 128-256 outputs a program, serving.kernels.sass, sm_90: the rows ride on the tensor cores), and its
+    CUDA-core loop at 1 and 2 rows (5.1 and 7.2 at 32 outputs: no shared-memory round trip, so possibly lower
+    latency). Both unroll 1 or 2 chunks."""
     out = []
-    for bn, nw, un, sw in itertools.product(blocks, warps, unrolls, scale_ws):
-        if bn * 32 // (32 * nw) < 4 or bn * 32 // (32 * nw) > (64 if m == 1 else 32):
-            continue  # 4..64 words a thread (below: idle lanes; above: 255 registers and shared-memory shuffles)
-        for split in _splits(n, k, bn, sms):
-            out.append(GemvConfig(block_n=bn, split_k=split, num_warps=nw, num_stages=1, scale_w=sw, kernel=2,
-                                  unroll=un))
+    combos = [(True, bn, nw) for bn in (32, 64, 128, 256) for nw in (2, 4, 8)]
+    if m <= 2:
+        combos += [(False, bn, nw) for bn in (16, 32, 64, 128) for nw in (1, 2, 4, 8)]
+    for (dot, bn, nw), un in itertools.product(combos, (1, 2)):
+        words = bn // nw  # words a thread holds: below 4 idle lanes, above 64 (32 at 2 FMA rows) 255 registers
+        if words < 4 or words > (32 if (m == 2 and not dot) else 64):
+            continue
+        for sw in ((False, True) if (m == 1 and not dot) else (False,)):  # FMA at 2+ rows: always scaled once
+            for split in _splits(n, k, bn, sms):
+                out.append(GemvConfig(block_n=bn, split_k=split, num_warps=nw, num_stages=1, scale_w=sw, dot=dot,
+                                      kernel=2, unroll=un))
     return out
 
 
@@ -253,6 +253,8 @@ def tune(shapes, batches, grid: str, budget_s: float, dev: str, sms: int, bw: fl
             v2 = candidates(n, k, m, grid, sms, kernel=2)
             rng = random.Random(0)
             rng.shuffle(v2)  # a sweep cut short by the budget still samples the whole grid
+            # ...after the tiles with the fewest SASS instructions per weight (serving.kernels.sass on sm_90)
+            v2.sort(key=lambda c: not ((c.dot and c.block_n >= 128) or (not c.dot and c.block_n == 32)))
             if retune_v1:
                 more = [c for c in candidates(n, k, m, grid, sms) if c != v1[0]]
                 rng.shuffle(more)
