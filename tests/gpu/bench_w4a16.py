@@ -456,7 +456,8 @@ ENGINE_FLAGS = ["--device", "cuda", "--gpu-memory-gb", "4", "--kv-cache-dtype", 
                 "--batch-sizes", "1,4"]
 
 
-def engine_runs(ckpt: str, table_path: Path, out_dir: Path, wait_s: float, timeout_s: float) -> list[dict]:
+def engine_runs(ckpt: str, table_path: Path, out_dir: Path, wait_s: float, timeout_s: float,
+                backends: tuple[str, ...] = ("marlin", "triton_gemv")) -> list[dict]:
     """``python -m serving.bench`` decode at batch 1 and 4 under the 4 GiB cap (the speed session's flags, q/k/v and
     gate/up fused): GPTQModel's Marlin vs triton_gemv with the table tuned here. Waits up to ``wait_s`` for the
     checkpoint (serving_session.sh writes it in the background while the kernels are tuned)."""
@@ -466,7 +467,7 @@ def engine_runs(ckpt: str, table_path: Path, out_dir: Path, wait_s: float, timeo
             return [{"error": f"no checkpoint at {ckpt} after {wait_s:.0f} s"}]
         time.sleep(5)
     rows = []
-    for backend in ("marlin", "triton_gemv"):
+    for backend in backends:
         dst = out_dir / f"engine_{backend}.json"
         cmd = [sys.executable, "-m", "serving.bench", "--model", ckpt, "--gptq-backend", backend, *ENGINE_FLAGS,
                "--out", str(dst)]
@@ -513,6 +514,7 @@ def main() -> int:
     ap.add_argument("--engine-ckpt", default=None, help="a LLaMA-7B-shaped GPTQ folder: also run serving.bench")
     ap.add_argument("--engine-wait-s", type=float, default=240, help="how long to wait for --engine-ckpt")
     ap.add_argument("--engine-timeout-s", type=float, default=300, help="limit of each serving.bench run")
+    ap.add_argument("--engine-backends", default="marlin,triton_gemv", help="serving.bench --gptq-backend values")
     ap.add_argument("--table", default=None, help="use this tuned table (w4a16_configs.json) instead of tuning")
     ap.add_argument("--smoke", action="store_true", help="CPU check: tiny shapes, Triton's interpreter")
     ap.add_argument("--engine-only", action="store_true", help="only the serving.bench runs (--engine-ckpt, --table)")
@@ -522,8 +524,10 @@ def main() -> int:
     if args.engine_only:
         if not (args.engine_ckpt and args.table):
             ap.error("--engine-only needs --engine-ckpt and --table")
-        rows = engine_runs(args.engine_ckpt, Path(args.table), out_dir, args.engine_wait_s, args.engine_timeout_s)
-        (out_dir / "w4a16_engine.json").write_text(json.dumps({"table": args.table, "engine": rows}, indent=1))
+        rows = engine_runs(args.engine_ckpt, Path(args.table), out_dir, args.engine_wait_s, args.engine_timeout_s,
+                           tuple(args.engine_backends.split(",")))
+        dst = out_dir / f"w4a16_engine_{args.engine_backends.replace(',', '_')}.json"
+        dst.write_text(json.dumps({"table": args.table, "engine": rows}, indent=1))
         print(json.dumps(rows))
         return 0 if all(r.get("rc") == 0 for r in rows) else 1
     batches = [int(b) for b in args.batches.split(",")]
@@ -594,7 +598,8 @@ def main() -> int:
     table_path = out_dir / "w4a16_configs.json"
     w4a16.save_config_table(table_path, table, _meta(res))
     if args.engine_ckpt:
-        res["engine"] = engine_runs(args.engine_ckpt, table_path, out_dir, args.engine_wait_s, args.engine_timeout_s)
+        res["engine"] = engine_runs(args.engine_ckpt, table_path, out_dir, args.engine_wait_s, args.engine_timeout_s,
+                                    tuple(args.engine_backends.split(",")))
     flush()
     print(json.dumps(res))
     return 0 if all(c["ok"] for c in res["check"]) else 1

@@ -5,7 +5,8 @@
 #                                               # per-shape best vs fp16 cuBLAS vs tinygemm at rows 1,2,4,8 (~4 min);
 #                                               # writes $OUT/w4a16.json, the table to /tmp; checkpoint made meanwhile
 #   bash tests/gpu/serving_session.sh gemv_engine  # after gemv: serving.bench decode at batch 1 and 4 under 4 GiB,
-#                                               # Marlin vs triton_gemv with that table (~4 min)
+#                                               # Marlin vs triton_gemv with that table; ENGINE_BACKENDS=triton_gemv
+#                                               # (or marlin) runs one per call if both do not fit 10 minutes
 #   bash tests/gpu/serving_session.sh speed     # engine v2 (Marlin and triton_gemv) vs fixed-slot engine vs HF generate
 #   bash tests/gpu/serving_session.sh chat      # 10-turn chat with/without prefix caching, mixed-length load
 #   bash tests/gpu/serving_session.sh measure   # one call: JSON-schema mask cost (carry .whl-grammar too), the
@@ -32,7 +33,8 @@ case "${1:-}" in
     [ -f "$CKPT/config.json" ] || (python3 .whl-gpu/shared-tools/make_llama7b_gptq.py "$CKPT" > /tmp/mkckpt.log 2>&1 &)
     [ -f "$TABLE" ] || cp serving/kernels/w4a16_configs.json "$TABLE"
     python3 tests/gpu/bench_w4a16.py --engine-only --table "$TABLE" --engine-ckpt "$CKPT" \
-      --engine-timeout-s "${ENGINE_TIMEOUT_S:-270}" > /dev/null ;;
+      --engine-backends "${ENGINE_BACKENDS:-marlin,triton_gemv}" --engine-timeout-s "${ENGINE_TIMEOUT_S:-270}" \
+      > /dev/null ;;
   speed)
     export SERVING_W4A16_CONFIGS=$TABLE
     CKPT=$CKPT bash tests/gpu/bench_engine_v2.sh speed
