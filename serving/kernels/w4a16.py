@@ -24,6 +24,11 @@ Split-K: programs of one N tile each reduce a slice of K into an fp32 workspace;
 atomic counter per tile) sums the slices in a fixed order (deterministic), writes the output and resets the
 counter, so no memset or second kernel runs per call (inside a CUDA graph each is a node of its own).
 
+Two GEMV kernels share the layout and the split-K fixup; ``GemvConfig.kernel`` picks one per (shape, row bucket)
+in the tuned table. Kernel 2 (``w4a16_gemv2_kernel``) ORs nibble e with the float ``2**(23-4e)`` instead, so the
+FADD gives ``q - z`` at unit scale (no ``16**-e`` on the activations or, for ``tl.dot``, on the weights), keeps
+one 2-D accumulator per row instead of 3-D tiles, and can load two chunks per iteration (``unroll``).
+
 Kernels are wrapped with ``triton.jit`` at first use, not at import, so ``TRITON_INTERPRET=1`` set by a test
 (or a CPU run) after import still selects Triton's interpreter.
 """
