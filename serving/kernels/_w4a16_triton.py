@@ -160,7 +160,7 @@ def w4a16_gemv2_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_pt
                        M, N, K, K8, chunks_per_group, chunks_per_split, stride_xm, stride_om, magic,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_J: tl.constexpr,
                        HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, SCALE_W: tl.constexpr, UNROLL: tl.constexpr,
-                       DOT: tl.constexpr):
+                       DOT: tl.constexpr, FMA_ROWS: tl.constexpr):
     """The second GEMV (``GemvConfig.kernel == 2``), same layout and split-K fixup as ``w4a16_gemv_kernel``.
 
     * One dequantized tile feeds every row: rows 1..8 have an accumulator each (acc0..acc7, 2-D like the weight
@@ -175,6 +175,7 @@ def w4a16_gemv2_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_pt
     * ``DOT``: the exact integers ``q - z`` go to ``tl.dot`` in the activations' dtype, rows padded to BLOCK_M
       (16), the scale per group on the fp32 partial sums; as kernel 1's tl.dot loop but without its
       ``* 16**-e`` per weight (112 FMULs of 787 SASS instructions per chunk there).
+    * ``FMA_ROWS``: the per-row accumulators written out (BLOCK_M, or 0 with ``DOT``).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -283,7 +284,7 @@ def w4a16_gemv2_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_pt
         else:
             tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], res.to(out_ptr.dtype.element_ty),
                      mask=o_mask)
-    for r in tl.static_range(0 if DOT else BLOCK_M):
+    for r in tl.static_range(FMA_ROWS):
         if r == 0:
             a = acc0
         elif r == 1:
@@ -318,7 +319,7 @@ def w4a16_gemv2_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_pt
                     tot2 += tl.load(part_ptr + sk * M * N + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
                 tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], tot2.to(out_ptr.dtype.element_ty),
                          mask=o_mask)
-            for r in tl.static_range(0 if DOT else BLOCK_M):
+            for r in tl.static_range(FMA_ROWS):
                 o_ok = n_ok & (offs_n * 0 + r < M)
                 tot = tl.full([BLOCK_N], 0.0, tl.float32)
                 for sk in range(0, tl.num_programs(1)):

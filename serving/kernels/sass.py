@@ -38,7 +38,7 @@ def compile_gemv(cfg: GemvConfig, rows: int, group_j: int = 4, act_order: bool =
         fn = triton.jit(kernels.w4a16_gemv2_kernel, do_not_specialize=GEMV2_UNSPECIALIZED)
         const = {"BLOCK_M": max(16, rows) if cfg.dot else rows, "BLOCK_N": cfg.block_n, "GROUP_J": group_j,
                  "HAS_PERM": act_order, "SPLIT": split, "SCALE_W": not cfg.dot and (cfg.scale_w or rows > 1),
-                 "UNROLL": cfg.unroll, "DOT": cfg.dot}
+                 "UNROLL": cfg.unroll, "DOT": cfg.dot, "FMA_ROWS": 0 if cfg.dot else rows}
         specialized = ("N", "K", "K8", "stride_xm", "stride_om")  # 16-divisible, as the 7B layers' are
     else:
         fn = triton.jit(kernels.w4a16_gemv_kernel, do_not_specialize=GEMV_UNSPECIALIZED)

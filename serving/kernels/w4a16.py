@@ -296,6 +296,7 @@ def gemv(x: torch.Tensor, packed: PackedW4, config: GemvConfig, workspace: Split
             BLOCK_M=max(16, bucket(m)) if config.dot else bucket(m), BLOCK_N=config.block_n,
             GROUP_J=_group_j(packed.group_size), HAS_PERM=packed.perm is not None, SPLIT=split > 1,
             SCALE_W=not config.dot and (config.scale_w or m > 1), UNROLL=config.unroll, DOT=config.dot,
+            FMA_ROWS=0 if config.dot else bucket(m),
             num_warps=config.num_warps, num_stages=config.num_stages)
         return out
     if config.kernel != 1:
