@@ -396,3 +396,26 @@ def test_free_source_tensors_spares_shared_and_kept_storage():
     assert freed == owned
     assert whole.untyped_storage().nbytes() == 8 * 64 * 4 and keep.b.untyped_storage().nbytes() == 16 * 2
     assert m.qzeros is None and m.scales is None and m.g_idx is None
+
+
+def test_gpu_bench_smoke_compares_both_kernels_and_writes_the_table(tmp_path: Path):
+    """tests/gpu/bench_w4a16.py --smoke (tiny shapes, interpreter): kernel 1 from the shipped table and kernel 2
+    from its grid are both timed for every (shape, rows), the written table holds the faster of each, and both
+    tables' configs pass the device check against the reference."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OUT": str(tmp_path)}
+    p = subprocess.run([sys.executable, "tests/gpu/bench_w4a16.py", "--smoke"], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "w4a16.json").read_text())
+    table = w4a16.load_config_table(tmp_path / "w4a16_configs.json")
+    assert len(res["tuning"]) == 8 and set(table) == set(res["tuning"])
+    for key, entry in res["tuning"].items():
+        assert entry["v1"]["config"]["kernel"] == 1 and entry["v2"]["config"]["kernel"] == 2, entry
+        win = entry[entry["winner"]]
+        assert win["us"] == min(entry["v1"]["us"], entry["v2"]["us"])
+        assert table[key] == GemvConfig(**win["config"])
+    assert {c["table"] for c in res["check"]} == {"v1", "v2"} and all(c["ok"] for c in res["check"])
