@@ -122,8 +122,9 @@ class Int8Linear(nn.Module):
 
 def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
     """One module computing ``cat([m(x) for m in mods], -1)`` with one GEMM: plain ``nn.Linear`` (weights
-    concatenated) or GPTQModel's Marlin layers (Marlin's layout tiles the output dimension in 64-column blocks,
-    so the repacked weights and permuted scales concatenate along it). None when the modules do not qualify.
+    concatenated), GPTQModel's Marlin layers (Marlin's layout tiles the output dimension in 64-column blocks,
+    so the repacked weights and permuted scales concatenate along it) or ``W4A16Linear`` (triton_gemv). None when
+    the modules do not qualify.
     The result is checked against the separate modules on a random input; a mismatch also gives None."""
     m0 = mods[0]
     if all(type(m) is nn.Linear for m in mods):
@@ -155,6 +156,14 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
             else:
                 fused.__dict__[name] = t
         fused.out_features = sum(m.out_features for m in mods)
+    elif type(m0).__name__ == "W4A16Linear":  # gptq_backend triton_gemv: the kernel's layout concatenates along N
+        from serving.kernels.w4a16 import KernelError
+
+        try:
+            fused = type(m0).fuse(mods)
+        except KernelError as e:
+            logger.warning("W4A16 projections kept separate: %s", e)
+            return None
     else:
         return None
     with torch.inference_mode():

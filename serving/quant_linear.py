@@ -56,8 +56,11 @@ class W4A16Linear(nn.Module):
         if type(m).__name__.startswith(("Marlin", "ExllamaV2", "Machete")):
             raise KernelError(f"{type(m).__name__} has repacked its weights; load with the TORCH backend")
         fmt = m.qzero_format() if hasattr(m, "qzero_format") else 1
+        bias = getattr(m, "bias", None)
+        if bias is not None:
+            bias = bias.detach().to(torch.float16).clone()  # its own storage: the source's is freed below
         return cls.from_tensors(m.qweight, m.qzeros, m.scales, getattr(m, "g_idx", None), int(m.group_size),
-                                getattr(m, "bias", None), zero_offset=1 if fmt == 1 else 0, **kwargs)
+                                bias, zero_offset=1 if fmt == 1 else 0, **kwargs)
 
     @classmethod
     def fuse(cls, mods: list[W4A16Linear]) -> W4A16Linear:
@@ -109,6 +112,34 @@ class W4A16Linear(nn.Module):
                f"act_order={self.perm is not None}"
 
 
+SOURCE_TENSORS = ("qweight", "qzeros", "scales", "g_idx", "bias")
+
+
+def free_source_tensors(m: nn.Module, keep: nn.Module | None = None) -> int:
+    """Release the GPU memory of a replaced GPTQ layer's tensors now; returns the bytes freed.
+
+    Dropping the module is not enough: GPTQModel's TORCH layer stores ``torch.compile(self.dequantize_weight)``
+    on itself (module -> compiled function -> bound method -> module), a reference cycle that only the garbage
+    collector breaks, so without this every old layer stayed alive next to its repacked copy until the end of the
+    swap (2x the 3.4 GB of a 7B model: out of memory under the 4 GiB cap). A storage is emptied in place only when
+    the tensor owns all of it (not a view into a shared buffer) and ``keep`` (the replacement) does not use it."""
+    kept = {t.untyped_storage().data_ptr() for t in (keep.buffers() if keep is not None else ())}
+    freed = 0
+    for name in SOURCE_TENSORS:
+        t = getattr(m, name, None)
+        if not isinstance(t, torch.Tensor):
+            continue
+        st = t.untyped_storage()
+        if st.nbytes() and st.nbytes() == t.numel() * t.element_size() and st.data_ptr() not in kept:
+            freed += st.nbytes()
+            st.resize_(0)
+        if name in m._buffers:
+            m._buffers[name] = None
+        elif name in m._parameters:
+            m._parameters[name] = None
+    return freed
+
+
 def _is_gptq_linear(m: nn.Module) -> bool:
     return all(hasattr(m, n) for n in ("qweight", "qzeros", "scales")) and not isinstance(m, W4A16Linear)
 
@@ -128,13 +159,17 @@ def swap_gptq_linears(model: nn.Module, config_table: str | Path | None = None) 
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child)
         try:
-            new = W4A16Linear.from_gptq_module(getattr(parent, child), configs=configs)
+            new = W4A16Linear.from_gptq_module(old, configs=configs)
         except KernelError as e:
             logger.warning("%s stays on GPTQModel's kernel: %s", name, e)
             kept += 1
             continue
         setattr(parent, child, new)
+        # the source goes before the next layer is repacked: the peak is the checkpoint plus one layer's copy
+        free_source_tensors(old, keep=new)
+        del old
         swapped.append(new)
     if swapped:
         dev = swapped[0].weight_packed.device

@@ -154,3 +154,175 @@ def w4a16_dequant_kernel(w_ptr, sz_ptr, out_ptr, N, K8, chunks_per_group, n0, st
         d = (f - (8388608.0 + z * (1 << (4 * e)))[:, None]) * (s * (1.0 / (1 << (4 * e))))[:, None]
         dst = out_ptr + offs_r[:, None].to(tl.int64) * stride_o + c * 256 + 32 * j + offs_i[None, :]
         tl.store(dst, d.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
+
+
+def w4a16_gemv2_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
+                       M, N, K, K8, chunks_per_group, chunks_per_split, stride_xm, stride_om, magic,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_J: tl.constexpr,
+                       HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, SCALE_W: tl.constexpr, UNROLL: tl.constexpr,
+                       DOT: tl.constexpr, FMA_ROWS: tl.constexpr):
+    """The second GEMV (``GemvConfig.kernel == 2``), same layout and split-K fixup as ``w4a16_gemv_kernel``.
+
+    * One dequantized tile feeds every row: rows 1..8 have an accumulator each (acc0..acc7, 2-D like the weight
+      tile) instead of v1's 3-D [rows, N, 32] tiles, whose broadcasts Triton lowered through shared memory
+      (64 BAR.SYNC per chunk at two rows in the H200 table's SASS).
+    * Nibble e of a word is ORed with the float 2**(23-4e) rather than 2**23: ``f = 2**(23-4e) + q`` exactly,
+      so ``f - (2**(23-4e) + z)`` is ``q - z`` at unit scale and the activations need no ``* 16**-e`` (one FMUL
+      per activation per nibble in v1).
+    * ``UNROLL`` 256-input chunks are loaded before any is unpacked: their words are in flight together.
+    * ``SCALE_W`` False (one row only): the scale is applied once per group to a partial sum; with several rows
+      the caller sets it, and each weight is scaled once for all rows.
+    * ``DOT``: the exact integers ``q - z`` go to ``tl.dot`` in the activations' dtype, rows padded to BLOCK_M
+      (16), the scale per group on the fp32 partial sums; as kernel 1's tl.dot loop but without its
+      ``* 16**-e`` per weight (112 FMULs of 787 SASS instructions per chunk there).
+    * ``FMA_ROWS``: the per-row accumulators written out (BLOCK_M, or 0 with ``DOT``).
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_i = tl.arange(0, 32)
+    c0 = pid_k * chunks_per_split
+    c1 = tl.minimum(c0 + chunks_per_split, K8 // 32)
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K8 + offs_i[None, :]
+    acc0 = tl.full([BLOCK_N, 32], 0.0, tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    acc4 = acc0
+    acc5 = acc0
+    acc6 = acc0
+    acc7 = acc0
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    accd = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
+    rows = tl.arange(0, 32) * 0
+    rm1 = rows + 1 < M  # activation row r exists (rows past M read as 0; their outputs are not stored)
+    rm2 = rows + 2 < M
+    rm3 = rows + 3 < M
+    rm4 = rows + 4 < M
+    rm5 = rows + 5 < M
+    rm6 = rows + 6 < M
+    rm7 = rows + 7 < M
+    for c in range(c0, c1, UNROLL):
+        w0 = tl.load(w_ptrs + c * 32, mask=n_ok[:, None], other=0)
+        if UNROLL > 1:
+            w1 = tl.load(w_ptrs + (c + 1) * 32, mask=n_ok[:, None] & (tl.full([1, 32], c + 1, tl.int32) < c1),
+                         other=0)
+        for u in tl.static_range(UNROLL):
+            if u == 0:
+                w = w0
+                cc = c
+                live = tl.full([32], c, tl.int32) < c1
+            else:
+                w = w1
+                cc = tl.minimum(c + 1, c1 - 1)  # the padded slot of an odd slice: addresses stay in range
+                live = tl.full([32], c + 1, tl.int32) < c1
+            w_hi = w >> 12
+            part = tl.full([BLOCK_N, 32], 0.0, tl.float32)
+            partd = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
+            for j in tl.static_range(8):
+                if j % GROUP_J == 0:
+                    if GROUP_J < 8:
+                        g = cc * (8 // GROUP_J) + j // GROUP_J
+                    else:
+                        g = cc // chunks_per_group
+                    sz = sz_ptr + (g * N + offs_n) * 2
+                    s = tl.load(sz, mask=n_ok, other=0.0).to(tl.float32)
+                    z = tl.load(sz + 1, mask=n_ok, other=0.0).to(tl.float32)
+                if j < 5:
+                    src = w
+                    e = j
+                else:
+                    src = w_hi
+                    e = j - 3  # nibbles 5..7 at bits 8..19 of w >> 12 (the mantissa holds bits 0..22)
+                kk = cc * 256 + 32 * j + offs_i
+                if HAS_PERM:
+                    kx = tl.load(perm_ptr + kk)
+                else:
+                    kx = kk
+                x_ok = (kk < K) & live
+                # magic - (4e << 23): the float 2**(23-4e), whose mantissa ulp is 16**-e, so the nibble at bit 4e
+                # adds q at unit scale
+                f = ((src & (15 << (4 * e))) | (magic - ((4 * e) << 23))).to(tl.float32, bitcast=True)
+                d = f - (z + 8388608.0 / (1 << (4 * e)))[:, None]  # q - z, exact
+                if DOT:
+                    xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + kx[:, None],
+                                 mask=m_ok[None, :] & x_ok[:, None], other=0.0)  # [32, BLOCK_M]
+                    partd = tl.dot(d.to(x_ptr.dtype.element_ty), xt, partd)  # q - z: integers, exact in fp16
+                    if (j + 1) % GROUP_J == 0:
+                        accd += s[:, None] * partd
+                        partd = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
+                else:
+                    if SCALE_W:
+                        d = d * s[:, None]
+                    xr = x_ptr + kx
+                    x0 = tl.load(xr, mask=x_ok, other=0.0).to(tl.float32)
+                    if SCALE_W:
+                        acc0 += x0[None, :] * d
+                    else:
+                        part += x0[None, :] * d
+                    if BLOCK_M > 1:
+                        acc1 += tl.load(xr + stride_xm, mask=x_ok & rm1, other=0.0).to(tl.float32)[None, :] * d
+                    if BLOCK_M > 2:
+                        acc2 += tl.load(xr + 2 * stride_xm, mask=x_ok & rm2, other=0.0).to(tl.float32)[None, :] * d
+                        acc3 += tl.load(xr + 3 * stride_xm, mask=x_ok & rm3, other=0.0).to(tl.float32)[None, :] * d
+                    if BLOCK_M > 4:
+                        acc4 += tl.load(xr + 4 * stride_xm, mask=x_ok & rm4, other=0.0).to(tl.float32)[None, :] * d
+                        acc5 += tl.load(xr + 5 * stride_xm, mask=x_ok & rm5, other=0.0).to(tl.float32)[None, :] * d
+                        acc6 += tl.load(xr + 6 * stride_xm, mask=x_ok & rm6, other=0.0).to(tl.float32)[None, :] * d
+                        acc7 += tl.load(xr + 7 * stride_xm, mask=x_ok & rm7, other=0.0).to(tl.float32)[None, :] * d
+                    if not SCALE_W:
+                        if (j + 1) % GROUP_J == 0:
+                            acc0 += s[:, None] * part
+                            part = tl.full([BLOCK_N, 32], 0.0, tl.float32)
+    if DOT:
+        res = tl.trans(accd)  # [BLOCK_M, BLOCK_N]
+        o_mask = m_ok[:, None] & n_ok[None, :]
+        if SPLIT:
+            tl.store(part_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :], res, mask=o_mask)
+        else:
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], res.to(out_ptr.dtype.element_ty),
+                     mask=o_mask)
+    for r in tl.static_range(FMA_ROWS):
+        if r == 0:
+            a = acc0
+        elif r == 1:
+            a = acc1
+        elif r == 2:
+            a = acc2
+        elif r == 3:
+            a = acc3
+        elif r == 4:
+            a = acc4
+        elif r == 5:
+            a = acc5
+        elif r == 6:
+            a = acc6
+        else:
+            a = acc7
+        res = tl.reduce(a, 1, tl.standard._sum_combine)
+        o_ok = n_ok & (offs_n * 0 + r < M)
+        if SPLIT:
+            tl.store(part_ptr + pid_k * M * N + r * N + offs_n, res, mask=o_ok)
+        else:
+            tl.store(out_ptr + r * stride_om + offs_n, res.to(out_ptr.dtype.element_ty), mask=o_ok)
+    if SPLIT:
+        tl.debug_barrier()  # every thread's slice is stored before the counter moves (acq_rel atomic)
+        done = tl.atomic_add(cnt_ptr + pid_n, 1)
+        if done == tl.num_programs(1) - 1:
+            if DOT:
+                o_mask = m_ok[:, None] & n_ok[None, :]
+                p_off = offs_m[:, None] * N + offs_n[None, :]
+                tot2 = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
+                for sk in range(0, tl.num_programs(1)):
+                    tot2 += tl.load(part_ptr + sk * M * N + p_off, mask=o_mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], tot2.to(out_ptr.dtype.element_ty),
+                         mask=o_mask)
+            for r in tl.static_range(FMA_ROWS):
+                o_ok = n_ok & (offs_n * 0 + r < M)
+                tot = tl.full([BLOCK_N], 0.0, tl.float32)
+                for sk in range(0, tl.num_programs(1)):
+                    tot += tl.load(part_ptr + sk * M * N + r * N + offs_n, mask=o_ok, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + r * stride_om + offs_n, tot.to(out_ptr.dtype.element_ty), mask=o_ok)
+            tl.store(cnt_ptr + pid_n, 0)

@@ -3,6 +3,7 @@ and instructions per weight element in the main loop. Triton's wheel carries ptx
 on the CPU machine (with its own triton; the GPU machine's may schedule differently).
 
     python -m serving.kernels.sass [--arch 90] [--rows 1] [--block-n 64] [--num-warps 4] [--dot] [--prefetch]
+                                   [--kernel 2 --unroll 2]
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from serving.kernels.w4a16 import GEMV_UNSPECIALIZED, GemvConfig
+from serving.kernels.w4a16 import GEMV2_UNSPECIALIZED, GEMV_UNSPECIALIZED, GemvConfig
 
 SIGNATURE = {"x_ptr": "*fp16", "w_ptr": "*i32", "sz_ptr": "*fp16", "perm_ptr": "*i32", "out_ptr": "*fp16",
              "part_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "K8": "i32",
@@ -33,12 +34,21 @@ def compile_gemv(cfg: GemvConfig, rows: int, group_j: int = 4, act_order: bool =
 
     from serving.kernels import _w4a16_triton as kernels
 
-    fn = triton.jit(kernels.w4a16_gemv_kernel, do_not_specialize=GEMV_UNSPECIALIZED)
-    const = {"BLOCK_M": max(16, rows) if cfg.dot else rows, "BLOCK_N": cfg.block_n, "GROUP_J": group_j,
-             "HAS_PERM": act_order, "SPLIT": split, "SCALE_W": cfg.scale_w, "DOT": cfg.dot, "PREFETCH": cfg.prefetch}
+    if cfg.kernel == 2:
+        fn = triton.jit(kernels.w4a16_gemv2_kernel, do_not_specialize=GEMV2_UNSPECIALIZED)
+        const = {"BLOCK_M": max(16, rows) if cfg.dot else rows, "BLOCK_N": cfg.block_n, "GROUP_J": group_j,
+                 "HAS_PERM": act_order, "SPLIT": split, "SCALE_W": not cfg.dot and (cfg.scale_w or rows > 1),
+                 "UNROLL": cfg.unroll, "DOT": cfg.dot, "FMA_ROWS": 0 if cfg.dot else rows}
+        specialized = ("N", "K", "K8", "stride_xm", "stride_om")  # 16-divisible, as the 7B layers' are
+    else:
+        fn = triton.jit(kernels.w4a16_gemv_kernel, do_not_specialize=GEMV_UNSPECIALIZED)
+        const = {"BLOCK_M": max(16, rows) if cfg.dot else rows, "BLOCK_N": cfg.block_n, "GROUP_J": group_j,
+                 "HAS_PERM": act_order, "SPLIT": split, "SCALE_W": cfg.scale_w, "DOT": cfg.dot,
+                 "PREFETCH": cfg.prefetch}
+        specialized = ("N", "K", "K8")
     sig = {**SIGNATURE, **{k: "constexpr" for k in const}}
     names = list(sig)
-    aligned = [i for i, n in enumerate(names) if n.endswith("_ptr") or n in ("N", "K", "K8")]
+    aligned = [i for i, n in enumerate(names) if n.endswith("_ptr") or n in specialized]
     attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -67,7 +77,8 @@ def sass_stats(kernel, cfg: GemvConfig) -> dict:
     if loops:
         a, b = max(loops, key=lambda ab: ab[1] - ab[0])  # the chunk loop is the longest one
         body = [t for ad, t in ins if a <= ad <= b]
-        elems = cfg.block_n * 32 * 8 / (32 * cfg.num_warps)  # weights per thread per 256-input chunk
+        # weights per thread per loop iteration (kernel 2 unpacks ``unroll`` 256-input chunks per iteration)
+        elems = cfg.block_n * 32 * 8 / (32 * cfg.num_warps) * (cfg.unroll if cfg.kernel == 2 else 1)
         ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for t in body)
         out.update(loop_instructions=len(body), instructions_per_weight=round(len(body) / elems, 2),
                    top=dict(ops.most_common(8)))
@@ -84,9 +95,11 @@ def main() -> None:
     ap.add_argument("--dot", action="store_true")
     ap.add_argument("--prefetch", action="store_true")
     ap.add_argument("--split", action="store_true")
+    ap.add_argument("--kernel", type=int, default=1)
+    ap.add_argument("--unroll", type=int, default=1)
     a = ap.parse_args()
     cfg = GemvConfig(block_n=a.block_n, split_k=2 if a.split else 1, num_warps=a.num_warps, num_stages=1,
-                     scale_w=a.scale_w, dot=a.dot, prefetch=a.prefetch)
+                     scale_w=a.scale_w, dot=a.dot, prefetch=a.prefetch, kernel=a.kernel, unroll=a.unroll)
     print(json.dumps({"config": cfg.__dict__, "rows": a.rows,
                       **sass_stats(compile_gemv(cfg, a.rows, split=a.split, arch=a.arch), cfg)}))
 

@@ -24,6 +24,11 @@ Split-K: programs of one N tile each reduce a slice of K into an fp32 workspace;
 atomic counter per tile) sums the slices in a fixed order (deterministic), writes the output and resets the
 counter, so no memset or second kernel runs per call (inside a CUDA graph each is a node of its own).
 
+Two GEMV kernels share the layout and the split-K fixup; ``GemvConfig.kernel`` picks one per (shape, row bucket)
+in the tuned table. Kernel 2 (``w4a16_gemv2_kernel``) ORs nibble e with the float ``2**(23-4e)`` instead, so the
+FADD gives ``q - z`` at unit scale (no ``16**-e`` on the activations or, for ``tl.dot``, on the weights), keeps
+one 2-D accumulator per row instead of 3-D tiles, and can load two chunks per iteration (``unroll``).
+
 Kernels are wrapped with ``triton.jit`` at first use, not at import, so ``TRITON_INTERPRET=1`` set by a test
 (or a CPU run) after import still selects Triton's interpreter.
 """
@@ -65,6 +70,8 @@ class GemvConfig:
     scale_w: bool = False
     dot: bool = False  # several rows through tl.dot (rows padded to 16) instead of CUDA-core FMAs
     prefetch: bool = False  # load chunk c+1 while unpacking chunk c (more registers, more bytes in flight)
+    kernel: int = 1  # 1: w4a16_gemv_kernel; 2: w4a16_gemv2_kernel (per-row 2-D accumulators, unit-scale nibbles)
+    unroll: int = 1  # kernel 2: chunks loaded per loop iteration (1 or 2)
 
 
 @dataclass
@@ -170,6 +177,9 @@ def concat(parts: list[PackedW4]) -> PackedW4:
 
 _JIT: dict[tuple[str, bool], object] = {}
 GEMV_UNSPECIALIZED = ["M", "chunks_per_split", "stride_xm", "stride_om", "magic"]
+# kernel 2 lets Triton specialize the row strides (K and N of a layer: fixed, multiples of 16 at 7B), so the
+# activation loads of rows 1..7 are vectorized like row 0's; M (1 would be a constant) and the slice length stay
+GEMV2_UNSPECIALIZED = ["M", "chunks_per_split", "magic"]
 
 
 def interpreting() -> bool:
@@ -188,6 +198,8 @@ def _jitted(name: str):
         # specialized on (Triton would compile again whenever one of them crossed a multiple of 16 or 1)
         if name == "gemv":
             _JIT[key] = triton.jit(kernels.w4a16_gemv_kernel, do_not_specialize=GEMV_UNSPECIALIZED)
+        elif name == "gemv2":
+            _JIT[key] = triton.jit(kernels.w4a16_gemv2_kernel, do_not_specialize=GEMV2_UNSPECIALIZED)
         else:
             _JIT[key] = triton.jit(kernels.w4a16_dequant_kernel, do_not_specialize=["n0"])
     return _JIT[key]
@@ -274,6 +286,21 @@ def gemv(x: torch.Tensor, packed: PackedW4, config: GemvConfig, workspace: Split
     else:
         part, cnt = out, out  # unused
     perm = packed.perm if packed.perm is not None else packed.weight
+    if config.kernel == 2:
+        if config.unroll not in (1, 2):
+            raise KernelError(f"kernel 2 unrolls 1 or 2 chunks, not {config.unroll}")
+        _jitted("gemv2")[(tiles, split)](
+            x, packed.weight, packed.scale_zero, perm, out, part, cnt,
+            m, n, k, packed.weight.shape[1], _chunks_per_group(packed.group_size), per, x.stride(0), out.stride(0),
+            MAGIC,
+            BLOCK_M=max(16, bucket(m)) if config.dot else bucket(m), BLOCK_N=config.block_n,
+            GROUP_J=_group_j(packed.group_size), HAS_PERM=packed.perm is not None, SPLIT=split > 1,
+            SCALE_W=not config.dot and (config.scale_w or m > 1), UNROLL=config.unroll, DOT=config.dot,
+            FMA_ROWS=0 if config.dot else bucket(m),
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        return out
+    if config.kernel != 1:
+        raise KernelError(f"no GEMV kernel {config.kernel} (1 or 2)")
     _jitted("gemv")[(tiles, split)](
         x, packed.weight, packed.scale_zero, perm, out, part, cnt,
         m, n, k, packed.weight.shape[1], _chunks_per_group(packed.group_size), per, x.stride(0), out.stride(0),

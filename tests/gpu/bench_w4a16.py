@@ -2,9 +2,16 @@
 LLaMA-7B-shaped stack (32 layers of qkv 4096x12288, o 4096x4096, gate_up 4096x22016, down 11008x4096) captured
 whole as one CUDA graph, next to fp16 cuBLAS, torch's int4 tinygemm and GPTQModel's Marlin (when it imports).
 
+In one run, side by side at rows 1, 2, 4, 8: kernel 1 with the shipped table (``v1``: the H200-tuned
+serving/kernels/w4a16_configs.json, timed again here, not re-tuned), kernel 2 tuned here within the budget
+(``v2``), the per-(shape, rows) faster of the two (``ours``: the table written for the engine), fp16 cuBLAS and
+tinygemm, each with its share of the copy bandwidth (``summary``).
+
     python tests/gpu/bench_w4a16.py [--budget-s 120] [--grid quick|full] [--batches 1,2,4,8]
-                                    [--engine-ckpt DIR]   # + serving.bench engine runs, marlin vs triton_gemv
+                                    [--engine-ckpt DIR]   # + serving.bench decode at batch 1, 4: marlin vs ours
     python tests/gpu/bench_w4a16.py --table w4a16_configs.json --backends ours,marlin   # no tuning
+    python tests/gpu/bench_w4a16.py --retune-v1 ...  # kernel 1 searched too (the budget is shared)
+    python tests/gpu/bench_w4a16.py --engine-only --table T.json --engine-ckpt DIR   # only serving.bench
     python tests/gpu/bench_w4a16.py --smoke    # CPU: tiny shapes under TRITON_INTERPRET=1, same code paths
 
 Prints JSON and writes $OUT/w4a16.json (results) and $OUT/w4a16_configs.json (the tuned table: copy it to
@@ -25,6 +32,7 @@ import sys
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -109,7 +117,9 @@ def random_packed(k: int, n: int, dev: str, gen: torch.Generator) -> PackedW4:
 
 # -- the config grid
 
-def candidates(n: int, k: int, m: int, grid: str, sms: int) -> list[GemvConfig]:
+def candidates(n: int, k: int, m: int, grid: str, sms: int, kernel: int = 1) -> list[GemvConfig]:
+    if kernel == 2:
+        return candidates2(n, k, m, grid, sms)
     chunks = -(-k // w4a16.CHUNK)
     blocks = (16, 32, 64, 128) if grid == "quick" else (16, 32, 64, 128, 256)
     warps = (2, 4, 8) if grid == "quick" else (1, 2, 4, 8)
@@ -135,9 +145,38 @@ def candidates(n: int, k: int, m: int, grid: str, sms: int) -> list[GemvConfig]:
     return out
 
 
+def _splits(n: int, k: int, bn: int, sms: int) -> list[int]:
+    chunks = -(-k // w4a16.CHUNK)
+    tiles = -(-n // bn)
+    return [s for s in (1, 2, 4, 8, 16) if s <= chunks and (s == 1 or tiles * s <= 16 * sms)
+            and (s == 1 or tiles * (s // 2) < 4 * sms)]
+
+
+def candidates2(n: int, k: int, m: int, grid: str, sms: int) -> list[GemvConfig]:
+    """Kernel 2's grid: its tl.dot loop at every row count (4.1-4.3 SASS instructions per weight from 1 to 8 rows
+    at 128-256 outputs a program, serving.kernels.sass, sm_90: the rows ride on the tensor cores), and its
+    CUDA-core loop at 1 and 2 rows (5.1 and 7.2 at 32 outputs: no shared-memory round trip, so possibly lower
+    latency). Both unroll 1 or 2 chunks."""
+    out = []
+    combos = [(True, bn, nw) for bn in (32, 64, 128, 256) for nw in (2, 4, 8)]
+    if m <= 2:
+        combos += [(False, bn, nw) for bn in (16, 32, 64, 128) for nw in (1, 2, 4, 8)]
+    for (dot, bn, nw), un in itertools.product(combos, (1, 2)):
+        words = bn // nw  # words a thread holds: below 4 idle lanes, above 64 (32 at 2 FMA rows) 255 registers;
+        # tl.dot below 16: 5.1 to 9.6 instructions per weight against 4.1-4.4 (every tl.dot key, triton 3.6, sm_90)
+        if words < (16 if dot else 4) or words > (32 if (m == 2 and not dot) else 64):
+            continue
+        for sw in ((False, True) if (m == 1 and not dot) else (False,)):  # FMA at 2+ rows: always scaled once
+            for split in _splits(n, k, bn, sms):
+                out.append(GemvConfig(block_n=bn, split_k=split, num_warps=nw, num_stages=1, scale_w=sw, dot=dot,
+                                      kernel=2, unroll=un))
+    return out
+
+
 def _compile_key(cfg: GemvConfig, m: int) -> tuple:
     rows = 16 if cfg.dot else w4a16.bucket(m)  # tl.dot pads every bucket to 16 rows: one compile for all
-    return (cfg.block_n, cfg.split_k > 1, cfg.num_warps, cfg.num_stages, cfg.scale_w, cfg.dot, cfg.prefetch, rows)
+    return (cfg.block_n, cfg.split_k > 1, cfg.num_warps, cfg.num_stages, cfg.scale_w, cfg.dot, cfg.prefetch, rows,
+            cfg.kernel, cfg.unroll)
 
 
 def _compile_worker(jobs: list[tuple]) -> int:
@@ -147,10 +186,10 @@ def _compile_worker(jobs: list[tuple]) -> int:
     p = random_packed(4096, 256, dev, gen)
     ws = SplitKWorkspace(dev, 256)
     ok = 0
-    for bn, split, nw, ns, scale_w, dot, pf, m in jobs:
+    for bn, split, nw, ns, scale_w, dot, pf, m, kernel, unroll in jobs:
         x = torch.randn(min(m, w4a16.MAX_ROWS), 4096, device=dev, dtype=torch.float16)  # tl.dot keys say 16
         try:
-            w4a16.gemv(x, p, GemvConfig(bn, 2 if split else 1, nw, ns, scale_w, dot, pf), ws)
+            w4a16.gemv(x, p, GemvConfig(bn, 2 if split else 1, nw, ns, scale_w, dot, pf, kernel, unroll), ws)
             ok += 1
         except Exception:  # noqa: BLE001 -- a config that does not compile is skipped by the tuner too
             pass
@@ -171,10 +210,26 @@ def precompile(keys: set[tuple], workers: int) -> dict:
     return {"configs": len(jobs), "compiled": ok, "workers": workers, "s": round(time.time() - t, 1)}
 
 
-def tune(shapes, batches, grid: str, budget_s: float, dev: str, sms: int, bw: float, smoke: bool) -> tuple:
-    """Best config per (shape, row bucket) by graph-timed calls over weight copies larger than L2."""
+def _time_configs(cands, deadline, run_of, smoke) -> tuple[list, dict]:
+    results, errors = [], {}
+    for cfg in cands:
+        if time.time() > deadline and results:
+            break
+        try:
+            results.append(((wall_us if smoke else graph_us)(run_of(cfg)), cfg))
+        except Exception as e:  # noqa: BLE001 -- a failing config is reported, not fatal
+            errors.setdefault(type(e).__name__, repr(e)[:300])
+    results.sort(key=lambda r: r[0])
+    return results, errors
+
+
+def tune(shapes, batches, grid: str, budget_s: float, dev: str, sms: int, bw: float, smoke: bool,
+         old_table: dict[str, GemvConfig], retune_v1: bool = False) -> tuple[dict, dict]:
+    """Per (shape, row bucket): kernel 1's shipped config (``old_table``, else the default; with ``retune_v1``
+    its grid too) and kernel 2's grid, graph-timed over weight copies larger than L2. Returns the tables
+    {"v1", "v2", "ours" (the faster of the two)} and a report."""
     gen = torch.Generator(device=dev).manual_seed(1)
-    table: dict[str, GemvConfig] = {}
+    tables: dict[str, dict[str, GemvConfig]] = {"v1": {}, "v2": {}, "ours": {}}
     report = {}
     deadline = time.time() + budget_s
     keys_left = len(shapes) * len(batches)
@@ -187,44 +242,56 @@ def tune(shapes, batches, grid: str, budget_s: float, dev: str, sms: int, bw: fl
         for m in batches:
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             out = torch.empty(m, n, device=dev, dtype=torch.float16)
-            cands = candidates(n, k, m, grid, sms)
-            random.Random(0).shuffle(cands)  # a sweep cut short by the budget still samples the whole grid
-            if smoke:  # the interpreter runs ~20 programs a second: two configs, one each way
-                cands = [c for c in cands if c.split_k > 1 and c.scale_w][:1] + [c for c in cands if c.split_k == 1][:1]
-            results, errors = [], {}
-            # an equal share of what is left for each (shape, rows), so a slow start cannot starve the last ones
-            key_deadline = time.time() + max(0.0, deadline - time.time()) / keys_left
-            keys_left -= 1
-            for cfg in cands:
-                if time.time() > key_deadline and results:
-                    break
+            key = w4a16.config_key(n, k, w4a16.bucket(m))
 
-                def run(cfg=cfg, x=x, out=out, packs=packs, ws=ws):
+            def run_of(cfg, x=x, out=out, packs=packs, ws=ws):
+                def run():
                     for p in packs:
                         w4a16.gemv(x, p, cfg, ws, out=out)
+                return run
 
-                try:
-                    us = (wall_us(run) if smoke else graph_us(run)) / len(packs)
-                    results.append((us, cfg))
-                except Exception as e:  # noqa: BLE001 -- a failing config is reported, not fatal
-                    errors.setdefault(type(e).__name__, repr(e)[:300])
-            key = w4a16.config_key(n, k, w4a16.bucket(m))
-            if not results:
-                report[key] = {"error": errors or "no time left"}
-                continue
-            results.sort(key=lambda r: r[0])
-            us, best = results[0]
-            table[key] = best
-            report[key] = {"shape": name, "rows": m, "config": best.__dict__, "us": round(us, 2),
-                           "GBps": round(nbytes / (us * 1e-6) / 1e9, 1), "pct_of_copy_bw": round(100 * nbytes /
-                                                                                         (us * 1e-6) / bw, 1),
-                           "tried": len(results), "failed": errors,
-                           "runner_up": [{"us": round(u, 2), **c.__dict__} for u, c in results[1:4]]}
-            log(key, report[key]["us"], "us", report[key]["pct_of_copy_bw"], "%", best)
+            v1 = [old_table.get(key) or w4a16.default_config(n, k, m)]
+            v2 = candidates(n, k, m, grid, sms, kernel=2)
+            rng = random.Random(0)
+            rng.shuffle(v2)  # a sweep cut short by the budget still samples the whole grid
+            # ...after the tiles with the fewest SASS instructions per weight (serving.kernels.sass on sm_90)
+            v2.sort(key=lambda c: not ((c.dot and c.block_n >= 128) or (not c.dot and c.block_n == 32)))
+            if retune_v1:
+                more = [c for c in candidates(n, k, m, grid, sms) if c != v1[0]]
+                rng.shuffle(more)
+                v1 += more
+            if smoke:  # the interpreter runs ~20 programs a second: two kernel-2 configs, one each way
+                v1 = v1[:1]
+                v2 = [c for c in v2 if c.split_k > 1 and c.unroll == 2][:1] + [c for c in v2 if c.split_k == 1][:1]
+            # an equal share of what is left for each (shape, rows), so a slow start cannot starve the last ones
+            share = max(0.0, deadline - time.time()) / keys_left
+            keys_left -= 1
+            t0 = time.time()
+            r1, e1 = _time_configs(v1, t0 + (share / 2 if retune_v1 else 0), run_of, smoke)
+            r2, e2 = _time_configs(v2, t0 + share, run_of, smoke)
+            entry = {"shape": name, "rows": m}
+            best = []
+            for label, res, err in (("v1", r1, e1), ("v2", r2, e2)):
+                if not res:
+                    entry[label] = {"error": err or "no time left"}
+                    continue
+                us, cfg = res[0][0] / len(packs), res[0][1]
+                tables[label][key] = cfg
+                best.append((us, label, cfg))
+                entry[label] = {"config": asdict(cfg), "us": round(us, 2), "GBps": round(nbytes / (us * 1e-6) / 1e9, 1),
+                                "pct_of_copy_bw": round(100 * nbytes / (us * 1e-6) / bw, 1), "tried": len(res),
+                                "failed": err, "runner_up": [{"us": round(u / len(packs), 2), **asdict(c)}
+                                                             for u, c in res[1:3]]}
+            if best:
+                us, label, cfg = min(best, key=lambda b: b[0])
+                tables["ours"][key] = cfg
+                entry["winner"] = label
+            report[key] = entry
+            log(key, {lb: entry[lb].get("us") for lb in ("v1", "v2")}, "->", entry.get("winner"))
         del packs, one
         if dev == "cuda":
             torch.cuda.empty_cache()
-    return table, report
+    return tables, report
 
 
 # -- correctness on the device: real GPTQ tensors through repack, tuned configs, vs the fp32 reference
@@ -273,10 +340,13 @@ def sass_of_chosen(table, batches) -> list[dict]:
 
 # -- stacks
 
-def stack_ours(layers: int, table, dev: str):
-    gen = torch.Generator(device=dev).manual_seed(2)
-    mods = [[random_packed(k, n, dev, gen) for _, k, n in SHAPES] for _ in range(layers)]
-    ws = SplitKWorkspace(dev, max(n for _, _, n in SHAPES))
+def stack_ours(layers: int, table, dev: str, cache: dict):
+    """Our kernels over one set of random packed layers (built once in ``cache``, timed with each table)."""
+    if "mods" not in cache:
+        gen = torch.Generator(device=dev).manual_seed(2)
+        cache["mods"] = [[random_packed(k, n, dev, gen) for _, k, n in SHAPES] for _ in range(layers)]
+        cache["ws"] = SplitKWorkspace(dev, max(n for _, _, n in SHAPES))
+    mods, ws = cache["mods"], cache["ws"]
     nbytes = sum(w4a16.weight_bytes(p) for ly in mods for p in ly)
 
     def make(xs, m):
@@ -381,26 +451,51 @@ def time_stack(name, build, batches, bw, dev) -> list[dict]:
     return rows
 
 
-def engine_runs(ckpt: str, table_path: Path, out_dir: Path) -> list[dict]:
-    """``python -m serving.bench`` engine phase, GPTQModel's Marlin vs triton_gemv, same flags as the H200 row
-    of docs/environment.md."""
+ENGINE_FLAGS = ["--device", "cuda", "--gpu-memory-gb", "4", "--kv-cache-dtype", "int8", "--embed-on-host",
+                "--lm-head-int8", "--cuda-stack-limit", "256", "--max-model-len", "512", "--prefill-chunk", "128",
+                "--prompt-len", "128", "--gen-len", "128", "--compile", "--fuse-projections", "--phases", "engine",
+                "--batch-sizes", "1,4"]
+
+
+def engine_runs(ckpt: str, table_path: Path, out_dir: Path, wait_s: float, timeout_s: float,
+                backends: tuple[str, ...] = ("marlin", "triton_gemv")) -> list[dict]:
+    """``python -m serving.bench`` decode at batch 1 and 4 under the 4 GiB cap (the speed session's flags, q/k/v and
+    gate/up fused): GPTQModel's Marlin vs triton_gemv with the table tuned here. Waits up to ``wait_s`` for the
+    checkpoint (serving_session.sh writes it in the background while the kernels are tuned)."""
+    t = time.time()
+    while not (Path(ckpt) / "quantize_config.json").is_file():
+        if time.time() - t > wait_s:
+            return [{"error": f"no checkpoint at {ckpt} after {wait_s:.0f} s"}]
+        time.sleep(5)
     rows = []
-    for backend in ("marlin", "triton_gemv"):
+    for backend in backends:
         dst = out_dir / f"engine_{backend}.json"
-        cmd = [sys.executable, "-m", "serving.bench", "--model", ckpt, "--gptq-backend", backend, "--phases",
-               "engine", "--batch-sizes", "1,4", "--gpu-memory-gb", "4", "--lm-head-int8", "--compile",
-               "--prompt-len", "128", "--gen-len", "256", "--max-model-len", "512", "--prefill-chunk", "128",
+        cmd = [sys.executable, "-m", "serving.bench", "--model", ckpt, "--gptq-backend", backend, *ENGINE_FLAGS,
                "--out", str(dst)]
         env = {**os.environ, "SERVING_W4A16_CONFIGS": str(table_path)}
         t = time.time()
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-        row = {"backend": backend, "rc": p.returncode, "s": round(time.time() - t, 1)}
-        if p.returncode == 0 and dst.is_file():
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
+            rc, err = p.returncode, p.stderr
+        except subprocess.TimeoutExpired as e:
+            rc, err = "timeout", (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else ""
+        row = {"backend": backend, "rc": rc, "s": round(time.time() - t, 1), "cmd": " ".join(cmd[1:])}
+        if rc == 0 and dst.is_file():
             row["report"] = json.loads(dst.read_text()).get("engine")
         else:
-            row["stderr_tail"] = p.stderr[-2000:]
+            row["stderr_tail"] = (err or "")[-2000:]
         rows.append(row)
+        log(json.dumps({k: v for k, v in row.items() if k != "stderr_tail"})[:2000])
     return rows
+
+
+def summary(stack: list[dict]) -> dict:
+    """{rows: {backend: % of copy bandwidth}} from the stack rows, for reading at a glance."""
+    out: dict = {}
+    for r in stack:
+        if "batch" in r:
+            out.setdefault(str(r["batch"]), {})[r["backend"]] = r["pct_of_copy_bw"]
+    return out
 
 
 def _meta(res: dict) -> dict:
@@ -414,15 +509,32 @@ def main() -> int:
     ap.add_argument("--grid", choices=["quick", "full"], default="quick")
     ap.add_argument("--budget-s", type=float, default=120, help="wall-clock limit of the timing sweep")
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="compile processes")
-    ap.add_argument("--backends", default="ours,fp16,tinygemm,marlin")
+    ap.add_argument("--backends", default="v1,v2,ours,fp16,tinygemm,marlin")
+    ap.add_argument("--old-table", default=str(w4a16.CONFIG_TABLE), help="kernel 1's tuned table (v1)")
+    ap.add_argument("--retune-v1", action="store_true", help="search kernel 1's grid too (shares the budget)")
     ap.add_argument("--engine-ckpt", default=None, help="a LLaMA-7B-shaped GPTQ folder: also run serving.bench")
+    ap.add_argument("--engine-wait-s", type=float, default=240, help="how long to wait for --engine-ckpt")
+    ap.add_argument("--engine-timeout-s", type=float, default=300, help="limit of each serving.bench run")
+    ap.add_argument("--engine-backends", default="marlin,triton_gemv", help="serving.bench --gptq-backend values")
     ap.add_argument("--table", default=None, help="use this tuned table (w4a16_configs.json) instead of tuning")
     ap.add_argument("--smoke", action="store_true", help="CPU check: tiny shapes, Triton's interpreter")
+    ap.add_argument("--engine-only", action="store_true", help="only the serving.bench runs (--engine-ckpt, --table)")
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", "."))
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.engine_only:
+        if not (args.engine_ckpt and args.table):
+            ap.error("--engine-only needs --engine-ckpt and --table")
+        rows = engine_runs(args.engine_ckpt, Path(args.table), out_dir, args.engine_wait_s, args.engine_timeout_s,
+                           tuple(args.engine_backends.split(",")))
+        dst = out_dir / f"w4a16_engine_{args.engine_backends.replace(',', '_')}.json"
+        dst.write_text(json.dumps({"table": args.table, "engine": rows}, indent=1))
+        print(json.dumps(rows))
+        return 0 if all(r.get("rc") == 0 for r in rows) else 1
     batches = [int(b) for b in args.batches.split(",")]
     res: dict = {"torch": torch.__version__, "layers": args.layers, "grid": args.grid}
+    # v1: kernel 1 only (entries of another kernel in the file are left out: that is what "old" means here)
+    old = {k: c for k, c in w4a16.load_config_table(args.old_table).items() if c.kernel == 1}
 
     def flush():
         (out_dir / "w4a16.json").write_text(json.dumps(res, indent=1))
@@ -432,8 +544,10 @@ def main() -> int:
         shapes = [(name, k // 16, n // 64) for name, k, n in SHAPES]
         res.update(device="cpu (TRITON_INTERPRET=1, smoke)", copy_bandwidth_GBps=None)
         batches = batches[:2]
-        table, res["tuning"] = tune(shapes, batches, args.grid, 300, "cpu", 132, 1.0, smoke=True)
-        res["check"] = check(shapes, batches, table, "cpu")
+        tables, res["tuning"] = tune(shapes, batches, args.grid, 300, "cpu", 132, 1.0, smoke=True, old_table=old)
+        res["check"] = [dict(c, table=label) for label in ("v1", "v2") for c in
+                        check(shapes, batches, tables[label], "cpu")]
+        table = tables["ours"]
     else:
         import triton
 
@@ -441,37 +555,52 @@ def main() -> int:
         props = torch.cuda.get_device_properties(0)
         bw = copy_bandwidth(dev)
         res.update(device=torch.cuda.get_device_name(), sms=props.multi_processor_count, triton=triton.__version__,
-                   copy_bandwidth_GBps=round(bw / 1e9, 1))
+                   copy_bandwidth_GBps=round(bw / 1e9, 1), old_table=args.old_table)
         if args.table:  # a second call (e.g. only --backends marlin) reuses the first call's table
             table = w4a16.load_config_table(args.table)
+            tables = {"v1": old, "v2": {k: c for k, c in table.items() if c.kernel == 2}, "ours": table}
             res["tuning"] = {"loaded": args.table, "configs": len(table)}
         else:
             keys = {_compile_key(c, m) for _, k, n in SHAPES for m in batches
-                    for c in candidates(n, k, m, args.grid, props.multi_processor_count)}
+                    for kern in ((1, 2) if args.retune_v1 else (2,))
+                    for c in candidates(n, k, m, args.grid, props.multi_processor_count, kernel=kern)}
+            keys |= {_compile_key(old.get(w4a16.config_key(n, k, w4a16.bucket(m))) or w4a16.default_config(n, k, m),
+                                  m) for _, k, n in SHAPES for m in batches}
             try:
                 res["precompile"] = precompile(keys, args.workers)
             except Exception as e:  # noqa: BLE001 -- falls back to compiling during the sweep
                 res["precompile"] = {"error": repr(e)[:300]}
             log("precompile", res["precompile"])
-            table, res["tuning"] = tune(SHAPES, batches, args.grid, args.budget_s, dev, props.multi_processor_count,
-                                        bw, smoke=False)
+            tables, res["tuning"] = tune(SHAPES, batches, args.grid, args.budget_s, dev, props.multi_processor_count,
+                                         bw, smoke=False, old_table=old, retune_v1=args.retune_v1)
+            table = tables["ours"]
         w4a16.save_config_table(out_dir / "w4a16_configs.json", table, _meta(res))
         flush()
-        res["check"] = check(SHAPES, batches, table, dev)
+        res["check"] = [dict(c, table=label) for label in ("v1", "v2") for c in check(SHAPES, batches, tables[label],
+                                                                                       dev)]
         flush()
         res["sass"] = sass_of_chosen(table, batches)
         flush()
-        builders = {"ours": lambda: stack_ours(args.layers, table, dev), "fp16": lambda: stack_fp16(args.layers, dev),
+        cache: dict = {}
+        builders = {"v1": lambda: stack_ours(args.layers, tables["v1"], dev, cache),
+                    "v2": lambda: stack_ours(args.layers, tables["v2"], dev, cache),
+                    "ours": lambda: stack_ours(args.layers, table, dev, cache),
+                    "fp16": lambda: stack_fp16(args.layers, dev),
                     "tinygemm": lambda: stack_tinygemm(args.layers, dev),
                     "marlin": lambda: stack_marlin(args.layers, dev)}
         res["stack"] = []
-        for name in args.backends.split(","):
+        names = args.backends.split(",")
+        for i, name in enumerate(names):
             res["stack"] += time_stack(name, builders[name], batches, bw, dev)
+            if name in ("v1", "v2", "ours") and not set(names[i + 1:]) & {"v1", "v2", "ours"}:
+                cache.clear()  # the next backends build their own 3.4 GB
+            res["summary"] = summary(res["stack"])
             flush()
     table_path = out_dir / "w4a16_configs.json"
     w4a16.save_config_table(table_path, table, _meta(res))
     if args.engine_ckpt:
-        res["engine"] = engine_runs(args.engine_ckpt, table_path, out_dir)
+        res["engine"] = engine_runs(args.engine_ckpt, table_path, out_dir, args.engine_wait_s, args.engine_timeout_s,
+                                    tuple(args.engine_backends.split(",")))
     flush()
     print(json.dumps(res))
     return 0 if all(c["ok"] for c in res["check"]) else 1

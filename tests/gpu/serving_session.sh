@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # The serving GPU session on one H200, as back-to-back calls on one warm machine (/tmp survives between them):
 #   bash tests/gpu/serving_session.sh kernels   # W4A16 GEMV tuning + stack vs fp16/tinygemm; 7B checkpoint made meanwhile
+#   bash tests/gpu/serving_session.sh gemv      # kernel 1 (shipped table) vs kernel 2 (tuned, BUDGET_S=120) vs their
+#                                               # per-shape best vs fp16 cuBLAS vs tinygemm at rows 1,2,4,8 (~4 min);
+#                                               # writes $OUT/w4a16.json, the table to /tmp; checkpoint made meanwhile
+#   bash tests/gpu/serving_session.sh gemv_engine  # after gemv: serving.bench decode at batch 1 and 4 under 4 GiB,
+#                                               # Marlin vs triton_gemv with that table; ENGINE_BACKENDS=triton_gemv
+#                                               # (or marlin) runs one per call if both do not fit 10 minutes
 #   bash tests/gpu/serving_session.sh speed     # engine v2 (Marlin and triton_gemv) vs fixed-slot engine vs HF generate
 #   bash tests/gpu/serving_session.sh chat      # 10-turn chat with/without prefix caching, mixed-length load
 #   bash tests/gpu/serving_session.sh measure   # one call: JSON-schema mask cost (carry .whl-grammar too), the
@@ -25,6 +31,17 @@ case "${1:-}" in
     python3 tests/gpu/bench_w4a16.py --budget-s "${BUDGET_S:-90}" --backends ours,fp16,tinygemm > "$OUT/w4a16_stdout.json"
     cp "$OUT/w4a16_configs.json" "$TABLE"
     while [ ! -f "$CKPT/quantize_config.json" ]; do sleep 5; done; du -sh "$CKPT" ;;
+  gemv)
+    [ -f "$CKPT/config.json" ] || (python3 .whl-gpu/shared-tools/make_llama7b_gptq.py "$CKPT" > /tmp/mkckpt.log 2>&1 &)
+    python3 tests/gpu/bench_w4a16.py --budget-s "${BUDGET_S:-120}" --backends v1,v2,ours,fp16,tinygemm \
+      > "$OUT/w4a16_stdout.json"
+    cp "$OUT/w4a16_configs.json" "$TABLE" ;;
+  gemv_engine)
+    [ -f "$CKPT/config.json" ] || (python3 .whl-gpu/shared-tools/make_llama7b_gptq.py "$CKPT" > /tmp/mkckpt.log 2>&1 &)
+    [ -f "$TABLE" ] || cp serving/kernels/w4a16_configs.json "$TABLE"
+    python3 tests/gpu/bench_w4a16.py --engine-only --table "$TABLE" --engine-ckpt "$CKPT" \
+      --engine-backends "${ENGINE_BACKENDS:-marlin,triton_gemv}" --engine-timeout-s "${ENGINE_TIMEOUT_S:-270}" \
+      > /dev/null ;;
   speed)
     export SERVING_W4A16_CONFIGS=$TABLE
     CKPT=$CKPT bash tests/gpu/bench_engine_v2.sh speed
@@ -100,5 +117,5 @@ case "${1:-}" in
       [ -f "$f" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], \
         json.dumps(r.get('summary_paged')))" "$f"
     done; true ;;
-  *) echo "usage: $0 kernels|speed|chat|measure|mem" >&2; exit 2 ;;
+  *) echo "usage: $0 kernels|gemv|gemv_engine|speed|chat|measure|mem" >&2; exit 2 ;;
 esac

@@ -30,6 +30,14 @@ CASES = [  # K, N, group size, sym, act-order, rows, config
     (1288, 520, 128, False, True, 3, GemvConfig(block_n=16, split_k=2)),
     (4096, 2048, -1, False, False, 8, GemvConfig(block_n=64, split_k=4, dot=True, num_warps=8)),
     (4096, 2048, 256, True, False, 2, GemvConfig(block_n=32, split_k=2, scale_w=True, prefetch=True)),
+    # kernel 2: CUDA-core loop (1, 2 rows) and tl.dot loop (wgmma at 4 warps, 1..8 rows), unrolled or not
+    (4096, 12288, 128, True, False, 1, GemvConfig(block_n=32, split_k=2, num_warps=2, kernel=2)),
+    (4096, 4096, 32, False, True, 1, GemvConfig(block_n=64, split_k=8, num_warps=4, kernel=2, unroll=2)),
+    (11008, 4096, 128, False, True, 2, GemvConfig(block_n=32, split_k=4, num_warps=2, kernel=2, unroll=2)),
+    (4096, 22016, 128, True, False, 1, GemvConfig(block_n=128, split_k=1, num_warps=4, kernel=2, dot=True)),
+    (4096, 4096, 64, False, True, 4, GemvConfig(block_n=128, split_k=4, num_warps=4, kernel=2, dot=True, unroll=2)),
+    (11008, 4096, 128, True, False, 8, GemvConfig(block_n=256, split_k=8, num_warps=8, kernel=2, dot=True)),
+    (1288, 520, 128, False, True, 3, GemvConfig(block_n=64, split_k=2, num_warps=2, kernel=2, dot=True)),
 ]
 
 
@@ -48,13 +56,14 @@ def test_gemv_on_cuda_matches_dequantized_reference(k, n, gs, sym, act, m, cfg):
     assert ((w4a16.matmul_dequant(big, packed).float() - ref_big).abs().max() / ref_big.abs().max()).item() < 3e-3
 
 
-def test_split_k_in_a_replayed_cuda_graph():
+@pytest.mark.parametrize("cfg", [GemvConfig(block_n=32, split_k=8),
+                                 GemvConfig(block_n=128, split_k=8, num_warps=4, kernel=2, dot=True, unroll=2)])
+def test_split_k_in_a_replayed_cuda_graph(cfg):
     """The counters reset by the last slice make every replay start clean: new inputs, right answers."""
     k, n = 4096, 4096
     t = ref.random_gptq(k, n, 128, False, True, seed=3, device="cuda")
     packed = w4a16.repack(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 128)
     ws = SplitKWorkspace("cuda", n)
-    cfg = GemvConfig(block_n=32, split_k=8)
     x = torch.randn(2, k, device="cuda", dtype=torch.float16)
     out = torch.empty(2, n, device="cuda", dtype=torch.float16)
     w4a16.gemv(x, packed, cfg, ws, out=out)  # compile outside the capture
