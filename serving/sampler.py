@@ -139,9 +139,12 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
         probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     vocab = logits.shape[-1]
     if any(0 < p.top_k < vocab for p in params) or any(p.top_p < 1.0 for p in params):
-        sp, si = probs.sort(dim=-1, descending=True)
-        ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=logits.device)
-        sp = sp.masked_fill(torch.arange(vocab, device=logits.device)[None, :] >= ks[:, None], 0.0)
+        ks_list = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        # every row with a top_k: the largest k only (topk of 50 over a 49k vocabulary, not a full sort)
+        width = max(ks_list)
+        sp, si = probs.topk(width, dim=-1) if width < vocab else probs.sort(dim=-1, descending=True)
+        ks = torch.tensor(ks_list, device=logits.device)
+        sp = sp.masked_fill(torch.arange(width, device=logits.device)[None, :] >= ks[:, None], 0.0)
         if any(p.top_p < 1.0 for p in params):
             # top_p over what top_k kept (renormalized), keeping at least the most likely token
             cum = sp.cumsum(dim=-1) / sp.sum(dim=-1, keepdim=True)

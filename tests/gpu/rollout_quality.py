@@ -64,19 +64,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", type=int, default=2)
     ap.add_argument("--work", default="/tmp/rollout-quality")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--engines", default=",".join(ENGINES),
+                    help="which to run, in order (one per call when both do not fit one 10-minute device call)")
     args = ap.parse_args(argv)
     cfg = json.loads(Path(args.manifest).read_text())["config"]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {"manifest": args.manifest, "steps": args.steps, "runs": {}}
-    for engine in ENGINES:
+    out = Path(args.out)
+    if out.exists():  # an earlier call's engines (the same --out): kept unless run again
+        result["runs"] = json.loads(out.read_text()).get("runs", {})
+    for engine in args.engines.split(","):
+        if engine not in ENGINES:
+            ap.error(f"--engines: {engine!r} is not one of {ENGINES}")
         result["runs"][engine] = run_engine(cfg, engine, args.steps, work, args.skip)
         print(json.dumps(result["runs"][engine]), flush=True)
-    hf, sv = result["runs"]["hf"], result["runs"]["serving"]
+        out.write_text(json.dumps(result, indent=1))  # after each engine: a call cut off keeps what finished
+    hf, sv = result["runs"].get("hf", {}), result["runs"].get("serving", {})
     if hf.get("step_time_s") and sv.get("step_time_s"):
         result["speedup"] = {"step_time": round(hf["step_time_s"] / sv["step_time_s"], 2),
                              "rollout_time": round(hf["rollout_s"] / sv["rollout_s"], 2)}
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0 if all(r["rc"] == 0 for r in result["runs"].values()) else 1
 
