@@ -4,7 +4,8 @@ GPTQModel has loaded a checkpoint (``engine.gptq_backend: triton_gemv``).
 GPTQModel loads with its TORCH backend, which keeps the standard GPTQ tensors; ``swap_gptq_linears`` repacks
 each 4-bit layer once into the kernel's layout, frees GPTQModel's copy and shares one split-K workspace
 across all layers. 1..8 rows (decode) run the split-K GEMV with the tuned config for their (shape, row
-bucket); longer inputs (prefill) dequantize a slice of the weight at a time into cuBLAS.
+bucket); longer inputs (prefill) take the Triton GEMM (``serving.kernels.w4a16_gemm``: dequantized tile by tile
+in registers, tensor cores), so a model on these kernels never creates a cuBLAS handle for its GPTQ layers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from serving.kernels import w4a16
+from serving.kernels import w4a16, w4a16_gemm
 from serving.kernels.w4a16 import GemvConfig, KernelError, PackedW4, SplitKWorkspace
 
 logger = logging.getLogger("serving.quant_linear")
@@ -36,7 +37,7 @@ class W4A16Linear(nn.Module):
         self.configs = configs if configs is not None else {}
         self.workspace = workspace
         self._picked: dict[int, GemvConfig] = {}
-        self.dequant_block_n = 64  # outputs per program of the prefill dequantize kernel
+        self.gemm_block_n = 64  # outputs per program of the prefill GEMM
 
     @classmethod
     def from_tensors(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -97,7 +98,7 @@ class W4A16Linear(nn.Module):
                 self.workspace = SplitKWorkspace(x.device, self.out_features)
             y = w4a16.gemv(x2, self.packed, cfg, self.workspace)
         else:
-            y = w4a16.matmul_dequant(x2, self.packed, self.dequant_block_n)
+            y = w4a16_gemm.matmul(x2, self.packed, self.gemm_block_n)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features)

@@ -63,6 +63,9 @@ class DataConfig(_Strict):
     train: list[str] = Field(..., min_length=1, description="JSONL/JSON(.gz) files, folders, hf:NAME[:SPLIT].")
     eval: list[str] = Field(default_factory=list, description="Held-out sources; empty = split off train.")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Share of train held out when `eval` is empty.")
+    validation_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Tuning: also hold out this share of the remaining training rows and evaluate on "
+        "them instead of the eval rows, which are set aside unseen (pick hyper-parameters off the test split).")
     max_length: int = Field(DEFAULT_MAX_LENGTH, ge=8, description="Tokens per sequence after the chat template.")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")
     on_error: Literal["raise", "skip"] = Field("raise", description="Malformed row: stop, or skip and count.")

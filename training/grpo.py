@@ -32,6 +32,7 @@ from training import engine, losses, runner
 from training.checkpoint import export_model
 from training.config import ConfigError, GRPOConfig, RewardSpec, import_function, load_config, stage_arg_parser
 from training.data import Prompt, ResumableSampler, collate_prompts, eos_token_ids, iterate_batches, tokenize_prompt
+from training.heldout import decode_answers, evaluate_greedy
 from training.metrics import Throughput, read_metrics, train_flops_per_token
 from training.models import (
     count_parameters,
@@ -112,12 +113,6 @@ class GroupExperience:
                    ("seq", "mask", "start", "action_mask", "logprobs", "ref_logprobs", "advantages")}
 
 
-def decode_answers(tokenizer: Any, seq: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> list[str]:
-    """The answers of left-padded ``seq`` (before packing) as text, special tokens removed."""
-    return [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
-            for row, m in zip(seq[:, prompt_len:].cpu(), mask[:, prompt_len:].cpu(), strict=True)]
-
-
 @torch.no_grad()
 def make_experience(actor, ref, terms: list[RewardTerm], batch: dict[str, torch.Tensor], prompts: list[Prompt],
                     cfg: GRPOConfig, tokenizer: Any, eos_ids: list[int], rollout: Rollout | None = None,
@@ -151,42 +146,19 @@ def make_experience(actor, ref, terms: list[RewardTerm], batch: dict[str, torch.
     return GroupExperience(seq, mask, start, action_mask, logprobs.float(), ref_logprobs.float(), advantages, stats)
 
 
-@torch.no_grad()
 def evaluate_rewards(actor, terms: list[RewardTerm], prompts: list[tuple[list[int], Prompt]], cfg: GRPOConfig,
                      tokenizer: Any, eos_ids: list[int], device: torch.device,
                      rollout: Rollout | None = None) -> dict[str, float]:
-    """Every reward term's mean over greedy answers to held-out prompts, sharded over ranks.
+    """Every reward term's mean over greedy answers to held-out prompts (``training.heldout``, shared with PPO: the
+    same prompts give the same "before"); a 0/1 rule's mean is its pass rate."""
 
-    Every rank runs the same number of batches (collective plugins need that); padding prompts weigh zero.
-    """
-    world, rank = engine.world_size(), engine.rank()
-    span = math.ceil(len(prompts) / world) * world
-    mine = [(prompts[i], 1.0) if i < len(prompts) else (prompts[0], 0.0) for i in range(rank, span, world)]
-    names = ["reward", *(t.spec.label for t in terms), "response_length"]
-    totals = torch.zeros(len(names) + 1, dtype=torch.float64)
-    size = cfg.grpo.rollout_batch_size * cfg.grpo.group_size
-    with engine.eval_mode(actor), engine.autocast(cfg.train, device):
-        for i in range(0, len(mine), size):
-            chunk = mine[i:i + size]
-            batch = {k: v.to(device) for k, v in collate_prompts([c[0][0] for c in chunk],
-                                                                 pad_id=tokenizer.pad_token_id).items()}
-            if rollout is None:
-                seq, mask = sample(actor, batch["input_ids"], batch["attention_mask"], cfg.grpo.generation, eos_ids,
-                                   tokenizer.pad_token_id, greedy=True, tokenizer=tokenizer)
-            else:
-                seq, mask = rollout.generate(batch["input_ids"], batch["attention_mask"], cfg.grpo.generation,
-                                             greedy=True)
-            P = batch["input_ids"].size(1)
-            length = mask[:, P:].sum(1).float()
-            completions = decode_answers(tokenizer, seq, mask, P)
-            seq, mask, _ = pack_right(seq, mask, P)
-            total, parts = score(terms, seq, mask, [c[0][1] for c in chunk], completions, cfg.grpo.reward_clip)
-            weight = torch.tensor([c[1] for c in chunk], dtype=torch.float64)
-            cols = [total, *(parts[t.spec.label] for t in terms), length]
-            totals += torch.stack([(c.double().cpu() * weight).sum() for c in cols] + [weight.sum()])
-    sums = [engine.all_reduce_mean(float(x), device) * world for x in totals]
-    count = max(sums[-1], 1.0)
-    return {**{n: s / count for n, s in zip(names, sums, strict=False)}, "prompts": sums[-1]}
+    def scores(seq: torch.Tensor, mask: torch.Tensor, idx: list[int], completions: list[str]) -> dict:
+        total, parts = score(terms, seq, mask, [prompts[i][1] for i in idx], completions, cfg.grpo.reward_clip)
+        return {"reward": total, **{t.spec.label: parts[t.spec.label] for t in terms}}
+
+    return evaluate_greedy(actor, [p[0] for p in prompts], scores, cfg.grpo.generation, train=cfg.train,
+                           eos_ids=eos_ids, pad_id=tokenizer.pad_token_id, device=device, tokenizer=tokenizer,
+                           rollout=rollout)
 
 
 def main(argv: list[str] | None = None) -> int:

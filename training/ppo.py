@@ -194,35 +194,17 @@ def make_experience(actor, critic, ref, reward_model, prompts: dict[str, torch.T
     return Experience(seq, mask, start, action_mask, logprobs.float(), values, advantages, returns, stats)
 
 
-@torch.no_grad()
 def evaluate_reward(actor, reward_model, prompts: list[list[int]], cfg: PPOConfig, eos_ids: list[int], pad_id: int,
-                    device: torch.device, rollout: Rollout | None = None) -> dict[str, float]:
-    """Mean reward-model score and length of greedy answers to held-out prompts, sharded over ranks.
+                    device: torch.device, rollout: Rollout | None = None, tokenizer: Any = None) -> dict[str, float]:
+    """Mean reward-model score and length of greedy answers to held-out prompts (``training.heldout``, shared with
+    GRPO: the same prompts give the same "before")."""
+    from training.heldout import evaluate_greedy
 
-    Every rank runs the same number of batches (collective plugins need that); padding prompts weigh zero.
-    """
-    world, rank = engine.world_size(), engine.rank()
-    span = math.ceil(len(prompts) / world) * world
-    mine = [(prompts[i], 1.0) if i < len(prompts) else (prompts[0], 0.0) for i in range(rank, span, world)]
-    totals = torch.zeros(3, dtype=torch.float64)
-    with engine.eval_mode(actor), engine.autocast(cfg.train, device):
-        for i in range(0, len(mine), cfg.ppo.rollout_batch_size):
-            chunk = mine[i:i + cfg.ppo.rollout_batch_size]
-            batch = {k: v.to(device) for k, v in collate_prompts([c[0] for c in chunk], pad_id=pad_id).items()}
-            if rollout is None:
-                seq, mask = sample(actor, batch["input_ids"], batch["attention_mask"], cfg.ppo.generation, eos_ids,
-                                   pad_id, greedy=True)
-            else:
-                seq, mask = rollout.generate(batch["input_ids"], batch["attention_mask"], cfg.ppo.generation,
-                                             greedy=True)
-            P = batch["input_ids"].size(1)
-            length = mask[:, P:].sum(1).float().cpu()
-            seq, mask, _ = pack_right(seq, mask, P)
-            score = last_token_values(token_values(reward_model, seq, mask), mask).float().cpu()
-            weight = torch.tensor([c[1] for c in chunk])
-            totals += torch.stack([(score * weight).sum(), (length * weight).sum(), weight.sum()]).double()
-    reward, length, count = (engine.all_reduce_mean(float(x), device) * world for x in totals)
-    return {"reward": reward / max(count, 1.0), "response_length": length / max(count, 1.0), "prompts": count}
+    def rm_score(seq: torch.Tensor, mask: torch.Tensor, idx: list[int], completions: list[str]) -> dict:
+        return {"reward": last_token_values(token_values(reward_model, seq, mask), mask).float()}
+
+    return evaluate_greedy(actor, prompts, rm_score, cfg.ppo.generation, train=cfg.train, eos_ids=eos_ids,
+                           pad_id=pad_id, device=device, tokenizer=tokenizer, rollout=rollout)
 
 
 def _pad_to(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
@@ -325,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     meter = Throughput(stage.device, train_flops_per_token(actor.config, n_params, cfg.data.max_length))
     last: dict[str, float] = {}
     evaluate = partial(evaluate_reward, actor_t.model, reward_model, eval_prompts, cfg, eos_ids, pad_id, stage.device,
-                       rollout)
+                       rollout, tokenizer)
     phases = PhaseTimes(stage.device)
     before: dict[str, float] = {}
     if eval_prompts and stage.start_step == 0:

@@ -12,8 +12,9 @@ The arithmetic task (``training/demo_data/arithmetic_{train,eval}.jsonl``, writt
 "What is A + B?" or "What is A - B?" and asks for the reply to end with ``Answer: N``. The question carries
 everything needed to check an answer, so the reward needs no label column. ``arithmetic_correct`` checks the
 reply's final number: SmolLM2-135M-Instruct answers "17 + 39 = 56." and, greedy on the first 32 eval prompts
-(CPU, 48 new tokens), got 9 of 32 right that way but never used the ``Answer:`` line (1 of 32 samples at
-temperature 1 did), so a strict check would give GRPO groups of zeros, nothing to learn from. ``answer_format``
+of the first version of the task (operands up to 50; CPU, 48 new tokens), got 9 of 32 right that way but never used
+the ``Answer:`` line (1 of 32 samples at temperature 1 did), so a strict check would give GRPO groups of zeros,
+nothing to learn from. ``answer_format``
 rewards the requested format separately:
 
     grpo.rewards: [{function: training.rewards:arithmetic_correct, weight: 1.0},
@@ -36,6 +37,10 @@ _QUESTION = re.compile(r"What is (\d+) ([+-]) (\d+)\?")
 _ANSWER = re.compile(r"Answer:\s*(-?\d+)\s*\.?\s*$")
 _NUMBER = re.compile(r"-?\d+")
 TRAIN_ROWS, EVAL_ROWS = 512, 64
+# Operands up to 20, not 50: SmolLM2-135M-Instruct sampled at temperature 0.7 (8 answers to each of 12 questions, CPU,
+# 48 new tokens) was right 8% of the time with operands up to 50 and 58% of the GRPO groups scored all alike (no
+# signal; 3% right and 67% at temperature 1.0); with operands up to 20, 26% right and 25% such groups (greedy 50%).
+MAX_OPERAND = 20
 
 
 def _question(prompt: str) -> tuple[int, str, int] | None:
@@ -83,25 +88,31 @@ def answer_format(prompts: list[str], completions: list[str], **_: Any) -> list[
     return [float(stated_answer(c) is not None) for c in completions]
 
 
-def arithmetic_rows(n: int, seed: int) -> list[dict[str, str]]:
-    """``n`` prompt rows, additions and subtractions of numbers 1..50 with non-negative results."""
+def arithmetic_rows(n: int, seed: int, exclude: frozenset[str] = frozenset()) -> list[dict[str, str]]:
+    """``n`` prompt rows, additions and subtractions of numbers 1..``MAX_OPERAND`` with non-negative results, none
+    of them in ``exclude``."""
     rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(1, 50), rng.randint(1, 50)
+    rows: list[dict[str, str]] = []
+    while len(rows) < n:
+        a, b = rng.randint(1, MAX_OPERAND), rng.randint(1, MAX_OPERAND)
         op = rng.choice("+-")
         if op == "-" and b > a:
             a, b = b, a
-        rows.append({"prompt": f"What is {a} {op} {b}? {INSTRUCTION}"})
+        prompt = f"What is {a} {op} {b}? {INSTRUCTION}"
+        if prompt not in exclude:
+            rows.append({"prompt": prompt})
     return rows
 
 
 def write_task(folder: Path) -> list[Path]:
-    """The shipped train and eval files (different seeds: no held-out question is trained on verbatim)."""
+    """The shipped train and eval files; no eval question is in the training file (with operands up to 20 there
+    are only ~630 distinct questions, so different seeds alone would repeat many)."""
+    held = arithmetic_rows(EVAL_ROWS, seed=2)
+    train = arithmetic_rows(TRAIN_ROWS, seed=1, exclude=frozenset(r["prompt"] for r in held))
     out = []
-    for name, n, seed in (("arithmetic_train.jsonl", TRAIN_ROWS, 1), ("arithmetic_eval.jsonl", EVAL_ROWS, 2)):
+    for name, rows in (("arithmetic_train.jsonl", train), ("arithmetic_eval.jsonl", held)):
         path = folder / name
-        path.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(n, seed)), encoding="utf-8")
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         out.append(path)
     return out
 

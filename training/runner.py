@@ -93,6 +93,9 @@ def load_data(cfg: DataConfig, kind: str, seed: int) -> tuple[list, list, dict[s
         report["eval_rows"] = len(held)
     else:
         held = []
+    if cfg.validation_fraction > 0:  # a second, differently seeded cut of what is left for training
+        train, held = split_eval(train, cfg.validation_fraction, seed + 1)
+        report.update(validation_rows=len(held), test_rows_set_aside=report.pop("eval_rows", 0))
     if stats.skipped and engine.is_main():
         log.warning("skipped %d malformed rows; first: %s", stats.skipped, stats.errors[:3])
     return train, held, report

@@ -471,3 +471,51 @@ def test_dpo_counts_only_reply_tokens_in_every_pair_format(tiny_model):
             text = tok.decode(ids[b][mask[b].bool()])
             assert text.startswith(reply) and "Say hello" not in text and "user" not in text, text
             assert mask[b].sum() < batch[f"{side}_attention_mask"][b].sum()
+
+
+def test_validation_fraction_tunes_on_training_rows_and_never_reads_the_held_out_ones(tmp_path):
+    from training import runner
+    from training.config import DataConfig
+
+    rows = [{"prompt": f"question {i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(40)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = DataConfig(train=[str(data)], eval_fraction=0.2)
+    train, test, _ = runner.load_data(cfg, "preference", seed=42)
+    tune_train, val, report = runner.load_data(cfg.model_copy(update={"validation_fraction": 0.25}), "preference",
+                                               seed=42)
+    key = [str(p) for p in test]
+    assert len(test) == 8 and len(val) == 8 and len(tune_train) == 24
+    assert not {str(p) for p in val + tune_train} & set(key)  # the test pairs are in neither part
+    assert {str(p) for p in val + tune_train} == {str(p) for p in train}  # the validation rows come from train
+    assert report["validation_rows"] == 8 and report["test_rows_set_aside"] == 8 and "eval_rows" not in report
+
+
+def test_ppo_and_grpo_report_the_same_held_out_before_for_the_same_model_and_prompts(tiny_model, reward_model):
+    """One evaluation (training/heldout.py): PPO's RM reward and GRPO's with that RM as its only reward agree on the
+    same policy and prompts, although their rollout sizes differ (3 rollouts vs 2 prompts x G=4)."""
+    from training import ppo
+    from training.config import PPOConfig
+    from training.data import eos_token_ids, parse_prompt, tokenize_prompt
+    from training.grpo import evaluate_rewards, load_rewards
+    from training.models import load_policy, load_tokenizer
+
+    common = {"model": {"path": str(tiny_model)}, "data": {"train": ["unused.jsonl"], "max_length": 64},
+              "train": {"device": "cpu", "precision": "fp32"}, "checkpoint": {"output_dir": "unused"}}
+    gen = {"max_new_tokens": 6, "temperature": 1.0}
+    pcfg = PPOConfig.model_validate({**common, "ppo": {"reward_model_path": str(reward_model),
+                                                       "rollout_batch_size": 3, "generation": gen}})
+    gcfg = GRPOConfig.model_validate({**common, "grpo": {"rewards": [{"model": str(reward_model)}], "group_size": 4,
+                                                         "rollout_batch_size": 2, "generation": gen}})
+    tok = load_tokenizer(pcfg.model)
+    rows = [parse_prompt({"prompt": q}) for q in QUESTIONS[:5]]
+    ids = [tokenize_prompt(r, tok, 64) for r in rows]
+    device = torch.device("cpu")
+    actor = load_policy(pcfg.model, trainable=False).eval()
+    terms = load_rewards(gcfg, device, tok.pad_token_id)
+    eos = eos_token_ids(tok)
+    got_ppo = ppo.evaluate_reward(actor, terms[0].model, ids, pcfg, eos, tok.pad_token_id, device, tokenizer=tok)
+    got_grpo = evaluate_rewards(actor, terms, list(zip(ids, rows, strict=True)), gcfg, tok, eos, device)
+    assert got_ppo["prompts"] == got_grpo["prompts"] == 5
+    assert got_ppo["reward"] == pytest.approx(got_grpo["reward"], abs=1e-6)
+    assert got_ppo["response_length"] == got_grpo["response_length"] > 0
+    assert got_ppo["reward"] != 0.0  # a real score, not an empty mean

