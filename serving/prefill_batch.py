@@ -8,7 +8,7 @@ the logits are those of each row's last real token. Only for an unquantized cach
 one-sequence path attends over the dequantized cache, and this one would attend over the unrounded K/V.
 
 Why: the one-sequence path (``LlamaRunner.prefill``) runs one eager forward per prompt and chunk, each about 25
-small kernels a layer; a PPO rollout of 16 prompts of ~400 tokens on the 1.1B shape took 32 of them (chunk 256),
+small kernels a layer; a PPO rollout of 16 prompts of ~260 tokens on the 1.1B shape took 32 of them (chunk 256),
 host-bound on the H200. Batched, the rollout's prompts are one forward.
 
 Uses the runner's modules and pieces (embedding, rotary, q/k/v projection, MLP block, norm, lm_head); imports

@@ -171,8 +171,8 @@ class EngineRollout:
         from serving.engine import EngineConfig
 
         # the whole rollout's prompts prefilled in one batched forward where they fit 8,192 padded tokens (the
-        # engine's serving default, 256 a chunk, ran 32 eager forwards for 16 prompts of ~400 tokens on the 1.1B
-        # shape); its transient activations at 8,192 tokens are ~0.5 GB there (MLP: 3 x 8,192 x 5,632 x 2 B)
+        # engine's serving default, 256 a chunk, ran 32 eager forwards for the 1.1B bench's 16 prompts of ~260
+        # tokens); at 8,192 tokens the MLP's intermediates there are ~0.3 GB (3 x 8,192 x 5,632 x 2 B)
         prefill = max(256, min(8192, max_rows * max_prompt_len))
         self.engine_config = EngineConfig(
             prefill_chunk=prefill, max_prefill_tokens=prefill,
