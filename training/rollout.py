@@ -180,13 +180,22 @@ class EngineRollout:
             max_model_len=self.max_len, block_size=block_size,
             # prefix blocks hold K/V of the weights that computed them: stale after the next update
             enable_prefix_caching=False, max_num_seqs=min(max_rows, MAX_ENGINE_ROWS), max_waiting=max_rows,
-            graph_batch_sizes=sorted({*(b for b in GRAPH_BATCHES if b < max_rows), max_rows}),
+            graph_batch_sizes=self.graph_batches(max_rows, opts.rollout_compile), compile=opts.rollout_compile,
             embed_on_host=False, lm_head_int8=False, fuse_projections=False, warmup=False)
         self.rebuilds = 0
         self.timings = {"rollout_s": 0.0, "sync_s": 0.0}
         self.engine = None
         self.info: dict[str, Any] = {}
         self._build()
+
+    @staticmethod
+    def graph_batches(max_rows: int, compiled: bool) -> list[int]:
+        """CUDA-graph batch buckets. Compiled decode compiles its programs once per bucket, so then only 1, a
+        quarter and all of the rollout's rows (its rows only ever finish, and a captured step costs nearly the same
+        at any batch: 3.02 ms at 8 rows against 3.16 ms at 16 on the 1.1B shape, H200)."""
+        if compiled:
+            return sorted({1, max(1, max_rows // 4), max_rows})
+        return sorted({*(b for b in GRAPH_BATCHES if b < max_rows), max_rows})
 
     def _pointers(self) -> tuple[int, ...]:
         return tuple(p.data_ptr() for p in self.model.parameters())

@@ -2,8 +2,9 @@
 # PPO rollouts: the HF loop (ppo.rollout_engine=hf) against the serving engine (ppo.rollout_engine=serving), side by
 # side as JSON: seconds per step of rollout, weight sync and updates, tokens/s, step time (training/rollout.py).
 #   bash tests/gpu/bench_rollout.sh bench    (carry .whl) -> $OUT/throughput.json: `training.bench throughput
-#            --stages ppo` on the 1.1B TinyLlama shape, plugins $PLUGINS (default ddp,zero2), both engines,
-#            ppo_speedup per plugin. About 4-5 minutes on one H200 (four PPO runs of 8 steps).
+#            --stages ppo` on the 1.1B TinyLlama shape, plugins $PLUGINS (default ddp,zero2), engines
+#            $ROLLOUT_ENGINES (default hf,serving,serving+compile: the last with ppo.rollout_compile), ppo_speedup
+#            per plugin. About 80 s per PPO run of 8 steps on one H200: PLUGINS=ddp keeps it to ~4-5 minutes.
 #   bash tests/gpu/bench_rollout.sh quality  (carry .whl; after `tests/gpu/quality_gpu.sh stage` and `run` on the
 #            same warm machine, which leave models/ and runs/quality-gpu/) -> $OUT/rollout_quality.json: the
 #            quality-gpu PPO stage (SmolLM2-135M, HH) again from its manifest's config, $PPO_STEPS steps (default
@@ -21,9 +22,10 @@ case "${1:-}" in
         eval "$(bash .whl/install.sh)"
         export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
         $PY -m training.bench throughput --out /tmp/rollout-bench --stages ppo --plugins "${PLUGINS:-ddp,zero2}" \
-            --rollout-engines hf,serving --steps "${STEPS:-8}" --skip 3 --timeout 300 | tail -80
+            --rollout-engines "${ROLLOUT_ENGINES:-hf,serving,serving+compile}" --steps "${STEPS:-8}" --skip 3 \
+            --timeout 300 | tail -80
         cp /tmp/rollout-bench/throughput.json "$OUT/throughput.json"
-        for f in /tmp/rollout-bench/*.log; do tail -40 "$f" > "$OUT/$(basename "$f")"; done ;;
+        for f in /tmp/rollout-bench/*.log; do tail -40 "$f" > "$OUT/$(basename "$f" | tr '+' '_')"; done ;;
     quality)
         eval "$(bash .whl/install.sh)"
         export PYTHONPATH=/tmp/site-smol:$PYTHONPATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
@@ -32,7 +34,7 @@ case "${1:-}" in
             --engines "${ENGINES:-hf,serving}" --work /tmp/rollout-quality --out /tmp/rollout-quality.json \
             || rc=$?
         cp /tmp/rollout-quality.json "$OUT/rollout_quality.json" 2>/dev/null || true
-        for f in /tmp/rollout-quality/*.log; do [ -f "$f" ] && tail -60 "$f" > "$OUT/$(basename "$f")"; done
+        for f in /tmp/rollout-quality/*.log; do [ -f "$f" ] && tail -60 "$f" > "$OUT/$(basename "$f" | tr '+' '_')"; done
         exit "${rc:-0}" ;;
     smoke)
         $PY -m training.bench throughput --out /tmp/rollout-smoke --shape tiny --stages ppo --plugins ddp \
