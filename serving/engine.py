@@ -453,6 +453,25 @@ class LLMEngine:
     # ------------------------------------------------------------------ API (any thread)
     def add_request(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Any], None],
                     seq_id: str | None = None) -> Sequence:
+        return self.add_requests([prompt_ids], [params], sink, [seq_id])[0]
+
+    def add_requests(self, prompts: list[list[int]], params: list[SamplingParams], sink: Callable[[Any], None],
+                     seq_ids: list[str | None] | None = None) -> list[Sequence]:
+        """Several requests that reach the scheduler together (one inbox item): its next step admits them all, so
+        a rollout's prompts are prefilled in one batched forward. All are checked before any is queued."""
+        seqs = [self._new_sequence(ids, p, sink, sid)
+                for ids, p, sid in zip(prompts, params, seq_ids or [None] * len(prompts), strict=True)]
+        with self._lock:
+            running = len(self.sched.running) if self.sched is not None else 0
+            if self._num_waiting + len(seqs) > self.opts.max_waiting + max(0, self.opts.max_num_seqs - running):
+                raise QueueFullError(f"the server is at capacity ({running} running, {self._num_waiting} "
+                                     f"waiting); retry later")
+            self._num_waiting += len(seqs)
+        self._inbox.put(seqs)
+        return seqs
+
+    def _new_sequence(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Any], None],
+                      seq_id: str | None) -> Sequence:
         if not self.alive:
             raise EngineDeadError("the engine is not running")
         n = len(prompt_ids)
@@ -464,15 +483,7 @@ class LLMEngine:
                 f"This model's maximum context length is {self.max_model_len} tokens (the KV cache holds {held} "
                 f"tokens). However, you requested {n + params.max_tokens} tokens ({n} prompt tokens and "
                 f"max_tokens={params.max_tokens} completion tokens). Please shorten the prompt or the completion.")
-        seq = Sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), params, sink)
-        with self._lock:
-            running = len(self.sched.running) if self.sched is not None else 0
-            if self._num_waiting >= self.opts.max_waiting + max(0, self.opts.max_num_seqs - running):
-                raise QueueFullError(f"the server is at capacity ({running} running, {self._num_waiting} "
-                                     f"waiting); retry later")
-            self._num_waiting += 1
-        self._inbox.put(seq)
-        return seq
+        return Sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), params, sink)
 
     def abort(self, seq_id: str) -> None:
         self._inbox.put(("abort", seq_id))
@@ -549,7 +560,8 @@ class LLMEngine:
             if isinstance(it, tuple):
                 self._aborts.add(it[1])
             else:
-                self.sched.add(it)
+                for seq in it:  # ``add_requests``' list
+                    self.sched.add(seq)
         if self._aborts:
             sched = self.sched
             for s in [s for s in (*sched.waiting, *sched.running) if s.id in self._aborts]:

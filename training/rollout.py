@@ -253,14 +253,14 @@ class EngineRollout:
                     if left[0] == 0 or errors:
                         finished.set()
 
-        seqs = []
-        for i, ids in enumerate(rows):
-            params = SamplingParams(
-                max_tokens=gen.max_new_tokens, temperature=0.0 if greedy else gen.temperature,
-                top_p=1.0 if greedy else gen.top_p, top_k=0 if greedy else gen.top_k,
-                seed=None if greedy or seed is None else seed + i, stop=list(gen.stop),
-                detokenize=False, final_only=True)  # ids only, one output per row: no per-token host work
-            seqs.append(self.engine.add_request(ids, params, sink))
+        params = [SamplingParams(
+            max_tokens=gen.max_new_tokens, temperature=0.0 if greedy else gen.temperature,
+            top_p=1.0 if greedy else gen.top_p, top_k=0 if greedy else gen.top_k,
+            seed=None if greedy or seed is None else seed + i, stop=list(gen.stop),
+            detokenize=False, final_only=True)  # ids only, one output per row: no per-token host work
+            for i in range(len(rows))]
+        # one inbox item: the scheduler's next step admits every row and prefills them in one forward
+        seqs = self.engine.add_requests(rows, params, sink)
         while not finished.wait(5.0):
             if not self.engine.alive:
                 raise RuntimeError(f"the rollout engine died: {self.engine.error}")

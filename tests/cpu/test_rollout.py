@@ -79,6 +79,26 @@ def test_sampled_engine_rollouts_are_reproducible_and_independent_of_batching(ac
         assert torch.equal(tail[0][i, P:P + n], c[0][2 + i, P:P + n]) and int(c[1][2 + i, P:].sum()) == n
 
 
+def test_a_rollouts_prompts_are_admitted_together_and_prefilled_in_one_forward(actor, monkeypatch):
+    import serving.engine as se
+
+    model, tok = actor
+    ids, mask = batch(tok)
+    groups: list[int] = []
+    real = se.prefill_fresh
+    monkeypatch.setattr(se, "prefill_fresh", lambda r, p, t: groups.append(len(p)) or real(r, p, t))
+    ro = engine_rollout(model, tok, [tok.eos_token_id])
+    singles = []
+    one = ro.engine.runner.prefill
+    ro.engine.runner.prefill = lambda *a, **k: singles.append(1) or one(*a, **k)
+    try:
+        for _ in range(3):  # every time, not by luck of thread timing (one inbox item: add_requests)
+            ro.generate(ids, mask, GenerationConfig(max_new_tokens=4), greedy=True)
+    finally:
+        ro.close()
+    assert groups == [len(ids)] * 3 and not singles
+
+
 def test_top_k_one_samples_the_greedy_answer(actor):
     model, tok = actor
     ids, mask = batch(tok)
