@@ -39,9 +39,10 @@ from serving.errors import ContextLengthError, EngineDeadError, EngineError, Que
 from serving.kv_cache import KVBlocks, KVCacheManager
 from serving.memory import MIB, MemoryReport, process_gpu_mib, set_alloc_conf, set_cuda_stack_limit
 from serving.model import GIB, Int8Linear, load_model, resolve_device
+from serving.prefill_batch import can_batch, prefill_fresh
 from serving.runner import DecodeGraphs, LlamaRunner, buckets
 from serving.sampler import SamplingParams, TokenLogprob, sample
-from serving.scheduler import RequestTimes, Scheduler, Sequence, StatsListener
+from serving.scheduler import PrefillChunk, RequestTimes, Scheduler, Sequence, StatsListener
 
 __all__ = ["ContextLengthError", "EngineConfig", "EngineDeadError", "EngineError", "EngineOptions", "LLMEngine",
            "QueueFullError", "RequestStream", "RequestTimes", "SamplingParams", "Sequence", "StatsListener",
@@ -482,6 +483,25 @@ class LLMEngine:
     # ------------------------------------------------------------------ API (any thread)
     def add_request(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Any], None],
                     seq_id: str | None = None) -> Sequence:
+        return self.add_requests([prompt_ids], [params], sink, [seq_id])[0]
+
+    def add_requests(self, prompts: list[list[int]], params: list[SamplingParams], sink: Callable[[Any], None],
+                     seq_ids: list[str | None] | None = None) -> list[Sequence]:
+        """Several requests that reach the scheduler together (one inbox item): its next step admits them all, so
+        a rollout's prompts are prefilled in one batched forward. All are checked before any is queued."""
+        seqs = [self._new_sequence(ids, p, sink, sid)
+                for ids, p, sid in zip(prompts, params, seq_ids or [None] * len(prompts), strict=True)]
+        with self._lock:
+            running = len(self.sched.running) if self.sched is not None else 0
+            if self._num_waiting + len(seqs) > self.opts.max_waiting + max(0, self.opts.max_num_seqs - running):
+                raise QueueFullError(f"the server is at capacity ({running} running, {self._num_waiting} "
+                                     f"waiting); retry later")
+            self._num_waiting += len(seqs)
+        self._inbox.put(seqs)
+        return seqs
+
+    def _new_sequence(self, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Any], None],
+                      seq_id: str | None) -> Sequence:
         if not self.alive:
             raise EngineDeadError("the engine is not running")
         n = len(prompt_ids)
@@ -493,15 +513,7 @@ class LLMEngine:
                 f"This model's maximum context length is {self.max_model_len} tokens (the KV cache holds {held} "
                 f"tokens). However, you requested {n + params.max_tokens} tokens ({n} prompt tokens and "
                 f"max_tokens={params.max_tokens} completion tokens). Please shorten the prompt or the completion.")
-        seq = Sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), params, sink)
-        with self._lock:
-            running = len(self.sched.running) if self.sched is not None else 0
-            if self._num_waiting >= self.opts.max_waiting + max(0, self.opts.max_num_seqs - running):
-                raise QueueFullError(f"the server is at capacity ({running} running, {self._num_waiting} "
-                                     f"waiting); retry later")
-            self._num_waiting += 1
-        self._inbox.put(seq)
-        return seq
+        return Sequence(seq_id or f"seq-{next(self._ids)}", list(prompt_ids), params, sink)
 
     def abort(self, seq_id: str) -> None:
         self._inbox.put(("abort", seq_id))
@@ -578,7 +590,8 @@ class LLMEngine:
             if isinstance(it, tuple):
                 self._aborts.add(it[1])
             else:
-                self.sched.add(it)
+                for seq in it:  # ``add_requests``' list
+                    self.sched.add(seq)
         if self._aborts:
             sched = self.sched
             for s in [s for s in (*sched.waiting, *sched.running) if s.id in self._aborts]:
@@ -594,7 +607,8 @@ class LLMEngine:
             if seq.times.scheduled is None:
                 seq.times.scheduled = time.monotonic()
                 self.stats.on_admitted(seq)
-        for ch in sched.prefill_chunks():
+        chunks = self._prefill_batched(sched.prefill_chunks())
+        for ch in chunks:
             seq = ch.seq
             want = ch.last and seq.sample_after_prefill
             try:
@@ -621,27 +635,64 @@ class LLMEngine:
             if self._test_step_delay:
                 time.sleep(self._test_step_delay)
 
+    def _prefill_batched(self, chunks: list[PrefillChunk]) -> list[PrefillChunk]:
+        """Whole prompts from position 0 in one forward (``serving.prefill_batch``), as many as fit
+        ``prefill_chunk`` padded tokens (the activation bound the one-chunk path has); returns the other chunks."""
+        fresh = [ch for ch in chunks if ch.start == 0 and ch.last]
+        if len(fresh) < 2 or not can_batch(self.runner):
+            return chunks
+        groups: list[list[PrefillChunk]] = [[]]
+        for ch in sorted(fresh, key=lambda c: c.end):  # by length: rows of one group pad less
+            if groups[-1] and (len(groups[-1]) + 1) * ch.end > self.opts.prefill_chunk:
+                groups.append([])
+            groups[-1].append(ch)
+        fresh = []
+        for group in groups:
+            if len(group) >= 2:
+                self._run_prefill_group(group)
+                fresh += group
+        done = {id(ch) for ch in fresh}
+        return [ch for ch in chunks if id(ch) not in done]
+
+    def _run_prefill_group(self, group: list[PrefillChunk]) -> None:
+        seqs = [ch.seq for ch in group]
+        logits = prefill_fresh(self.runner, [s.compute_ids[:ch.end] for s, ch in zip(seqs, group, strict=True)],
+                               [self.kv.tables[s.id].blocks for s in seqs])
+        want = [i for i, s in enumerate(seqs) if s.sample_after_prefill]
+        for s, ch in zip(seqs, group, strict=True):
+            s.num_computed = ch.end
+            self.sched.after_tokens(s)
+            s.prefilled = True
+        if want:
+            picked = [seqs[i] for i in want]
+            tokens, lps = sample(logits[want] if len(want) < len(seqs) else logits, picked)
+            for j, s in enumerate(picked):
+                self._append(s, tokens[j], lps[j] if lps else None)
+
     @torch.inference_mode()
     def _decode_step(self, seqs: list[Sequence]) -> None:
-        kv, bs = self.kv, self.opts.block_size
-        n = len(seqs)
-        last = torch.tensor([s.output_ids[-1] for s in seqs], dtype=torch.long)
-        pos_list = [s.num_computed for s in seqs]
-        tables = torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32)
-        for i, s in enumerate(seqs):
+        kv, bs, width = self.kv, self.opts.block_size, self.max_blocks_per_seq
+        # every row's inputs in one host tensor and one copy to the device: [last token, position, slot, context
+        # length, block table...] (one tensor per input and per row's table cost 20+ small copies a step at 16 rows)
+        rows = []
+        for s in seqs:
             blocks = kv.tables[s.id].blocks
-            tables[i, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        slots = torch.tensor([kv.slot(s.id, p) for s, p in zip(seqs, pos_list, strict=True)], dtype=torch.long)
-        lens = torch.tensor([p + 1 for p in pos_list], dtype=torch.int32)
-        pos = torch.tensor(pos_list, dtype=torch.long)
+            p = s.num_computed
+            rows.append([s.output_ids[-1], p, blocks[p // bs] * bs + p % bs, p + 1, *blocks,
+                         *itertools.repeat(0, width - len(blocks))])
+        host = torch.tensor(rows, dtype=torch.long)
         dev = self.device
+        packed = host.to(dev, non_blocking=True)
+        last = host[:, 0] if self.runner.embed_on_host else packed[:, 0]
+        pos, slots = packed[:, 1], packed[:, 2]
+        lens, tables = packed[:, 3].to(torch.int32), packed[:, 4:].to(torch.int32)
         h = self.runner.embed(last).unsqueeze(1)
-        pos, slots, tables, lens = (t.to(dev, non_blocking=True) for t in (pos, slots, tables, lens))
-        ctx = next(c for c in self.ctx_buckets if c >= max(pos_list) + 1)
+        n = len(seqs)
+        ctx = next(c for c in self.ctx_buckets if c >= max(s.num_computed for s in seqs) + 1)
         if self.graphs is not None and self.graphs.bucket(n, ctx) is not None:
             logits = self.graphs.run(h, pos, slots, tables, lens, ctx)
         else:
-            logits = self.runner.decode(h, pos, slots, tables, lens, ctx)
+            logits = self.runner.decode(h, pos.contiguous(), slots.contiguous(), tables, lens, ctx)
         for s in seqs:
             s.num_computed += 1
             if s.num_computed % bs == 0:
@@ -668,7 +719,8 @@ class LLMEngine:
         seq.pending_ids.append(token)
         if lp is not None:
             seq.pending_lp.append(lp)
-        self._detok(seq)
+        if p.detokenize or p.stop:
+            self._detok(seq)
         if p.stop:
             start = max(0, seq.emitted - seq.stop_hold - 1)
             hits = [i for i in (seq.text.find(s, start) for s in p.stop) if i >= 0]
@@ -680,6 +732,8 @@ class LLMEngine:
         if len(seq.output_ids) >= p.max_tokens or seq.num_computed + 1 >= self.max_model_len:
             seq.finish_reason = "length"
             self._finish(seq)
+            return
+        if p.final_only:
             return
         limit = len(seq.text) - seq.stop_hold if p.stop else len(seq.text)
         if limit > seq.emitted or (seq.pending_ids and not p.stop):

@@ -121,8 +121,11 @@ def stage_config(stage: str, plugin: str, model: Path, data: dict[str, Path], ou
         cfg["train"]["micro_batch_size"] = max(1, batch // 2)
     if stage == "ppo":
         cfg["data"] = {"train": [str(data["prompts"])], "max_length": seq, "eval_fraction": 0.0}
+        # "serving+compile": the engine with ppo.rollout_compile (its decode layer compiled)
+        engine_name, _, variant = rollout_engine.partition("+")
         cfg["ppo"] = {"reward_model_path": str(model.parent / "rm"), "ptx_data": [str(data["sft"])], "ptx_coef": 0.1,
-                      "rollout_batch_size": batch * 2, "ppo_epochs": 1, "rollout_engine": rollout_engine,
+                      "rollout_batch_size": batch * 2, "ppo_epochs": 1, "rollout_engine": engine_name,
+                      "rollout_compile": variant == "compile",
                       "generation": {"max_new_tokens": 128, "temperature": 1.0}}
         cfg["train"]["micro_batch_size"] = batch
     return cfg
@@ -147,11 +150,12 @@ def ppo_speedup(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     out = {}
     for (plugin, eng), r in by.items():
         hf = by.get((plugin, "hf"))
-        if eng == "serving" and hf is not None:
-            out[plugin] = {"tokens_per_s": round(r["tokens_per_s"] / hf["tokens_per_s"], 2),
-                           "step_time": round(hf["step_time_s"] / r["step_time_s"], 2),
-                           **({"rollout_time": round(hf["rollout_s"] / r["rollout_s"], 2)}
-                              if hf.get("rollout_s") and r.get("rollout_s") else {})}
+        if eng is not None and eng.startswith("serving") and hf is not None:
+            out[plugin if eng == "serving" else f"{plugin}/{eng}"] = {
+                "tokens_per_s": round(r["tokens_per_s"] / hf["tokens_per_s"], 2),
+                "step_time": round(hf["step_time_s"] / r["step_time_s"], 2),
+                **({"rollout_time": round(hf["rollout_s"] / r["rollout_s"], 2)}
+                   if hf.get("rollout_s") and r.get("rollout_s") else {})}
     return out
 
 
@@ -182,7 +186,8 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
             for eng in (args.rollout_engines.split(",") if stage == "ppo" else [None])]
     for stage, plugin, eng in jobs:
         name = f"{stage}-{plugin}" + (f"-{eng}" if eng else "")
-        if eng == "serving" and (plugin == "gemini" or plugin == "3d" and _plugin_train(plugin)["tp_size"] > 1):
+        unreadable = plugin == "gemini" or plugin == "3d" and _plugin_train(plugin)["tp_size"] > 1
+        if eng and eng.startswith("serving") and unreadable:
             run = {"stage": stage, "plugin": plugin, "rollout_engine": eng,
                    "skipped": "the engine cannot read this plugin's parameters (training.rollout.check_plugin)"}
             results["runs"].append(run)
@@ -303,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     tp.add_argument("--stages", default="sft,rm,ppo")
     tp.add_argument("--plugins", default="ddp,zero2,gemini,3d")
-    tp.add_argument("--rollout-engines", default="hf,serving", help="PPO's ppo.rollout_engine values to compare")
+    tp.add_argument("--rollout-engines", default="hf,serving",
+                    help="PPO's ppo.rollout_engine values to compare; serving+compile adds ppo.rollout_compile")
     tp.add_argument("--seq", type=int, default=1024)
     tp.add_argument("--batch", type=int, default=8)
     tp.add_argument("--steps", type=int, default=8)

@@ -178,6 +178,10 @@ class RolloutOptions(_Strict):
         None, gt=0, description="serving only: memory for the engine's KV cache (beside actor, critic, reference "
         "and reward model in the same process). None: exactly one rollout's worth (every row at data.max_length "
         "+ max_new_tokens); smaller: fewer rows decode at once, the rest wait.")
+    rollout_compile: bool = Field(
+        False, description="serving only: torch.compile the engine's decode layer (serving's engine.compile: the "
+        "element-wise work between the projections as a few programs shared by all layers, inside the CUDA graphs), "
+        "compiled at the engine's build for 3 batch buckets. Off by default until measured in PPO on the GPU.")
 
 
 class PPOOptions(RolloutOptions):

@@ -79,6 +79,26 @@ def test_sampled_engine_rollouts_are_reproducible_and_independent_of_batching(ac
         assert torch.equal(tail[0][i, P:P + n], c[0][2 + i, P:P + n]) and int(c[1][2 + i, P:].sum()) == n
 
 
+def test_a_rollouts_prompts_are_admitted_together_and_prefilled_in_one_forward(actor, monkeypatch):
+    import serving.engine as se
+
+    model, tok = actor
+    ids, mask = batch(tok)
+    groups: list[int] = []
+    real = se.prefill_fresh
+    monkeypatch.setattr(se, "prefill_fresh", lambda r, p, t: groups.append(len(p)) or real(r, p, t))
+    ro = engine_rollout(model, tok, [tok.eos_token_id])
+    singles = []
+    one = ro.engine.runner.prefill
+    ro.engine.runner.prefill = lambda *a, **k: singles.append(1) or one(*a, **k)
+    try:
+        for _ in range(3):  # every time, not by luck of thread timing (one inbox item: add_requests)
+            ro.generate(ids, mask, GenerationConfig(max_new_tokens=4), greedy=True)
+    finally:
+        ro.close()
+    assert groups == [len(ids)] * 3 and not singles
+
+
 def test_top_k_one_samples_the_greedy_answer(actor):
     model, tok = actor
     ids, mask = batch(tok)
@@ -129,6 +149,33 @@ def test_engine_generates_from_the_updated_weights(actor, weights):
     assert not torch.equal(after[0], after_one[0])
     assert ro.rebuilds == 0 and ro.weights == weights
     assert timings["rollout_s"] > 0 and (timings["sync_s"] > 0) == (weights == "copy")
+
+
+def test_compiled_engine_decode_gives_the_hf_loops_greedy_rollouts_and_sees_in_place_updates(actor, monkeypatch):
+    """ppo.rollout_compile: the engine's decode layer compiled ("aot_eager" here: no C++/Triton build on the CPU
+    machine) over the shared actor: greedy rollouts equal the HF loop's, also after an in-place weight change (the
+    compiled norm weights are views of the live parameters), with 3 graph buckets instead of the ladder."""
+    import serving.runner
+
+    monkeypatch.setattr(serving.runner, "COMPILE_BACKEND", "aot_eager")
+    model, tok = actor
+    ids, mask = batch(tok)
+    gen = GenerationConfig(max_new_tokens=8)
+    ro = engine_rollout(model, tok, [tok.eos_token_id], rollout_compile=True, rollout_weights="shared")
+    try:
+        assert ro.engine.info["compiled_decode"] is True
+        got = ro.generate(ids, mask, gen, greedy=True)
+        want = sample(model, ids, mask, gen, [tok.eos_token_id], tok.pad_token_id, greedy=True)
+        with torch.no_grad():
+            model.model.layers[0].post_attention_layernorm.weight.mul_(-3.0)
+        got2 = ro.generate(ids, mask, gen, greedy=True)
+        want2 = sample(model, ids, mask, gen, [tok.eos_token_id], tok.pad_token_id, greedy=True)
+    finally:
+        ro.close()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(got2[0], want2[0]) and not torch.equal(want2[0], want[0])
+    assert EngineRollout.graph_batches(32, True) == [1, 8, 32] and EngineRollout.graph_batches(16, False) == [
+        1, 2, 4, 8, 16]
 
 
 def test_a_reallocated_parameter_rebuilds_the_engine(actor):

@@ -19,7 +19,7 @@ from transformers.generation.logits_process import (
 )
 
 from serving.engine import EngineOptions, LLMEngine
-from serving.sampler import SamplingParams, process_logits, sample, sampling_probs
+from serving.sampler import SamplingParams, draw, process_logits, sample, sampling_probs
 
 VOCAB = 50
 
@@ -119,6 +119,23 @@ def test_seeded_draws_stay_inside_the_filtered_set(logits):
     s = Seq(params)
     drawn = {sample(logits[:1], [s])[0][0] for _ in range(200)}
     assert drawn <= allowed and len(drawn) > 1
+
+
+def test_inverse_cdf_draw_gives_each_token_its_share_and_never_a_zero_one(logits):
+    """``draw`` over a grid of uniforms: token j is picked for a fraction of the grid equal to its probability
+    (within one grid step), tokens of probability 0 never, and greedy rows (u < 0) keep the argmax via ``sample``."""
+    probs = sampling_probs(logits, [SamplingParams(temperature=1.0, top_k=6)] * 4)  # unnormalized, zeros outside
+    n = 4096
+    for row in range(4):
+        u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        got = draw(probs[row:row + 1].expand(n, -1), u)
+        share = torch.bincount(got, minlength=VOCAB).double() / n
+        want = probs[row].double() / probs[row].double().sum()
+        assert torch.all(share[want == 0] == 0)
+        torch.testing.assert_close(share, want, atol=1.5 / n, rtol=0)
+    seqs = [Seq(SamplingParams(temperature=0.0)), Seq(SamplingParams(temperature=1.0, seed=1))] * 2
+    tokens, _ = sample(logits, seqs)
+    assert tokens[0] == int(logits[0].argmax()) and tokens[2] == int(logits[2].argmax())
 
 
 def test_logits_processor_hook_sees_output_ids_and_masks(logits):

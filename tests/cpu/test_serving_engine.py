@@ -206,6 +206,74 @@ def test_budget_that_cannot_hold_one_sequence_refuses_to_start(tiny_model: Path)
         eng.load_and_start()
 
 
+def _queued_then_started(eng: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Every request queued before the scheduler thread starts: its first step sees them all (no race)."""
+    import threading
+
+    left = [len(prompts)]
+    done = threading.Event()
+
+    def sink(out) -> None:
+        if isinstance(out, BaseException) or out.finish_reason is not None:
+            left[0] -= 1
+            if left[0] == 0:
+                done.set()
+
+    seqs = [eng.add_request(ids, params, sink) for ids in prompts]
+    eng.start()
+    assert done.wait(60)
+    return [s.output_ids for s in seqs]
+
+
+def test_batched_prefill_of_fresh_prompts_matches_generate_and_the_one_sequence_path(tiny_model: Path,
+                                                                                    monkeypatch: pytest.MonkeyPatch):
+    """Prompts of 3 to 9 tokens queued at once: one padded forward prefills them (serving.prefill_batch), logits
+    and cached K/V as the one-sequence path computes them, and the greedy answers equal HF generate's. A
+    ``prefill_chunk`` of 16 padded tokens splits them into groups; an int8 cache keeps the one-sequence path."""
+    import serving.engine as se
+    from serving.prefill_batch import prefill_fresh
+
+    groups: list[tuple[int, int]] = []  # (rows, longest) of every batched forward
+    real = se.prefill_fresh
+    monkeypatch.setattr(se, "prefill_fresh", lambda r, p, t: groups.append((len(p), max(map(len, p)))) or real(r, p, t))
+    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=64, max_num_seqs=6, block_size=8,
+                                              enable_prefix_caching=False, warmup=False, prefill_chunk=16))
+    try:
+        eng.load()
+        prompts = [eng.tokenizer(p)["input_ids"] for p in PROMPTS]
+        assert len({len(p) for p in prompts}) > 2
+        got = _queued_then_started(eng, prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+        for ids, toks in zip(prompts, got, strict=True):
+            assert toks == _hf(eng._model, ids, 6)
+        # batched groups of 2+ rows within 16 padded tokens; the rows that fit no group went one by one
+        assert groups and all(n >= 2 and n * longest <= 16 for n, longest in groups), groups
+        assert sum(n for n, _ in groups) < len(prompts), groups
+        # the same forward against the one-sequence path, directly: logits and every written K/V slot
+        r, kv = eng.runner, eng.kv
+        for i, ids in enumerate(prompts[:3]):
+            kv.admit(f"a{i}", ids)
+        tables = [list(kv.tables[f"a{i}"].blocks) for i in range(3)]
+        batched = prefill_fresh(r, prompts[:3], tables)
+        slots = [r.slot_mapping(t, 0, len(p)) for t, p in zip(tables, prompts[:3], strict=True)]
+        flat = lambda c: c.permute(0, 2, 1, 3).reshape(-1, c.shape[1], c.shape[3])  # noqa: E731 - [slot, kvh, hd]
+        kb = [flat(r.cache.k[-1])[s].clone() for s in slots]
+        for i, (ids, t) in enumerate(zip(prompts[:3], tables, strict=True)):
+            one = r.prefill(ids, t, 0, want_logits=True)
+            torch.testing.assert_close(batched[i], one, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(flat(r.cache.k[-1])[slots[i]], kb[i], rtol=1e-4, atol=1e-5)
+    finally:
+        eng.shutdown()
+    calls = len(groups)
+    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=64, max_num_seqs=6, warmup=False,
+                                              kv_cache_dtype="int8"))
+    try:
+        eng.load()
+        got = _queued_then_started(eng, prompts[:3], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        assert [len(t) for t in got] == [2, 2, 2] and len(groups) == calls
+    finally:
+        eng.shutdown()
+
+
 def test_int8_kv_cache_runs(tiny_model: Path):
     eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=64, max_num_seqs=2, kv_cache_dtype="int8"))
     eng.load_and_start()
