@@ -38,7 +38,7 @@ from serving.config import EngineConfig
 from serving.errors import ContextLengthError, EngineDeadError, EngineError, QueueFullError
 from serving.kv_cache import KVBlocks, KVCacheManager
 from serving.memory import MIB, MemoryReport, process_gpu_mib, set_alloc_conf, set_cuda_stack_limit
-from serving.model import GIB, Int8Linear, load_model, resolve_device
+from serving.model import GIB, Int8Linear, host_module_names, load_model, resolve_device
 from serving.prefill_batch import can_batch, prefill_fresh
 from serving.runner import DecodeGraphs, LlamaRunner, buckets
 from serving.sampler import SamplingParams, TokenLogprob, sample
@@ -198,23 +198,21 @@ class LLMEngine:
                 torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), self.device)
                 mem.budget = budget // MIB
             torch.cuda.reset_peak_memory_stats(self.device)
+        embed_on_host = o.embed_on_host if o.embed_on_host is not None else (cuda and budget is not None)
         if self._given is not None:
             (model, self.tokenizer), is_gptq = self._given, False
         else:
             self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path or str(self.path))
             if self.chat_template:
                 self.tokenizer.chat_template = self.chat_template
-            model, is_gptq = load_model(self.path, self.device, o.dtype, o.gptq_backend)
+            host = host_module_names(self.path, embed_on_host, o.lm_head_int8 or o.lm_head_int4) if cuda else ()
+            model, is_gptq = load_model(self.path, self.device, o.dtype, o.gptq_backend, host_modules=host)
         self._mark("weights")
         model_len = int(getattr(model.config, "max_position_embeddings", None) or o.max_model_len or 2048)
         want_len = min(o.max_model_len or model_len, model_len)
-        embed_on_host = o.embed_on_host if o.embed_on_host is not None else (cuda and budget is not None)
         # vendor_blas=false is a CUDA memory setting (kernel images outside the allocator); CPU serving keeps torch's
         # matmul and SDPA (the Triton kernels would run interpreted). The runner takes it on CPU in tests.
         vendor_blas = o.vendor_blas or not cuda
-        if not o.vendor_blas and o.gptq_backend == "triton_gemv":
-            mem.notes.append("gptq_backend=triton_gemv prefills through dequantize + cuBLAS: vendor_blas=false "
-                             "keeps cuBLAS out of everything else only")
         self.runner = runner = LlamaRunner(model, self.device, embed_on_host, o.lm_head_int8, o.fuse_projections,
                                            paged_kernel=o.attention_kernel == "auto", vendor_blas=vendor_blas,
                                            lm_head_int4=o.lm_head_int4)

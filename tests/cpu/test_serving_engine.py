@@ -536,3 +536,59 @@ def test_no_environment_set_at_import_and_nvml_absent_is_none():
 
     mib, _ = process_gpu_mib(0)  # no GPU here: not listed, no exception
     assert mib is None and MemoryReport().to_dict()["kv_cache"] == 0
+
+
+def test_host_modules_load_in_host_memory_and_never_when_tied(tiny_model: Path, tmp_path: Path):
+    """The embedding and a re-quantized lm_head are loaded in host memory (their fp16 copies on the device made the
+    4 GB replica's peak); a tied pair stays whole. Placement is checked on the meta device, which stands in for
+    CUDA here (no GPU in CI)."""
+    from transformers import AutoModelForCausalLM
+
+    from serving.model import _to_device_except, host_module_names
+
+    cfg = json.loads((tiny_model / "config.json").read_text())
+    assert not cfg.get("tie_word_embeddings")
+    assert host_module_names(tiny_model, True, True) == ("model.embed_tokens", "lm_head")
+    assert host_module_names(tiny_model, False, True) == ("lm_head",)
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    (tied / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    assert host_module_names(tied, True, True) == ()
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    _to_device_except(model, torch.device("meta"), ("model.embed_tokens", "lm_head"))
+    devs = {n: p.device.type for n, p in model.named_parameters()}
+    assert devs["model.embed_tokens.weight"] == "cpu" and devs["lm_head.weight"] == "cpu"
+    assert {d for n, d in devs.items() if not n.startswith(("model.embed_tokens", "lm_head"))} == {"meta"}
+
+
+def test_gptq_host_placement_asks_gptqmodel_for_a_device_map_and_falls_back(tmp_path: Path, monkeypatch):
+    """GPTQModel.load replaced by a recorder (no GPU here): with host modules it is asked for a device_map that
+    keeps them on the CPU; if that load fails the replica loads the plain way (a higher peak, a warning)."""
+    import gptqmodel
+
+    from serving import model as model_mod
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "sym": True}))
+    calls: list[dict] = []
+
+    class Loaded:
+        model = torch.nn.Linear(2, 2)
+
+    def fake_load(path, **kw):
+        calls.append(kw)
+        if "device_map" in kw and len(calls) == 1 and fail:
+            raise RuntimeError("no accelerate")
+        return Loaded()
+
+    monkeypatch.setattr(gptqmodel.GPTQModel, "load", staticmethod(fake_load))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    fail = False
+    model_mod.load_model(tmp_path, torch.device("cuda", 0), gptq_backend="torch",
+                         host_modules=("model.embed_tokens", "lm_head"))
+    assert calls[-1]["device_map"] == {"": "cuda:0", "model.embed_tokens": "cpu", "lm_head": "cpu"}
+    assert "device" not in calls[-1]
+    calls.clear()
+    fail = True
+    model_mod.load_model(tmp_path, torch.device("cuda", 0), gptq_backend="torch", host_modules=("lm_head",))
+    assert "device_map" in calls[0] and calls[1]["device"] == "cuda:0" and "device_map" not in calls[1]
