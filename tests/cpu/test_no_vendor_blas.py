@@ -350,3 +350,19 @@ def test_lm_head_int8_and_int4_exclude_each_other():
     with pytest.raises(ValidationError, match="lm_head_int8 and lm_head_int4"):
         EngineConfig(lm_head_int8=True, lm_head_int4=True)
     assert EngineConfig(lm_head_int4=True).lm_head_int4
+
+
+def test_lm_head_quality_bench_orders_the_variants(tiny_model, tmp_path):
+    """serving.bench_lm_head on the tiny model and two real HH texts: fp32 agrees with itself, and the 4-bit
+    lm_head drifts further from it than the int8 one (the README's SmolLM2 figures come from the same code)."""
+    import json
+
+    from serving import bench_lm_head
+
+    out = tmp_path / "q.json"
+    assert bench_lm_head.main(["--model", str(tiny_model), "--texts", "2", "--max-tokens", "24",
+                               "--out", str(out)]) == 0
+    v = json.loads(out.read_text())["variants"]
+    assert v["fp32"]["top1_agreement_with_fp32"] == 1.0 and v["fp32"]["mean_kl_from_fp32"] == 0.0
+    int4 = next(k for k in v if k.startswith("int4_rtn_g") and k != "int4_rtn_g32")
+    assert 0 < v["int8_per_row"]["mean_kl_from_fp32"] < v[int4]["mean_kl_from_fp32"]
