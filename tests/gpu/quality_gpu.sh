@@ -13,7 +13,7 @@
 #           Sized for two calls: `run`, then `run` again while the machine is warm (each call starts a stage only if
 #           its estimate fits RUN_BUDGET_S=565 and prints "NOT DONE" when another call is needed; finished stages are
 #           skipped). PPO_STEPS / GRPO_STEPS / GRPO_RULE_STEPS (default 20 / 20 / 30); DPO_SWEEP_LRS (default
-#           "5e-6 1e-5"). EXTRA_OVERRIDES adds STAGE:key=value items, e.g. EXTRA_OVERRIDES="dpo:dpo.beta=0.2".
+#           "1e-5 2e-5 4e-5"). EXTRA_OVERRIDES adds STAGE:key=value items, e.g. EXTRA_OVERRIDES="dpo:dpo.beta=0.2".
 #         bash tests/gpu/quality_gpu.sh quantize (carry .whl-gpu) -> $OUT/quant.tgz: GPTQ variants' quality reports
 set -euo pipefail
 STAGE=/tmp/smol
@@ -75,7 +75,7 @@ case "${1:-}" in
             if [ "$s" = dpo ]; then
                 # DPO's lr from a validation cut of the TRAINING pairs (data.validation_fraction: the held-out test
                 # pairs, the ones the table compares with the RM on, are set aside unseen); ~70 s a candidate
-                for lr in ${DPO_SWEEP_LRS:-5e-6 1e-5}; do
+                for lr in ${DPO_SWEEP_LRS:-1e-5 2e-5 4e-5}; do
                     out=$RUNS/dpo-sweep/lr-$lr
                     [ -f "$out/manifest.json" ] && continue
                     fits "dpo-sweep lr=$lr" 75 || { rc=0; break 2; }
@@ -83,7 +83,7 @@ case "${1:-}" in
                         --resume data.validation_fraction=0.15 train.lr="$lr" checkpoint.output_dir="$out" \
                         log.progress=false >>/tmp/quality.log 2>&1 || { rc=$?; break 2; }
                 done
-                best=$("$PY" - "$RUNS/dpo-sweep" ${DPO_SWEEP_LRS:-5e-6 1e-5} <<'PY'
+                best=$("$PY" - "$RUNS/dpo-sweep" ${DPO_SWEEP_LRS:-1e-5 2e-5 4e-5} <<'PY'
 import json, sys
 from pathlib import Path
 rows = []
@@ -92,11 +92,11 @@ for lr in sys.argv[2:]:
     rows.append({"lr": lr, "validation_acc": m.get("eval_acc"), "validation_margin": m.get("eval_margin"),
                  "validation_pairs": m.get("eval_pairs")})
 best = max(rows, key=lambda r: (r["validation_acc"] or 0, r["validation_margin"] or 0))
-print(json.dumps({"candidates": rows, "chosen_lr": best["lr"]}), file=sys.stderr)
+(Path(sys.argv[1]) / "choice.json").write_text(json.dumps({"candidates": rows, "chosen_lr": best["lr"]}) + "\n")
 print(best["lr"])
 PY
-                ) 2>"${OUT:-/tmp}/dpo_sweep.json" || { rc=$?; cat "${OUT:-/tmp}/dpo_sweep.json"; break; }
-                cat "${OUT:-/tmp}/dpo_sweep.json"
+                ) || { rc=$?; break; }
+                cat "$RUNS/dpo-sweep/choice.json"
                 echo "dpo: lr $best chosen on the validation cut of the training pairs"
                 SIZE+=("dpo:train.lr=$best")
             fi
@@ -114,8 +114,10 @@ PY
             timed table "$PY" tests/gpu/alignment_table.py --pipeline "$PIPE" "${SIZE[@]}" 2>>/tmp/quality.log || rc=$?
         fi
         cat /tmp/quality-timings.log 2>/dev/null || true
+        # written by the run's own files, not by a redirect: the first H200 call brought back an empty copy
+        [ -f "$RUNS/dpo-sweep/choice.json" ] && cp "$RUNS/dpo-sweep/choice.json" "${OUT:-/tmp}/dpo_sweep.json"
         tar -czf "${OUT:-/tmp}/quality.tgz" /tmp/quality.log /tmp/quality-timings.log "$RUNS"/*/manifest.json \
-            "$RUNS"/*/metrics.jsonl "$RUNS"/dpo-sweep/*/manifest.json "$RUNS"/pipeline.json 2>/dev/null || true
+            "$RUNS"/*/metrics.jsonl "$RUNS"/dpo-sweep/*/manifest.json "$RUNS"/dpo-sweep/choice.json "$RUNS"/pipeline.json 2>/dev/null || true
         exit $rc ;;
     quantize)  # carry .whl-gpu: GPTQ variants of SmolLM2 on the GPU, each with its perplexity report
         eval "$(bash .whl-gpu/install.sh)"
