@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from serving.errors import InvalidRequestError
+from serving.utf8_guard import BOUNDARY, Utf8Guard
 
 logger = logging.getLogger("serving.structured")
 # compiled grammars kept: bench_structured's 7-field schema at SmolLM2's vocab 49k took 15 ms to compile and
@@ -86,6 +87,7 @@ class GrammarCompiler:
                                                   stop_token_ids=sorted(stop_token_ids))
         self._compiler = xgr.GrammarCompiler(info, max_threads=max_threads, cache_enabled=False)
         self.allowed_words = _without_control_chars(tokenizer, vocab_size, stop_token_ids)
+        self.utf8 = Utf8Guard.from_tokenizer_info(info, vocab_size, tokenizer, stop_token_ids)
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -117,7 +119,8 @@ class GrammarCompiler:
         return grammar
 
     def processor(self, grammar: Any) -> GrammarLogitsProcessor:
-        return GrammarLogitsProcessor(self._xgr.GrammarMatcher(grammar), self.vocab_size, self.allowed_words)
+        return GrammarLogitsProcessor(self._xgr.GrammarMatcher(grammar), self.vocab_size, self.allowed_words,
+                                      self.utf8)
 
 
 class GrammarLogitsProcessor:
@@ -128,10 +131,13 @@ class GrammarLogitsProcessor:
 
     batched = True  # the sampler may use fill_bitmask / apply_token_bitmask instead of calling it per row
 
-    def __init__(self, matcher: Any, vocab_size: int, allowed_words: torch.Tensor | None = None):
+    def __init__(self, matcher: Any, vocab_size: int, allowed_words: torch.Tensor | None = None,
+                 utf8: Utf8Guard | None = None):
         self.matcher = matcher
         self.vocab_size = vocab_size
         self.allowed_words = allowed_words
+        self.utf8 = utf8
+        self.utf8_state = BOUNDARY
         self.seen = 0
         self.broken = False
 
@@ -142,6 +148,8 @@ class GrammarLogitsProcessor:
                 # under ignore_eos): stop constraining rather than fail the engine's step for every row
                 logger.warning("grammar rejected token %d after %d tokens; unconstrained from here", t, self.seen)
                 self.broken = True
+            if self.utf8 is not None:
+                self.utf8_state = self.utf8.advance(self.utf8_state, t)
         self.seen = len(output_ids)
 
     @property
@@ -156,6 +164,10 @@ class GrammarLogitsProcessor:
         self.matcher.fill_next_token_bitmask(bitmask, row)
         if self.allowed_words is not None:
             bitmask[row] &= self.allowed_words
+        if self.utf8 is not None:
+            valid = bitmask[row] & self.utf8.mask(self.utf8_state)
+            if bool(valid.any()):  # never leave a row with nothing allowed: the grammar's own mask then stands
+                bitmask[row] = valid
 
     def __call__(self, output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         bitmask = new_bitmask(1, self.vocab_size)
