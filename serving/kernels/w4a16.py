@@ -286,30 +286,20 @@ def gemv(x: torch.Tensor, packed: PackedW4, config: GemvConfig, workspace: Split
     else:
         part, cnt = out, out  # unused
     perm = packed.perm if packed.perm is not None else packed.weight
+    args = (x, packed.weight, packed.scale_zero, perm, out, part, cnt, m, n, k, packed.weight.shape[1],
+            _chunks_per_group(packed.group_size), per, x.stride(0), out.stride(0), MAGIC)
+    common = {"BLOCK_M": max(16, bucket(m)) if config.dot else bucket(m), "BLOCK_N": config.block_n,
+              "GROUP_J": _group_j(packed.group_size), "HAS_PERM": packed.perm is not None, "SPLIT": split > 1,
+              "DOT": config.dot, "num_warps": config.num_warps, "num_stages": config.num_stages}
     if config.kernel == 2:
         if config.unroll not in (1, 2):
             raise KernelError(f"kernel 2 unrolls 1 or 2 chunks, not {config.unroll}")
-        _jitted("gemv2")[(tiles, split)](
-            x, packed.weight, packed.scale_zero, perm, out, part, cnt,
-            m, n, k, packed.weight.shape[1], _chunks_per_group(packed.group_size), per, x.stride(0), out.stride(0),
-            MAGIC,
-            BLOCK_M=max(16, bucket(m)) if config.dot else bucket(m), BLOCK_N=config.block_n,
-            GROUP_J=_group_j(packed.group_size), HAS_PERM=packed.perm is not None, SPLIT=split > 1,
-            SCALE_W=not config.dot and (config.scale_w or m > 1), UNROLL=config.unroll, DOT=config.dot,
-            FMA_ROWS=0 if config.dot else bucket(m),
-            num_warps=config.num_warps, num_stages=config.num_stages)
+        _jitted("gemv2")[(tiles, split)](*args, **common, SCALE_W=not config.dot and (config.scale_w or m > 1),
+                                         UNROLL=config.unroll, FMA_ROWS=0 if config.dot else bucket(m))
         return out
     if config.kernel != 1:
         raise KernelError(f"no GEMV kernel {config.kernel} (1 or 2)")
-    _jitted("gemv")[(tiles, split)](
-        x, packed.weight, packed.scale_zero, perm, out, part, cnt,
-        m, n, k, packed.weight.shape[1], _chunks_per_group(packed.group_size), per, x.stride(0), out.stride(0),
-        MAGIC,
-        BLOCK_M=max(16, bucket(m)) if config.dot else bucket(m), BLOCK_N=config.block_n,
-        GROUP_J=_group_j(packed.group_size),
-        HAS_PERM=packed.perm is not None, SPLIT=split > 1, SCALE_W=config.scale_w, DOT=config.dot,
-        PREFETCH=config.prefetch,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+    _jitted("gemv")[(tiles, split)](*args, **common, SCALE_W=config.scale_w, PREFETCH=config.prefetch)
     return out
 
 
