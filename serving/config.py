@@ -53,8 +53,9 @@ class EngineConfig(_Strict):
     enable_prefix_caching: bool = Field(True, description="Share full KV blocks between requests with the same "
                                         "prefix (multi-turn chat, system prompts); unused ones are evicted LRU.")
     cuda_stack_limit: int | None = Field(
-        None, ge=0, description="Bytes of CUDA per-thread stack, set through libcudart before CUDA starts (H200: "
-                                "256 makes the bare context 414 MiB instead of 612). None: CUDA's default.")
+        None, ge=0, description="Bytes of CUDA per-thread stack, set through libcudart before CUDA starts (H200 "
+                                "context: 612 MiB by default, 414 at 256, 364 at 64; the driver raises it for a kernel "
+                                "that needs more). None: CUDA's default.")
     attention_kernel: Literal["auto", "torch"] = Field(
         "auto", description="Decode attention over blocks. auto: the Triton kernel on CUDA when "
                             "serving.kernels.paged_attention is installed, else torch (gather + SDPA).")
