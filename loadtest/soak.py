@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import aiohttp
 from loadtest.prompts import synthetic_prompts
 from loadtest.runner import Level, RunOptions, run_level
 from loadtest.stats import distribution
+from training.demo import stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "serving" / "configs" / "cpu-small.yaml"
@@ -84,16 +84,6 @@ def start_server(model: str, port: int, log: Path, ray_tmp: str, overrides: list
            f"served_model_name={MODEL_NAME}", f"ray_metrics_export_port={_free_port()}", *overrides]
     with open(log, "w") as out:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
 
 
 async def wait_ready(base: str, proc: subprocess.Popen, log: Path, timeout: float = 600) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,8 @@ try:  # openai >= 3 ships its HTTP client as httpx2 (same API as httpx)
 except ImportError:
     import httpx
 from prometheus_client.parser import text_string_to_metric_families
+
+from training.demo import stop_server  # SIGINT for Ray's clean shutdown, then SIGKILL
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny-chat"
@@ -88,13 +89,7 @@ def server(tiny_model, tmp_path_factory):
                "metrics_port": metrics_port}
     finally:
         control.unlink(missing_ok=True)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        stop_server(proc)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

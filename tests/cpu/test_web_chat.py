@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT
+
+from training.demo import stop_server  # SIGINT for Ray's clean shutdown, then SIGKILL
 
 READY_TIMEOUT_S = 420
 
@@ -81,13 +82,7 @@ def server(tiny_model, tmp_path_factory):
         wait_ready(url, proc, log)
         yield url
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+        stop_server(proc)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
