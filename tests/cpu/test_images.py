@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 from podman_root import ROOT, SERVE_IMAGE, TRAIN_IMAGE, image_root, stop
+from serve_app import free_port
 
 # the first build of both images (debootstrap included) outlasts the suite's 900 s default
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -49,12 +49,6 @@ def images(tmp_path_factory) -> None:
     print("\n".join(ln for ln in text.splitlines() if ln.startswith("[images]")))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _http(url: str, body: dict | None = None, timeout: float = 30) -> tuple[int, bytes]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -69,7 +63,7 @@ def _http(url: str, body: dict | None = None, timeout: float = 30) -> tuple[int,
 
 def test_serving_image_answers_a_chat_completion_with_podman_chroot_standing_in_for_a_runtime(
         images: None, tiny_model: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     with image_root(SERVE_IMAGE) as root:
         # the image's own CMD reads /etc/colossal-rlhf/serve/serve.yaml, where the chart mounts its ConfigMap
         cmd = root.cmd
@@ -78,7 +72,7 @@ def test_serving_image_answers_a_chat_completion_with_podman_chroot_standing_in_
         root.chown("/home/ray/model")
         root.put(cmd[-1], yaml.safe_dump({
             "model": "/home/ray/model", "served_model_name": "tiny-chat", "host": "127.0.0.1", "port": port,
-            "ray_metrics_export_port": _free_port(),
+            "ray_metrics_export_port": free_port(),
             "engine": {"device": "cpu", "max_model_len": 256, "max_num_seqs": 2},
             "deployment": {"num_cpus": 1}}))
         log = tmp_path / "serve.log"

@@ -8,7 +8,6 @@ import asyncio
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from serve_app import free_port
 
 from loadtest.client import RequestResult, api_base
 from loadtest.prompts import PromptError, load_prompts, synthetic_prompts
@@ -25,12 +25,6 @@ from loadtest.stats import SLO, compare_with_server, parse_prometheus, server_de
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false", "OPENAI_API_KEY": ""}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class FakeServer:

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from serve_app import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVING_CLI = ROOT / "serving" / "__main__.py"
@@ -36,18 +36,12 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     """``python -m serving`` on the tiny model, API keys on, Ray's temp files in a fresh folder; started as a vLLM
     user types it (``--model M --port P --host H``) on top of a config file for the rest."""
     tmp = tmp_path_factory.mktemp("serve")
-    port = _free_port()
+    port = free_port()
     cfg = tmp / "serve.yaml"
     cfg.write_text("served_model_name: tiny\nport: 1\nray_metrics_export_port: null\n"
                    "engine:\n  device: cpu\n  max_model_len: 256\n  max_num_seqs: 4\n  cpu_kv_cache_gb: 0.05\n"

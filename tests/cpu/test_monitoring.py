@@ -37,6 +37,7 @@ MODEL = "tiny"
 pytest.importorskip("helm_python")
 sys.path.insert(0, str(ROOT / "k8s"))
 import generate  # noqa: E402
+from serve_app import free_port  # noqa: E402
 
 
 def _tool(name: str) -> str:
@@ -163,12 +164,6 @@ def test_promtool_checks_the_rules_and_every_alert_fires_and_stays_quiet(tmp_pat
 # ----------------------------------------------------------------------------- a live Prometheus
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, timeout: float = 10) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback
@@ -227,7 +222,7 @@ def live(tmp_path_factory, request) -> dict[str, Any]:
     pytest.importorskip("ray")
     tiny = request.getfixturevalue("tiny_model")
     tmp = tmp_path_factory.mktemp("monitoring")
-    port, ray_metrics, prom_port = _free_port(), _free_port(), _free_port()
+    port, ray_metrics, prom_port = free_port(), free_port(), free_port()
     cfg = tmp / "serve.yaml"
     cfg.write_text(yaml.safe_dump({"model": str(tiny), "served_model_name": MODEL, "host": "127.0.0.1", "port": port,
                                    "ray_metrics_export_port": ray_metrics,

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ try:  # openai >= 3 ships its HTTP client as httpx2 (same API as httpx)
 except ImportError:
     import httpx
 from prometheus_client.parser import text_string_to_metric_families
+from serve_app import free_port
 
 from training.demo import stop_server  # SIGINT for Ray's clean shutdown, then SIGKILL
 
@@ -42,16 +42,10 @@ RAISE_USER = "raise-please"
 STALL_S = 2.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile")
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     cfg = tmp / "serve.yaml"
     cfg.write_text(yaml.safe_dump({
         "served_model_name": MODEL, "port": port, "ray_metrics_export_port": metrics_port,

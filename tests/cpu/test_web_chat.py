@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,16 +21,11 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT
+from serve_app import free_port
 
 from training.demo import stop_server  # SIGINT for Ray's clean shutdown, then SIGKILL
 
 READY_TIMEOUT_S = 420
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _chromium() -> str:
@@ -62,11 +56,11 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = REA
 def server(tiny_model, tmp_path_factory):
     """``python -m serving`` on the tiny model, bound to loopback on free ports; stopped with SIGINT after."""
     tmp = tmp_path_factory.mktemp("serve")
-    port = _free_port()
+    port = free_port()
     cfg = tmp / "serve.yaml"
     cfg.write_text(yaml.safe_dump({
         "served_model_name": "tiny-chat", "host": "127.0.0.1", "port": port,
-        "ray_metrics_export_port": _free_port(),
+        "ray_metrics_export_port": free_port(),
         "engine": {"device": "cpu", "max_model_len": 256, "max_num_seqs": 4},
         "deployment": {"num_cpus": 1},
     }))
@@ -198,6 +192,6 @@ def test_terminal_chat_reports_api_errors(server):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
     assert "error 404" in bad.stderr
-    down = subprocess.run([sys.executable, "-m", "serving.chat", "--url", f"http://127.0.0.1:{_free_port()}",
+    down = subprocess.run([sys.executable, "-m", "serving.chat", "--url", f"http://127.0.0.1:{free_port()}",
                            "--once", "Hi"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert down.returncode == 1 and "cannot reach a server" in down.stderr
