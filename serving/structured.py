@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from serving.errors import InvalidRequestError
-from serving.utf8_guard import BOUNDARY, Utf8Guard
+from serving.utf8_guard import BOUNDARY, Utf8Guard, pack_bits
 
 logger = logging.getLogger("serving.structured")
 # compiled grammars kept: bench_structured's 7-field schema at SmolLM2's vocab 49k took 15 ms to compile and
@@ -188,8 +188,7 @@ def _without_control_chars(tokenizer: Any, vocab_size: int, stop_token_ids: list
     banned += range(len(texts), vocab_size)  # logits past the tokenizer's vocabulary (padding rows)
     allowed = torch.ones((vocab_size + 31) // 32 * 32, dtype=torch.bool)
     allowed[torch.tensor(banned, dtype=torch.long)] = False
-    weights = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int64)
-    return (allowed.view(-1, 32).long() * weights).sum(-1).to(torch.int32)
+    return pack_bits(allowed)
 
 
 def new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:

@@ -47,6 +47,13 @@ def step(state: State, b: int) -> State | None:
     return None  # C0, C1, F5..FF and a continuation byte at a boundary
 
 
+def pack_bits(allowed: torch.Tensor) -> torch.Tensor:
+    """A bool row (length a multiple of 32) as one bitmask row in xgrammar's int32 layout: bit i of word w allows
+    token 32*w+i."""
+    weights = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int64)
+    return (allowed.view(-1, 32).long() * weights).sum(-1).to(torch.int32)
+
+
 def feed(state: State, data: bytes) -> State | None:
     for b in data:
         next_state = step(state, b)
@@ -64,7 +71,6 @@ class Utf8Guard:
         self.vocab = [b"" if i in byteless_ids else t for i, t in enumerate(vocab_bytes[:vocab_size])]
         self.vocab_size = vocab_size
         self._masks: dict[State, torch.Tensor] = {}
-        self._bits = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int64)
 
     @classmethod
     def from_tokenizer_info(cls, info: Any, vocab_size: int, tokenizer: Any, stop_token_ids: list[int]) -> Utf8Guard:
@@ -83,6 +89,6 @@ class Utf8Guard:
             allowed = torch.zeros(words * 32, dtype=torch.bool)
             ok = [i for i, t in enumerate(self.vocab) if feed(state, t) is not None]
             allowed[torch.tensor(ok, dtype=torch.long)] = True
-            m = (allowed.view(-1, 32).long() * self._bits).sum(-1).to(torch.int32)
+            m = pack_bits(allowed)
             self._masks[state] = m
         return m

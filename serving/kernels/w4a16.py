@@ -200,6 +200,10 @@ def _jitted(name: str):
             _JIT[key] = triton.jit(kernels.w4a16_gemv_kernel, do_not_specialize=GEMV_UNSPECIALIZED)
         elif name == "gemv2":
             _JIT[key] = triton.jit(kernels.w4a16_gemv2_kernel, do_not_specialize=GEMV2_UNSPECIALIZED)
+        elif name == "gemm":  # serving.kernels.w4a16_gemm: rows and strides change between prefill chunks
+            from serving.kernels._w4a16_gemm_triton import w4a16_gemm_kernel
+
+            _JIT[key] = triton.jit(w4a16_gemm_kernel, do_not_specialize=["M", "stride_xm", "stride_om"])
         else:
             _JIT[key] = triton.jit(kernels.w4a16_dequant_kernel, do_not_specialize=["n0"])
     return _JIT[key]

@@ -9,21 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from serving.kernels.w4a16 import KernelError, PackedW4, _chunks_per_group, _group_j, interpreting
-
-_JIT: dict[bool, object] = {}
-
-
-def _kernel():
-    key = interpreting()
-    if key not in _JIT:
-        import triton
-
-        from serving.kernels._w4a16_gemm_triton import w4a16_gemm_kernel
-
-        # rows and strides change between prefill chunks: not specialized on, so one compile serves them all
-        _JIT[key] = triton.jit(w4a16_gemm_kernel, do_not_specialize=["M", "stride_xm", "stride_om"])
-    return _JIT[key]
+from serving.kernels.w4a16 import KernelError, PackedW4, _chunks_per_group, _group_j, _jitted, interpreting
 
 
 def block_m_for(m: int) -> int:
@@ -47,7 +33,7 @@ def matmul(x: torch.Tensor, packed: PackedW4, block_n: int = 64, num_warps: int 
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     bm = block_m_for(m)
     perm = packed.perm if packed.perm is not None else packed.weight
-    _kernel()[(-(-n // block_n), -(-m // bm))](
+    _jitted("gemm")[(-(-n // block_n), -(-m // bm))](
         x, packed.weight, packed.scale_zero, perm, out, m, n, k, packed.weight.shape[1],
         _chunks_per_group(packed.group_size), x.stride(0), out.stride(0),
         BLOCK_M=bm, BLOCK_N=block_n, GROUP_J=_group_j(packed.group_size), HAS_PERM=packed.perm is not None,
