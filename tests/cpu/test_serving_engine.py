@@ -538,7 +538,8 @@ def test_no_environment_set_at_import_and_nvml_absent_is_none():
     assert mib is None and MemoryReport().to_dict()["kv_cache"] == 0
 
 
-def test_host_modules_load_in_host_memory_and_never_when_tied(tiny_model: Path, tmp_path: Path):
+def test_host_modules_stay_in_host_memory_never_when_tied_meta_device_standing_in_for_cuda(tiny_model: Path,
+                                                                                          tmp_path: Path):
     """The embedding and a re-quantized lm_head are loaded in host memory (their fp16 copies on the device made the
     4 GB replica's peak); a tied pair stays whole. Placement is checked on the meta device, which stands in for
     CUDA here (no GPU in CI)."""
@@ -561,7 +562,7 @@ def test_host_modules_load_in_host_memory_and_never_when_tied(tiny_model: Path, 
     assert {d for n, d in devs.items() if not n.startswith(("model.embed_tokens", "lm_head"))} == {"meta"}
 
 
-def test_gptq_host_placement_asks_gptqmodel_for_a_device_map_and_falls_back(tmp_path: Path, monkeypatch):
+def test_gptq_host_placement_with_a_recorder_for_gptqmodel_load_no_gpu(tmp_path: Path, monkeypatch):
     """GPTQModel.load replaced by a recorder (no GPU here): with host modules it is asked for a device_map that
     keeps them on the CPU; if that load fails the replica loads the plain way (a higher peak, a warning)."""
     import gptqmodel
