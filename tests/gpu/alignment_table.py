@@ -181,11 +181,16 @@ def grpo_rule(outs: dict) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pipeline", default="training/configs/quality-gpu/pipeline.yaml")
+    ap.add_argument("--stages", default="", help="comma-separated stage names to report (default: all the pipeline's)")
     ap.add_argument("overrides", nargs="*", help="STAGE:key=value, as given to the pipeline")
     args = ap.parse_args(argv)
     t0 = time.time()
     pipe = load_pipeline(args.pipeline, args.overrides)
-    specs = {s.name: s for s in pipe.stages}
+    only = {n for n in args.stages.split(",") if n}
+    unknown = only - {s.name for s in pipe.stages}
+    if unknown:
+        ap.error(f"--stages names {sorted(unknown)}, not stages of {args.pipeline}")
+    specs = {s.name: s for s in pipe.stages if not only or s.name in only}
     cfgs = {n: load_config(config_class(s), s.config, s.overrides) for n, s in specs.items()}
     outs = {n: stage_output_dir(s) for n, s in specs.items()}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

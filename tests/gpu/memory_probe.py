@@ -90,6 +90,68 @@ def _run(eng, lengths: list[int], gen: int, vocab: int, seed: int) -> dict:
             "errors": errors, "s": round(time.perf_counter() - t0, 2)}
 
 
+def _stack_limit() -> int | None:
+    """The CUDA stack limit now (``cudaDeviceGetLimit``): the driver raises it for a kernel that needs more."""
+    import ctypes
+
+    from serving.memory import _libcudart
+
+    rt = _libcudart()
+    if rt is None:
+        return None
+    value = ctypes.c_size_t()
+    return int(value.value) if rt.cudaDeviceGetLimit(ctypes.byref(value), ctypes.c_int(0)) == 0 else None
+
+
+def _triton_kernels_local_memory() -> list[dict]:
+    """Every loaded Triton kernel in the process (ours and Inductor's, found by the garbage collector): its
+    registers, spills and local memory per thread (``cuFuncGetAttribute``), largest local memory first. Local
+    memory is reserved for every thread the GPU can hold (132 SMs x 2,048 on the H200: 264 KiB per byte), so a
+    kernel needing L bytes more than the stack limit grows the process by about L x 264 KiB on its first launch."""
+    import ctypes
+    import gc
+
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return []
+    rows, seen = [], set()
+    for obj in gc.get_objects():
+        try:  # any object: a lazy one's __getattr__ may raise anything
+            fn = getattr(obj, "function", None) if hasattr(obj, "n_spills") else None
+        except Exception:  # noqa: BLE001
+            continue
+        if not isinstance(fn, int) or fn in seen:
+            continue
+        seen.add(fn)
+        attr = {}
+        for key, code in (("local_bytes", 3), ("regs", 4)):  # CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, _NUM_REGS
+            v = ctypes.c_int()
+            attr[key] = v.value if cuda.cuFuncGetAttribute(ctypes.byref(v), code, ctypes.c_void_p(fn)) == 0 else None
+        rows.append({"name": str(getattr(obj, "name", type(obj).__name__))[:120], "spills": obj.n_spills, **attr})
+    return sorted(rows, key=lambda r: -(r["local_bytes"] or 0))
+
+
+def _lmem_diag(out: dict, label: str, reset_to: int | None = None) -> None:
+    """NVML and the stack limit now (``out["lmem"][label]``); with ``reset_to``, set the stack limit to it again
+    (the driver then gives back local memory a kernel made it grow) and read both once more."""
+    import ctypes
+
+    import torch
+
+    from serving.memory import _libcudart, process_gpu_mib
+
+    torch.cuda.synchronize()
+    row = {"nvml_mib": process_gpu_mib(0)[0], "stack_limit": _stack_limit()}
+    if reset_to is not None:
+        rt = _libcudart()
+        rc = rt.cudaDeviceSetLimit(ctypes.c_int(0), ctypes.c_size_t(reset_to)) if rt is not None else None
+        torch.cuda.synchronize()
+        row.update({"reset_rc": rc, "nvml_after_reset_mib": process_gpu_mib(0)[0],
+                    "stack_limit_after_reset": _stack_limit()})
+    out.setdefault("lmem", {})[label] = row
+
+
 def probe(args: argparse.Namespace) -> dict:
     import torch
 
@@ -113,10 +175,15 @@ def probe(args: argparse.Namespace) -> dict:
             out["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
         out["load_s"] = round(time.monotonic() - t0, 1)
         if "error" not in out:
+            if args.lmem_diag and cuda:  # which kernels grew local memory, and does re-setting the limit give it back
+                out["triton_kernels"] = _triton_kernels_local_memory()[:25]
+                _lmem_diag(out, "after_load", reset_to=args.cuda_stack_limit if args.restack else None)
             n = eng.max_model_len
             gen = min(args.gen_len, n // 4)
             out["runs"] = [_run(eng, [n], gen, eng.runner.vocab, 1),
                            _run(eng, [n // 2, n // 2], gen, eng.runner.vocab, 2)]
+            if args.lmem_diag and cuda:
+                _lmem_diag(out, "after_runs")
             out["memory_report"] = eng.memory_report()
             eng.shutdown()
         time.sleep(0.5)  # one more sample after the last step
@@ -162,6 +229,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--no-vendor-blas: engine.vendor_blas=false (the 4 GB profile)")
     p.add_argument("--gptq-backend", default="auto")
     p.add_argument("--lm-head-int4", action="store_true", help="engine.lm_head_int4 instead of the int8 lm_head")
+    p.add_argument("--lmem-diag", action="store_true",
+                   help="CUDA: the stack limit and NVML after load and after the runs, and every loaded Triton "
+                        "kernel's local memory per thread (what grows the process past its bare context)")
+    p.add_argument("--restack", action="store_true",
+                   help="with --lmem-diag: set the stack limit to --cuda-stack-limit again after load, before the "
+                        "runs (does the driver give back what a kernel grew, and do the runs grow it again)")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     if not args.smoke and not args.model:

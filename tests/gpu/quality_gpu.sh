@@ -12,8 +12,11 @@
 #                                                  $OUT/quality.tgz (manifests, metrics, logs, per-stage TIMING lines)
 #           Sized for two calls: `run`, then `run` again while the machine is warm (each call starts a stage only if
 #           its estimate fits RUN_BUDGET_S=565 and prints "NOT DONE" when another call is needed; finished stages are
-#           skipped). PPO_STEPS / GRPO_STEPS / GRPO_RULE_STEPS (default 20 / 20 / 30); DPO_SWEEP_LRS (default
-#           "1e-5 2e-5 4e-5"). EXTRA_OVERRIDES adds STAGE:key=value items, e.g. EXTRA_OVERRIDES="dpo:dpo.beta=0.2".
+#           skipped). PPO_STEPS / GRPO_STEPS / GRPO_RULE_STEPS (default 20 / 20 / 30); DPO_SWEEP: DPO's candidates
+#           as LR:EPOCHS (default "1e-5:1 2e-5:1 4e-5:1 1e-5:2": the first H200 run's held-out accuracy peaked after
+#           one epoch, 0.660 at step 100 against 0.627 at the end of three). QUALITY_STAGES (default "rm ppo dpo grpo
+#           grpo_rule") runs a subset, the table then has only their rows (e.g. "rm dpo": RM against DPO on the
+#           same pairs, ~8 minutes). EXTRA_OVERRIDES adds STAGE:key=value items, e.g. "dpo:dpo.beta=0.2".
 #         bash tests/gpu/quality_gpu.sh quantize (carry .whl-gpu) -> $OUT/quant.tgz: GPTQ variants' quality reports
 set -euo pipefail
 STAGE=/tmp/smol
@@ -70,35 +73,42 @@ case "${1:-}" in
             return $r
         }
         done_=()
-        for s in rm ppo dpo grpo grpo_rule; do
+        STAGES=(${QUALITY_STAGES:-rm ppo dpo grpo grpo_rule})
+        SWEEP=(${DPO_SWEEP:-1e-5:1 2e-5:1 4e-5:1 1e-5:2})
+        for s in "${STAGES[@]}"; do
             if [ -f "$RUNS/$s/manifest.json" ]; then done_+=("$s"); continue; fi
             if [ "$s" = dpo ]; then
-                # DPO's lr from a validation cut of the TRAINING pairs (data.validation_fraction: the held-out test
-                # pairs, the ones the table compares with the RM on, are set aside unseen); ~70 s a candidate
-                for lr in ${DPO_SWEEP_LRS:-1e-5 2e-5 4e-5}; do
-                    out=$RUNS/dpo-sweep/lr-$lr
+                # DPO's lr and epochs from a validation cut of the TRAINING pairs (data.validation_fraction: the
+                # held-out test pairs, the ones the table compares with the RM on, are set aside unseen); about
+                # 25 s of loading and reference log-probs plus 15 s an epoch a candidate
+                for c in "${SWEEP[@]}"; do
+                    lr=${c%%:*} ep=${c#*:}
+                    out=$RUNS/dpo-sweep/lr-$lr-ep-$ep
                     [ -f "$out/manifest.json" ] && continue
-                    fits "dpo-sweep lr=$lr" 75 || { rc=0; break 2; }
-                    timed "dpo-sweep lr=$lr" "$PY" -m training.dpo --config "$DPO_CFG" \
-                        --resume data.validation_fraction=0.15 train.lr="$lr" checkpoint.output_dir="$out" \
-                        log.progress=false >>/tmp/quality.log 2>&1 || { rc=$?; break 2; }
+                    fits "dpo-sweep lr=$lr epochs=$ep" $((30 + 20 * ep)) || { rc=0; break 2; }
+                    timed "dpo-sweep lr=$lr epochs=$ep" "$PY" -m training.dpo --config "$DPO_CFG" \
+                        --resume data.validation_fraction=0.15 train.lr="$lr" train.epochs="$ep" \
+                        checkpoint.output_dir="$out" log.progress=false >>/tmp/quality.log 2>&1 || { rc=$?; break 2; }
                 done
-                best=$("$PY" - "$RUNS/dpo-sweep" ${DPO_SWEEP_LRS:-1e-5 2e-5 4e-5} <<'PY'
+                best=$("$PY" - "$RUNS/dpo-sweep" "${SWEEP[@]}" <<'PY'
 import json, sys
 from pathlib import Path
 rows = []
-for lr in sys.argv[2:]:
-    m = json.loads((Path(sys.argv[1]) / f"lr-{lr}" / "manifest.json").read_text())["metrics"]
-    rows.append({"lr": lr, "validation_acc": m.get("eval_acc"), "validation_margin": m.get("eval_margin"),
-                 "validation_pairs": m.get("eval_pairs")})
+for c in sys.argv[2:]:
+    lr, ep = c.split(":")
+    m = json.loads((Path(sys.argv[1]) / f"lr-{lr}-ep-{ep}" / "manifest.json").read_text())["metrics"]
+    rows.append({"lr": lr, "epochs": int(ep), "validation_acc": m.get("eval_acc"),
+                 "validation_margin": m.get("eval_margin"), "validation_pairs": m.get("eval_pairs")})
 best = max(rows, key=lambda r: (r["validation_acc"] or 0, r["validation_margin"] or 0))
-(Path(sys.argv[1]) / "choice.json").write_text(json.dumps({"candidates": rows, "chosen_lr": best["lr"]}) + "\n")
-print(best["lr"])
+(Path(sys.argv[1]) / "choice.json").write_text(json.dumps(
+    {"candidates": rows, "chosen_lr": best["lr"], "chosen_epochs": best["epochs"]}) + "\n")
+print(best["lr"], best["epochs"])
 PY
                 ) || { rc=$?; break; }
                 cat "$RUNS/dpo-sweep/choice.json"
-                echo "dpo: lr $best chosen on the validation cut of the training pairs"
-                SIZE+=("dpo:train.lr=$best")
+                read -r best best_ep <<< "$best"
+                echo "dpo: lr $best, $best_ep epochs, chosen on the validation cut of the training pairs"
+                SIZE+=("dpo:train.lr=$best" "dpo:train.epochs=$best_ep")
             fi
             fits "$s" "${EST[$s]}" || break
             timed "$s" "$PY" -m training.pipeline --config "$PIPE" --only "$(IFS=,; echo "${done_[*]:+${done_[*]},}$s")" \
@@ -106,12 +116,13 @@ PY
                 || { rc=$?; break; }
             done_+=("$s")
         done
-        if [ "$rc" = 0 ] && [ "${#done_[@]}" = 5 ] && fits table "${EST[table]}"; then  # $OUT/alignment_table.json
-            if [ -z "${best:-}" ] && [ -d "$RUNS/dpo-sweep" ]; then  # a later call: the lr the dpo stage ran with
-                best=$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["config"]["train"]["lr"])' \
-                    "$RUNS/dpo/manifest.json") && SIZE+=("dpo:train.lr=$best")
+        if [ "$rc" = 0 ] && [ "${#done_[@]}" = "${#STAGES[@]}" ] && fits table "${EST[table]}"; then  # the table
+            if [ -z "${best:-}" ] && [ -f "$RUNS/dpo/manifest.json" ]; then  # a later call: what the dpo stage ran with
+                read -r best best_ep < <("$PY" -c 'import json,sys; t=json.load(open(sys.argv[1]))["config"]["train"]
+print(t["lr"], t["epochs"])' "$RUNS/dpo/manifest.json") && SIZE+=("dpo:train.lr=$best" "dpo:train.epochs=$best_ep")
             fi
-            timed table "$PY" tests/gpu/alignment_table.py --pipeline "$PIPE" "${SIZE[@]}" 2>>/tmp/quality.log || rc=$?
+            timed table "$PY" tests/gpu/alignment_table.py --pipeline "$PIPE" --stages "$(IFS=,; echo "${STAGES[*]}")" \
+                "${SIZE[@]}" 2>>/tmp/quality.log || rc=$?
         fi
         cat /tmp/quality-timings.log 2>/dev/null || true
         # written by the run's own files, not by a redirect: the first H200 call brought back an empty copy

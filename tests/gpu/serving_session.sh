@@ -23,6 +23,14 @@
 # Carry .whl-gpu (tests/gpu/wheels.sh). Results under $OUT; the tuned W4A16 table is kept in /tmp for later calls.
 set -euo pipefail
 eval "$(bash .whl-gpu/install.sh)"
+# GPTQModel's Marlin JIT build (~220 s on a fresh machine), brought back by an earlier `mem` call as
+# $OUT/marlin_ext.tgz.part* and carried in the git-ignored .marlin-ext: restored, and its outputs made newer than
+# the freshly installed sources so that ninja sees nothing to rebuild (a mismatch only means the JIT runs again)
+MARLIN_CACHE=/root/.cache/gptqmodel
+if ls .marlin-ext/marlin_ext.tgz.part* > /dev/null 2>&1 && [ ! -d "$MARLIN_CACHE/torch_extensions" ]; then
+  mkdir -p "$MARLIN_CACHE" && cat .marlin-ext/marlin_ext.tgz.part* | tar -xzf - -C "$MARLIN_CACHE" \
+    && find "$MARLIN_CACHE/torch_extensions" -type f -exec touch {} + && echo "Marlin build restored" >&2
+fi
 export PYTHONPATH=".:$PYTHONPATH" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 GPTQMODEL_CPU_WORKERS=2
 CKPT=/tmp/llama7b-gptq TABLE=/tmp/w4a16_configs.json
 case "${1:-}" in
@@ -79,17 +87,26 @@ case "${1:-}" in
               if [ "$left" -lt 60 ]; then echo "[$name] skipped: ${left} s left" >&2; return 0; fi
               timeout "$left" "$@" > "/tmp/mem-logs/$name.out" 2> "/tmp/mem-logs/$name.log" || rc=$?
               echo "[$name] rc=$rc $((SECONDS - t)) s" >&2; tar -czf "$OUT/mem_logs.tgz" -C /tmp/mem-logs .; }
-    PROBE=(python3 tests/gpu/memory_probe.py --model "$CKPT" --device cuda --gpu-memory-gb 4 --cuda-stack-limit 256
+    PROBE=(python3 tests/gpu/memory_probe.py --model "$CKPT" --device cuda --gpu-memory-gb 4 --cuda-stack-limit 64
            --prefill-chunk 128 --compile --max-num-seqs 2)
     # the bench takes the longest length the budget holds (at least 1,024 is the target), so that the chat and load
     # phases run even where the fit falls short of 1,024; its full_length_run holds that many tokens at once. One
     # file per part: a step cut by the time limit loses only its own result.
     BENCH=(python3 -m serving.bench --model "$CKPT" --device cuda --kv-cache-dtype int8 --embed-on-host --lm-head-int8
-           --cuda-stack-limit 256 --prefill-chunk 128 --compile --no-vendor-blas --gpu-memory-gb 4
+           --cuda-stack-limit 64 --prefill-chunk 128 --compile --no-vendor-blas --gpu-memory-gb 4
            --paged-max-model-len 0 --batch-sizes 1,2,4 --prompt-len 128 --gen-len 128 --turns 10 --turn-gen 32
            --load-requests 48 --prompts .whl-gpu/shared-data/instructionwild)
     R=/tmp/mem-logs  # at most 8 files come back: the first four results in $OUT, every result in the tarball
-    mstep probe_own "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --out "$OUT/mem_probe_own.json"
+    # --lmem-diag: the stack limit and NVML after load and after the runs, every Triton kernel's local memory;
+    # --restack sets the limit again after load (does the driver give back what a kernel grew?)
+    mstep probe_own "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --lmem-diag --restack \
+      --out "$OUT/mem_probe_own.json"
+    # Marlin's JIT build back to this machine (carry it as .marlin-ext next time), and its kernels' local memory
+    mstep marlin_ext bash -c 'cd '"$MARLIN_CACHE"' && tar -czf /tmp/marlin_ext.tgz torch_extensions \
+      && split -b 15M /tmp/marlin_ext.tgz "$0/marlin_ext.tgz.part" && ls -la "$0"
+      CUOBJ=$(python3 -c "import triton, os; print(os.path.join(os.path.dirname(triton.__file__), \"backends/nvidia/bin/cuobjdump\"))")
+      for so in $(find torch_extensions -name "*.so"); do echo "== $so"; "$CUOBJ" -res-usage "$so" 2>&1 \
+        | grep -E "STACK:[1-9]|LOCAL:[1-9]" -B1 | head -40; done' "$OUT"
     mstep bench_engine "${BENCH[@]}" --phases engine --out "$OUT/mem_bench_engine.json"
     mstep bench_chat "${BENCH[@]}" --phases chat,chat_no_prefix --out "$OUT/mem_bench_chat.json"
     mstep bench_load "${BENCH[@]}" --phases load --out "$OUT/mem_bench_load.json"
