@@ -164,7 +164,7 @@ def probe(args: argparse.Namespace) -> dict:
         lm_head_int4=args.lm_head_int4,
         cuda_stack_limit=args.cuda_stack_limit if cuda else None, prefill_chunk=args.prefill_chunk,
         compile=args.compile and cuda, vendor_blas=args.vendor_blas, max_num_seqs=max(2, args.max_num_seqs),
-        gptq_backend=args.gptq_backend, warmup=True)
+        gptq_backend=args.gptq_backend, warmup=True, cuda_stack_reapply=args.reapply_stack and cuda)
     out: dict = {"args": vars(args), "device": opts.device, "options": opts.model_dump()}
     eng = LLMEngine(args.model, opts)
     with NvmlPeak(0) as peak:
@@ -235,6 +235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--restack", action="store_true",
                    help="with --lmem-diag: set the stack limit to --cuda-stack-limit again after load, before the "
                         "runs (does the driver give back what a kernel grew, and do the runs grow it again)")
+    p.add_argument("--reapply-stack", action="store_true", help="engine.cuda_stack_reapply")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     if not args.smoke and not args.model:

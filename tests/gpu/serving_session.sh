@@ -107,6 +107,10 @@ case "${1:-}" in
       CUOBJ=$(python3 -c "import triton, os; print(os.path.join(os.path.dirname(triton.__file__), \"backends/nvidia/bin/cuobjdump\"))")
       for so in $(find torch_extensions -name "*.so"); do echo "== $so"; "$CUOBJ" -res-usage "$so" 2>&1 \
         | grep -E "STACK:[1-9]|LOCAL:[1-9]" -B1 | head -40; done' "$OUT"
+    # engine.cuda_stack_reapply: the limit set again after graph capture and warm-up (local memory given back)
+    mstep probe_reapply "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --lmem-diag --reapply-stack \
+      --out "$OUT/mem_probe_reapply.json"
+    [ -n "${BENCH_REAPPLY:-}" ] && BENCH+=(--cuda-stack-reapply)
     mstep bench_engine "${BENCH[@]}" --phases engine --out "$OUT/mem_bench_engine.json"
     mstep bench_chat "${BENCH[@]}" --phases chat,chat_no_prefix --out "$OUT/mem_bench_chat.json"
     mstep bench_load "${BENCH[@]}" --phases load --out "$OUT/mem_bench_load.json"
