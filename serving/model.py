@@ -122,6 +122,9 @@ def load_model(path: Path, device: torch.device, dtype: str = "auto", gptq_backe
                 wrapped = GPTQModel.load(str(path), backend=backend,
                                          device_map={"": str(device), **{h: "cpu" for h in host}}, **kwargs)
                 _strip_dispatch_hooks(wrapped.model)
+                # what the checkpoint does not hold (the rotary inv_freq buffer) is left on the CPU by such a load:
+                # on the H200 the first prefill then failed with tensors on cuda:0 and cpu
+                _to_device_except(wrapped.model, device, host)
             except Exception as e:  # noqa: BLE001 -- an older GPTQModel or no accelerate: the plain load, higher peak
                 logger.warning("loading %s with %s in host memory failed (%s: %s); loading all of it on %s",
                                path, ", ".join(host), type(e).__name__, e, device)

@@ -560,6 +560,7 @@ def test_host_modules_stay_in_host_memory_never_when_tied_meta_device_standing_i
     devs = {n: p.device.type for n, p in model.named_parameters()}
     assert devs["model.embed_tokens.weight"] == "cpu" and devs["lm_head.weight"] == "cpu"
     assert {d for n, d in devs.items() if not n.startswith(("model.embed_tokens", "lm_head"))} == {"meta"}
+    assert {b.device.type for _, b in model.named_buffers()} == {"meta"}  # rotary inv_freq too
 
 
 def test_gptq_host_placement_with_a_recorder_for_gptqmodel_load_no_gpu(tmp_path: Path, monkeypatch):
@@ -582,14 +583,18 @@ def test_gptq_host_placement_with_a_recorder_for_gptqmodel_load_no_gpu(tmp_path:
             raise RuntimeError("no accelerate")
         return Loaded()
 
+    moved: list[tuple] = []  # a device_map load leaves what the checkpoint lacks (rotary inv_freq) on the CPU
     monkeypatch.setattr(gptqmodel.GPTQModel, "load", staticmethod(fake_load))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(model_mod, "_to_device_except", lambda m, d, h: moved.append((m, str(d), h)) or m)
     fail = False
     model_mod.load_model(tmp_path, torch.device("cuda", 0), gptq_backend="torch",
                          host_modules=("model.embed_tokens", "lm_head"))
     assert calls[-1]["device_map"] == {"": "cuda:0", "model.embed_tokens": "cpu", "lm_head": "cpu"}
     assert "device" not in calls[-1]
+    assert moved == [(Loaded.model, "cuda:0", ("model.embed_tokens", "lm_head"))]
     calls.clear()
     fail = True
     model_mod.load_model(tmp_path, torch.device("cuda", 0), gptq_backend="torch", host_modules=("lm_head",))
     assert "device_map" in calls[0] and calls[1]["device"] == "cuda:0" and "device_map" not in calls[1]
+

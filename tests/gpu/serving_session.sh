@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The serving GPU session on one H200, as back-to-back calls on one warm machine (/tmp survives between them):
+#   bash tests/gpu/serving_session.sh prep      # returns at once: checkpoint + Marlin build in the background
 #   bash tests/gpu/serving_session.sh kernels   # W4A16 GEMV tuning + stack vs fp16/tinygemm; 7B checkpoint made meanwhile
 #   bash tests/gpu/serving_session.sh gemv      # kernel 1 (shipped table) vs kernel 2 (tuned, BUDGET_S=120) vs their
 #                                               # per-shape best vs fp16 cuBLAS vs tinygemm at rows 1,2,4,8 (~4 min);
@@ -23,17 +24,16 @@
 # Carry .whl-gpu (tests/gpu/wheels.sh). Results under $OUT; the tuned W4A16 table is kept in /tmp for later calls.
 set -euo pipefail
 eval "$(bash .whl-gpu/install.sh)"
-# GPTQModel's Marlin JIT build (~220 s on a fresh machine), brought back by an earlier `mem` call as
-# $OUT/marlin_ext.tgz.part* and carried in the git-ignored .marlin-ext: restored, and its outputs made newer than
-# the freshly installed sources so that ninja sees nothing to rebuild (a mismatch only means the JIT runs again)
-MARLIN_CACHE=/root/.cache/gptqmodel
-if ls .marlin-ext/marlin_ext.tgz.part* > /dev/null 2>&1 && [ ! -d "$MARLIN_CACHE/torch_extensions" ]; then
-  mkdir -p "$MARLIN_CACHE" && cat .marlin-ext/marlin_ext.tgz.part* | tar -xzf - -C "$MARLIN_CACHE" \
-    && find "$MARLIN_CACHE/torch_extensions" -type f -exec touch {} + && echo "Marlin build restored" >&2
-fi
 export PYTHONPATH=".:$PYTHONPATH" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 GPTQMODEL_CPU_WORKERS=2
 CKPT=/tmp/llama7b-gptq TABLE=/tmp/w4a16_configs.json
 case "${1:-}" in
+  prep)  # background, while another command uses the GPU: the 7B checkpoint and GPTQModel's Marlin JIT build
+    # (~220 s; MAX_JOBS keeps nvcc to a few of the 16 cores so that a benchmark beside it keeps its host time)
+    [ -f "$CKPT/quantize_config.json" ] || (setsid nohup python3 .whl-gpu/shared-tools/make_llama7b_gptq.py "$CKPT" \
+      > /tmp/mkckpt.log 2>&1 < /dev/null &)
+    (MAX_JOBS=${MAX_JOBS:-4} setsid nohup python3 -c "from gptqmodel import extension; print(extension.load('marlin_fp16'))" \
+      > /tmp/marlin_build.log 2>&1 < /dev/null &)
+    echo "started: checkpoint -> $CKPT (/tmp/mkckpt.log), Marlin build (/tmp/marlin_build.log)" ;;
   kernels)
     [ -f "$CKPT/config.json" ] || (python3 .whl-gpu/shared-tools/make_llama7b_gptq.py "$CKPT" > /tmp/mkckpt.log 2>&1 &)
     python3 tests/gpu/bench_w4a16.py --budget-s "${BUDGET_S:-90}" --backends ours,fp16,tinygemm > "$OUT/w4a16_stdout.json"
@@ -101,15 +101,17 @@ case "${1:-}" in
     # --restack sets the limit again after load (does the driver give back what a kernel grew?)
     mstep probe_own "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --lmem-diag --restack \
       --out "$OUT/mem_probe_own.json"
-    # Marlin's JIT build back to this machine (carry it as .marlin-ext next time), and its kernels' local memory
-    mstep marlin_ext bash -c 'cd '"$MARLIN_CACHE"' && tar -czf /tmp/marlin_ext.tgz torch_extensions \
-      && split -b 15M /tmp/marlin_ext.tgz "$0/marlin_ext.tgz.part" && ls -la "$0"
-      CUOBJ=$(python3 -c "import triton, os; print(os.path.join(os.path.dirname(triton.__file__), \"backends/nvidia/bin/cuobjdump\"))")
-      for so in $(find torch_extensions -name "*.so"); do echo "== $so"; "$CUOBJ" -res-usage "$so" 2>&1 \
-        | grep -E "STACK:[1-9]|LOCAL:[1-9]" -B1 | head -40; done' "$OUT"
+    # Marlin's kernels with local memory (each needs L bytes x 264 KiB of the process on the H200, once launched)
+    mstep marlin_lmem bash -c 'CUOBJ=$(python3 -c "import triton, os; print(os.path.join(os.path.dirname(
+        triton.__file__), \"backends/nvidia/bin/cuobjdump\"))"); ls -la "$CUOBJ"
+      for so in $(find /root/.cache/gptqmodel -name "*.so"); do echo "== $so"; "$CUOBJ" -res-usage "$so" 2>&1 \
+        | grep -c "REG:"; "$CUOBJ" -res-usage "$so" 2>&1 | grep -E "STACK:[1-9]|LOCAL:[1-9]" -B1 | head -20; done'
     # engine.cuda_stack_reapply: the limit set again after graph capture and warm-up (local memory given back)
     mstep probe_reapply "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --lmem-diag --reapply-stack \
       --out "$OUT/mem_probe_reapply.json"
+    # the same with prefill chunks of 64 tokens (a smaller activation reserve, more prefill steps)
+    mstep probe_reapply_c64 "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --lmem-diag --reapply-stack \
+      --prefill-chunk 64 --out "$R/mem_probe_reapply_c64.json"
     [ -n "${BENCH_REAPPLY:-}" ] && BENCH+=(--cuda-stack-reapply)
     mstep bench_engine "${BENCH[@]}" --phases engine --out "$OUT/mem_bench_engine.json"
     mstep bench_chat "${BENCH[@]}" --phases chat,chat_no_prefix --out "$OUT/mem_bench_chat.json"
