@@ -152,6 +152,117 @@ def _lmem_diag(out: dict, label: str, reset_to: int | None = None) -> None:
     out.setdefault("lmem", {})[label] = row
 
 
+class OpTrace:
+    """Which call grows the process outside the allocator (module code loaded, local memory, library handles):
+    the serving package's functions and every module's forward are wrapped; each call outside a CUDA-graph
+    capture is bracketed by a device sync and ``cudaMemGetInfo`` (the device's free bytes, read at once: NVML's
+    per-process figure trails), less the allocator's reserved growth. Per name: calls that grew it, the largest and
+    the total growth in MiB, and the load step it first happened in. Nested calls count in their callers too: the
+    innermost name is the one to read. Costs two syncs a call, so it stops after ``limit`` calls."""
+
+    PACKAGES = ("serving.runner", "serving.sampler", "serving.kernels.paged_attention", "serving.kernels.w8a16",
+                "serving.engine", "serving.prefill_batch")
+    NAMES = ("fused_decode_layer", "decode_layer", "_decode_attend", "rope_cos_sin", "sample", "sampling_probs",
+             "draw", "process_logits", "apply_logits_processors", "_uniforms", "paged_decode_attention", "write_kv",
+             "paged_prefill_attention", "w8a16_linear")
+    METHODS = ("rope", "embed", "_qkv", "_mlp_block", "prefill_attention", "prefill", "decode", "attend_decode")
+
+    def __init__(self, limit: int = 20000):
+        self.limit, self.calls, self.step = limit, 0, "load"
+        self.rows: dict[str, dict] = {}
+        self._stack: list[tuple[int, int]] = []
+        self._undo: list = []
+
+    def _before(self) -> bool:
+        import torch
+
+        if self.calls >= self.limit or not torch.cuda.is_initialized() or torch.cuda.is_current_stream_capturing():
+            return False
+        self.calls += 1
+        torch.cuda.synchronize()
+        self._stack.append((torch.cuda.mem_get_info()[0], torch.cuda.memory_reserved()))
+        return True
+
+    def _after(self, name: str) -> None:
+        import torch
+
+        free0, res0 = self._stack.pop()
+        torch.cuda.synchronize()
+        grew = (free0 - torch.cuda.mem_get_info()[0]) - (torch.cuda.memory_reserved() - res0)
+        if grew > 0:
+            r = self.rows.setdefault(name, {"calls_grew": 0, "max_mib": 0.0, "total_mib": 0.0, "first_step": self.step,
+                                            "depth": len(self._stack)})
+            r["calls_grew"] += 1
+            r["max_mib"] = round(max(r["max_mib"], grew / 2**20), 1)
+            r["total_mib"] = round(r["total_mib"] + grew / 2**20, 1)
+
+    def _wrap(self, name: str, fn):
+        import functools
+
+        @functools.wraps(fn)
+        def traced(*a, **k):
+            if not self._before():
+                return fn(*a, **k)
+            try:
+                return fn(*a, **k)
+            finally:
+                self._after(name)
+        return traced
+
+    def install(self) -> OpTrace:
+        import importlib
+
+        import torch
+
+        originals = {}
+        for mod_name in self.PACKAGES:
+            mod = importlib.import_module(mod_name)
+            for n in self.NAMES:
+                f = getattr(mod, n, None)
+                if callable(f) and not isinstance(f, type):
+                    originals.setdefault(id(f), (n, f))
+        mods = [m for k, m in list(sys.modules.items()) if k.startswith("serving") and m is not None]
+        for _, (n, f) in originals.items():
+            w = self._wrap(n, f)
+            for m in mods:
+                for attr, v in list(vars(m).items()):
+                    if v is f:
+                        setattr(m, attr, w)
+                        self._undo.append((m, attr, f))
+        from serving.runner import LlamaRunner
+
+        for n in self.METHODS:
+            f = getattr(LlamaRunner, n, None)
+            if callable(f):
+                setattr(LlamaRunner, n, self._wrap(f"LlamaRunner.{n}", f))
+                self._undo.append((LlamaRunner, n, f))
+        from serving.engine import LLMEngine
+
+        mark = LLMEngine._mark
+
+        def traced_mark(eng, step):
+            self.step = step
+            return mark(eng, step)
+        LLMEngine._mark = traced_mark
+        self._undo.append((LLMEngine, "_mark", mark))
+
+        def pre(module, _inp):
+            if self._before():
+                module._optrace_on = True
+
+        def post(module, _inp, _out):
+            if getattr(module, "_optrace_on", False):
+                module._optrace_on = False
+                self._after(type(module).__name__)
+        self._hooks = [torch.nn.modules.module.register_module_forward_pre_hook(pre),
+                       torch.nn.modules.module.register_module_forward_hook(post)]
+        return self
+
+    def report(self) -> list[dict]:
+        rows = [{"name": n, **r} for n, r in self.rows.items()]
+        return sorted(rows, key=lambda r: (-r["total_mib"], -r["depth"]))[:40]
+
+
 def probe(args: argparse.Namespace) -> dict:
     import torch
 
@@ -166,6 +277,7 @@ def probe(args: argparse.Namespace) -> dict:
         compile=args.compile and cuda, vendor_blas=args.vendor_blas, max_num_seqs=max(2, args.max_num_seqs),
         gptq_backend=args.gptq_backend, warmup=True, cuda_stack_reapply=args.reapply_stack and cuda)
     out: dict = {"args": vars(args), "device": opts.device, "options": opts.model_dump()}
+    trace = OpTrace().install() if args.op_trace else None
     eng = LLMEngine(args.model, opts)
     with NvmlPeak(0) as peak:
         t0 = time.monotonic()
@@ -174,9 +286,12 @@ def probe(args: argparse.Namespace) -> dict:
         except Exception as e:  # noqa: BLE001 - the steps reached are the result
             out["error"] = f"{type(e).__name__}: {str(e)[:1500]}"
         out["load_s"] = round(time.monotonic() - t0, 1)
+        if args.lmem_diag and cuda:  # which kernels grew local memory (also when the fit refused the load)
+            out["triton_kernels"] = _triton_kernels_local_memory()[:25]
+        if trace is not None:
+            out["op_trace_load"] = trace.report()
         if "error" not in out:
-            if args.lmem_diag and cuda:  # which kernels grew local memory, and does re-setting the limit give it back
-                out["triton_kernels"] = _triton_kernels_local_memory()[:25]
+            if args.lmem_diag and cuda:  # does re-setting the limit give local memory back
                 _lmem_diag(out, "after_load", reset_to=args.cuda_stack_limit if args.restack else None)
             n = eng.max_model_len
             gen = min(args.gen_len, n // 4)
@@ -236,6 +351,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --lmem-diag: set the stack limit to --cuda-stack-limit again after load, before the "
                         "runs (does the driver give back what a kernel grew, and do the runs grow it again)")
     p.add_argument("--reapply-stack", action="store_true", help="engine.cuda_stack_reapply")
+    p.add_argument("--op-trace", action="store_true",
+                   help="CUDA: which calls grow the process outside the allocator during the load (OpTrace)")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     if not args.smoke and not args.model:

@@ -13,8 +13,9 @@
 #           Sized for two calls: `run`, then `run` again while the machine is warm (each call starts a stage only if
 #           its estimate fits RUN_BUDGET_S=565 and prints "NOT DONE" when another call is needed; finished stages are
 #           skipped). PPO_STEPS / GRPO_STEPS / GRPO_RULE_STEPS (default 20 / 20 / 30); DPO_SWEEP: DPO's candidates
-#           as LR:EPOCHS (default "1e-5:1 2e-5:1 4e-5:1 1e-5:2": the first H200 run's held-out accuracy peaked after
-#           one epoch, 0.660 at step 100 against 0.627 at the end of three). QUALITY_STAGES (default "rm ppo dpo grpo
+#           as LR:EPOCHS[:BETA] (default "2e-5:2 4e-5:2 2e-5:2:0.05 2e-5:2:0.25 4e-5:1": the first H200 run's
+#           held-out accuracy peaked after one epoch, 0.660 at step 100 against 0.627 at the end of three; the second
+#           run's lr x epochs grid chose 2e-5 for 2 epochs, 0.641 held out; beta defaults to dpo.yaml's 0.1). QUALITY_STAGES (default "rm ppo dpo grpo
 #           grpo_rule") runs a subset, the table then has only their rows (e.g. "rm dpo": RM against DPO on the
 #           same pairs, ~8 minutes). EXTRA_OVERRIDES adds STAGE:key=value items, e.g. "dpo:dpo.beta=0.2".
 #         bash tests/gpu/quality_gpu.sh quantize (carry .whl-gpu) -> $OUT/quant.tgz: GPTQ variants' quality reports
@@ -73,8 +74,10 @@ case "${1:-}" in
             return $r
         }
         done_=()
+        sweep_dir() {  # LR:EPOCHS[:BETA] -> its run folder name
+            local lr ep beta; IFS=: read -r lr ep beta <<< "$1"; echo "lr-$lr-ep-$ep${beta:+-beta-$beta}"; }
         STAGES=(${QUALITY_STAGES:-rm ppo dpo grpo grpo_rule})
-        SWEEP=(${DPO_SWEEP:-1e-5:1 2e-5:1 4e-5:1 1e-5:2})
+        SWEEP=(${DPO_SWEEP:-2e-5:2 4e-5:2 2e-5:2:0.05 2e-5:2:0.25 4e-5:1})
         for s in "${STAGES[@]}"; do
             if [ -f "$RUNS/$s/manifest.json" ]; then done_+=("$s"); continue; fi
             if [ "$s" = dpo ]; then
@@ -82,12 +85,12 @@ case "${1:-}" in
                 # held-out test pairs, the ones the table compares with the RM on, are set aside unseen); about
                 # 25 s of loading and reference log-probs plus 15 s an epoch a candidate
                 for c in "${SWEEP[@]}"; do
-                    lr=${c%%:*} ep=${c#*:}
-                    out=$RUNS/dpo-sweep/lr-$lr-ep-$ep
+                    IFS=: read -r lr ep beta <<< "$c"
+                    out=$RUNS/dpo-sweep/$(sweep_dir "$c")
                     [ -f "$out/manifest.json" ] && continue
-                    fits "dpo-sweep lr=$lr epochs=$ep" $((30 + 20 * ep)) || { rc=0; break 2; }
-                    timed "dpo-sweep lr=$lr epochs=$ep" "$PY" -m training.dpo --config "$DPO_CFG" \
-                        --resume data.validation_fraction=0.15 train.lr="$lr" train.epochs="$ep" \
+                    fits "dpo-sweep $c" $((30 + 20 * ep)) || { rc=0; break 2; }
+                    timed "dpo-sweep $c" "$PY" -m training.dpo --config "$DPO_CFG" --resume \
+                        data.validation_fraction=0.15 train.lr="$lr" train.epochs="$ep" ${beta:+dpo.beta="$beta"} \
                         checkpoint.output_dir="$out" log.progress=false >>/tmp/quality.log 2>&1 || { rc=$?; break 2; }
                 done
                 best=$("$PY" - "$RUNS/dpo-sweep" "${SWEEP[@]}" <<'PY'
@@ -95,20 +98,22 @@ import json, sys
 from pathlib import Path
 rows = []
 for c in sys.argv[2:]:
-    lr, ep = c.split(":")
-    m = json.loads((Path(sys.argv[1]) / f"lr-{lr}-ep-{ep}" / "manifest.json").read_text())["metrics"]
-    rows.append({"lr": lr, "epochs": int(ep), "validation_acc": m.get("eval_acc"),
+    lr, ep, *beta = c.split(":")
+    d = json.loads((Path(sys.argv[1]) / ("lr-{}-ep-{}".format(lr, ep) + (f"-beta-{beta[0]}" if beta else ""))
+                    / "manifest.json").read_text())
+    m = d["metrics"]
+    rows.append({"lr": lr, "epochs": int(ep), "beta": d["config"]["dpo"]["beta"], "validation_acc": m.get("eval_acc"),
                  "validation_margin": m.get("eval_margin"), "validation_pairs": m.get("eval_pairs")})
 best = max(rows, key=lambda r: (r["validation_acc"] or 0, r["validation_margin"] or 0))
 (Path(sys.argv[1]) / "choice.json").write_text(json.dumps(
-    {"candidates": rows, "chosen_lr": best["lr"], "chosen_epochs": best["epochs"]}) + "\n")
-print(best["lr"], best["epochs"])
+    {"candidates": rows, "chosen_lr": best["lr"], "chosen_epochs": best["epochs"], "chosen_beta": best["beta"]}) + "\n")
+print(best["lr"], best["epochs"], best["beta"])
 PY
                 ) || { rc=$?; break; }
                 cat "$RUNS/dpo-sweep/choice.json"
-                read -r best best_ep <<< "$best"
-                echo "dpo: lr $best, $best_ep epochs, chosen on the validation cut of the training pairs"
-                SIZE+=("dpo:train.lr=$best" "dpo:train.epochs=$best_ep")
+                read -r best best_ep best_beta <<< "$best"
+                echo "dpo: lr $best, $best_ep epochs, beta $best_beta, chosen on the validation cut of the training pairs"
+                SIZE+=("dpo:train.lr=$best" "dpo:train.epochs=$best_ep" "dpo:dpo.beta=$best_beta")
             fi
             fits "$s" "${EST[$s]}" || break
             timed "$s" "$PY" -m training.pipeline --config "$PIPE" --only "$(IFS=,; echo "${done_[*]:+${done_[*]},}$s")" \
@@ -118,8 +123,9 @@ PY
         done
         if [ "$rc" = 0 ] && [ "${#done_[@]}" = "${#STAGES[@]}" ] && fits table "${EST[table]}"; then  # the table
             if [ -z "${best:-}" ] && [ -f "$RUNS/dpo/manifest.json" ]; then  # a later call: what the dpo stage ran with
-                read -r best best_ep < <("$PY" -c 'import json,sys; t=json.load(open(sys.argv[1]))["config"]["train"]
-print(t["lr"], t["epochs"])' "$RUNS/dpo/manifest.json") && SIZE+=("dpo:train.lr=$best" "dpo:train.epochs=$best_ep")
+                read -r best best_ep best_beta < <("$PY" -c 'import json,sys; c=json.load(open(sys.argv[1]))["config"]
+print(c["train"]["lr"], c["train"]["epochs"], c["dpo"]["beta"])' "$RUNS/dpo/manifest.json") \
+                    && SIZE+=("dpo:train.lr=$best" "dpo:train.epochs=$best_ep" "dpo:dpo.beta=$best_beta")
             fi
             timed table "$PY" tests/gpu/alignment_table.py --pipeline "$PIPE" --stages "$(IFS=,; echo "${STAGES[*]}")" \
                 "${SIZE[@]}" 2>>/tmp/quality.log || rc=$?

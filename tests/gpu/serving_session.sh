@@ -101,6 +101,11 @@ case "${1:-}" in
     # --restack sets the limit again after load (does the driver give back what a kernel grew?)
     mstep probe_own "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --lmem-diag --restack \
       --out "$OUT/mem_probe_own.json"
+    # which calls grow the process outside the allocator during the load (tests/gpu/memory_probe.py OpTrace: a sync
+    # and cudaMemGetInfo around every serving function and module forward outside graph capture), at the longest
+    # length that fits so that the load reaches the first decode, graphs and warm-up
+    mstep probe_trace "${PROBE[@]}" --no-vendor-blas --max-model-len 0 --op-trace --lmem-diag \
+      --out "$R/mem_probe_trace.json"
     # Marlin's kernels with local memory (each needs L bytes x 264 KiB of the process on the H200, once launched)
     mstep marlin_lmem bash -c 'CUOBJ=$(python3 -c "import triton, os; print(os.path.join(os.path.dirname(
         triton.__file__), \"backends/nvidia/bin/cuobjdump\"))"); ls -la "$CUOBJ"
