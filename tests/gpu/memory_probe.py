@@ -6,6 +6,7 @@ max_model_len tokens, then two of half that at once), and JSON with:
   after context, weights, lm_head, first_prefill, kv_cache, first_decode, graphs, fitted, warmed_up, with the
   step-to-step NVML deltas beside them (``deltas_mib``);
 - ``peak_mib``: the process's NVML maximum over the whole run (load included), sampled every 0.2 s in a thread;
+- the second run samples (temperature 0.8, top-p 0.9, top-k 50), as chat clients do;
 - ``kv_cache_tokens``, ``max_model_len``, the runs' token counts, and ``targets``: peak <= 4,096 MiB while holding
   >= 1,024 cached int8 tokens (stretch 2,048).
 A load that fails (the fit refusing, out of memory) still reports the steps it reached, with the error.
@@ -60,8 +61,9 @@ class NvmlPeak:
         self.thread.join(timeout=15)
 
 
-def _run(eng, lengths: list[int], gen: int, vocab: int, seed: int) -> dict:
-    """``len(lengths)`` sequences at once, each ``lengths[i]`` tokens in all (prompt + ``gen`` new, ignore_eos)."""
+def _run(eng, lengths: list[int], gen: int, vocab: int, seed: int, sampled: bool = False) -> dict:
+    """``len(lengths)`` sequences at once, each ``lengths[i]`` tokens in all (prompt + ``gen`` new, ignore_eos);
+    ``sampled``: temperature 0.8, top-p 0.9, top-k 50 (a chat client's settings: the sampler's kernels load)."""
     import torch
 
     from serving.sampler import SamplingParams
@@ -83,10 +85,13 @@ def _run(eng, lengths: list[int], gen: int, vocab: int, seed: int) -> dict:
             if o.finish_reason:
                 done[i].set()
 
-        eng.add_request(ids, SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True), sink)
+        params = SamplingParams(max_tokens=gen, temperature=0.8, top_p=0.9, top_k=50, seed=seed + i,
+                                ignore_eos=True) if sampled else SamplingParams(max_tokens=gen, temperature=0.0,
+                                                                                ignore_eos=True)
+        eng.add_request(ids, params, sink)
     for d in done:
         d.wait(1800)
-    return {"lengths": lengths, "generated": got, "cached_tokens_held": sum(n - 1 for n in lengths),
+    return {"lengths": lengths, "sampled": sampled, "generated": got, "cached_tokens_held": sum(n - 1 for n in lengths),
             "errors": errors, "s": round(time.perf_counter() - t0, 2)}
 
 
@@ -295,8 +300,12 @@ def probe(args: argparse.Namespace) -> dict:
                 _lmem_diag(out, "after_load", reset_to=args.cuda_stack_limit if args.restack else None)
             n = eng.max_model_len
             gen = min(args.gen_len, n // 4)
+            if trace is not None:
+                trace.step, trace.rows = "runs", {}
             out["runs"] = [_run(eng, [n], gen, eng.runner.vocab, 1),
-                           _run(eng, [n // 2, n // 2], gen, eng.runner.vocab, 2)]
+                           _run(eng, [n // 2, n // 2], gen, eng.runner.vocab, 2, sampled=True)]
+            if trace is not None:
+                out["op_trace_runs"] = trace.report()
             if args.lmem_diag and cuda:
                 _lmem_diag(out, "after_runs")
             out["memory_report"] = eng.memory_report()
