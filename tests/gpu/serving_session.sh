@@ -121,6 +121,9 @@ case "${1:-}" in
     mstep bench_engine "${BENCH[@]}" --phases engine --out "$OUT/mem_bench_engine.json"
     mstep bench_chat "${BENCH[@]}" --phases chat,chat_no_prefix --out "$OUT/mem_bench_chat.json"
     mstep bench_load "${BENCH[@]}" --phases load --out "$OUT/mem_bench_load.json"
+    # at equal memory: the fixed-slot engine's load_legacy at --gpu-memory-gb 4 read 4,974 MiB by nvidia-smi on the
+    # H200, so the paged engine gets that whole-process budget (EQ_GB, 4,974 / 1,024)
+    mstep bench_load_eq "${BENCH[@]}" --phases load --gpu-memory-gb "${EQ_GB:-4.857}" --out "$R/mem_bench_load_eq.json"
     mstep probe_own_max "${PROBE[@]}" --no-vendor-blas --max-model-len 0 --out "$R/mem_probe_own_max.json"
     # the stack reservation is stack x 2,048 threads x 132 SMs (66 MiB at 256 B on the H200); CUDA raises the
     # limit by itself for a kernel that needs more, so 64 B is safe and shows what the kernels actually need
