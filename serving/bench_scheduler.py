@@ -30,9 +30,10 @@ from typing import Any
 DEFAULT_POLICIES = ("old=0:newest", "lookahead_only=16:newest", "victim_only=0:least_computed", "new=default")
 
 
-def tiny_llama(vocab: int = 512, max_len: int = 1024, seed: int = 0) -> tuple[Any, Any]:
-    """A random Llama at the tests' toy shape (hidden 64, 2 layers, 4 heads, 2 KV heads) and a word-level
-    tokenizer over its ids (the prompts are token ids; nothing is detokenized)."""
+def tiny_llama(vocab: int = 512, max_len: int = 1024, seed: int = 0, hidden: int = 64,
+               layers: int = 2) -> tuple[Any, Any]:
+    """A random Llama, by default at the tests' toy shape (hidden 64, 2 layers, 4 heads, 2 KV heads), and a
+    word-level tokenizer over its ids (the prompts are token ids; nothing is detokenized)."""
     import torch
     from tokenizers import Tokenizer, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -41,7 +42,7 @@ def tiny_llama(vocab: int = 512, max_len: int = 1024, seed: int = 0) -> tuple[An
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="t0")),
                                   eos_token="</s>")
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len,
                       eos_token_id=vocab - 1, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg).eval(), tok
@@ -163,6 +164,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2,3", help="workloads (comma-separated seeds); totals over all of them")
     p.add_argument("--repeats", type=int, default=3, help="runs of each policy per workload, interleaved; the "
                                                           "median wall time counts (the CPU is shared)")
+    p.add_argument("--hidden", type=int, default=64, help="model width (64: the tests' tiny Llama; wider makes a "
+                                                          "recomputed token cost more next to a decode step)")
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the CI machine shares 2 cores)")
     p.add_argument("--policy", action="append", help=f"NAME=LOOKAHEAD:VICTIM or NAME=default (the config's "
                                                      f"defaults); default: {' '.join(DEFAULT_POLICIES)}")
@@ -179,11 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     cache = args.kv_blocks * args.block_size
-    model, tok = tiny_llama(max_len=max(1024, cache))
+    model, tok = tiny_llama(max_len=max(1024, cache), hidden=args.hidden, layers=args.layers)
     seeds = [int(x) for x in args.seeds.split(",") if x]
     policies = [parse_policy(spec) for spec in args.policy or DEFAULT_POLICIES]
     report: dict[str, Any] = {
-        "machine": "cpu", "model": "random Llama, hidden 64, 2 layers, fp32",
+        "machine": "cpu", "model": f"random Llama, hidden {args.hidden}, {args.layers} layers, fp32",
         "command": "python -m serving.bench_scheduler " + " ".join(sys.argv[1:] if argv is None else argv),
         "workload": {"requests_per_seed": args.requests, "seeds": seeds,
                      "max_tokens": f"{args.gen_min}..{args.gen_max}", "all_at_once": True, "ignore_eos": True,

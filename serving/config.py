@@ -24,7 +24,8 @@ DEFAULT_MAX_NUM_SEQS = 32
 DEFAULT_MAX_WAITING = 64
 ADMISSION_HEADROOM = 4  # Serve's max_ongoing_requests over the engine's limit: 3x bursts must reach our 429
 DEFAULT_ENGINE_STALL_TIMEOUT_S = 30.0
-# Chosen by the CPU side-by-side of serving.bench_scheduler (loadtest/results/cpu/scheduler_admission.json)
+# Chosen by the CPU sweep of serving.bench_scheduler (loadtest/results/cpu/scheduler_lookahead_sweep.json; the
+# numbers are in serving.scheduler.Scheduler.admit and pick_victim)
 ADMISSION_LOOKAHEAD_TOKENS = 16
 PREEMPTION_VICTIM = "least_computed"
 
