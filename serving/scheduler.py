@@ -127,7 +127,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order, oldest first
         self.num_preemptions = 0
-        self.recomputed_tokens = 0  # tokens prefilled again after a preemption (cache hits not counted)
+        self.recomputed_tokens = 0  # tokens a preemption took out of the cache that were prefilled again
+        self._lost: dict[str, int] = {}  # preempted sequence -> tokens it had in the cache
         self._order = itertools.count(1)
 
     # -- queue
@@ -178,8 +179,8 @@ class Scheduler:
                     break
             self.waiting.popleft()
             seq.cached_tokens = seq.num_computed = self.kv.admit(seq.id, seq.compute_ids)
-            if seq.preemptions:
-                self.recomputed_tokens += len(seq.compute_ids) - seq.cached_tokens
+            lost = self._lost.pop(seq.id, 0)
+            self.recomputed_tokens += max(0, min(lost, len(seq.compute_ids)) - seq.cached_tokens)
             seq.prefilled = False
             seq.order = next(self._order)
             self.running.append(seq)
@@ -240,6 +241,7 @@ class Scheduler:
         """Free ``seq``'s blocks and requeue it at the front for recompute."""
         self.kv.free(seq.id)
         self.running.remove(seq)
+        self._lost[seq.id] = seq.num_computed
         seq.compute_ids = seq.prompt_ids + seq.output_ids[:-1] if seq.output_ids else seq.prompt_ids
         seq.sample_after_prefill = not seq.output_ids
         seq.num_computed = 0
@@ -262,5 +264,6 @@ class Scheduler:
             return False
         if seq in self.waiting:
             self.waiting.remove(seq)
+            self._lost.pop(seq.id, None)
             return True
         return False
