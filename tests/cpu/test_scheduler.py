@@ -153,3 +153,24 @@ def test_bad_preemption_victim_is_refused():
         EngineConfig(preemption_victim="oldest")
     with pytest.raises(ValueError):
         EngineConfig(admission_lookahead_tokens=-1)
+
+
+def test_bench_scheduler_cli_runs_both_policies_on_the_same_load(tmp_path):
+    """`python -m serving.bench_scheduler` at a toy size (in-process): both policies serve every request with the
+    same greedy tokens and the JSON carries the counts the README quotes (speed is not checked here)."""
+    import json
+
+    from serving.bench_scheduler import main
+
+    out = tmp_path / "sched.json"
+    assert main(["--requests", "16", "--kv-blocks", "32", "--block-size", "8", "--median-prompt", "24",
+                 "--gen-min", "16", "--gen-max", "48", "--seeds", "0", "--repeats", "1",
+                 "--policy", "old=0:newest", "--policy", "new=default", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    old, new = rep["policies"]["old"], rep["policies"]["new"]
+    assert (new["admission_lookahead_tokens"], new["preemption_victim"]) == (
+        EngineConfig().admission_lookahead_tokens, EngineConfig().preemption_victim)
+    for r in (old, new):
+        assert r["served"] == 16 and r["failed"] == 0 and r["blocks_back"] and r["outputs_equal_first"] == 16
+    assert old["preemptions"] > new["preemptions"]
+    assert rep["summary"]["preemptions"] == [old["preemptions"], new["preemptions"]]
