@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_POLICIES = ("old=0:newest", "lookahead_only=16:newest", "victim_only=0:least_computed", "new=default")
+DEFAULT_POLICIES = ("old=0:newest", "lookahead_only=8:newest", "victim_only=0:least_computed", "new=default")
 
 
 def tiny_llama(vocab: int = 512, max_len: int = 1024, seed: int = 0, hidden: int = 64,
@@ -58,6 +58,40 @@ def workload(n: int, vocab: int, max_prompt: int, median: int, gen_min: int, gen
         length = min(max_prompt, max(4, round(median * math.exp(rng.gauss(0.0, 0.9)))))
         out.append(([rng.randrange(vocab - 1) for _ in range(length)], rng.randint(gen_min, gen_max)))
     return out
+
+
+def toy_bpe_tokenizer() -> Any:
+    """The byte-level BPE of ``../shared/tools/make_llama7b_gptq.py`` (300 asked for, 42 learned from its one
+    training line): the tokenizer of the H200's LLaMA-7B-shaped GPTQ checkpoint, so ``--prompts`` gives the same
+    token counts as ``python -m serving.bench --phases load`` there (48 instructionwild prompts: median 98, longest
+    984)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tk.train_from_iterator(["hello world benchmark text"] * 10,
+                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def file_workload(source: str, n: int, vocab: int, gen_min: int, gen_max: int, seed: int = 0,
+                  tokenizer: str | None = None) -> list[tuple[list[int], int]]:
+    """``n`` prompts of ``source`` (loadtest's prompt loader, shuffled by ``seed``: 0 is the GPU bench's set),
+    tokenized by ``tokenizer`` (a folder) or the H200 checkpoint's toy BPE, ids folded into the tiny model's
+    vocabulary (lengths and shared prefixes are what the scheduler sees); max_tokens drawn as the GPU bench's
+    load phase draws them (``random.Random(0).randint(gen_min, gen_max)`` per prompt)."""
+    from loadtest.prompts import load_prompts
+
+    if tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    else:
+        tok = toy_bpe_tokenizer()
+    texts = [p.text for p in load_prompts(source, gen_max, limit=n, seed=seed)]
+    rng = random.Random(0)
+    return [([t % (vocab - 1) for t in tok(text)["input_ids"]], rng.randint(gen_min, gen_max)) for text in texts]
 
 
 def parse_policy(spec: str) -> tuple[str, dict[str, Any]]:
@@ -161,6 +195,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gen-min", type=int, default=16)
     p.add_argument("--gen-max", type=int, default=128)
     p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--prompts", help="prompt file or folder (e.g. ../shared/data/instructionwild) instead of "
+                                     "log-normal random lengths; --seeds then shuffle it (0: the GPU bench's set)")
+    p.add_argument("--tokenizer", help="with --prompts: tokenizer folder (default: the H200 checkpoint's toy BPE)")
     p.add_argument("--seeds", default="0,1,2,3", help="workloads (comma-separated seeds); totals over all of them")
     p.add_argument("--repeats", type=int, default=3, help="runs of each policy per workload, interleaved; the "
                                                           "median wall time counts (the CPU is shared)")
@@ -189,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "machine": "cpu", "model": f"random Llama, hidden {args.hidden}, {args.layers} layers, fp32",
         "command": "python -m serving.bench_scheduler " + " ".join(sys.argv[1:] if argv is None else argv),
-        "workload": {"requests_per_seed": args.requests, "seeds": seeds,
+        "workload": {"requests_per_seed": args.requests, "seeds": seeds, "prompts": args.prompts or "log-normal",
                      "max_tokens": f"{args.gen_min}..{args.gen_max}", "all_at_once": True, "ignore_eos": True,
                      "prompt_tokens_median": [], "prompt_tokens_max": []},
         "kv_cache": {"blocks": args.kv_blocks, "block_size": args.block_size, "tokens": cache},
@@ -197,8 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     totals: dict[str, dict[str, Any]] = {}
     for seed in seeds:
-        load = workload(args.requests, 512, cache - args.gen_max, args.median_prompt, args.gen_min, args.gen_max,
-                        seed)
+        if args.prompts:
+            load = file_workload(args.prompts, args.requests, 512, args.gen_min, args.gen_max, seed, args.tokenizer)
+        else:
+            load = workload(args.requests, 512, cache - args.gen_max, args.median_prompt, args.gen_min,
+                            args.gen_max, seed)
         lens = sorted(len(p) for p, _ in load)
         report["workload"]["prompt_tokens_median"].append(lens[len(lens) // 2])
         report["workload"]["prompt_tokens_max"].append(lens[-1])

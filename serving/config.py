@@ -24,9 +24,9 @@ DEFAULT_MAX_NUM_SEQS = 32
 DEFAULT_MAX_WAITING = 64
 ADMISSION_HEADROOM = 4  # Serve's max_ongoing_requests over the engine's limit: 3x bursts must reach our 429
 DEFAULT_ENGINE_STALL_TIMEOUT_S = 30.0
-# Chosen by the CPU sweep of serving.bench_scheduler (loadtest/results/cpu/scheduler_lookahead_sweep.json; the
-# numbers are in serving.scheduler.Scheduler.admit and pick_victim)
-ADMISSION_LOOKAHEAD_TOKENS = 16
+# Chosen by serving.bench_scheduler's counts (loadtest/results/cpu/scheduler_*.json; the numbers are in
+# serving.scheduler.Scheduler.admit and pick_victim)
+ADMISSION_LOOKAHEAD_TOKENS = 8
 PREEMPTION_VICTIM = "least_computed"
 
 __all__ = ["ConfigError", "DeploymentConfig", "EngineConfig", "ServeConfig", "load_serve_config", "resolve_model_path"]

@@ -152,18 +152,20 @@ class Scheduler:
 
         Why a lookahead reserve: admitting on the prompt's blocks alone filled the cache with prompts whose
         replies then had no room; the running sequences grew into each other, preempted the newest and redid its
-        prefill, again and again (H200, 4 GB profile, 48 blocks of 16, 48 instructionwild prompts at once: 32
-        preemptions). Keeping back the blocks the running sequences need for their next ``admission_lookahead``
-        tokens admits a little less at once but lets them finish. Chosen on CPU (``python -m
-        serving.bench_scheduler``, loadtest/results/cpu/scheduler_lookahead_sweep.json: 6 workloads x 48
-        requests, 48 blocks of 16): preemptions / recomputed tokens / engine steps were 271 / 8,827 / 6,258
-        admitting on the prompt alone, 76 / 3,162 / 6,230 at 8 tokens, 51 / 1,660 / 6,348 at 16, 16 / 511 / 6,680
-        at 32 and 1 / 32 / 7,321 at 64. 16 (one block) removes four fifths of the redone prefill for 1.4% more
-        steps; 32 cuts it to a third of that for another 5.2% steps, 64 to nothing for another 9.6% (fewer
-        sequences decode at once). Steps are what a memory-bound GPU decode pays for; a recomputed 128-token
-        chunk cost ~37 ms on the H200 at the 4 GB profile.
-        With nothing running the reserve is waived: a request that fits the cache alone always starts, so none
-        that fits is starved or failed; the reserve only orders who runs when."""
+        prefill (H200, 4 GB profile, 48 blocks of 16, 48 instructionwild prompts at once: 32 preemptions).
+        Keeping back the blocks the running sequences need for their next ``admission_lookahead`` tokens lets
+        them finish. Chosen by counts from ``python -m serving.bench_scheduler`` (loadtest/results/cpu/), CPU:
+        on the H200 load itself (the same prompts through the checkpoint's tokenizer, 4 sequences at most; the
+        old policy's 32 preemptions come out exactly; the victim least_computed except for the old policy's
+        newest) preemptions / recomputed tokens / engine steps were
+        32 / 806 / 1,067 admitting on the prompt alone, 9 / 345 / 1,054 at 8 tokens, 5 / 238 / 1,098 at 16 and
+        3 / 88 / 1,120 at 32; over 6 log-normal loads at 32 sequences 271 / 8,827 / 6,258, 76 / 3,162 / 6,230,
+        51 / 1,660 / 6,348 and 16 / 511 / 6,680. A step is what a memory-bound GPU decode pays for (~30 ms on
+        that H200 run: 111 tok/s at ~3.3 running), a recomputed token ~0.3 ms (37 ms per 128-token chunk there):
+        8 tokens cuts the preemptions by 3.5x without a step more; 16 and up pay more steps (fewer sequences
+        decode at once) than the recompute they save. With nothing running the reserve is waived: a request that
+        fits the cache alone always starts, so none that fits is starved or failed; the reserve only orders who
+        runs when."""
         admitted = []
         reserve = None
         while self.waiting and len(self.running) < self.max_num_seqs:
@@ -232,9 +234,10 @@ class Scheduler:
         Why least_computed: the recompute a preemption costs is bounded by the smallest running sequence, never a
         long prompt admitted last (with ``newest`` a 900-token prompt is the victim every time it is readmitted),
         and the furthest sequence is only preempted when every running sequence has as many tokens, so one of the
-        furthest always progresses and finishes: no request is preempted forever. Measured on CPU at a 16-token
-        lookahead (the sweep in ``admit``): 1,660 recomputed tokens in 6,348 steps against newest's 1,878 in
-        6,369."""
+        furthest always progresses and finishes: no request is preempted forever. Measured with the 8-token
+        lookahead (the loads in ``admit``): 9 / 345 / 1,054 (preemptions / recomputed tokens / steps) against
+        newest's 8 / 317 / 1,070 on the H200 load, 76 / 3,162 / 6,230 against 78 / 3,437 / 6,289 on the
+        log-normal ones."""
         if self.preemption_victim == "newest":
             return self.running[-1]
         return min(reversed(self.running), key=lambda s: s.num_computed)
