@@ -1,18 +1,20 @@
 """Admission and preemption under memory pressure, side by side in one run: the first paged engine's policy (admit
 on the prompt's blocks alone, preempt the newest) against the lookahead reserve and the least-computed victim
-(``serving.scheduler.Scheduler.admit``). CPU, a tiny random Llama, a KV cache of ``--kv-blocks`` blocks, and a
-mixed-length load shaped like the H200 one of ``python -m serving.bench --phases load`` (48 instructionwild prompts
-at once, median 98 tokens, max_tokens drawn from 16..128, ignore_eos): prompt lengths log-normal around the same
-median, random token ids. Prints JSON (preemptions, recomputed tokens, tokens/s, served/failed, wall time per
-policy) and writes it to ``--out``.
+(``serving.scheduler.Scheduler.admit``). CPU, the real engine over a tiny random Llama, a KV cache of
+``--kv-blocks`` blocks, every request queued before the engine's loop starts (so the schedule, and every count,
+is the same from run to run), max_tokens drawn from 16..128, ignore_eos. The load: log-normal prompt lengths
+around instructionwild's median (98 tokens) of random ids, or ``--prompts`` (a file or folder), tokenized as on
+the H200 (its checkpoint's toy BPE), which with ``--seeds 0 --max-num-seqs 4`` is that GPU bench's load itself.
+Prints JSON (per policy, totals over the seeds: preemptions, recomputed tokens, engine steps, tokens/s,
+served/failed, wall time) and writes it to ``--out``. Tokens/s on a shared CPU is noise next to the counts.
 
-    python -m serving.bench_scheduler [--requests 48] [--kv-blocks 48] [--out FILE.json]
-    python -m serving.bench_scheduler --policy old=0:newest --policy new=128:least_computed --policy l64=64:newest
+    python -m serving.bench_scheduler --seeds 0,1,2,3,4,5 --repeats 3 [--out FILE.json]
+    python -m serving.bench_scheduler --prompts ../shared/data/instructionwild --seeds 0 --max-num-seqs 4
+    python -m serving.bench_scheduler --policy old=0:newest --policy new=default --policy l32=32:least_computed
 
 A policy is ``NAME=LOOKAHEAD_TOKENS:VICTIM`` (``EngineConfig.admission_lookahead_tokens`` /
-``preemption_victim``). Every policy runs the same requests on the same weights; ``outputs_equal_first`` counts the
-requests whose greedy tokens equal the first policy's (recompute is exact in fp32, but a different batch can move a
-near tie of the random model's logits).
+``preemption_victim``) or ``NAME=default`` (the config's defaults). Every policy runs the same requests on the
+same weights; ``outputs_equal_first`` counts the requests whose greedy tokens equal the first policy's.
 """
 
 from __future__ import annotations
