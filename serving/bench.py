@@ -250,10 +250,11 @@ def phase_chat(args: argparse.Namespace, prefix_caching: bool = True, legacy: bo
     return out
 
 
-def phase_load(args: argparse.Namespace, legacy: bool = False) -> dict[str, Any]:
+def phase_load(args: argparse.Namespace, legacy: bool = False, **policy: Any) -> dict[str, Any]:
     """Mixed-length load in-process: ``--load-requests`` prompts (``--prompts``, e.g. ../shared/data/instructionwild,
     else random lengths), max_tokens drawn from 16..``--gen-len``, all arriving at once (the engine queues them).
-    Per-request success is kept in order so the summary can compare engines request by request."""
+    Per-request success is kept in order so the summary can compare engines request by request. ``policy``: paged
+    engine options (``load_prompt_admission``: the first paged engine's admission and preemption)."""
     import random
 
     import torch
@@ -262,7 +263,8 @@ def phase_load(args: argparse.Namespace, legacy: bool = False) -> dict[str, Any]
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     smi = _Smi(cuda)
-    eng = _make_engine(args, cuda, legacy, max_num_seqs=max(args.batch_sizes), warmup=True, max_waiting=4096)
+    eng = _make_engine(args, cuda, legacy, max_num_seqs=max(args.batch_sizes), warmup=True, max_waiting=4096,
+                       **policy)
     eng.load_and_start()
     rng = random.Random(0)
     n = args.load_requests
@@ -295,7 +297,10 @@ def phase_load(args: argparse.Namespace, legacy: bool = False) -> dict[str, Any]
            "prompt_tokens_max": max(len(p) for p in prompts),
            "ttft_s_p50": round(ttft[len(ttft) // 2], 3) if ttft else None,
            "ttft_s_p99": round(ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))], 3) if ttft else None,
-           "preemptions": eng.load_stats().get("preemptions"), "nvidia_smi_max": smi.result()}
+           "preemptions": eng.load_stats().get("preemptions"),
+           "recomputed_tokens": eng.load_stats().get("recomputed_tokens"),
+           "admission": [getattr(eng.opts, "admission_lookahead_tokens", None),
+                         getattr(eng.opts, "preemption_victim", None)], "nvidia_smi_max": smi.result()}
     eng.shutdown()
     return out
 
@@ -511,6 +516,7 @@ PHASES = {"engine": phase_engine, "engine_compiled": lambda a: phase_engine(a, c
           "chat_no_prefix": lambda a: phase_chat(a, prefix_caching=False),
           "chat_legacy": lambda a: phase_chat(a, legacy=True), "load": phase_load,
           "load_legacy": lambda a: phase_load(a, legacy=True),
+          "load_prompt_admission": lambda a: phase_load(a, admission_lookahead_tokens=0, preemption_victim="newest"),
           "generate": phase_generate, "generate_uncapped": phase_generate_uncapped, "hf_cb": phase_hf_cb,
           "profile": phase_profile}
 
@@ -551,8 +557,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--phases", default="engine,generate",
                    help="comma list of: engine (paged), legacy (fixed-slot engine of 9297f40), engine_compiled "
                         "(engine.compile on), chat, chat_no_prefix, chat_legacy (10-turn chat), load, load_legacy "
-                        "(mixed-length load), generate (same cap), generate_uncapped, hf_cb, profile (kernel time "
-                        "of one eager decode step by kind)")
+                        "(mixed-length load), load_prompt_admission (load under the first paged engine's admission "
+                        "and preemption: engine.admission_lookahead_tokens=0, preemption_victim=newest), generate "
+                        "(same cap), generate_uncapped, hf_cb, profile (kernel time of one eager decode step by kind)")
     p.add_argument("--hf-continuous-batching", action="store_true", help="also run the hf_cb phase")
     p.add_argument("--phase", help=argparse.SUPPRESS)
     p.add_argument("--out", help="also write the JSON here")
@@ -675,6 +682,11 @@ def _summarize_paged(report: dict[str, Any]) -> None:
         s["load"] = {"paged_tok_s": load.get("aggregate_tok_s"), "legacy_tok_s": lload.get("aggregate_tok_s"),
                      "paged_served": load.get("served"), "legacy_served": lload.get("served"),
                      "requests": load.get("requests")}
+        pload = report.get("load_prompt_admission", {})
+        if pload.get("ok"):
+            s["load"].update(prompt_admission_tok_s=pload.get("aggregate_tok_s"),
+                             preemptions=[pload.get("preemptions"), load.get("preemptions")],
+                             recomputed_tokens=[pload.get("recomputed_tokens"), load.get("recomputed_tokens")])
         if lload.get("ok"):
             s["load"]["served_by_legacy_failed_by_paged"] = sum(
                 1 for a, b in zip(load["ok"], lload["ok"], strict=False) if b and not a)

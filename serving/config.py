@@ -24,6 +24,10 @@ DEFAULT_MAX_NUM_SEQS = 32
 DEFAULT_MAX_WAITING = 64
 ADMISSION_HEADROOM = 4  # Serve's max_ongoing_requests over the engine's limit: 3x bursts must reach our 429
 DEFAULT_ENGINE_STALL_TIMEOUT_S = 30.0
+# Chosen by serving.bench_scheduler's counts (loadtest/results/cpu/scheduler_*.json; the numbers are in
+# serving.scheduler.Scheduler.admit and pick_victim)
+ADMISSION_LOOKAHEAD_TOKENS = 8
+PREEMPTION_VICTIM = "least_computed"
 
 __all__ = ["ConfigError", "DeploymentConfig", "EngineConfig", "ServeConfig", "load_serve_config", "resolve_model_path"]
 
@@ -70,6 +74,17 @@ class EngineConfig(_Strict):
                              description="Requests allowed to wait for KV blocks; beyond it the API answers 429.")
     max_prefill_tokens: int = Field(4096, ge=16, description="Prompt tokens prefilled per engine step at most.")
     prefill_chunk: int = Field(256, ge=16, description="Prompt tokens per prefill forward (bounds activation memory).")
+    admission_lookahead_tokens: int = Field(
+        ADMISSION_LOOKAHEAD_TOKENS, ge=0,
+        description="A waiting request is admitted only when the free KV blocks, after its prompt, still cover "
+                    "the next this-many tokens of every running sequence and of itself (each bounded by its "
+                    "max_tokens), so that running sequences do not grow into each other and preempt (recompute) "
+                    "in a loop under memory pressure. With nothing running a request is admitted on its prompt "
+                    "alone. 0: admit on the prompt's blocks alone (the first paged engine).")
+    preemption_victim: Literal["least_computed", "newest"] = Field(
+        PREEMPTION_VICTIM, description="Which running sequence is preempted when blocks run out mid-decode: "
+                                       "least_computed (fewest tokens in the cache: the least prefill to redo) or "
+                                       "newest (the most recently admitted).")
     kv_cache_dtype: Literal["auto", "int8"] = Field(
         "auto", description="auto: the model dtype. int8: per-token-per-head scaled int8 (half the bytes).")
     kv_cache_tokens: int | None = Field(None, ge=16, description="Fix the KV cache size in tokens instead of sizing "

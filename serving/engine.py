@@ -326,7 +326,9 @@ class LLMEngine:
             self._fill_memory(self._nvml_mib() if cuda else None, act_need(self.graphs is not None) if cuda else 0)
         self._mark("fitted")
         self.kv = KVCacheManager(num_blocks, bs, o.enable_prefix_caching, extra_key=str(self.path.resolve()))
-        self.sched = Scheduler(self.kv, o.max_num_seqs, o.max_prefill_tokens, o.prefill_chunk, self.stats)
+        self.sched = Scheduler(self.kv, o.max_num_seqs, o.max_prefill_tokens, o.prefill_chunk, self.stats,
+                               admission_lookahead=o.admission_lookahead_tokens,
+                               preemption_victim=o.preemption_victim, max_model_len=self.max_model_len)
         self.eos_ids = self._eos_ids(model)
         if self.graphs is not None:
             self.info["decode_graph_ms"] = self.graphs.time_replay()
@@ -568,7 +570,8 @@ class LLMEngine:
         s, kv = self.sched, self.kv
         return {"running": len(s.running) if s else 0, "waiting": self._num_waiting, "slots": self.num_slots,
                 "kv_usage": kv.usage() if kv else 0.0, "free_blocks": kv.pool.num_free if kv else 0,
-                "total_blocks": kv.pool.usable if kv else 0, "preemptions": s.num_preemptions if s else 0}
+                "total_blocks": kv.pool.usable if kv else 0, "preemptions": s.num_preemptions if s else 0,
+                "recomputed_tokens": s.recomputed_tokens if s else 0}
 
     # ------------------------------------------------------------------ scheduler thread
     def _loop(self) -> None:

@@ -167,9 +167,16 @@ class KVCacheManager:
         """(fits now, blocks needed beyond the cache hits, cached tokens) for a prompt about to be prefilled."""
         _, hits = self.match_prefix(tokens)
         need = self.blocks_for(len(tokens)) - len(hits)
+        return need <= self._free_besides(hits), need, len(hits) * self.block_size
+
+    def _free_besides(self, hits: list[int]) -> int:
         # evictable hits are counted in num_free but are taken, not allocated
-        evictable_hits = sum(1 for b in hits if self.pool.ref[b] == 0)
-        return need <= self.pool.num_free - evictable_hits, need, len(hits) * self.block_size
+        return self.pool.num_free - sum(1 for b in hits if self.pool.ref[b] == 0)
+
+    def headroom_after_admit(self, tokens: list[int]) -> int:
+        """Free blocks left once ``tokens`` were admitted (negative: they do not fit now)."""
+        _, hits = self.match_prefix(tokens)
+        return self._free_besides(hits) - (self.blocks_for(len(tokens)) - len(hits))
 
     def admit(self, seq_id: str, tokens: list[int]) -> int:
         """Allocate the blocks for ``tokens`` (the prompt, or prompt + output for a recompute), sharing the cached

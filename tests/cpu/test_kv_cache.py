@@ -49,10 +49,13 @@ def test_allocator_property_random_arrivals_aborts_finishes(seed: int):
         if op < 0.35:  # arrival
             toks = rng.choice(prefixes) + [rng.randrange(50) for _ in range(rng.randrange(0, 6))]
             ok, need, cached = kv.can_admit(toks)
+            headroom = kv.headroom_after_admit(toks)  # what the scheduler's lookahead reserve is checked against
+            assert (headroom >= 0) == ok
             sid = f"s{step}"
             if ok:
                 got = kv.admit(sid, toks)
                 assert got == cached and got % bs == 0 and got < len(toks)
+                assert kv.pool.num_free == headroom, "admission took other blocks than headroom_after_admit said"
                 hits += got
                 assert len(kv.tables[sid].blocks) == kv.blocks_for(len(toks))
                 kv.commit_full_blocks(sid, toks, len(toks))
