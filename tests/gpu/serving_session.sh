@@ -120,7 +120,9 @@ case "${1:-}" in
     [ -n "${BENCH_REAPPLY:-}" ] && BENCH+=(--cuda-stack-reapply)
     mstep bench_engine "${BENCH[@]}" --phases engine --out "$OUT/mem_bench_engine.json"
     mstep bench_chat "${BENCH[@]}" --phases chat,chat_no_prefix --out "$OUT/mem_bench_chat.json"
-    mstep bench_load "${BENCH[@]}" --phases load --out "$OUT/mem_bench_load.json"
+    # the load with this engine's admission (lookahead, least-computed victim) and with the first paged engine's
+    # (prompt-only admission, newest victim) side by side
+    mstep bench_load "${BENCH[@]}" --phases load,load_prompt_admission --out "$OUT/mem_bench_load.json"
     # at equal memory: the fixed-slot engine's load_legacy at --gpu-memory-gb 4 read 4,974 MiB by nvidia-smi on the
     # H200, so the paged engine gets that whole-process budget (EQ_GB, 4,974 / 1,024)
     mstep bench_load_eq "${BENCH[@]}" --phases load --gpu-memory-gb "${EQ_GB:-4.857}" --out "$R/mem_bench_load_eq.json"
