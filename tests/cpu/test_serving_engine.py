@@ -634,3 +634,20 @@ def test_gptq_host_placement_with_a_recorder_for_gptqmodel_load_no_gpu(tmp_path:
     model_mod.load_model(tmp_path, torch.device("cuda", 0), gptq_backend="torch", host_modules=("lm_head",))
     assert "device_map" in calls[0] and calls[1]["device"] == "cuda:0" and "device_map" not in calls[1]
 
+
+
+def test_graph_buckets_capped_by_batch_tokens_only_for_the_torch_attention_path():
+    """The torch attention path gathers batch x context K/V into the graph pool, so its buckets are capped; the
+    Triton decode kernel reads blocks in place, so every (batch, context) bucket is captured (the cap had left
+    the 4 GB profile's batch-4 steps past 256 tokens of context eager on the H200)."""
+    from types import SimpleNamespace
+
+    from serving.runner import DecodeGraphs
+
+    def graphs(kernel):
+        runner = SimpleNamespace(hidden=8, dtype=torch.float32, device=torch.device("cpu"), decode_kernel=kernel)
+        return DecodeGraphs(runner, [1, 2, 4], [64, 256, 512, 768], max_blocks=48, max_batch_tokens=1504)
+
+    torch_path, triton_path = graphs(None), graphs(lambda *a: None)
+    assert torch_path.wanted(1, 768) and torch_path.wanted(4, 256) and not torch_path.wanted(4, 512)
+    assert all(triton_path.wanted(b, c) for b in (1, 2, 4) for c in (64, 256, 512, 768))
