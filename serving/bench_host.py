@@ -136,7 +136,7 @@ def worker(rows_list: list[int], new_tokens: int, reps: int, vocab: int, prompt_
                 import pstats
 
                 prof = cProfile.Profile()
-                eng._step = lambda: prof.runcall(inner)
+                eng._step = lambda prof=prof, inner=inner: prof.runcall(inner)
                 _rollout(eng, rows, new_tokens, prompt_len, greedy, seed=1000)
                 eng._step = timed_step
                 buf = io.StringIO()
