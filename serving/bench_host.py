@@ -140,7 +140,7 @@ def worker(rows_list: list[int], new_tokens: int, reps: int, vocab: int, prompt_
                 _rollout(eng, rows, new_tokens, prompt_len, greedy, seed=1000)
                 eng._step = timed_step
                 buf = io.StringIO()
-                pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(18)
+                pstats.Stats(prof, stream=buf).sort_stats("cumtime").print_stats(25)
                 print(f"--- profile rows={rows} {mode}\n{buf.getvalue()}", file=sys.stderr)
         eng.shutdown()
     return out

@@ -35,6 +35,9 @@ class DecodeInputs:
         self.block_size = block_size
         self.width = width
         self.host = torch.empty(max_rows, PACKED_COLUMNS + width, dtype=torch.int32, pin_memory=pin)
+        # writes go through a numpy view of the same memory: assigning a list of 16 rows there took 2.9 us on the
+        # 2-core CPU, against 10.4 us for torch.tensor(list) and a tensor copy
+        self.np = self.host.numpy()
         pad_rows(self.host)
         self.seqs: list[Any] = []  # the batch the plan was made for
         self.tables: list[Any] = []  # the block table (object) whose entries row i holds
@@ -47,13 +50,13 @@ class DecodeInputs:
 
         A row's table is rewritten whole when it holds another table object (another sequence, or the same one
         admitted again after a preemption: new blocks), else only its new entries are written (tables only grow)."""
-        bs, host, held, have = self.block_size, self.host, self.tables, self.blocks
+        bs, host, held, have = self.block_size, self.np, self.tables, self.blocks
         n = len(seqs)
         if len(seqs) != len(self.seqs) or any(a is not b for a, b in zip(seqs, self.seqs, strict=True)):
             self.plan = SamplePlan([s.params for s in seqs])
             self.seqs = list(seqs)
         if len(held) > n:  # rows the batch left: padding again
-            pad_rows(host[n:len(held)])
+            pad_rows(self.host[n:len(held)])
             del held[n:], have[n:]
         cols, longest = [], 0
         for i, s in enumerate(seqs):
@@ -62,20 +65,19 @@ class DecodeInputs:
             if i == len(held):
                 held.append(t)
                 have.append(0)
-                host[i, PACKED_COLUMNS:].zero_()
+                host[i, PACKED_COLUMNS:] = 0
             elif held[i] is not t:
                 held[i], have[i] = t, 0
-                host[i, PACKED_COLUMNS:].zero_()
+                host[i, PACKED_COLUMNS:] = 0
             if have[i] != len(blocks):
-                host[i, PACKED_COLUMNS + have[i]:PACKED_COLUMNS + len(blocks)] = torch.tensor(blocks[have[i]:],
-                                                                                              dtype=torch.int32)
+                host[i, PACKED_COLUMNS + have[i]:PACKED_COLUMNS + len(blocks)] = blocks[have[i]:]
                 have[i] = len(blocks)
             p = s.num_computed
             cols.append((s.output_ids[-1], p, blocks[p // bs] * bs + p % bs, p + 1))
             if p >= longest:
                 longest = p + 1
         if cols:
-            host[:n, :PACKED_COLUMNS] = torch.tensor(cols, dtype=torch.int32)
+            host[:n, :PACKED_COLUMNS] = cols
         return longest
 
     def reset(self) -> None:
