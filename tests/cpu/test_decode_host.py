@@ -256,3 +256,59 @@ def test_engine_seeded_sampling_follows_the_per_token_generator_stream(tiny_mode
                 want.append(tok)
                 seq.append(tok)
         assert got[i] == want, i
+
+
+class EagerGraph:
+    """Stands in for a captured ``torch.cuda.CUDAGraph`` (no CUDA here): ``replay()`` runs what the capture
+    records, ``decode_packed`` over the static buffers, into the graph's static output."""
+
+    def __init__(self, graphs, b: int, ctx: int, vocab: int):
+        self.graphs, self.b, self.ctx = graphs, b, ctx
+        self.out = torch.zeros(b, vocab)
+
+    def replay(self) -> None:
+        g = self.graphs
+        h = g.h[:self.b] if g.h is not None else None
+        self.out.copy_(g.runner.decode_packed(g.packed[:self.b], self.ctx, h))
+
+
+def test_graph_path_with_padded_buckets_matches_generate_graphs_stood_in_by_their_eager_body(tiny_model: Path):
+    """The engine's CUDA-graph path (static packed buffer, one copy of the bucket's rows, padding from the host
+    rows) with each graph replaced by ``EagerGraph``: 3 rows run in the 4-row bucket, then 2, then 1 as they
+    finish; every row's greedy tokens equal HF generate's."""
+    import asyncio
+
+    from serving.runner import DecodeGraphs
+
+    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=96, max_num_seqs=4, warmup=False))
+    eng.load()
+    graphs = DecodeGraphs(eng.runner, [1, 4], eng.ctx_buckets, eng.max_blocks_per_seq)
+    for b in graphs.batch_sizes:
+        for c in graphs.ctx_sizes:
+            g = EagerGraph(graphs, b, c, eng.runner.vocab)
+            graphs.graphs[(b, c)] = (g, g.out)
+    eng.graphs = graphs
+    replays = []
+    run = graphs.run
+    graphs.run = lambda host, n, ctx: replays.append((n, graphs.bucket(n, ctx)[0])) or run(host, n, ctx)
+    eng.start()
+    try:
+        prompts = ["Hello, how are", "The capital of France", "Two plus two"]
+        lengths = [20, 14, 9]
+
+        async def go():
+            async def one(p, m):
+                params = SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
+                return [t for o in [o async for o in eng.generate(eng.tokenizer(p)["input_ids"], params)]
+                        for t in o.token_ids]
+            return await asyncio.gather(*(one(p, m) for p, m in zip(prompts, lengths, strict=True)))
+
+        got = asyncio.run(go())
+    finally:
+        eng.shutdown()
+    assert {(3, 4), (2, 4), (1, 1)} <= set(replays), sorted(set(replays))
+    for p, m, toks in zip(prompts, lengths, got, strict=True):
+        ids = torch.tensor([eng.tokenizer(p)["input_ids"]])
+        with torch.no_grad():
+            want = eng._model.generate(ids, max_new_tokens=m, min_new_tokens=m, do_sample=False)[0, ids.shape[1]:]
+        assert toks == want.tolist(), p
