@@ -130,6 +130,16 @@ def process_logits(logits: torch.Tensor, seqs: list[Any]) -> torch.Tensor:
     return logits
 
 
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without waiting for the GPU: on CUDA through pinned memory and an
+    asynchronous copy (the caching host allocator keeps the pinned block until the copy ran). A plain ``.to()``
+    (or ``torch.tensor(..., device=cuda)``) synchronizes the stream: in the sampler that waited for the whole
+    decode graph before the sampling kernels could even be launched."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class SamplePlan:
     """What a batch's params ask of the sampler, read once per batch composition instead of once per step: the
     engine keeps one while its decode batch holds the same sequences (``serving.decode_inputs``), so a step makes
@@ -171,8 +181,7 @@ class SamplePlan:
         key = (name, str(device))
         t = self._dev.get(key)
         if t is None:
-            vals = getattr(self, name)
-            t = torch.tensor(vals, device=device)
+            t = to_device(torch.tensor(getattr(self, name)), device)
             self._dev[key] = t = t if name == "ks" else t[:, None]
         return t
 
@@ -269,7 +278,7 @@ def sample(logits: torch.Tensor, seqs: list[Any], plan: SamplePlan | None = None
     if plan.all_greedy:
         chosen = logits.argmax(dim=-1)
     else:
-        u = _uniforms(seqs).to(logits.device, non_blocking=True)
+        u = to_device(_uniforms(seqs), logits.device)
         drawn = draw(sampling_probs(logits, params, plan), u, greedy_rows=plan.any_greedy)
         # no greedy row: every u >= 0, so the argmax and the select would keep ``drawn`` as it is
         chosen = torch.where(u < 0, logits.argmax(dim=-1), drawn) if plan.any_greedy else drawn
