@@ -1,6 +1,6 @@
 """The decode step's inputs on the host, kept from one step to the next: one int32 tensor of rows
 ``[last token, position, slot, context length, block table...]`` (``PACKED_COLUMNS`` then the table), updated in
-place, and the batch's ``SamplePlan``.
+place.
 
 Why: the engine rebuilt every row, block table included, from Python lists each step and copied it in a fresh
 tensor; a rollout's batch keeps the same sequences step after step and a row's table only changes when it opens a
@@ -15,8 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-from serving.sampler import SamplePlan
 
 TOKEN, POS, SLOT, LEN = range(4)
 PACKED_COLUMNS = 4
@@ -39,22 +37,19 @@ class DecodeInputs:
         # 2-core CPU, against 10.4 us for torch.tensor(list) and a tensor copy
         self.np = self.host.numpy()
         pad_rows(self.host)
-        self.seqs: list[Any] = []  # the batch the plan was made for
         self.tables: list[Any] = []  # the block table (object) whose entries row i holds
         self.blocks: list[int] = []  # how many of its entries row i holds
-        self.plan: SamplePlan | None = None
 
-    def fill(self, seqs: list[Any], tables: dict[str, Any]) -> int:
+    def fill(self, seqs: list[Any], tables: dict[str, Any], ahead: int = 0) -> int:
         """Write this step's rows for ``seqs`` (``tables``: the KV manager's block tables by sequence id); returns
-        the longest context (positions including the new token). ``self.plan`` is the batch's sampling plan.
+        the longest context (positions including the new token). ``ahead=1``: the rows of the step after this one
+        (each position one further; the token column then holds the current last token, for the caller to
+        replace on the device).
 
         A row's table is rewritten whole when it holds another table object (another sequence, or the same one
         admitted again after a preemption: new blocks), else only its new entries are written (tables only grow)."""
         bs, host, held, have = self.block_size, self.np, self.tables, self.blocks
         n = len(seqs)
-        if len(seqs) != len(self.seqs) or any(a is not b for a, b in zip(seqs, self.seqs, strict=True)):
-            self.plan = SamplePlan([s.params for s in seqs])
-            self.seqs = list(seqs)
         if len(held) > n:  # rows the batch left: padding again
             pad_rows(self.host[n:len(held)])
             del held[n:], have[n:]
@@ -72,7 +67,7 @@ class DecodeInputs:
             if have[i] != len(blocks):
                 host[i, PACKED_COLUMNS + have[i]:PACKED_COLUMNS + len(blocks)] = blocks[have[i]:]
                 have[i] = len(blocks)
-            p = s.num_computed
+            p = s.num_computed + ahead
             cols.append((s.output_ids[-1], p, blocks[p // bs] * bs + p % bs, p + 1))
             if p >= longest:
                 longest = p + 1
@@ -83,4 +78,4 @@ class DecodeInputs:
     def reset(self) -> None:
         """Forget every row (the next ``fill`` rewrites them all)."""
         pad_rows(self.host)
-        self.seqs, self.tables, self.blocks, self.plan = [], [], [], None
+        self.tables, self.blocks = [], []

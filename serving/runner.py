@@ -507,12 +507,15 @@ class DecodeGraphs:
         c = next((x for x in self.ctx_sizes if x >= ctx), None)
         return (b, c) if b is not None and c is not None and (b, c) in self.graphs else None
 
-    def run(self, host: torch.Tensor, n: int, ctx: int) -> torch.Tensor:
+    def run(self, host: torch.Tensor, n: int, ctx: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Replay for the first ``n`` of ``host``'s packed rows (``serving.decode_inputs.DecodeInputs.host``: the
         rows past ``n`` hold padding, so the bucket's rows go in one copy, asynchronous from pinned memory; the
-        engine writes ``host`` again only after this step's sampled tokens came back, so the copy has finished)."""
+        engine writes ``host`` again only once that copy is known to be done). ``tokens``: the rows' last tokens
+        on the device (the step queued ahead, ``engine.overlap_decode``), in place of ``host``'s token column."""
         b, c = self.bucket(n, ctx)
         self.packed[:b].copy_(host[:b], non_blocking=True)
+        if tokens is not None:
+            self.packed[:n, 0].copy_(tokens)
         if self.h is not None:
             self.h[:n].copy_(self.runner.embed(host[:n, 0].long()).unsqueeze(1))
         g, out = self.graphs[(b, c)]

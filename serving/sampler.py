@@ -268,9 +268,16 @@ def draw(probs: torch.Tensor, u: torch.Tensor, greedy_rows: bool = True) -> torc
 
 
 def sample(logits: torch.Tensor, seqs: list[Any], plan: SamplePlan | None = None,
+           before_wait: Callable[[torch.Tensor], None] | None = None,
            ) -> tuple[list[int], list[TokenLogprob] | None]:
     """The next token of every row with one device-to-host copy (the tokens; logprobs when asked for). ``plan``:
-    the batch's ``SamplePlan`` when the caller keeps one (built here otherwise)."""
+    the batch's ``SamplePlan`` when the caller keeps one (built here otherwise). ``before_wait(chosen)``: called
+    with the chosen tokens on the device once every kernel that reads ``logits`` is queued and their copy to the
+    host has started, before the host waits for it (the engine queues the next decode step there; on CUDA the
+    wait is on an event after the copy, so it does not wait for that step). Not with logprobs (their copies would
+    queue behind it)."""
+    if before_wait is not None and plan is not None and plan.need_lp:
+        raise ValueError("before_wait cannot be used with logprobs")
     plan = plan if plan is not None else SamplePlan([s.params for s in seqs])
     logits = process_logits(logits, seqs) if plan.process else logits.float()
     params = plan.params
@@ -282,7 +289,18 @@ def sample(logits: torch.Tensor, seqs: list[Any], plan: SamplePlan | None = None
         drawn = draw(sampling_probs(logits, params, plan), u, greedy_rows=plan.any_greedy)
         # no greedy row: every u >= 0, so the argmax and the select would keep ``drawn`` as it is
         chosen = torch.where(u < 0, logits.argmax(dim=-1), drawn) if plan.any_greedy else drawn
-    tokens = chosen.tolist()
+    if before_wait is None:
+        tokens = chosen.tolist()
+    elif chosen.device.type == "cuda":
+        host = chosen.to("cpu", non_blocking=True)  # into pinned memory, queued before what ``before_wait`` adds
+        copied = torch.cuda.Event()
+        copied.record()
+        before_wait(chosen)
+        copied.synchronize()
+        tokens = host.tolist()
+    else:
+        before_wait(chosen)
+        tokens = chosen.tolist()
     if logprobs is None:
         return tokens, None
     out: list[TokenLogprob] = []

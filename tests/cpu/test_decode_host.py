@@ -220,21 +220,40 @@ def test_decode_packed_equals_decode_from_separate_inputs(tiny_model: Path):
     assert inp.host.shape[1] == PACKED_COLUMNS + eng.max_blocks_per_seq
 
 
-def test_engine_seeded_sampling_follows_the_per_token_generator_stream(tiny_model: Path):
+def _count_ahead(eng: LLMEngine) -> list[int]:
+    """[steps taken from the step queued ahead, steps computed afresh] while the engine runs."""
+    used = [0, 0]
+    take = eng._take_ahead
+
+    def counted(seqs, ctx):
+        out = take(seqs, ctx)
+        used[out is None] += 1
+        return out
+
+    eng._take_ahead = counted
+    return used
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_engine_seeded_sampling_follows_the_per_token_generator_stream(tiny_model: Path, overlap: bool):
     """End to end: the engine's seeded tokens are those of a plain loop over the HF model drawing one
     torch.rand(1) per token from a generator seeded alike (inverse CDF over the softmax): the seed stream the
-    rollouts had before the uniforms were drawn in blocks."""
+    rollouts had before the uniforms were drawn in blocks; with ``overlap_decode`` too (eager steps queued ahead,
+    taken while the batch holds, computed again when a row's end changes it)."""
     import asyncio
 
-    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=128, max_num_seqs=4, warmup=False))
+    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=128, max_num_seqs=4, warmup=False,
+                                              overlap_decode=overlap))
     eng.load_and_start()
+    used = _count_ahead(eng)
     try:
         prompts = [eng.tokenizer(p)["input_ids"] for p in ("Hello, how are", "Two plus two", "PPO improves")]
         n_tok = UNIFORM_BLOCK + 6
+        lengths = [n_tok, n_tok - 9, n_tok]
 
         async def go():
             async def one(i, ids):
-                params = SamplingParams(max_tokens=n_tok, temperature=1.0, seed=40 + i, ignore_eos=True,
+                params = SamplingParams(max_tokens=lengths[i], temperature=1.0, seed=40 + i, ignore_eos=True,
                                         detokenize=False, final_only=True)
                 return [t for o in [o async for o in eng.generate(ids, params)] for t in o.token_ids]
             return await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts)))
@@ -247,7 +266,7 @@ def test_engine_seeded_sampling_follows_the_per_token_generator_stream(tiny_mode
         g = torch.Generator().manual_seed(40 + i)
         seq, want = list(ids), []
         with torch.no_grad():
-            for _ in range(n_tok):
+            for _ in range(lengths[i]):
                 logits = model(torch.tensor([seq])).logits[0, -1].float()
                 cdf = torch.softmax(logits, -1).double().cumsum(-1)
                 u = float(torch.rand(1, dtype=torch.float64, generator=g))
@@ -256,6 +275,7 @@ def test_engine_seeded_sampling_follows_the_per_token_generator_stream(tiny_mode
                 want.append(tok)
                 seq.append(tok)
         assert got[i] == want, i
+    assert (used[0] > n_tok - 12) == overlap, used
 
 
 class EagerGraph:
@@ -272,15 +292,19 @@ class EagerGraph:
         self.out.copy_(g.runner.decode_packed(g.packed[:self.b], self.ctx, h))
 
 
-def test_graph_path_with_padded_buckets_matches_generate_graphs_stood_in_by_their_eager_body(tiny_model: Path):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_graph_path_with_padded_buckets_matches_generate_graphs_stood_in_by_their_eager_body(tiny_model: Path,
+                                                                                           overlap: bool):
     """The engine's CUDA-graph path (static packed buffer, one copy of the bucket's rows, padding from the host
     rows) with each graph replaced by ``EagerGraph``: 3 rows run in the 4-row bucket, then 2, then 1 as they
-    finish; every row's greedy tokens equal HF generate's."""
+    finish; every row's greedy tokens equal HF generate's. With ``overlap_decode``: the steps queued ahead are
+    taken, also for the rows left when one stopped on a stop token inside the same bucket."""
     import asyncio
 
     from serving.runner import DecodeGraphs
 
-    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=96, max_num_seqs=4, warmup=False))
+    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=96, max_num_seqs=4, warmup=False,
+                                              overlap_decode=overlap))
     eng.load()
     graphs = DecodeGraphs(eng.runner, [1, 4], eng.ctx_buckets, eng.max_blocks_per_seq)
     for b in graphs.batch_sizes:
@@ -290,15 +314,26 @@ def test_graph_path_with_padded_buckets_matches_generate_graphs_stood_in_by_thei
     eng.graphs = graphs
     replays = []
     run = graphs.run
-    graphs.run = lambda host, n, ctx: replays.append((n, graphs.bucket(n, ctx)[0])) or run(host, n, ctx)
+    graphs.run = lambda host, n, ctx, tokens=None: (replays.append((n, graphs.bucket(n, ctx)[0]))
+                                                    or run(host, n, ctx, tokens))
+    used = _count_ahead(eng)
+    prompts = ["Hello, how are", "The capital of France", "Two plus two", "PPO improves"]
+    lengths = [20, 14, 9, 20]
+    refs = []
+    for p, m in zip(prompts, lengths, strict=True):
+        ids = torch.tensor([eng.tokenizer(p)["input_ids"]])
+        with torch.no_grad():
+            refs.append(eng._model.generate(ids, max_new_tokens=m, min_new_tokens=m,
+                                            do_sample=False)[0, ids.shape[1]:].tolist())
+    # row 3 stops at its 6th token's id (a stop token: where it ends is known only once it is sampled)
+    stop = refs[3][5]
+    refs[3] = refs[3][:refs[3].index(stop)]
     eng.start()
     try:
-        prompts = ["Hello, how are", "The capital of France", "Two plus two"]
-        lengths = [20, 14, 9]
-
         async def go():
             async def one(p, m):
-                params = SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
+                stops = [stop] if p == prompts[3] else []
+                params = SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, stop_token_ids=stops)
                 return [t for o in [o async for o in eng.generate(eng.tokenizer(p)["input_ids"], params)]
                         for t in o.token_ids]
             return await asyncio.gather(*(one(p, m) for p, m in zip(prompts, lengths, strict=True)))
@@ -306,9 +341,7 @@ def test_graph_path_with_padded_buckets_matches_generate_graphs_stood_in_by_thei
         got = asyncio.run(go())
     finally:
         eng.shutdown()
-    assert {(3, 4), (2, 4), (1, 1)} <= set(replays), sorted(set(replays))
-    for p, m, toks in zip(prompts, lengths, got, strict=True):
-        ids = torch.tensor([eng.tokenizer(p)["input_ids"]])
-        with torch.no_grad():
-            want = eng._model.generate(ids, max_new_tokens=m, min_new_tokens=m, do_sample=False)[0, ids.shape[1]:]
-        assert toks == want.tolist(), p
+    assert {(4, 4), (3, 4), (2, 4), (1, 1)} <= set(replays), sorted(set(replays))
+    for p, toks, want in zip(prompts, got, refs, strict=True):
+        assert toks == want, p
+    assert (used[0] >= 12) == overlap, used
