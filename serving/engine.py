@@ -12,7 +12,9 @@ users (PPO rollouts) call; the parts live beside it:
 The cache is sized from ``gpu_memory_gb`` counted as nvidia-smi counts the process: the budget minus what the
 process already holds on the GPU after loading (CUDA context, libraries, weights, by NVML) minus a measured
 prefill reserve and the CUDA graphs' pool. A background thread runs the scheduler loop; sampling, stop checks and
-detokenization run outside the graphs.
+detokenization run outside the graphs. A decode step's inputs are one packed host tensor kept between steps
+(``serving.decode_inputs``) and one copy; with ``overlap_decode`` the next step is queued on the device before the
+host has this step's tokens (``_launch_ahead``/``_take_ahead``).
 
 Imports torch/transformers (+gptqmodel for GPTQ checkpoints) and pydantic (the config): no Ray or FastAPI.
 """
