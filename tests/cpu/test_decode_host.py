@@ -236,6 +236,9 @@ def _count_ahead(eng: LLMEngine) -> list[int]:
     return used
 
 
+_SEEDED_REFERENCE: dict[str, list[list[int]]] = {}
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_engine_seeded_sampling_follows_the_per_token_generator_stream(tiny_model: Path, overlap: bool):
     """End to end: the engine's seeded tokens are those of a plain loop over the HF model drawing one
@@ -264,6 +267,13 @@ def test_engine_seeded_sampling_follows_the_per_token_generator_stream(tiny_mode
     finally:
         eng.shutdown()
     model = eng._model
+    # the plain loop's answers do not depend on ``overlap``: computed once (they are the slow part: no KV cache)
+    wants = _SEEDED_REFERENCE.setdefault(str(tiny_model), [])
+    if wants:
+        for i, want in enumerate(wants):
+            assert got[i] == want, i
+        assert (used[0] > n_tok - 12) == overlap, used
+        return
     for i, ids in enumerate(prompts):
         g = torch.Generator().manual_seed(40 + i)
         seq, want = list(ids), []
@@ -276,6 +286,7 @@ def test_engine_seeded_sampling_follows_the_per_token_generator_stream(tiny_mode
                                                  right=True)), logits.shape[-1] - 1)
                 want.append(tok)
                 seq.append(tok)
+        wants.append(want)
         assert got[i] == want, i
     assert (used[0] > n_tok - 12) == overlap, used
 
