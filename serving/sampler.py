@@ -294,7 +294,9 @@ def sample(logits: torch.Tensor, seqs: list[Any], plan: SamplePlan | None = None
     elif chosen.device.type == "cuda":
         host = chosen.to("cpu", non_blocking=True)  # into pinned memory, queued before what ``before_wait`` adds
         copied = torch.cuda.Event()
-        copied.record()
+        # on the stream of the tokens' device: the engine's thread never set its current device (a torchrun
+        # rank's GPU is not device 0)
+        copied.record(torch.cuda.current_stream(chosen.device))
         before_wait(chosen)
         copied.synchronize()
         tokens = host.tolist()
