@@ -105,6 +105,12 @@ class EngineConfig(_Strict):
                           "matmul, +28 MiB for SDPA). Needs triton and lm_head_int8; on CPU the kernels run "
                           "interpreted (tests only).")
     cuda_graphs: bool = Field(True, description="Capture the decode step as CUDA graphs (CUDA only).")
+    overlap_decode: bool = Field(False, description="Queue the next decode step on the device before the host "
+                                                    "has this step's tokens (it takes them from the device), so the "
+                                                    "host's stop checks and bookkeeping run while the GPU computes. "
+                                                    "A step whose batch then changed in a way that alters the "
+                                                    "computation is computed again. Not with logprobs or "
+                                                    "embed_on_host.")
     compile: bool = Field(False, description="torch.compile the decode layer (one program for all layers) to fuse "
                                              "its small element-wise kernels; adds compile time at start-up.")
     fuse_projections: bool = Field(False, description="q/k/v and gate/up as one GEMM each (plain linears, "

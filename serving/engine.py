@@ -12,7 +12,9 @@ users (PPO rollouts) call; the parts live beside it:
 The cache is sized from ``gpu_memory_gb`` counted as nvidia-smi counts the process: the budget minus what the
 process already holds on the GPU after loading (CUDA context, libraries, weights, by NVML) minus a measured
 prefill reserve and the CUDA graphs' pool. A background thread runs the scheduler loop; sampling, stop checks and
-detokenization run outside the graphs.
+detokenization run outside the graphs. A decode step's inputs are one packed host tensor kept between steps
+(``serving.decode_inputs``) and one copy; with ``overlap_decode`` the next step is queued on the device before the
+host has this step's tokens (``_launch_ahead``/``_take_ahead``).
 
 Imports torch/transformers (+gptqmodel for GPTQ checkpoints) and pydantic (the config): no Ray or FastAPI.
 """
@@ -35,6 +37,7 @@ from typing import Any
 import torch
 
 from serving.config import EngineConfig
+from serving.decode_inputs import DecodeInputs
 from serving.errors import ContextLengthError, EngineDeadError, EngineError, QueueFullError
 from serving.kv_cache import KVBlocks, KVCacheManager
 from serving.memory import (
@@ -48,7 +51,7 @@ from serving.memory import (
 from serving.model import GIB, Int8Linear, host_module_names, load_model, resolve_device
 from serving.prefill_batch import can_batch, prefill_fresh
 from serving.runner import DecodeGraphs, LlamaRunner, buckets
-from serving.sampler import SamplingParams, TokenLogprob, sample
+from serving.sampler import SamplePlan, SamplingParams, TokenLogprob, sample, to_device
 from serving.scheduler import PrefillChunk, RequestTimes, Scheduler, Sequence, StatsListener
 
 __all__ = ["ContextLengthError", "EngineConfig", "EngineDeadError", "EngineError", "EngineOptions", "LLMEngine",
@@ -130,6 +133,12 @@ class LLMEngine:
         self.kv: KVCacheManager | None = None
         self.sched: Scheduler | None = None
         self.max_model_len = self.opts.max_model_len or 0
+        self._input_bufs: list[DecodeInputs] = []
+        self._input_turn = 0
+        self._plan: SamplePlan | None = None
+        self._plan_seqs: list[Sequence] = []
+        # ``overlap_decode``: the step queued ahead (rows, the positions it assumed, logits, the shapes it ran at)
+        self._ahead: tuple | None = None
         self.ctx_buckets: list[int] = []
         self._fit_detail = ""
         self._given: tuple[Any, Any] | None = None  # (model, tokenizer) of ``from_model``
@@ -421,6 +430,9 @@ class LLMEngine:
         self._mark("kv_cache" + tag)
         self.ctx_buckets = buckets(self.max_model_len)
         self.max_blocks_per_seq = -(-self.max_model_len // o.block_size)
+        # the decode rows live on the host between steps; pinned on CUDA so their copy is asynchronous
+        self._input_bufs = [DecodeInputs(o.max_num_seqs, self.max_blocks_per_seq, o.block_size,
+                                         pin=self.device.type == "cuda") for _ in range(3 if o.overlap_decode else 1)]
         self.graphs = None
         if self.device.type == "cuda" and o.cuda_graphs:
             sizes = sorted({min(b, o.max_num_seqs) for b in o.graph_batch_sizes})
@@ -689,38 +701,112 @@ class LLMEngine:
 
     @torch.inference_mode()
     def _decode_step(self, seqs: list[Sequence]) -> None:
-        kv, bs, width = self.kv, self.opts.block_size, self.max_blocks_per_seq
-        # every row's inputs in one host tensor and one copy to the device: [last token, position, slot, context
-        # length, block table...] (one tensor per input and per row's table cost 20+ small copies a step at 16 rows)
-        rows = []
-        for s in seqs:
-            blocks = kv.tables[s.id].blocks
-            p = s.num_computed
-            rows.append([s.output_ids[-1], p, blocks[p // bs] * bs + p % bs, p + 1, *blocks,
-                         *itertools.repeat(0, width - len(blocks))])
-        host = torch.tensor(rows, dtype=torch.long)
-        dev = self.device
-        packed = host.to(dev, non_blocking=True)
-        last = host[:, 0] if self.runner.embed_on_host else packed[:, 0]
-        pos, slots = packed[:, 1], packed[:, 2]
-        lens, tables = packed[:, 3].to(torch.int32), packed[:, 4:].to(torch.int32)
-        h = self.runner.embed(last).unsqueeze(1)
-        n = len(seqs)
+        # every row's inputs in one persistent host tensor, updated in place, and one copy to the device
+        # (``serving.decode_inputs``; one tensor per input and per row's table cost 20+ small copies a step at 16
+        # rows, and rebuilding the rows from Python lists every step ~45% of the host time at 16 rows on the CPU)
+        bs, n = self.opts.block_size, len(seqs)
         ctx = next(c for c in self.ctx_buckets if c >= max(s.num_computed for s in seqs) + 1)
-        if self.graphs is not None and self.graphs.bucket(n, ctx) is not None:
-            logits = self.graphs.run(h, pos, slots, tables, lens, ctx)
-        else:
-            logits = self.runner.decode(h, pos.contiguous(), slots.contiguous(), tables, lens, ctx)
-        for s in seqs:
+        logits = self._take_ahead(seqs, ctx)
+        if logits is None:
+            inp = self._next_inputs()
+            inp.fill(seqs, self.kv.tables)
+            logits, _ = self._launch(inp, n, ctx)
+        plan = self._plan_for(seqs)
+        ahead = None
+        if self.opts.overlap_decode and not plan.need_lp and not self.runner.embed_on_host:
+            def ahead(chosen: torch.Tensor) -> None:
+                self._launch_ahead(seqs, chosen)
+        tokens, lps = sample(logits, seqs, plan, before_wait=ahead)
+        now = time.monotonic()
+        for i, s in enumerate(seqs):
             s.num_computed += 1
             if s.num_computed % bs == 0:
                 self.sched.after_tokens(s)
-        tokens, lps = sample(logits, seqs)
-        for i, s in enumerate(seqs):
-            self._append(s, tokens[i], lps[i] if lps else None)
+            self._append(s, tokens[i], lps[i] if lps else None, now)
 
-    def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None) -> None:
-        now = time.monotonic()
+    def _plan_for(self, seqs: list[Sequence]) -> SamplePlan:
+        """The batch's ``SamplePlan``, made again only when the batch's sequences change."""
+        old = self._plan_seqs
+        if len(seqs) != len(old) or any(a is not b for a, b in zip(seqs, old, strict=True)):
+            self._plan, self._plan_seqs = SamplePlan([s.params for s in seqs]), list(seqs)
+        return self._plan
+
+    def _next_inputs(self) -> DecodeInputs:
+        """The host rows for the next launch. With ``overlap_decode`` three take turns: between two waits for
+        sampled tokens at most two launches are queued (a step computed again, the step ahead) beside the one
+        still running from before, so the buffer written is never one whose copy may still be running."""
+        self._input_turn = (self._input_turn + 1) % len(self._input_bufs)
+        return self._input_bufs[self._input_turn]
+
+    def _launch(self, inp: DecodeInputs, n: int, ctx: int, tokens: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, tuple]:
+        """Queue the decode forward of ``inp``'s first ``n`` rows; returns the logits and what shapes it ran at
+        (a graph's bucket, or the eager batch)."""
+        runner = self.runner
+        if self.graphs is not None:
+            bucket = self.graphs.bucket(n, ctx)
+            if bucket is not None:
+                return self.graphs.run(inp.host, n, ctx, tokens), ("graph", bucket)
+        host = inp.host[:n]
+        h = runner.embed(host[:, 0].long()).unsqueeze(1) if runner.embed_on_host else None
+        packed = host.to(self.device, non_blocking=True)
+        if tokens is not None:
+            packed[:, 0] = tokens
+        return runner.decode_packed(packed, ctx, h), ("eager", n, ctx)
+
+    def _launch_ahead(self, seqs: list[Sequence], chosen: torch.Tensor) -> None:
+        """``overlap_decode``: queue the step after this one for the rows that go on unless they sample a stop
+        (not at their length limit), their last tokens taken from ``chosen`` on the device. Skipped while requests
+        wait for admission (the blocks it takes ahead would be theirs) or when the pool lacks a row's next block."""
+        if self.sched.waiting:
+            return
+        kv, limit = self.kv, self.max_model_len
+        keep = [i for i, s in enumerate(seqs)
+                if len(s.output_ids) + 1 < s.params.max_tokens and s.num_computed + 2 < limit]
+        if not keep:
+            return
+        rows = [seqs[i] for i in keep]
+        grow = [s for s in rows if kv.append_slot_needed(s.id, s.num_computed + 1)]
+        if len(grow) > kv.pool.num_free:
+            return
+        for s in grow:
+            kv.grow(s.id)
+        inp = self._next_inputs()
+        ctx = next(c for c in self.ctx_buckets if c >= inp.fill(rows, kv.tables, ahead=1))
+        toks = chosen if len(keep) == len(seqs) else chosen[to_device(torch.tensor(keep), chosen.device)]
+        logits, shapes = self._launch(inp, len(rows), ctx, toks)
+        self._ahead = (rows, [s.num_computed + 1 for s in rows], logits, shapes)
+
+    def _take_ahead(self, seqs: list[Sequence], ctx: int) -> torch.Tensor | None:
+        """The logits of the step queued ahead when they are what this step computes, else None (computed again:
+        its K/V writes are then written over with this step's).
+
+        The same rows at the positions it assumed: its logits. Fewer rows (some stopped, were aborted or
+        preempted): the kept rows' logits when it ran the graph bucket (batch and context) this step would, since a
+        row's result within one bucket does not depend on the other rows; an eager step's shapes are its batch's
+        own, so never there."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        rows, expect, logits, shapes = ahead
+        if len(rows) == len(seqs) and all(a is b for a, b in zip(rows, seqs, strict=True)):
+            return logits if all(s.num_computed == e for s, e in zip(seqs, expect, strict=True)) else None
+        if shapes[0] != "graph" or self.graphs.bucket(len(seqs), ctx) != shapes[1]:
+            return None
+        where = {id(s): i for i, s in enumerate(rows)}
+        idx = []
+        for s in seqs:
+            i = where.get(id(s))
+            if i is None or s.num_computed != expect[i]:
+                return None
+            idx.append(i)
+        return logits[to_device(torch.tensor(idx), logits.device)]
+
+    def _append(self, seq: Sequence, token: int, lp: TokenLogprob | None, now: float | None = None) -> None:
+        """One new token of ``seq``: stop checks, then its output (``now``: one clock reading for a decode step's
+        rows, which all got their token at the same moment)."""
+        if now is None:
+            now = time.monotonic()
         if seq.times.first_token is None:
             seq.times.first_token = now
         self.stats.on_token(seq, now)

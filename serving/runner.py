@@ -320,6 +320,16 @@ class LlamaRunner:
             h = step(self, layer, h, cos, sin, ctx, cache.k[i], cache.v[i], cache.ks[i], cache.vs[i])
         return self.lm_head(self.norm(h))[:, 0].float()
 
+    def decode_packed(self, packed: torch.Tensor, max_context: int, h: torch.Tensor | None = None) -> torch.Tensor:
+        """``decode`` from the engine's packed rows (``serving.decode_inputs``): int32 [b, 4 + table width] on the
+        device, [last token, position, slot, context length, block table...], one host-to-device copy a step. The
+        embedding, the casts and the table's copy run here (inside the CUDA graph when captured, so a replay
+        launches nothing for them); ``h`` [b, 1, H]: hidden states already embedded (``embed_on_host``)."""
+        if h is None:
+            h = F.embedding(packed[:, 0].long(), self.embed_weight).unsqueeze(1)
+        return self.decode(h, packed[:, 1].long(), packed[:, 2].long(), packed[:, 4:].contiguous(),
+                           packed[:, 3].contiguous(), max_context)
+
     def attend_decode(self, q: torch.Tensor, ctx: DecodeContext, kc: torch.Tensor, vc: torch.Tensor,
                       ksc: torch.Tensor | None, vsc: torch.Tensor | None) -> torch.Tensor:
         """Rotated q [b, nh, hd] -> [b, 1, nh*hd] through the Triton kernel or the torch path."""
@@ -441,11 +451,12 @@ class DecodeGraphs:
         self.ctx_sizes = sorted(ctx_sizes)
         bmax = self.batch_sizes[-1]
         dev = runner.device
-        self.h = torch.zeros(bmax, 1, runner.hidden, dtype=runner.dtype, device=dev)
-        self.pos = torch.zeros(bmax, dtype=torch.long, device=dev)
-        self.slots = torch.zeros(bmax, dtype=torch.long, device=dev)
-        self.tables = torch.zeros(bmax, max_blocks, dtype=torch.int32, device=dev)
-        self.lens = torch.ones(bmax, dtype=torch.int32, device=dev)
+        # the static inputs: the engine's packed rows (``LlamaRunner.decode_packed``; padded rows as
+        # ``serving.decode_inputs.pad_rows`` leaves them: block 0, one position), and the hidden states when the
+        # embedding runs on the host. One copy a step fills ``packed``; before, five copies and four fills did
+        self.packed = torch.zeros(bmax, 4 + max_blocks, dtype=torch.int32, device=dev)
+        self.packed[:, 3] = 1
+        self.h = torch.zeros(bmax, 1, runner.hidden, dtype=runner.dtype, device=dev) if runner.embed_on_host else None
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
 
@@ -460,15 +471,15 @@ class DecodeGraphs:
                 for ctx in reversed(self.ctx_sizes):
                     if not self.wanted(b, ctx):
                         continue
-                    args = (self.h[:b], self.pos[:b], self.slots[:b], self.tables[:b], self.lens[:b], ctx)
+                    args = (self.packed[:b], ctx, self.h[:b] if self.h is not None else None)
                     for _ in range(2):  # warm up kernels/workspaces outside capture
-                        self.runner.decode(*args)
+                        self.runner.decode_packed(*args)
                     if on_first_decode is not None:
                         on_first_decode()
                         on_first_decode = None
                     g = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(g, pool=self.pool, stream=stream):
-                        out = self.runner.decode(*args)
+                        out = self.runner.decode_packed(*args)
                     if self.pool is None:
                         self.pool = g.pool()
                     self.graphs[(b, ctx)] = (g, out)
@@ -501,20 +512,17 @@ class DecodeGraphs:
         c = next((x for x in self.ctx_sizes if x >= ctx), None)
         return (b, c) if b is not None and c is not None and (b, c) in self.graphs else None
 
-    def run(self, h: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-            lens: torch.Tensor, ctx: int) -> torch.Tensor:
-        n = h.shape[0]
+    def run(self, host: torch.Tensor, n: int, ctx: int, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay for the first ``n`` of ``host``'s packed rows (``serving.decode_inputs.DecodeInputs.host``: the
+        rows past ``n`` hold padding, so the bucket's rows go in one copy, asynchronous from pinned memory; the
+        engine writes ``host`` again only once that copy is known to be done). ``tokens``: the rows' last tokens
+        on the device (the step queued ahead, ``engine.overlap_decode``), in place of ``host``'s token column."""
         b, c = self.bucket(n, ctx)
-        self.h[:n].copy_(h)
-        self.pos[:n].copy_(pos)
-        self.slots[:n].copy_(slots)
-        self.tables[:n, :tables.shape[1]].copy_(tables)
-        self.lens[:n].copy_(lens)
-        if b > n:  # rows of the bucket beyond the batch: block 0, one position
-            self.pos[n:b].zero_()
-            self.slots[n:b].zero_()
-            self.tables[n:b].zero_()
-            self.lens[n:b].fill_(1)
+        self.packed[:b].copy_(host[:b], non_blocking=True)
+        if tokens is not None:
+            self.packed[:n, 0].copy_(tokens)
+        if self.h is not None:
+            self.h[:n].copy_(self.runner.embed(host[:n, 0].long()).unsqueeze(1))
         g, out = self.graphs[(b, c)]
         g.replay()
         return out[:n]
