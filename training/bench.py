@@ -121,11 +121,15 @@ def stage_config(stage: str, plugin: str, model: Path, data: dict[str, Path], ou
         cfg["train"]["micro_batch_size"] = max(1, batch // 2)
     if stage == "ppo":
         cfg["data"] = {"train": [str(data["prompts"])], "max_length": seq, "eval_fraction": 0.0}
-        # "serving+compile": the engine with ppo.rollout_compile (its decode layer compiled)
-        engine_name, _, variant = rollout_engine.partition("+")
+        # "serving+compile": the engine with ppo.rollout_compile (its decode layer compiled); "+overlap":
+        # ppo.rollout_overlap (the next decode step queued ahead); both: "serving+compile+overlap"
+        engine_name, *variants = rollout_engine.split("+")
+        if set(variants) - {"compile", "overlap"} or (variants and engine_name != "serving"):
+            raise ValueError(f"--rollout-engines: {rollout_engine!r} is not hf, serving, or serving with +compile "
+                             "and/or +overlap")
         cfg["ppo"] = {"reward_model_path": str(model.parent / "rm"), "ptx_data": [str(data["sft"])], "ptx_coef": 0.1,
                       "rollout_batch_size": batch * 2, "ppo_epochs": 1, "rollout_engine": engine_name,
-                      "rollout_compile": variant == "compile",
+                      "rollout_compile": "compile" in variants, "rollout_overlap": "overlap" in variants,
                       "generation": {"max_new_tokens": 128, "temperature": 1.0}}
         cfg["train"]["micro_batch_size"] = batch
     return cfg
@@ -309,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     tp.add_argument("--stages", default="sft,rm,ppo")
     tp.add_argument("--plugins", default="ddp,zero2,gemini,3d")
     tp.add_argument("--rollout-engines", default="hf,serving",
-                    help="PPO's ppo.rollout_engine values to compare; serving+compile adds ppo.rollout_compile")
+                    help="PPO's ppo.rollout_engine values to compare; serving+compile adds ppo.rollout_compile, "
+                         "+overlap ppo.rollout_overlap")
     tp.add_argument("--seq", type=int, default=1024)
     tp.add_argument("--batch", type=int, default=8)
     tp.add_argument("--steps", type=int, default=8)

@@ -182,6 +182,10 @@ class RolloutOptions(_Strict):
         False, description="serving only: torch.compile the engine's decode layer (serving's engine.compile: the "
         "element-wise work between the projections as a few programs shared by all layers, inside the CUDA graphs), "
         "compiled at the engine's build for 3 batch buckets. Off by default until measured in PPO on the GPU.")
+    rollout_overlap: bool = Field(
+        False, description="serving only: serving's engine.overlap_decode, the next decode step queued on the "
+        "device before the host has this step's tokens (stop checks and bookkeeping while the GPU computes; the "
+        "same answers as the plain step loop on CPU). Off by default until measured in PPO on the GPU.")
 
 
 class PPOOptions(RolloutOptions):

@@ -182,9 +182,9 @@ class EngineRollout:
             enable_prefix_caching=False, max_num_seqs=min(max_rows, MAX_ENGINE_ROWS), max_waiting=max_rows,
             graph_batch_sizes=self.graph_batches(max_rows, opts.rollout_compile), compile=opts.rollout_compile,
             embed_on_host=False, lm_head_int8=False, fuse_projections=False, warmup=False,
-            # the next decode step queued before the host has this one's tokens: stop checks and bookkeeping run
-            # while the GPU computes (rollouts ask for no logprobs; the answers are those of the plain step loop)
-            overlap_decode=True)
+            # rollout_overlap: the next decode step queued before the host has this one's tokens, stop checks and
+            # bookkeeping while the GPU computes (rollouts ask for no logprobs; the plain step loop's answers)
+            overlap_decode=opts.rollout_overlap)
         self.rebuilds = 0
         self.timings = {"rollout_s": 0.0, "sync_s": 0.0}
         self.engine = None

@@ -34,7 +34,8 @@ def engine_rollout(model, tok, eos_ids, rows=4, max_new=12, **opts):
                          max_prompt_len=32, max_new_tokens=max_new, max_rows=rows)
 
 
-def test_greedy_engine_rollout_equals_hf_loop_with_padding_eos_and_stop_strings(actor):
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "rollout_overlap"])
+def test_greedy_engine_rollout_equals_hf_loop_with_padding_eos_and_stop_strings(actor, overlap):
     model, tok = actor
     ids, mask = batch(tok)
     free = GenerationConfig(max_new_tokens=12)
@@ -45,7 +46,8 @@ def test_greedy_engine_rollout_equals_hf_loop_with_padding_eos_and_stop_strings(
     text0 = tok.decode(seq0[0, P:].tolist(), skip_special_tokens=True)
     gen = GenerationConfig(max_new_tokens=12, stop=[text0[len(text0) // 2:len(text0) // 2 + 2]])
     want = sample(model, ids, mask, gen, eos_ids, tok.pad_token_id, greedy=True, tokenizer=tok)
-    ro = engine_rollout(model, tok, eos_ids)
+    ro = engine_rollout(model, tok, eos_ids, rollout_overlap=overlap)
+    assert ro.engine.opts.overlap_decode is overlap
     try:
         got = ro.generate(ids, mask, gen, greedy=True)
     finally:
@@ -58,11 +60,12 @@ def test_greedy_engine_rollout_equals_hf_loop_with_padding_eos_and_stop_strings(
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-def test_sampled_engine_rollouts_are_reproducible_and_independent_of_batching(actor):
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "rollout_overlap"])
+def test_sampled_engine_rollouts_are_reproducible_and_independent_of_batching(actor, overlap):
     model, tok = actor
     ids, mask = batch(tok)
     gen = GenerationConfig(max_new_tokens=10, temperature=1.0, top_k=20, top_p=0.9)
-    ro = engine_rollout(model, tok, [tok.eos_token_id])
+    ro = engine_rollout(model, tok, [tok.eos_token_id], rollout_overlap=overlap)
     try:
         a = ro.generate(ids, mask, gen, seed=123)
         b = ro.generate(ids, mask, gen, seed=123)

@@ -645,7 +645,8 @@ def test_graph_buckets_capped_by_batch_tokens_only_for_the_torch_attention_path(
     from serving.runner import DecodeGraphs
 
     def graphs(kernel):
-        runner = SimpleNamespace(hidden=8, dtype=torch.float32, device=torch.device("cpu"), decode_kernel=kernel)
+        runner = SimpleNamespace(hidden=8, dtype=torch.float32, device=torch.device("cpu"), decode_kernel=kernel,
+                                 embed_on_host=False)
         return DecodeGraphs(runner, [1, 2, 4], [64, 256, 512, 768], max_blocks=48, max_batch_tokens=1504)
 
     torch_path, triton_path = graphs(None), graphs(lambda *a: None)
