@@ -98,7 +98,6 @@ def _engine_options(args: argparse.Namespace, cuda: bool, legacy: bool = False, 
 
     base.update(max_model_len=args.paged_max_model_len or None, block_size=args.block_size,
                 cuda_stack_limit=args.cuda_stack_limit or None, vendor_blas=getattr(args, "vendor_blas", True),
-                cuda_stack_reapply=getattr(args, "cuda_stack_reapply", False),
                 lm_head_int4=getattr(args, "lm_head_int4", False))
     return EngineOptions(**{**base, **overrides})
 
@@ -534,7 +533,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the paged engine's max_model_len (0: the model's own, limited by the budget)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--cuda-stack-limit", type=int, default=0, help="engine.cuda_stack_limit in bytes (0: default)")
-    p.add_argument("--cuda-stack-reapply", action="store_true", help="engine.cuda_stack_reapply")
     p.add_argument("--turns", type=int, default=10, help="chat phases: turns")
     p.add_argument("--turn-gen", type=int, default=64, help="chat phases: tokens generated per turn")
     p.add_argument("--paged-chat-len", type=int, default=0, help="chat phases: tokens the whole conversation "

@@ -60,11 +60,6 @@ class EngineConfig(_Strict):
         None, ge=0, description="Bytes of CUDA per-thread stack, set through libcudart before CUDA starts (H200 "
                                 "context: 612 MiB by default, 414 at 256, 364 at 64; the driver raises it for a kernel "
                                 "that needs more). None: CUDA's default.")
-    cuda_stack_reapply: bool = Field(
-        False, description="With cuda_stack_limit: set the limit again after the CUDA graphs are captured and "
-                           "after warm-up, so that local memory a kernel's first launch grew (the driver keeps the "
-                           "largest any kernel needed, for every thread the GPU holds) is given back; a kernel "
-                           "that needs it again grows it again. Each re-set is a memory step of its own.")
     attention_kernel: Literal["auto", "torch"] = Field(
         "auto", description="Decode attention over blocks. auto: the Triton kernel on CUDA when "
                             "serving.kernels.paged_attention is installed, else torch (gather + SDPA).")

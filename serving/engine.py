@@ -44,7 +44,6 @@ from serving.memory import (
     MIB,
     MemoryReport,
     process_gpu_mib,
-    reapply_cuda_stack_limit,
     set_alloc_conf,
     set_cuda_stack_limit,
 )
@@ -179,14 +178,6 @@ class LLMEngine:
         torch.cuda.set_device(self.device)
         torch.zeros(1, device=self.device)  # the context now, so NVML sees the process
         return stack
-
-    def _reapply_stack(self, tag: str) -> None:
-        """engine.cuda_stack_reapply: the stack limit set again, as its own memory step (``restack`` + tag)."""
-        o = self.opts
-        if self.device.type == "cuda" and o.cuda_stack_reapply and o.cuda_stack_limit is not None:
-            torch.cuda.synchronize(self.device)
-            if reapply_cuda_stack_limit(o.cuda_stack_limit):
-                self._mark("restack" + tag)
 
     def _nvml_mib(self) -> int | None:
         torch.cuda.synchronize(self.device)
@@ -442,7 +433,6 @@ class LLMEngine:
                 graphs.capture(on_first_decode=lambda: self._mark("first_decode" + tag))
                 self.graphs = graphs
                 self._mark("graphs" + tag)
-                self._reapply_stack(tag)
             except RuntimeError as e:  # a kernel that cannot be captured: run eager, say so
                 del graphs
                 if isinstance(e, torch.OutOfMemoryError) and oom_raises:
@@ -476,7 +466,6 @@ class LLMEngine:
             if self.opts.warmup:
                 self._warmup()
                 self._mark("warmed_up")
-                self._reapply_stack("_warm")
             self.ready.set()
         except BaseException as e:  # noqa: BLE001 - recorded for /ready and re-raised
             self.error = e

@@ -108,18 +108,6 @@ def set_cuda_stack_limit(device_index: int, stack_bytes: int) -> int | None:
     return int(value.value)
 
 
-def reapply_cuda_stack_limit(stack_bytes: int) -> bool:
-    """``cudaDeviceSetLimit(cudaLimitStackSize, stack_bytes)`` on the running context: the driver shrinks the local
-    memory it had grown for a kernel that needed more than the limit (it keeps the largest need otherwise)."""
-    rt = _libcudart()
-    if rt is None:
-        return False
-    rc = rt.cudaDeviceSetLimit(ctypes.c_int(0), ctypes.c_size_t(stack_bytes))
-    if rc != 0:
-        logger.warning("re-setting cudaLimitStackSize to %d returned %d", stack_bytes, rc)
-    return rc == 0
-
-
 def process_gpu_mib(device_index: int = 0) -> tuple[int | None, str | None]:
     """This process's GPU memory in MiB as nvidia-smi shows it, and where it came from. Where the process is not
     listed (a container's pid namespace), None."""

@@ -137,24 +137,14 @@ def _triton_kernels_local_memory() -> list[dict]:
     return sorted(rows, key=lambda r: -(r["local_bytes"] or 0))
 
 
-def _lmem_diag(out: dict, label: str, reset_to: int | None = None) -> None:
-    """NVML and the stack limit now (``out["lmem"][label]``); with ``reset_to``, set the stack limit to it again
-    (the driver then gives back local memory a kernel made it grow) and read both once more."""
-    import ctypes
-
+def _lmem_diag(out: dict, label: str) -> None:
+    """NVML and the stack limit now (``out["lmem"][label]``)."""
     import torch
 
-    from serving.memory import _libcudart, process_gpu_mib
+    from serving.memory import process_gpu_mib
 
     torch.cuda.synchronize()
-    row = {"nvml_mib": process_gpu_mib(0)[0], "stack_limit": _stack_limit()}
-    if reset_to is not None:
-        rt = _libcudart()
-        rc = rt.cudaDeviceSetLimit(ctypes.c_int(0), ctypes.c_size_t(reset_to)) if rt is not None else None
-        torch.cuda.synchronize()
-        row.update({"reset_rc": rc, "nvml_after_reset_mib": process_gpu_mib(0)[0],
-                    "stack_limit_after_reset": _stack_limit()})
-    out.setdefault("lmem", {})[label] = row
+    out.setdefault("lmem", {})[label] = {"nvml_mib": process_gpu_mib(0)[0], "stack_limit": _stack_limit()}
 
 
 class OpTrace:
@@ -280,7 +270,7 @@ def probe(args: argparse.Namespace) -> dict:
         lm_head_int4=args.lm_head_int4,
         cuda_stack_limit=args.cuda_stack_limit if cuda else None, prefill_chunk=args.prefill_chunk,
         compile=args.compile and cuda, vendor_blas=args.vendor_blas, max_num_seqs=max(2, args.max_num_seqs),
-        gptq_backend=args.gptq_backend, warmup=True, cuda_stack_reapply=args.reapply_stack and cuda)
+        gptq_backend=args.gptq_backend, warmup=True)
     out: dict = {"args": vars(args), "device": opts.device, "options": opts.model_dump()}
     trace = OpTrace().install() if args.op_trace else None
     eng = LLMEngine(args.model, opts)
@@ -296,8 +286,8 @@ def probe(args: argparse.Namespace) -> dict:
         if trace is not None:
             out["op_trace_load"] = trace.report()
         if "error" not in out:
-            if args.lmem_diag and cuda:  # does re-setting the limit give local memory back
-                _lmem_diag(out, "after_load", reset_to=args.cuda_stack_limit if args.restack else None)
+            if args.lmem_diag and cuda:  # the stack limit and NVML before the runs
+                _lmem_diag(out, "after_load")
             n = eng.max_model_len
             gen = min(args.gen_len, n // 4)
             if trace is not None:
@@ -356,10 +346,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lmem-diag", action="store_true",
                    help="CUDA: the stack limit and NVML after load and after the runs, and every loaded Triton "
                         "kernel's local memory per thread (what grows the process past its bare context)")
-    p.add_argument("--restack", action="store_true",
-                   help="with --lmem-diag: set the stack limit to --cuda-stack-limit again after load, before the "
-                        "runs (does the driver give back what a kernel grew, and do the runs grow it again)")
-    p.add_argument("--reapply-stack", action="store_true", help="engine.cuda_stack_reapply")
     p.add_argument("--op-trace", action="store_true",
                    help="CUDA: which calls grow the process outside the allocator during the load (OpTrace)")
     p.add_argument("--out", help="also write the JSON here")

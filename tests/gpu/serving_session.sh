@@ -98,8 +98,7 @@ case "${1:-}" in
            --load-requests 48 --prompts .whl-gpu/shared-data/instructionwild)
     R=/tmp/mem-logs  # at most 8 files come back: the first four results in $OUT, every result in the tarball
     # --lmem-diag: the stack limit and NVML after load and after the runs, every Triton kernel's local memory;
-    # --restack sets the limit again after load (does the driver give back what a kernel grew?)
-    mstep probe_own "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --lmem-diag --restack \
+    mstep probe_own "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --lmem-diag \
       --out "$OUT/mem_probe_own.json"
     # which calls grow the process outside the allocator during the load (tests/gpu/memory_probe.py OpTrace: a sync
     # and cudaMemGetInfo around every serving function and module forward outside graph capture), at the longest
@@ -111,13 +110,9 @@ case "${1:-}" in
         triton.__file__), \"backends/nvidia/bin/cuobjdump\"))"); ls -la "$CUOBJ"
       for so in $(find /root/.cache/gptqmodel -name "*.so"); do echo "== $so"; "$CUOBJ" -res-usage "$so" 2>&1 \
         | grep -c "REG:"; "$CUOBJ" -res-usage "$so" 2>&1 | grep -E "STACK:[1-9]|LOCAL:[1-9]" -B1 | head -20; done'
-    # engine.cuda_stack_reapply: the limit set again after graph capture and warm-up (local memory given back)
-    mstep probe_reapply "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --lmem-diag --reapply-stack \
-      --out "$OUT/mem_probe_reapply.json"
     # the same with prefill chunks of 64 tokens (a smaller activation reserve, more prefill steps)
-    mstep probe_reapply_c64 "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --lmem-diag --reapply-stack \
-      --prefill-chunk 64 --out "$R/mem_probe_reapply_c64.json"
-    [ -n "${BENCH_REAPPLY:-}" ] && BENCH+=(--cuda-stack-reapply)
+    mstep probe_c64 "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --lmem-diag --prefill-chunk 64 \
+      --out "$R/mem_probe_c64.json"
     mstep bench_engine "${BENCH[@]}" --phases engine --out "$OUT/mem_bench_engine.json"
     mstep bench_chat "${BENCH[@]}" --phases chat,chat_no_prefix --out "$OUT/mem_bench_chat.json"
     # the load with this engine's admission (lookahead, least-computed victim) and with the first paged engine's
