@@ -26,6 +26,20 @@ from typing import Any
 GIB = 1024**3
 
 
+def emit_json(obj: Any, out: str | os.PathLike | None, indent: int = 2, default: Any = None) -> str:
+    """The benchmarks' result: printed as JSON on stdout and, with ``out``, written there atomically (a temporary
+    file renamed into place, parents made), so a run cut short never leaves a half-written result."""
+    text = json.dumps(obj, indent=indent, default=default)
+    print(text)
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, path)
+    return text
+
+
 def _smi_sampler(stop: threading.Event, out: dict[str, int]) -> None:
     """Poll nvidia-smi for this process's (or the GPU's) used memory in MiB; keep the maximum."""
     pid = str(os.getpid())
@@ -593,12 +607,7 @@ def main(argv: list[str] | None = None) -> int:
             raw = [*raw, "--paged-chat-len", str(report[ph]["chat_tokens"])]
     _summarize(report)
     _summarize_paged(report)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+    emit_json(report, args.out)
     return 0
 
 

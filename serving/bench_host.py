@@ -325,11 +325,9 @@ def main(argv: list[str] | None = None) -> int:
                 "cut_pct": round(100 * (1 - b[k]["host_us_per_step"] / a[k]["host_us_per_step"]), 1),
                 "same_tokens": a[k]["tokens_sha"] == b[k]["tokens_sha"]}
             for k in b if k in a and isinstance(b[k], dict)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    from serving.bench import emit_json
+
+    emit_json(result, args.out)
     return 0
 
 

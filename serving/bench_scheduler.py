@@ -26,7 +26,6 @@ import random
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 DEFAULT_POLICIES = ("old=0:newest", "lookahead_only=8:newest", "victim_only=0:least_computed", "new=default")
@@ -286,11 +285,9 @@ def main(argv: list[str] | None = None) -> int:
             "tok_s": [a["tok_s"], b["tok_s"]],
             "failed": [a["failed"], b["failed"]],
         }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    from serving.bench import emit_json
+
+    emit_json(report, args.out, indent=1)
     return 0
 
 

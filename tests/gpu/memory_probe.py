@@ -20,7 +20,6 @@ CPU smoke (a tiny random Llama, no NVML: steps carry None):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -366,11 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         args.max_model_len = min(args.max_model_len or 256, 256)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     result = probe(args)
-    text = json.dumps(result, indent=1, default=str)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text)
+    from serving.bench import emit_json
+
+    emit_json(result, args.out, indent=1, default=str)
     return 0 if "error" not in result else 1
 
 
