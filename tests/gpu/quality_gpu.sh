@@ -93,14 +93,16 @@ case "${1:-}" in
                         data.validation_fraction=0.15 train.lr="$lr" train.epochs="$ep" ${beta:+dpo.beta="$beta"} \
                         checkpoint.output_dir="$out" log.progress=false >>/tmp/quality.log 2>&1 || { rc=$?; break 2; }
                 done
-                best=$("$PY" - "$RUNS/dpo-sweep" "${SWEEP[@]}" <<'PY'
+                runs=()
+                for c in "${SWEEP[@]}"; do runs+=("$c=$RUNS/dpo-sweep/$(sweep_dir "$c")"); done
+                best=$("$PY" - "$RUNS/dpo-sweep" "${runs[@]}" <<'PY'
 import json, sys
 from pathlib import Path
 rows = []
-for c in sys.argv[2:]:
-    lr, ep, *beta = c.split(":")
-    d = json.loads((Path(sys.argv[1]) / ("lr-{}-ep-{}".format(lr, ep) + (f"-beta-{beta[0]}" if beta else ""))
-                    / "manifest.json").read_text())
+for arg in sys.argv[2:]:  # CANDIDATE=its run folder
+    c, run = arg.split("=", 1)
+    lr, ep = c.split(":")[:2]
+    d = json.loads((Path(run) / "manifest.json").read_text())
     m = d["metrics"]
     rows.append({"lr": lr, "epochs": int(ep), "beta": d["config"]["dpo"]["beta"], "validation_acc": m.get("eval_acc"),
                  "validation_margin": m.get("eval_margin"), "validation_pairs": m.get("eval_pairs")})
