@@ -502,7 +502,7 @@ class DecodeGraphs:
         return out
 
     def wanted(self, b: int, ctx: int) -> bool:
-        if b == 1 or self.max_batch_tokens is None or getattr(self.runner, "decode_kernel", None) is not None:
+        if b == 1 or self.max_batch_tokens is None or self.runner.decode_kernel is not None:
             return True
         return b * ctx <= self.max_batch_tokens
 

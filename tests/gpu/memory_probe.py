@@ -152,7 +152,8 @@ class OpTrace:
     capture is bracketed by a device sync and ``cudaMemGetInfo`` (the device's free bytes, read at once: NVML's
     per-process figure trails), less the allocator's reserved growth. Per name: calls that grew it, the largest and
     the total growth in MiB, and the load step it first happened in. Nested calls count in their callers too: the
-    innermost name is the one to read. Costs two syncs a call, so it stops after ``limit`` calls."""
+    innermost name is the one to read. Costs two syncs a call, so it stops after ``limit`` calls. Installed for the
+    rest of the process (the probe's), never removed."""
 
     PACKAGES = ("serving.runner", "serving.sampler", "serving.kernels.paged_attention", "serving.kernels.w8a16",
                 "serving.engine", "serving.prefill_batch")
@@ -165,7 +166,6 @@ class OpTrace:
         self.limit, self.calls, self.step = limit, 0, "load"
         self.rows: dict[str, dict] = {}
         self._stack: list[tuple[int, int]] = []
-        self._undo: list = []
 
     def _before(self) -> bool:
         import torch
@@ -222,14 +222,12 @@ class OpTrace:
                 for attr, v in list(vars(m).items()):
                     if v is f:
                         setattr(m, attr, w)
-                        self._undo.append((m, attr, f))
         from serving.runner import LlamaRunner
 
         for n in self.METHODS:
             f = getattr(LlamaRunner, n, None)
             if callable(f):
                 setattr(LlamaRunner, n, self._wrap(f"LlamaRunner.{n}", f))
-                self._undo.append((LlamaRunner, n, f))
         from serving.engine import LLMEngine
 
         mark = LLMEngine._mark
@@ -238,7 +236,6 @@ class OpTrace:
             self.step = step
             return mark(eng, step)
         LLMEngine._mark = traced_mark
-        self._undo.append((LLMEngine, "_mark", mark))
 
         def pre(module, _inp):
             if self._before():
