@@ -100,12 +100,20 @@ def set_cuda_stack_limit(device_index: int, stack_bytes: int) -> int | None:
     if rt.cudaSetDevice(ctypes.c_int(device_index)) != 0:
         return None
     rc = rt.cudaDeviceSetLimit(ctypes.c_int(0), ctypes.c_size_t(stack_bytes))  # 0 = cudaLimitStackSize
-    value = ctypes.c_size_t()
-    rt.cudaDeviceGetLimit(ctypes.byref(value), ctypes.c_int(0))
     if rc != 0:
         logger.warning("cudaDeviceSetLimit(cudaLimitStackSize, %d) returned %d", stack_bytes, rc)
         return None
-    return int(value.value)
+    return cuda_stack_limit(rt)
+
+
+def cuda_stack_limit(rt: ctypes.CDLL | None = None) -> int | None:
+    """The CUDA stack limit now (``cudaDeviceGetLimit``; the driver raises it for a kernel that needs more), or
+    None when libcudart is missing or refuses."""
+    rt = rt or _libcudart()
+    if rt is None:
+        return None
+    value = ctypes.c_size_t()
+    return int(value.value) if rt.cudaDeviceGetLimit(ctypes.byref(value), ctypes.c_int(0)) == 0 else None
 
 
 def process_gpu_mib(device_index: int = 0) -> tuple[int | None, str | None]:

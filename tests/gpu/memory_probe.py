@@ -94,19 +94,6 @@ def _run(eng, lengths: list[int], gen: int, vocab: int, seed: int, sampled: bool
             "errors": errors, "s": round(time.perf_counter() - t0, 2)}
 
 
-def _stack_limit() -> int | None:
-    """The CUDA stack limit now (``cudaDeviceGetLimit``): the driver raises it for a kernel that needs more."""
-    import ctypes
-
-    from serving.memory import _libcudart
-
-    rt = _libcudart()
-    if rt is None:
-        return None
-    value = ctypes.c_size_t()
-    return int(value.value) if rt.cudaDeviceGetLimit(ctypes.byref(value), ctypes.c_int(0)) == 0 else None
-
-
 def _triton_kernels_local_memory() -> list[dict]:
     """Every loaded Triton kernel in the process (ours and Inductor's, found by the garbage collector): its
     registers, spills and local memory per thread (``cuFuncGetAttribute``), largest local memory first. Local
@@ -140,10 +127,10 @@ def _lmem_diag(out: dict, label: str) -> None:
     """NVML and the stack limit now (``out["lmem"][label]``)."""
     import torch
 
-    from serving.memory import process_gpu_mib
+    from serving.memory import cuda_stack_limit, process_gpu_mib
 
     torch.cuda.synchronize()
-    out.setdefault("lmem", {})[label] = {"nvml_mib": process_gpu_mib(0)[0], "stack_limit": _stack_limit()}
+    out.setdefault("lmem", {})[label] = {"nvml_mib": process_gpu_mib(0)[0], "stack_limit": cuda_stack_limit()}
 
 
 class OpTrace:
