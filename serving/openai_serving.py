@@ -48,6 +48,15 @@ from serving.sampler import LogitsProcessor
 
 logger = logging.getLogger("serving.request")
 
+# Line breaks that JSON leaves raw inside strings but that ``str.splitlines`` (httpx's ``iter_lines``, many SSE
+# readers) splits on: one in a streamed token would cut its ``data:`` line in two. Escaped, the JSON is the same.
+_SSE_UNSAFE = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_event(json_text: str) -> str:
+    """One SSE ``data:`` event for a JSON document, kept on one line for every line splitter."""
+    return f"data: {json_text.translate(_SSE_UNSAFE)}\n\n"
+
 
 def _no_processors(index: int) -> list[LogitsProcessor]:
     return []
@@ -245,7 +254,7 @@ class OpenAIServing:
         def sse(chunk: BaseModel) -> str:
             if continuous:
                 chunk.usage = ctx.usage()
-            return f"data: {chunk.model_dump_json(**dump)}\n\n"
+            return sse_event(chunk.model_dump_json(**dump))
 
         try:
             for chunk in self.stream_start(req, ctx):
@@ -255,7 +264,7 @@ class OpenAIServing:
                 for chunk in self.stream_chunks(req, ctx, i, out):
                     yield sse(chunk)
             if include_usage:
-                yield f"data: {self.usage_chunk(ctx).model_dump_json()}\n\n"
+                yield sse_event(self.usage_chunk(ctx).model_dump_json())
         except ServingError as e:
             self.metrics.error(e.status)
             yield error_event(e)

@@ -142,3 +142,33 @@ def test_one_renderer_for_json_and_sse():
     event = error_event(e)
     assert event.startswith("data: ") and event.endswith("\n\n") and json.loads(event[6:]) == error_body(e)
     assert error_headers(ContextLengthError("x")) == {}
+
+
+class LineBreaking(OutputParser):
+    """Streams every piece with the three line breaks JSON leaves raw (U+0085, U+2028, U+2029) appended."""
+
+    def feed(self, text: str) -> DeltaMessage | None:
+        return DeltaMessage(content=text + "\u0085\u2028\u2029")
+
+
+class Breaking(OpenAIServingChat):
+    def request_hooks(self, req):
+        return RequestHooks(output_parser=LineBreaking)
+
+
+def test_streamed_text_with_unicode_line_breaks_stays_one_sse_line_per_event(engine: LLMEngine):
+    # httpx's iter_lines (str.splitlines) cut such a data: line in two, and the client's json.loads failed (CI)
+    serving = Breaking(engine, MODEL, EngineMetrics(MODEL))
+
+    async def run():
+        return [e async for e in await serving.create(_body(stream=True, ignore_eos=True), "lb")]
+
+    events = asyncio.run(run())
+    contents = []
+    for raw in events:
+        assert raw.endswith("\n\n") and raw.splitlines() == [raw[:-2], ""], repr(raw)
+        if raw.startswith("data: {"):
+            delta = json.loads(raw[6:])["choices"]
+            contents += [c["delta"].get("content") or "" for c in delta]
+    pieces = [c for c in contents if c]  # the role chunk's content is empty
+    assert pieces and all(c.endswith("\u0085\u2028\u2029") for c in pieces)  # each piece kept its breaks
