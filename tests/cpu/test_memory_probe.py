@@ -26,3 +26,17 @@ def test_memory_probe_smoke_reports_the_load_steps_and_both_runs(tmp_path: Path)
     assert all(not r["errors"] and all(g > 0 for g in r["generated"]) for r in rep["runs"])
     assert rep["kv_cache_tokens"] >= n and set(rep["targets"]) == {"peak_le_4096_mib", "holds_1024_tokens",
                                                                    "stretch_2048_tokens"}
+
+
+def test_outside_allocator_probe_runs_its_engine_kernel_candidates_on_cpu():
+    """tests/gpu/outside_alloc_probe.py --check: the first-decode candidates' code (Triton decode attention, W8A16
+    lm_head, the compiled decode pieces) runs under the interpreter, and every candidate is listed."""
+    done = subprocess.run([sys.executable, "tests/gpu/outside_alloc_probe.py", "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    listed = subprocess.run([sys.executable, "tests/gpu/outside_alloc_probe.py", "--list"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60).stdout.split()
+    assert {"control", "stream", "cuda_graph", "decode_pieces_inductor", "paged_decode_attention"} <= set(listed)
+    bad = subprocess.run([sys.executable, "tests/gpu/outside_alloc_probe.py", "--only", "nope"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown candidates ['nope']" in bad.stderr

@@ -20,6 +20,7 @@ CPU smoke (a tiny random Llama, no NVML: steps carry None):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -268,6 +269,9 @@ def probe(args: argparse.Namespace) -> dict:
             out["triton_kernels"] = _triton_kernels_local_memory()[:25]
         if trace is not None:
             out["op_trace_load"] = trace.report()
+        if args.out:  # what the load showed, in case the runs do not finish within the call
+            Path(args.out).write_text(json.dumps({**out, "steps": eng.memory.to_dict()["steps"], "partial": True},
+                                                 indent=1, default=str))
         if "error" not in out:
             if args.lmem_diag and cuda:  # the stack limit and NVML before the runs
                 _lmem_diag(out, "after_load")
