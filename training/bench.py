@@ -122,14 +122,17 @@ def stage_config(stage: str, plugin: str, model: Path, data: dict[str, Path], ou
     if stage == "ppo":
         cfg["data"] = {"train": [str(data["prompts"])], "max_length": seq, "eval_fraction": 0.0}
         # "serving+compile": the engine with ppo.rollout_compile (its decode layer compiled); "+overlap":
-        # ppo.rollout_overlap (the next decode step queued ahead); both: "serving+compile+overlap"
+        # ppo.rollout_overlap (the next decode step queued ahead); both: "serving+compile+overlap"; "+ptxjoint"
+        # (any engine): ppo.ptx_pass=joint, the rollouts and PTX rows as one padded batch (the update before)
         engine_name, *variants = rollout_engine.split("+")
-        if set(variants) - {"compile", "overlap"} or (variants and engine_name != "serving"):
-            raise ValueError(f"--rollout-engines: {rollout_engine!r} is not hf, serving, or serving with +compile "
-                             "and/or +overlap")
+        engine_variants = set(variants) - {"ptxjoint"}
+        if set(variants) - {"compile", "overlap", "ptxjoint"} or (engine_variants and engine_name != "serving"):
+            raise ValueError(f"--rollout-engines: {rollout_engine!r} is not hf or serving, the serving engine "
+                             "with +compile and/or +overlap, either with +ptxjoint")
         cfg["ppo"] = {"reward_model_path": str(model.parent / "rm"), "ptx_data": [str(data["sft"])], "ptx_coef": 0.1,
                       "rollout_batch_size": batch * 2, "ppo_epochs": 1, "rollout_engine": engine_name,
                       "rollout_compile": "compile" in variants, "rollout_overlap": "overlap" in variants,
+                      **({"ptx_pass": "joint"} if "ptxjoint" in variants else {}),
                       "generation": {"max_new_tokens": 128, "temperature": 1.0}}
         cfg["train"]["micro_batch_size"] = batch
     return cfg

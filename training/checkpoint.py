@@ -9,6 +9,8 @@ Layout of a stage's ``output_dir``::
     checkpoints/step-000010/state.json     step, sampler positions, last metrics
     checkpoints/latest                     name of the newest complete checkpoint
     <name>/                                the final export, e.g. model/ or actor/ + critic/
+    best-step-000100/ + best.json          ``checkpoint.keep_best``: the export of the best held-out evaluation so
+                                           far, and its step and metrics (copied to model/ at the end)
     manifest.json                          written last: the stage is complete when it exists
 
 A checkpoint is built in a ``.tmp-`` folder and renamed into place only when every rank
@@ -102,6 +104,88 @@ def export_model(trainable: Trainable, folder: Path, tokenizer: Any) -> None:
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     engine.barrier()
+
+
+BEST_FILE = "best.json"
+LOWER_IS_BETTER = ("loss", "perplexity")  # keep_best minimises these metrics and maximises every other one
+
+
+class BestModel:
+    """``checkpoint.keep_best``: the export of the best held-out evaluation so far, so the stage can end with that
+    model instead of the last step's. Like ``latest`` for checkpoints: each best is exported to its own
+    ``best-step-N/`` (atomically, by ``export_model``), then ``best.json`` (step, metrics, folder) is replaced to
+    point at it, then the older one goes; a crash anywhere leaves ``best.json`` naming a whole export. On resume a
+    best from past the resumed checkpoint is dropped (those steps are redone and offered again), and exports that
+    ``best.json`` does not name are removed."""
+
+    def __init__(self, output_dir: Path, metric: str, resume_step: int | None):
+        self.root, self.path, self.metric = output_dir, output_dir / BEST_FILE, metric
+        self.lower = metric in LOWER_IS_BETTER
+        self.step: int | None = None
+        self.metrics: dict[str, float] = {}
+        saved = json.loads(self.path.read_text()) if resume_step is not None and self.path.exists() else None
+        if (saved and saved.get("metric") == metric and saved["step"] <= resume_step
+                and (output_dir / saved["folder"]).is_dir()):
+            self.step, self.metrics = saved["step"], saved["metrics"]
+        if engine.is_main():
+            if self.step is None:
+                self.path.unlink(missing_ok=True)
+            for old in output_dir.glob("best-step-*"):
+                if old != self.dir:
+                    _remove(old)
+        engine.barrier()
+
+    @property
+    def dir(self) -> Path | None:
+        return None if self.step is None else self.root / f"best-step-{self.step:06d}"
+
+    def better(self, value: float) -> bool:
+        if self.step is None:
+            return True
+        best = self.metrics[self.metric]
+        return value < best if self.lower else value > best
+
+    def offer(self, step: int, metrics: dict[str, float], trainable: Trainable, tokenizer: Any) -> bool:
+        """Export the model if ``metrics`` beat the best so far (ties keep the earlier); True if it did."""
+        if not self.better(float(metrics[self.metric])):
+            return False
+        old = self.dir
+        folder = self.root / f"best-step-{step:06d}"
+        export_model(trainable, folder, tokenizer)
+        self.step, self.metrics = step, {k: float(v) for k, v in metrics.items()}
+        if engine.is_main():
+            atomic_write_json(self.path, {"metric": self.metric, "step": step, "metrics": self.metrics,
+                                          "folder": folder.name})
+            if old is not None and old != folder:
+                _remove(old)
+        engine.barrier()
+        return True
+
+    def copy_to(self, folder: Path) -> None:
+        """The best export becomes ``folder`` (built beside it, renamed into place)."""
+        assert self.dir is not None, "no evaluation was offered"
+        if engine.is_main():
+            tmp = folder.with_name(f".tmp-{folder.name}")
+            _remove(tmp)
+            try:
+                shutil.copytree(self.dir, tmp)
+            except OSError as e:
+                if not is_disk_full(e, tmp):
+                    raise
+                _remove(tmp)
+                raise DiskFullError(folder, e) from e
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        engine.barrier()
+
+    def remove(self) -> None:
+        """After the manifest (which records the best step and metrics): the copy in model/ is the output."""
+        if engine.is_main():
+            if self.dir is not None:
+                _remove(self.dir)
+            self.path.unlink(missing_ok=True)
+        engine.barrier()
 
 
 class Checkpointer:

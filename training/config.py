@@ -122,6 +122,11 @@ class CheckpointConfig(_Strict):
     output_dir: str = Field(..., description="The stage's folder: final model, checkpoints, logs, manifest.json.")
     save_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps; 0 = only at the end.")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted after a newer one lands.")
+    keep_best: str | None = Field(
+        None, description="SFT, RM and DPO: end with the model of the best held-out evaluation (every "
+        "log.eval_every steps, and the last) by this metric, e.g. acc (RM, DPO) or loss (SFT); loss and perplexity "
+        "are minimised, others maximised. With data.validation_fraction the choice is made on the validation cut "
+        "and the eval rows are scored once, by the chosen model (test_* in the manifest).")
 
 
 class LogConfig(_Strict):
@@ -141,6 +146,13 @@ class StageConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig
     log: LogConfig = Field(default_factory=LogConfig)
+
+    @model_validator(mode="after")
+    def _best_needs_evaluations(self) -> StageConfig:
+        if self.checkpoint.keep_best and not self.log.eval_every:
+            raise ValueError("checkpoint.keep_best needs log.eval_every > 0: with one evaluation, at the end, the "
+                             "best model is the last")
+        return self
 
 
 class SFTConfig(StageConfig):
@@ -193,6 +205,10 @@ class PPOOptions(RolloutOptions):
     critic_path: str | None = Field(None, description="Critic initialisation; defaults to the reward model.")
     ptx_data: list[str] = Field(default_factory=list, description="SFT-format PTX sources; empty = off.")
     ptx_coef: float = Field(0.0, ge=0, description="Weight of the PTX (pre-training) loss in the actor loss.")
+    ptx_pass: Literal["separate", "joint"] | None = Field(
+        None, description="separate: the rollouts and the PTX rows go through the actor in two forward passes at "
+        "their own widths (ddp only); joint: one batch padded to the wider (its padding is computed too); "
+        "default: separate on ddp, joint on the other plugins.")
     critic_lr: float = Field(DEFAULT_LR, gt=0)
     kl_coef: float = Field(0.1, ge=0, description="Per-token KL penalty against the frozen reference.")
     gamma: float = Field(1.0, ge=0, le=1)
@@ -209,6 +225,13 @@ class PPOConfig(StageConfig):
     """PPO with a PTX loss: actor, critic, frozen reference and frozen reward model."""
 
     ppo: PPOOptions
+
+    @model_validator(mode="after")
+    def _separate_ptx_needs_ddp(self) -> PPOConfig:
+        if self.ppo.ptx_pass == "separate" and self.train.plugin != "ddp":
+            raise ValueError(f"ppo.ptx_pass: separate runs two forward passes before one backward, which only "
+                             f"the ddp plugin is known to take; train.plugin is {self.train.plugin}: use joint")
+        return self
 
 
 class DPOOptions(_Strict):

@@ -143,7 +143,7 @@ def precompute_reference(stage: runner.Stage, load_ref: Callable[[], torch.nn.Mo
 
 
 def setup(stage: runner.Stage, tokenizer: Any, train: list[dict], held: list[dict],
-          report: dict[str, Any]) -> dict[str, Any]:
+          report: dict[str, Any], test: list[dict] | None = None) -> dict[str, Any]:
     """The loss's extra arguments: the frozen reference to keep, or (``precompute_reference``) None once every pair
     carries its reference log-probs."""
     cfg: DPOConfig = stage.cfg
@@ -157,8 +157,8 @@ def setup(stage: runner.Stage, tokenizer: Any, train: list[dict], held: list[dic
     report["reference"] = reference
     if not cfg.dpo.precompute_reference:
         return {"ref": load_ref(), "cfg": cfg}
-    report.update(precompute_reference(stage, load_ref, {"train": train, "eval": held}, tokenizer.pad_token_id,
-                                       reference))
+    splits = {"train": train, "eval": held, **({"test": test} if test else {})}
+    report.update(precompute_reference(stage, load_ref, splits, tokenizer.pad_token_id, reference))
     return {"ref": None, "cfg": cfg}
 
 

@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     stage = runner.start("grpo", cfg, resume=args.resume)
 
     tokenizer = load_tokenizer(cfg.model)
-    prompt_rows, eval_rows, data_report = runner.load_data(cfg.data, "prompt", cfg.train.seed)
+    splits = runner.load_data(cfg.data, "prompt", cfg.train.seed)
+    prompt_rows, eval_rows, data_report = splits.train, splits.held, splits.report
     tokenize = partial(tokenize_prompt, tokenizer=tokenizer, max_length=cfg.data.max_length)
     prompts = [(tokenize(row), i) for i, row in enumerate(prompt_rows)]  # the index finds the row's messages
     eval_prompts = [(tokenize(row), row) for row in eval_rows]

@@ -212,15 +212,26 @@ def _pad_to(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
 
 
 def actor_loss(actor, mb: dict[str, torch.Tensor], ptx: dict[str, torch.Tensor] | None, cfg: PPOConfig,
-               pad_id: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped policy loss plus ``ptx_coef`` times the SFT loss, from one forward pass over both batches."""
+               pad_id: int, *, one_pass: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped policy loss plus ``ptx_coef`` times the SFT loss on the PTX rows, for one backward.
+
+    The rollout rows (prompt + reply) and the PTX rows (SFT conversations, often full length) go through the actor
+    in two forward passes, each at its own width. ``one_pass`` pads both into one batch instead, which computes
+    the padding: in the 1B bench (prompts of ~300 tokens + 128 generated, PTX rows of 1,024) that was ~30% of the
+    actor's tokens. ``ppo.ptx_pass`` chooses; the plugins that manage parameters on hooks around one forward
+    (gemini, zero2, 3d) keep the one pass."""
     seq, mask = mb["seq"], mb["mask"]
     n = seq.size(0)
-    if ptx is not None:
+    ptx_logits = None
+    if ptx is not None and one_pass:
         width = max(seq.size(1), ptx["input_ids"].size(1))
         seq = torch.cat([_pad_to(seq, width, pad_id), _pad_to(ptx["input_ids"], width, pad_id)])
         mask = torch.cat([_pad_to(mask, width, 0), _pad_to(ptx["attention_mask"], width, 0)])
     logits = actor(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
+    if ptx is not None:
+        ptx_logits = logits[n:] if one_pass else actor(
+            input_ids=ptx["input_ids"], attention_mask=ptx["attention_mask"],
+            position_ids=position_ids(ptx["attention_mask"])).logits
     R = mb["action_mask"].size(1)
     logprobs, resp_logits = logprobs_at_response(logits[:n], mb["seq"], mb["start"], R)
     pg, clip_frac = losses.policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["action_mask"],
@@ -229,8 +240,8 @@ def actor_loss(actor, mb: dict[str, torch.Tensor], ptx: dict[str, torch.Tensor] 
              "entropy": losses.entropy(resp_logits.detach(), mb["action_mask"]).item(),
              "approx_kl": losses.masked_mean(mb["logprobs"] - logprobs.detach(), mb["action_mask"]).item()}
     loss = pg
-    if ptx is not None:
-        ptx_loss, _ = losses.sft_loss(logits[n:, : ptx["labels"].size(1)], ptx["labels"])
+    if ptx_logits is not None:
+        ptx_loss, _ = losses.sft_loss(ptx_logits[:, : ptx["labels"].size(1)], ptx["labels"])
         loss = loss + cfg.ppo.ptx_coef * ptx_loss
         stats["ptx_loss"] = ptx_loss.item()
     return loss, stats
@@ -252,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     stage = runner.start("ppo", cfg, resume=args.resume)
 
     tokenizer = load_tokenizer(cfg.model)
-    prompt_rows, eval_rows, data_report = runner.load_data(cfg.data, "prompt", cfg.train.seed)
+    splits = runner.load_data(cfg.data, "prompt", cfg.train.seed)
+    prompt_rows, eval_rows, data_report = splits.train, splits.held, splits.report
     tokenize = partial(tokenize_prompt, tokenizer=tokenizer, max_length=cfg.data.max_length)
     prompts, data_report["prompts_too_long"] = runner.tokenize_all(prompt_rows, tokenize, "prompt")
     eval_prompts = [tokenize(row) for row in eval_rows]
@@ -309,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluate = partial(evaluate_reward, actor_t.model, reward_model, eval_prompts, cfg, eos_ids, pad_id, stage.device,
                        rollout, tokenizer)
     phases = PhaseTimes(stage.device)
+    ptx_joint = (p.ptx_pass or ("separate" if cfg.train.plugin == "ddp" else "joint")) == "joint"
     before: dict[str, float] = {}
     if eval_prompts and stage.start_step == 0:
         before = evaluate()  # the policy before PPO
@@ -331,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
                 ptx_batch = ({k: v.to(stage.device) for k, v in next(ptx_batches).items()}
                              if ptx_batches is not None else None)
                 with engine.autocast(cfg.train, stage.device):
-                    a_loss, a_stats = actor_loss(actor_t.model, mb, ptx_batch, cfg, pad_id)
+                    a_loss, a_stats = actor_loss(actor_t.model, mb, ptx_batch, cfg, pad_id,
+                                                 one_pass=ptx_joint)
                 if not math.isfinite(a_stats["policy_loss"]) or not math.isfinite(a_stats.get("ptx_loss", 0.0)):
                     raise FloatingPointError(f"step {step}: the actor's loss is not finite ({a_stats}); lower "
                                              "train.lr or use train.precision=fp32; the last checkpoint is intact")

@@ -18,13 +18,14 @@ import torch
 from torch import nn
 
 from training import engine
-from training.checkpoint import Checkpointer
+from training.checkpoint import BestModel, Checkpointer
 from training.config import ConfigError, DataConfig, StageConfig, dump_config
 from training.engine import Trainable
 from training.metrics import MetricsLogger, Throughput
 
 log = logging.getLogger("training")
 
+SUPERVISED = ("sft", "rm", "dpo")  # the stages of ``run_supervised``
 CRASH_ENV = "TRAINING_CRASH_AFTER_STEP"  # fault injection for resume tests: hard-exit after this step
 
 
@@ -63,6 +64,9 @@ def start(name: str, cfg: StageConfig, *, resume: bool) -> Stage:
     device = engine.init_distributed(cfg.train)
     if cfg.model.lora.rank > 0 and cfg.train.plugin != "ddp":
         raise ConfigError(f"model.lora with train.plugin: {cfg.train.plugin} is not supported; use ddp for LoRA")
+    if cfg.checkpoint.keep_best and name not in SUPERVISED:
+        raise ConfigError(f"checkpoint.keep_best: only {', '.join(SUPERVISED)} keep a best model; {name} ends with "
+                          "its last step's (its held-out reward is in metrics.jsonl at every log.eval_every)")
     out = Path(cfg.checkpoint.output_dir)
     if engine.is_main():
         check_writable(out)
@@ -79,8 +83,20 @@ def start(name: str, cfg: StageConfig, *, resume: bool) -> Stage:
     return stage
 
 
-def load_data(cfg: DataConfig, kind: str, seed: int) -> tuple[list, list, dict[str, Any]]:
-    """Read, validate and split rows; returns (train, eval, stats for the manifest)."""
+@dataclass
+class DataSplits:
+    """A stage's rows: ``train``; ``held`` (what it evaluates on while training: the eval rows, or with
+    ``data.validation_fraction`` the validation cut of the training rows); ``test`` (with a validation cut, the eval
+    rows, scored only once, by the model the stage ends with); ``report`` (counts for the manifest)."""
+
+    train: list
+    held: list
+    test: list
+    report: dict[str, Any]
+
+
+def load_data(cfg: DataConfig, kind: str, seed: int) -> DataSplits:
+    """Read, validate and split rows."""
     from training.data import load_rows, split_eval
 
     train, stats = load_rows(cfg.train, kind, on_error=cfg.on_error, max_samples=cfg.max_samples)
@@ -93,12 +109,14 @@ def load_data(cfg: DataConfig, kind: str, seed: int) -> tuple[list, list, dict[s
         report["eval_rows"] = len(held)
     else:
         held = []
+    test: list = []
     if cfg.validation_fraction > 0:  # a second, differently seeded cut of what is left for training
+        test = held
         train, held = split_eval(train, cfg.validation_fraction, seed + 1)
-        report.update(validation_rows=len(held), test_rows_set_aside=report.pop("eval_rows", 0))
+        report.update(validation_rows=len(held), test_rows=report.pop("eval_rows", 0))
     if stats.skipped and engine.is_main():
         log.warning("skipped %d malformed rows; first: %s", stats.skipped, stats.errors[:3])
-    return train, held, report
+    return DataSplits(train, held, test, report)
 
 
 def tokenize_all(items: list, fn: Callable[[Any], Any], what: str) -> tuple[list, int]:
@@ -157,8 +175,10 @@ LossFn = Callable[[dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, Any],
 
 def supervised_loop(stage: Stage, trainable: Trainable, batches: Iterator[dict[str, torch.Tensor]], sampler: Any,
                     loss_fn: LossFn, *, steps: int, logger: MetricsLogger, flops_per_token: float, tokenizer: Any,
-                    evaluate: Callable[[], dict[str, float]] | None = None, eval_every: int = 0) -> dict[str, float]:
-    """Optimise ``trainable`` for ``steps`` steps from the stage's start step; returns the last metrics."""
+                    evaluate: Callable[[], dict[str, float]] | None = None, eval_every: int = 0,
+                    on_eval: Callable[[int, dict[str, float]], Any] | None = None) -> dict[str, float]:
+    """Optimise ``trainable`` for ``steps`` steps from the stage's start step; returns the last metrics.
+    ``on_eval(step, metrics)`` sees every evaluation made every ``eval_every`` steps (``checkpoint.keep_best``)."""
     cfg = stage.cfg
     accum = cfg.train.grad_accum_steps
     meter = Throughput(stage.device, flops_per_token)
@@ -182,7 +202,10 @@ def supervised_loop(stage: Stage, trainable: Trainable, batches: Iterator[dict[s
             last.update(lr=trainable.lr, grad_norm=float(grad_norm), **meter.report())
             logger.log(step, last)
         if evaluate is not None and eval_every and step % eval_every == 0 and step != steps:
-            logger.log(step, evaluate(), split="eval")
+            ev = evaluate()
+            logger.log(step, ev, split="eval")
+            if on_eval is not None:
+                on_eval(step, ev)
             trainable.model.train()
         maybe_crash(step)
         if cfg.checkpoint.save_every and (step % cfg.checkpoint.save_every == 0 or step == steps):
@@ -245,7 +268,7 @@ class SupervisedStage:
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float], int]]
     eval_batch: Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, float]]  # sums, with a "count" key
     eval_summary: Callable[[dict[str, float]], dict[str, float]]  # sums -> reported metrics
-    # (stage, tokenizer, train, held, data report) -> extra keyword arguments of loss and eval_batch; runs before
+    # (stage, tokenizer, train, held, data report, test=) -> extra keyword arguments of loss and eval_batch; runs before
     # the model is loaded (DPO scores its pairs with the reference here, or loads the reference to keep)
     setup: Callable[..., dict[str, Any]] | None = None
 
@@ -285,11 +308,14 @@ def run_supervised(spec: SupervisedStage, argv: list[str] | None, description: s
     stage = start(spec.name, cfg, resume=args.resume)
 
     tokenizer = load_tokenizer(cfg.model)
-    train_rows, eval_rows, data_report = load_data(cfg.data, spec.kind, cfg.train.seed)
+    splits = load_data(cfg.data, spec.kind, cfg.train.seed)
+    data_report = splits.report
     tokenize = partial(spec.tokenize, tokenizer=tokenizer, max_length=cfg.data.max_length)
-    train, data_report["train_too_long"] = tokenize_all(train_rows, tokenize, spec.kind)
-    held = [t for t in map(tokenize, eval_rows) if t is not None]
-    extra = spec.setup(stage, tokenizer, train, held, data_report) if spec.setup is not None else {}
+    train, data_report["train_too_long"] = tokenize_all(splits.train, tokenize, spec.kind)
+    held = [t for t in map(tokenize, splits.held) if t is not None]
+    test = [t for t in map(tokenize, splits.test) if t is not None]
+    best = best_keeper(spec, stage, held)
+    extra = spec.setup(stage, tokenizer, train, held, data_report, test=test) if spec.setup is not None else {}
 
     model = spec.load_model(cfg.model)
     if getattr(model.config, "pad_token_id", None) is None:
@@ -314,16 +340,58 @@ def run_supervised(spec: SupervisedStage, argv: list[str] | None, description: s
                             steps=steps,
                             logger=logger, flops_per_token=train_flops_per_token(model.config, n_params,
                                                                                  cfg.data.max_length),
-                            tokenizer=tokenizer, evaluate=eval_fn, eval_every=cfg.log.eval_every)
+                            tokenizer=tokenizer, evaluate=eval_fn, eval_every=cfg.log.eval_every,
+                            on_eval=(lambda step, ev: best.offer(step, ev, trainable, tokenizer)) if best else None)
     metrics = {"final_" + k: v for k, v in final.items()}
     if eval_fn is not None:
         ev = eval_fn()
         logger.log(steps, ev, split="eval")
         metrics.update({"eval_" + k: v for k, v in ev.items()})
+        if best is not None:
+            best.offer(steps, ev, trainable, tokenizer)
+            metrics.update({"last_eval_" + k: v for k, v in ev.items()}, best_step=best.step,
+                           best_metric=best.metric, **{"eval_" + k: v for k, v in best.metrics.items()})
+    out = stage.output_dir / "model"
+    if best is not None and best.step != steps:
+        best.copy_to(out)
+    else:
+        export_model(trainable, out, tokenizer)
+    if test:  # scored once, by the model the stage ends with (the validation cut chose it)
+        scorer = trainable.model if best is None or best.step == steps else load_export(spec, cfg, out, stage)
+        tv = evaluate(spec, scorer, test, pad_id, stage, extra)
+        logger.log(steps, tv, split="test")
+        metrics.update({"test_" + k: v for k, v in tv.items()})
     logger.close()
-
-    export_model(trainable, stage.output_dir / "model", tokenizer)
-    finish(stage, outputs={"model": str(stage.output_dir / "model")},
+    finish(stage, outputs={"model": str(out)},
            inputs={"model": cfg.model.path, "data": cfg.data.train, **data_report},
            metrics={**metrics, "steps": steps, "parameters": n_params, "trainable_parameters": n_trainable})
+    if best is not None:
+        best.remove()
     return 0
+
+
+def best_keeper(spec: SupervisedStage, stage: Stage, held: list) -> BestModel | None:
+    """``checkpoint.keep_best``'s keeper, after checking the stage has held-out rows and reports that metric."""
+    metric = stage.cfg.checkpoint.keep_best
+    if not metric:
+        return None
+    if stage.cfg.model.lora.rank > 0:  # the export merges LoRA into the weights in place: not mid-training
+        raise ConfigError("checkpoint.keep_best with model.lora is not supported: the export merges the adapter "
+                          "into the model; drop one of them")
+    if not held:
+        raise ConfigError("checkpoint.keep_best needs held-out rows: set data.eval, data.eval_fraction or "
+                          "data.validation_fraction")
+    names = [k for k in spec.eval_summary({"count": 0.0}) if k not in ("pairs", "tokens", "count")]
+    if metric not in names:
+        raise ConfigError(f"checkpoint.keep_best: {spec.name} reports no held-out metric {metric!r}; it reports "
+                          f"{', '.join(names)}")
+    return BestModel(stage.output_dir, metric, stage.start_step if stage.resume_from is not None else None)
+
+
+def load_export(spec: SupervisedStage, cfg: StageConfig, folder: Path, stage: Stage) -> nn.Module:
+    """The exported model in ``folder`` (LoRA already merged), on the stage's device, for scoring only."""
+    from training.config import LoraConfig
+
+    model = spec.load_model(cfg.model.model_copy(update={"path": str(folder), "gguf_file": None,
+                                                         "lora": LoraConfig()}))
+    return model.to(stage.device).eval()

@@ -480,14 +480,16 @@ def test_validation_fraction_tunes_on_training_rows_and_never_reads_the_held_out
     rows = [{"prompt": f"question {i}?", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(40)]
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     cfg = DataConfig(train=[str(data)], eval_fraction=0.2)
-    train, test, _ = runner.load_data(cfg, "preference", seed=42)
-    tune_train, val, report = runner.load_data(cfg.model_copy(update={"validation_fraction": 0.25}), "preference",
-                                               seed=42)
+    plain = runner.load_data(cfg, "preference", seed=42)
+    train, test = plain.train, plain.held
+    tuned = runner.load_data(cfg.model_copy(update={"validation_fraction": 0.25}), "preference", seed=42)
+    tune_train, val, report = tuned.train, tuned.held, tuned.report
     key = [str(p) for p in test]
     assert len(test) == 8 and len(val) == 8 and len(tune_train) == 24
     assert not {str(p) for p in val + tune_train} & set(key)  # the test pairs are in neither part
     assert {str(p) for p in val + tune_train} == {str(p) for p in train}  # the validation rows come from train
-    assert report["validation_rows"] == 8 and report["test_rows_set_aside"] == 8 and "eval_rows" not in report
+    assert [str(p) for p in tuned.test] == key and plain.test == []  # kept, to be scored once at the end
+    assert report["validation_rows"] == 8 and report["test_rows"] == 8 and "eval_rows" not in report
 
 
 def test_ppo_and_grpo_report_the_same_held_out_before_for_the_same_model_and_prompts(tiny_model, reward_model):
@@ -519,3 +521,75 @@ def test_ppo_and_grpo_report_the_same_held_out_before_for_the_same_model_and_pro
     assert got_ppo["reward"] == pytest.approx(got_grpo["reward"], abs=1e-6)
     assert got_ppo["response_length"] == got_grpo["response_length"] > 0
     assert got_ppo["reward"] != 0.0  # a real score, not an empty mean
+
+
+# ----------------------------------------------------------------------------- checkpoint.keep_best
+
+def rescore_dpo(cfg_path: Path, overrides: list[str], model_dir: Path, reference: Path) -> dict[str, float]:
+    """The stage's validation pairs scored afresh: ``model_dir`` against a live reference."""
+    from transformers import AutoModelForCausalLM
+
+    from training import dpo, runner
+    from training.config import DPOConfig
+    from training.data import collate_dpo, tokenize_preference
+    from training.models import load_tokenizer
+
+    cfg = load_config(DPOConfig, cfg_path, overrides)
+    tok = load_tokenizer(cfg.model)
+    rows = runner.load_data(cfg.data, "preference", cfg.train.seed).held
+    held = [t for t in (tokenize_preference(r, tokenizer=tok, max_length=cfg.data.max_length) for r in rows) if t]
+    model, ref = (AutoModelForCausalLM.from_pretrained(p).eval() for p in (model_dir, reference))
+    with torch.no_grad():
+        return dpo.eval_summary(dpo.eval_batch(model, collate_dpo(held, pad_id=tok.pad_token_id), ref=ref, cfg=cfg))
+
+
+def test_keep_best_ends_with_the_best_validation_model_and_scores_the_test_pairs_once(tiny_model, tmp_path):
+    out = tmp_path / "dpo"
+    cfg = dpo_config(tiny_model, tmp_path, out)
+    args = ["checkpoint.keep_best=acc", "log.eval_every=2", "train.lr=1e-2", "data.validation_fraction=0.25"]
+    run_stage("training.dpo", cfg, *args)
+
+    m = json.loads((out / "manifest.json").read_text())["metrics"]
+    evals = read_metrics(out, split="eval")
+    assert [r["step"] for r in evals] == [2, 4, 6, 8, 10]
+    top = max(r["acc"] for r in evals)
+    first = next(r for r in evals if r["acc"] == top)  # ties keep the earlier
+    assert m["best_step"] == first["step"] < 10 and m["best_metric"] == "acc", (m, evals)
+    assert m["eval_acc"] == top and m["eval_margin"] == pytest.approx(first["margin"])
+    assert m["last_eval_margin"] == pytest.approx(evals[-1]["margin"]) != pytest.approx(first["margin"])
+    # model/ is the best step's weights, not the last step's: scored afresh it gives the best evaluation
+    again = rescore_dpo(cfg, args, out / "model", tiny_model)
+    assert again["margin"] == pytest.approx(first["margin"], rel=1e-4, abs=1e-5)
+    # the eval rows became the test pairs: scored once, by that model, after the choice
+    assert m["test_pairs"] == 8 and m["eval_pairs"] == 4 and "test_acc" in m
+    assert [r["step"] for r in read_metrics(out, split="test")] == [10]
+    assert not list(out.glob("best-step-*")) and not (out / "best.json").exists()
+
+
+def test_keep_best_resumes_after_a_crash_past_and_before_its_export(tiny_model, tmp_path):
+    """Margin rises every evaluation here, so a new best is exported at every one (steps 2, 4, 6, ...): a crash after
+    step 7 leaves best.json at step 6 and the checkpoint at 4; the resume drops that best and redoes it."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    args = ("checkpoint.keep_best=margin", "log.eval_every=2", "train.lr=1e-2", "data.validation_fraction=0.25",
+            "checkpoint.save_every=4")
+    run_stage("training.dpo", dpo_config(tiny_model, tmp_path, straight), *args)
+    cfg = dpo_config(tiny_model, tmp_path, killed)
+    proc = run_stage("training.dpo", cfg, *args, env={"TRAINING_CRASH_AFTER_STEP": "7"}, check=False)
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    assert json.loads((killed / "best.json").read_text())["step"] == 6 and (killed / "best-step-000006").is_dir()
+    run_stage("training.dpo", cfg, *args, "--resume")
+
+    want, got = (json.loads((o / "manifest.json").read_text())["metrics"] for o in (straight, killed))
+    assert got["best_step"] == want["best_step"] == 10
+    for key in ("eval_margin", "eval_acc", "test_margin", "test_acc"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("override, stage, named", [
+    (["checkpoint.keep_best=perplexity", "log.eval_every=2"], "training.dpo", "reports no held-out metric"),
+    (["checkpoint.keep_best=acc"], "training.dpo", "needs log.eval_every"),
+    (["checkpoint.keep_best=acc", "log.eval_every=2", "model.lora.rank=4"], "training.dpo", "model.lora"),
+])
+def test_keep_best_config_errors_name_the_field(tiny_model, tmp_path, override, stage, named):
+    proc = run_stage(stage, dpo_config(tiny_model, tmp_path, tmp_path / "dpo"), *override, check=False)
+    assert proc.returncode == 2 and "checkpoint.keep_best" in proc.stderr and named in proc.stderr, proc.stderr[-1500:]

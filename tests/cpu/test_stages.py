@@ -326,6 +326,47 @@ def test_ppo_right_packing_keeps_the_left_padded_logprobs(tiny_model):
     assert torch.allclose(logp[live], expected[live], atol=1e-5)
 
 
+def test_ppo_actor_loss_in_two_passes_equals_one_padded_batch(tiny_model):
+    """The rollout rows and the (longer) PTX rows at their own widths give the one padded batch's loss and
+    gradients: the padding was only compute."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from training.data import IGNORE_INDEX
+    from training.ppo import actor_loss, pack_right
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager")
+    P, R, V = 4, 3, model.config.vocab_size
+    seq = torch.randint(3, V, (2, P + R))
+    mask = torch.ones_like(seq)
+    mask[1, :2] = 0
+    seq = seq.masked_fill(mask == 0, 0)
+    packed, packed_mask, start = pack_right(seq, mask, P)
+    mb = {"seq": packed, "mask": packed_mask, "start": start, "action_mask": torch.ones(2, R),
+          "logprobs": -torch.rand(2, R) - 2.0, "advantages": torch.randn(2, R)}
+    ids = torch.randint(3, V, (2, 16))  # PTX rows twice the rollout's width, one with right padding
+    ptx_mask = torch.ones_like(ids)
+    ptx_mask[0, 11:] = 0
+    labels = ids.masked_fill(ptx_mask == 0, IGNORE_INDEX)
+    labels[:, :3] = IGNORE_INDEX
+    ptx = {"input_ids": ids.masked_fill(ptx_mask == 0, 0), "attention_mask": ptx_mask, "labels": labels}
+    cfg = SimpleNamespace(ppo=SimpleNamespace(clip_eps=0.2, ptx_coef=0.5))
+
+    results = []
+    for one_pass in (True, False):
+        model.zero_grad()
+        loss, stats = actor_loss(model, mb, ptx, cfg, 0, one_pass=one_pass)
+        loss.backward()
+        results.append((loss.item(), stats, [p.grad.clone() for p in model.parameters()]))
+    (l1, s1, g1), (l2, s2, g2) = results
+    assert l2 == pytest.approx(l1, rel=1e-5) and s2["ptx_loss"] == pytest.approx(s1["ptx_loss"], rel=1e-5)
+    assert s2["policy_loss"] == pytest.approx(s1["policy_loss"], rel=1e-5, abs=1e-7)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(g1, g2, strict=True))
+    assert s1["ptx_loss"] > 0 and any(a.abs().sum() > 0 for a in g1)
+
+
 def test_policy_loss_ignores_overflowing_ratios_on_padding():
     from training.losses import policy_loss
 
@@ -407,3 +448,29 @@ def test_checkpoint_write_hitting_enospc_monkeypatched_leaves_no_partial_checkpo
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(OSError, match="I/O error"):
         ck_mod.atomic_write_text(tmp_path / uuid.uuid4().hex, "x")
+
+
+def test_bench_rollout_variants_map_to_ppo_options_and_ptx_pass_is_checked(tmp_path):
+    from training.bench import stage_config
+    from training.config import PPOConfig
+
+    data = {k: tmp_path / f"{k}.jsonl" for k in ("sft", "pref", "prompts")}
+    model = tmp_path / "model"
+
+    def ppo(engine: str, plugin: str = "ddp") -> dict:
+        return stage_config("ppo", plugin, model, data, tmp_path / "out", seq=64, batch=2, steps=2,
+                            rollout_engine=engine)["ppo"]
+
+    assert ppo("serving")["rollout_engine"] == "serving" and "ptx_pass" not in ppo("serving")
+    assert ppo("hf+ptxjoint")["ptx_pass"] == "joint" and ppo("hf+ptxjoint")["rollout_engine"] == "hf"
+    both = ppo("serving+compile+overlap+ptxjoint")
+    assert both["rollout_compile"] and both["rollout_overlap"] and both["ptx_pass"] == "joint"
+    for bad in ("hf+overlap", "serving+fast"):
+        with pytest.raises(ValueError, match="--rollout-engines"):
+            ppo(bad)
+    base = stage_config("ppo", "gemini", model, data, tmp_path / "out", seq=64, batch=2, steps=2)
+    base["ppo"]["ptx_pass"] = "separate"
+    with pytest.raises(Exception, match="ppo.ptx_pass: separate.*gemini"):
+        PPOConfig.model_validate(base)
+    base["ppo"]["ptx_pass"] = "joint"
+    assert PPOConfig.model_validate(base).ppo.ptx_pass == "joint"

@@ -109,13 +109,21 @@ def load_lm(path: str, like, device: torch.device):
 
 
 def dpo_vs_rm(cfgs: dict, outs: dict) -> dict[str, Any]:
+    """With ``data.validation_fraction`` (and ``checkpoint.keep_best``) DPO chose its model on a validation cut of
+    its training pairs and scored the held-out pairs once, as ``test_*``: those are the RM's eval pairs."""
     rm_m, dpo_m = (read_manifest(outs[n])["metrics"] for n in ("rm", "dpo"))
-    same = cfgs["rm"].data == cfgs["dpo"].data and cfgs["rm"].train.seed == cfgs["dpo"].train.seed
-    return {"same_pairs": same and rm_m.get("eval_pairs") == dpo_m.get("eval_pairs"), "pairs": dpo_m.get("eval_pairs"),
-            "rm_accuracy": rm_m.get("eval_acc"), "dpo_implicit_accuracy": dpo_m.get("eval_acc"),
-            "dpo_margin": dpo_m.get("eval_margin"), "dpo_loss": dpo_m.get("eval_loss"),
-            "dpo_at_least_rm": (dpo_m.get("eval_acc") or 0) >= (rm_m.get("eval_acc") or 1),
+    held = "test_" if "test_acc" in dpo_m else "eval_"
+    rm_data, dpo_data = (cfgs[n].data.model_copy(update={"validation_fraction": 0.0}) for n in ("rm", "dpo"))
+    same = rm_data == dpo_data and cfgs["rm"].train.seed == cfgs["dpo"].train.seed
+    acc = dpo_m.get(held + "acc")
+    return {"same_pairs": same and rm_m.get("eval_pairs") == dpo_m.get(held + "pairs"),
+            "pairs": dpo_m.get(held + "pairs"), "rm_accuracy": rm_m.get("eval_acc"), "dpo_implicit_accuracy": acc,
+            "dpo_margin": dpo_m.get(held + "margin"), "dpo_loss": dpo_m.get(held + "loss"),
+            "dpo_at_least_rm": (acc or 0) >= (rm_m.get("eval_acc") or 1),
             "dpo_lr": cfgs["dpo"].train.lr, "dpo_beta": cfgs["dpo"].dpo.beta, "dpo_epochs": cfgs["dpo"].train.epochs,
+            "dpo_validation": {"pairs": dpo_m.get("eval_pairs"), "acc": dpo_m.get("eval_acc"),
+                               "best_step": dpo_m.get("best_step"), "steps": dpo_m.get("steps")}
+            if held == "test_" else None,
             "rm": stage_facts(outs["rm"]), "dpo": stage_facts(outs["dpo"])}
 
 
@@ -123,7 +131,7 @@ def ppo_vs_grpo(specs: dict, cfgs: dict, outs: dict, device: torch.device, table
     """Fills table["ppo_vs_grpo"] as it goes (written after every model, so a failure keeps what was measured)."""
     base = cfgs["ppo"] if "ppo" in cfgs else cfgs["grpo"]
     tokenizer = load_tokenizer(base.model)
-    _, eval_rows, _ = runner.load_data(base.data, "prompt", base.train.seed)
+    eval_rows = runner.load_data(base.data, "prompt", base.train.seed).held
     prompts = [tokenize_prompt(r, tokenizer, base.data.max_length) for r in eval_rows][:MAX_PROMPTS]
     gen = base.ppo.generation if "ppo" in cfgs else base.grpo.generation
     eos = eos_token_ids(tokenizer)

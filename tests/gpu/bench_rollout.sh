@@ -3,8 +3,9 @@
 # side as JSON: seconds per step of rollout, weight sync and updates, tokens/s, step time (training/rollout.py).
 #   bash tests/gpu/bench_rollout.sh bench    (carry .whl) -> $OUT/throughput.json: `training.bench throughput
 #            --stages ppo` on the 1.1B TinyLlama shape, plugins $PLUGINS (default ddp,zero2), engines
-#            $ROLLOUT_ENGINES (default hf,serving,serving+overlap,serving+compile+overlap: +compile is
-#            ppo.rollout_compile, +overlap ppo.rollout_overlap), ppo_speedup
+#            $ROLLOUT_ENGINES (default hf,serving+ptxjoint,serving,serving+overlap,serving+compile+overlap:
+#            +compile is ppo.rollout_compile, +overlap ppo.rollout_overlap, +ptxjoint ppo.ptx_pass=joint, the
+#            update's rollouts and PTX rows in one padded batch as before), ppo_speedup
 #            per plugin. About 80 s per PPO run of 8 steps on one H200: PLUGINS=ddp keeps it to ~4-5 minutes.
 #   bash tests/gpu/bench_rollout.sh quality  (carry .whl; after `tests/gpu/quality_gpu.sh stage` and `run` on the
 #            same warm machine, which leave models/ and runs/quality-gpu/) -> $OUT/rollout_quality.json: the
@@ -23,7 +24,8 @@ case "${1:-}" in
         eval "$(bash .whl/install.sh)"
         export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
         $PY -m training.bench throughput --out /tmp/rollout-bench --stages ppo --plugins "${PLUGINS:-ddp,zero2}" \
-            --rollout-engines "${ROLLOUT_ENGINES:-hf,serving,serving+overlap,serving+compile+overlap}" --steps "${STEPS:-8}" --skip 3 \
+            --rollout-engines "${ROLLOUT_ENGINES:-hf,serving+ptxjoint,serving,serving+overlap,serving+compile+overlap}" \
+            --steps "${STEPS:-8}" --skip 3 \
             --timeout 300 | tail -80
         cp /tmp/rollout-bench/throughput.json "$OUT/throughput.json"
         for f in /tmp/rollout-bench/*.log; do tail -40 "$f" > "$OUT/$(basename "$f" | tr '+' '_')"; done ;;

@@ -8,7 +8,8 @@
 # Calls:  bash tests/gpu/quality_gpu.sh stage   (carry .whl-smol-a; then again carrying .whl-smol-b)
 #         bash tests/gpu/quality_gpu.sh run     (carry .whl)  -> $OUT/alignment_table.json (RM vs DPO; PPO vs GRPO
 #                                                  against the same RM; GRPO on the arithmetic rule), $OUT/dpo_sweep.json
-#                                                  (DPO's lr, chosen on a validation cut of the training pairs) and
+#                                                  (DPO's lr, epochs, beta and step, chosen on a validation cut of the
+#                                                  training pairs) and
 #                                                  $OUT/quality.tgz (manifests, metrics, logs, per-stage TIMING lines)
 #           Sized for two calls: `run`, then `run` again while the machine is warm (each call starts a stage only if
 #           its estimate fits RUN_BUDGET_S=565 and prints "NOT DONE" when another call is needed; finished stages are
@@ -78,19 +79,22 @@ case "${1:-}" in
             local lr ep beta; IFS=: read -r lr ep beta <<< "$1"; echo "lr-$lr-ep-$ep${beta:+-beta-$beta}"; }
         STAGES=(${QUALITY_STAGES:-rm ppo dpo grpo grpo_rule})
         SWEEP=(${DPO_SWEEP:-2e-5:2 4e-5:2 2e-5:2:0.05 2e-5:2:0.25 4e-5:1})
+        DPO_SELECT=(data.validation_fraction=0.15 checkpoint.keep_best=acc log.eval_every="${DPO_EVAL_EVERY:-20}")
         for s in "${STAGES[@]}"; do
             if [ -f "$RUNS/$s/manifest.json" ]; then done_+=("$s"); continue; fi
             if [ "$s" = dpo ]; then
-                # DPO's lr and epochs from a validation cut of the TRAINING pairs (data.validation_fraction: the
-                # held-out test pairs, the ones the table compares with the RM on, are set aside unseen); about
-                # 25 s of loading and reference log-probs plus 15 s an epoch a candidate
+                # DPO's lr, epochs and beta from a validation cut of the TRAINING pairs (data.validation_fraction:
+                # the held-out test pairs, the ones the table compares with the RM on, are set aside, scored once at
+                # the end by the model the run ends with); each run keeps its best validation evaluation
+                # (checkpoint.keep_best=acc, every DPO_EVAL_EVERY=20 steps: the first run's held-out accuracy
+                # peaked mid-run). About 25 s of loading and reference log-probs plus 15 s an epoch a candidate
                 for c in "${SWEEP[@]}"; do
                     IFS=: read -r lr ep beta <<< "$c"
                     out=$RUNS/dpo-sweep/$(sweep_dir "$c")
                     [ -f "$out/manifest.json" ] && continue
                     fits "dpo-sweep $c" $((30 + 20 * ep)) || { rc=0; break 2; }
                     timed "dpo-sweep $c" "$PY" -m training.dpo --config "$DPO_CFG" --resume \
-                        data.validation_fraction=0.15 train.lr="$lr" train.epochs="$ep" ${beta:+dpo.beta="$beta"} \
+                        "${DPO_SELECT[@]}" train.lr="$lr" train.epochs="$ep" ${beta:+dpo.beta="$beta"} \
                         checkpoint.output_dir="$out" log.progress=false >>/tmp/quality.log 2>&1 || { rc=$?; break 2; }
                 done
                 runs=()
@@ -105,7 +109,8 @@ for arg in sys.argv[2:]:  # CANDIDATE=its run folder
     d = json.loads((Path(run) / "manifest.json").read_text())
     m = d["metrics"]
     rows.append({"lr": lr, "epochs": int(ep), "beta": d["config"]["dpo"]["beta"], "validation_acc": m.get("eval_acc"),
-                 "validation_margin": m.get("eval_margin"), "validation_pairs": m.get("eval_pairs")})
+                 "validation_margin": m.get("eval_margin"), "validation_pairs": m.get("eval_pairs"),
+                 "best_step": m.get("best_step"), "steps": m.get("steps")})  # test_* are not read: they choose nothing
 best = max(rows, key=lambda r: (r["validation_acc"] or 0, r["validation_margin"] or 0))
 (Path(sys.argv[1]) / "choice.json").write_text(json.dumps(
     {"candidates": rows, "chosen_lr": best["lr"], "chosen_epochs": best["epochs"], "chosen_beta": best["beta"]}) + "\n")
@@ -116,6 +121,7 @@ PY
                 read -r best best_ep best_beta <<< "$best"
                 echo "dpo: lr $best, $best_ep epochs, beta $best_beta, chosen on the validation cut of the training pairs"
                 SIZE+=("dpo:train.lr=$best" "dpo:train.epochs=$best_ep" "dpo:dpo.beta=$best_beta")
+                for o in "${DPO_SELECT[@]}"; do SIZE+=("dpo:$o"); done  # the chosen run again, as the stage
             fi
             fits "$s" "${EST[$s]}" || break
             timed "$s" "$PY" -m training.pipeline --config "$PIPE" --only "$(IFS=,; echo "${done_[*]:+${done_[*]},}$s")" \
@@ -127,7 +133,8 @@ PY
             if [ -z "${best:-}" ] && [ -f "$RUNS/dpo/manifest.json" ]; then  # a later call: what the dpo stage ran with
                 read -r best best_ep best_beta < <("$PY" -c 'import json,sys; c=json.load(open(sys.argv[1]))["config"]
 print(c["train"]["lr"], c["train"]["epochs"], c["dpo"]["beta"])' "$RUNS/dpo/manifest.json") \
-                    && SIZE+=("dpo:train.lr=$best" "dpo:train.epochs=$best_ep" "dpo:dpo.beta=$best_beta")
+                    && SIZE+=("dpo:train.lr=$best" "dpo:train.epochs=$best_ep" "dpo:dpo.beta=$best_beta") \
+                    && for o in "${DPO_SELECT[@]}"; do SIZE+=("dpo:$o"); done
             fi
             timed table "$PY" tests/gpu/alignment_table.py --pipeline "$PIPE" --stages "$(IFS=,; echo "${STAGES[*]}")" \
                 "${SIZE[@]}" 2>>/tmp/quality.log || rc=$?
