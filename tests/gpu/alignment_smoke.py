@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,10 @@ QUALITY = ROOT / "training" / "configs" / "quality-gpu"
 DEMO = ROOT / "training" / "demo_data"
 SMALL = {  # per stage: overrides that shrink the quality configs to seconds
     "rm": {"data.max_samples": 24, "data.max_length": 96, "train.epochs": 1, "train.micro_batch_size": 4},
-    "dpo": {"data.max_samples": 24, "data.max_length": 96, "train.epochs": 1, "train.micro_batch_size": 4},
+    # DPO as the GPU run's stage runs it: chosen on a validation cut, its best evaluation kept, the pairs the RM
+    # is scored on scored once at the end (test_* in its manifest, what the table reads)
+    "dpo": {"data.max_samples": 24, "data.max_length": 96, "train.epochs": 1, "train.micro_batch_size": 4,
+            "data.validation_fraction": 0.25, "checkpoint.keep_best": "acc", "log.eval_every": 2},
     "ppo": {"data.max_samples": 48, "data.max_length": 64, "train.max_steps": 2, "train.micro_batch_size": 4,
             "ppo.rollout_batch_size": 4, "ppo.generation.max_new_tokens": 8},
     "grpo": {"data.max_samples": 48, "data.max_length": 64, "train.max_steps": 2, "train.micro_batch_size": 4,
@@ -41,6 +45,8 @@ def main() -> int:
     from conftest import make_tiny_llama
 
     work = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/alignment-smoke")
+    for stale in ("runs", "out"):  # a finished stage from an older checkout would be skipped, not rerun
+        shutil.rmtree(work / stale, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     model = work / "tiny"
     if not (model / "config.json").exists():
