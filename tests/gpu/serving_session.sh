@@ -113,7 +113,8 @@ case "${1:-}" in
     # the same with prefill chunks of 64 tokens (a smaller activation reserve, more prefill steps)
     mstep probe_c64 "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --lmem-diag --prefill-chunk 64 \
       --out "$R/mem_probe_c64.json"
-    mstep bench_engine "${BENCH[@]}" --phases engine --out "$OUT/mem_bench_engine.json"
+    # batch 1, 2, 4 of this engine beside today's fixed-slot engine (legacy), same GPU, same call
+    mstep bench_engine "${BENCH[@]}" --phases engine,legacy --out "$OUT/mem_bench_engine.json"
     mstep bench_chat "${BENCH[@]}" --phases chat,chat_no_prefix --out "$OUT/mem_bench_chat.json"
     # the load with this engine's admission (lookahead, least-computed victim) and with the first paged engine's
     # (prompt-only admission, newest victim) side by side
