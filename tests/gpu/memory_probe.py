@@ -32,6 +32,24 @@ ROOT = Path(__file__).resolve().parents[2]
 TARGET_MIB, MIN_TOKENS, STRETCH_TOKENS = 4096, 1024, 2048
 
 
+def other_gpu_processes() -> dict[int, int] | None:
+    """MiB per compute process on the GPU other than this one (nvidia-smi), or None where it cannot be read.
+    On a real 4 GB card they share the card: a child that opens a CUDA context costs its whole context there."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    procs = {}
+    for line in out.splitlines():
+        parts = [x.strip() for x in line.split(",")]
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit() and int(parts[0]) != os.getpid():
+            procs[int(parts[0])] = int(parts[1])
+    return procs
+
+
 class NvmlPeak:
     """This process's NVML MiB polled in a thread (``serving.memory.process_gpu_mib``), maximum and last kept."""
 
@@ -39,6 +57,8 @@ class NvmlPeak:
         self.index, self.interval = device_index, interval_s
         self.peak: int | None = None
         self.samples = 0
+        self.others_peak: int | None = None  # MiB of every other process on the GPU at once, at most
+        self.other_pids: dict[int, int] = {}
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -50,6 +70,10 @@ class NvmlPeak:
             if mib is not None:
                 self.peak = max(self.peak or 0, mib)
                 self.samples += 1
+            others = other_gpu_processes()
+            if others is not None:  # e.g. compile workers that opened a CUDA context of their own on this card
+                self.others_peak = max(self.others_peak or 0, sum(others.values()))
+                self.other_pids.update(others)
             self.stop.wait(self.interval)
 
     def __enter__(self) -> NvmlPeak:
@@ -299,6 +323,7 @@ def probe(args: argparse.Namespace) -> dict:
         prev = mib if mib is not None else prev
     out["deltas_mib"] = deltas
     out["peak_mib"] = peak.peak
+    out["other_processes_peak_mib"], out["other_processes"] = peak.others_peak, peak.other_pids
     out["nvml_samples"] = peak.samples
     out["kv_cache_tokens"] = eng.info.get("kv_cache_tokens")
     out["max_model_len"] = eng.info.get("max_model_len")
