@@ -3,7 +3,8 @@
 
 The paged engine's first decode step adds about 70 MiB outside the allocator on the H200 (``MemoryReport.steps``,
 ``first_decode``), and local memory is ruled out. This names which of the actions that step takes for the first
-time costs it: a side stream (graph capture runs on one), pinned host memory and an asynchronous copy, a CUDA
+time costs it, with the engine's allocator settings: a side stream (graph capture runs on one; torch's pool, a
+raw cudaStreamCreate, work allocated on it), pinned host memory and an asynchronous copy, a CUDA
 graph's capture and instantiation, Triton kernels loaded (one, then ten distinct ones: the per-module cost),
 an Inductor-compiled function, the sampler's torch kernels (softmax, top-k, sort, cumsum, multinomial), and the
 engine's own first-decode kernels: the Triton paged decode attention, the int8 lm_head's W8A16 kernel and the
@@ -152,9 +153,35 @@ def run_decode_pieces(device: str = "cuda", backend: str = "inductor") -> None:
         f["gate"](g, g)
 
 
+def run_stream_raw() -> None:
+    """One stream from cudaStreamCreate (torch's ``torch.cuda.Stream()`` first fills its per-device pool)."""
+    import ctypes
+
+    from serving.memory import _libcudart
+
+    rt = _libcudart()
+    handle = ctypes.c_void_p()
+    assert rt is not None and rt.cudaStreamCreate(ctypes.byref(handle)) == 0
+
+
+def run_side_stream_work() -> None:
+    """Tensors allocated and a kernel run on a side stream, as graph capture's warm-up does (the allocator keeps
+    blocks per stream)."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        x = torch.empty(16 * MIB, dtype=torch.uint8, device="cuda")
+        x.fill_(1)
+    torch.cuda.current_stream().wait_stream(s)
+
+
 CANDIDATES = {
     "control": lambda: None,
     "stream": lambda: __import__("torch").cuda.Stream(),
+    "stream_raw": run_stream_raw,
+    "side_stream_work": run_side_stream_work,
     "event": lambda: __import__("torch").cuda.Event(enable_timing=True).record(),
     "pinned_64mib_async_copy": run_pinned,
     "cuda_graph": run_graph,
@@ -172,8 +199,9 @@ def child(name: str, stack: int) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from serving.memory import process_gpu_mib, set_cuda_stack_limit
+    from serving.memory import process_gpu_mib, set_alloc_conf, set_cuda_stack_limit
 
+    set_alloc_conf()  # the engine's allocator settings (expandable segments), before CUDA starts
     torch.zeros(1, device="cuda").add_(1)
     got = set_cuda_stack_limit(0, stack) if stack else None
 
