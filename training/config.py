@@ -238,6 +238,9 @@ class DPOOptions(_Strict):
     beta: float = Field(0.1, gt=0, description="Strength of the implicit KL to the reference (DPO's beta).")
     loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="sigmoid: the DPO paper's loss; ipo: squared "
                                             "distance of the log-ratio margin to 1/(2 beta).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid loss only: the probability that a "
+                                   "pair's label is wrong (conservative DPO); the loss stops pushing a pair's margin "
+                                   "once it is confident, for noisy preference data. 0: plain DPO.")
     reference_path: str | None = Field(None, description="The frozen reference; default: model.path (the SFT "
                                        "model the policy starts from).")
     precompute_reference: bool = Field(True, description="Score every pair with the reference once before training "
@@ -249,6 +252,12 @@ class DPOConfig(StageConfig):
     """Direct preference optimisation: the policy and a frozen reference (or its precomputed log-probs)."""
 
     dpo: DPOOptions = Field(default_factory=DPOOptions)
+
+    @model_validator(mode="after")
+    def _smoothing_is_for_sigmoid(self) -> DPOConfig:
+        if self.dpo.label_smoothing and self.dpo.loss != "sigmoid":
+            raise ValueError("dpo.label_smoothing is for dpo.loss: sigmoid; ipo has no labels to smooth")
+        return self
 
 
 def import_function(path: str) -> Callable[..., Any]:

@@ -4,10 +4,10 @@ Single process:   python -m training.dpo --config training/configs/dpo.yaml [--r
 Many processes:   torchrun --nproc_per_node 8 -m training.dpo --config training/configs/dpo.yaml --resume
 
 Loss: -log sigmoid(beta * [(log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected)]) (``dpo.loss: ipo``
-for IPO's squared loss), with log pi the sum over the reply's tokens only. The reference is the SFT model
-(``dpo.reference_path``); by default it scores every pair once before training (``reference_logps.pt`` in the
-output folder, reused on ``--resume``), so only the policy is in memory while training: two models' worth of
-memory at most, against PPO's four. Held-out metrics: loss, implicit-reward accuracy (share of pairs whose chosen
+for IPO's squared loss; ``dpo.label_smoothing`` for conservative DPO's), with log pi the sum over the reply's
+tokens only. The reference is the SFT model (``dpo.reference_path``); by default it scores every pair once before
+training (``reference_logps.pt`` in the output folder, reused on ``--resume``), so only the policy is in memory
+while training: two models' worth of memory at most, against PPO's four. Held-out metrics: loss, implicit-reward accuracy (share of pairs whose chosen
 reply gains more log-ratio than the rejected one) and margin. Writes ``model/`` (a Hugging Face causal LM).
 """
 
@@ -62,7 +62,7 @@ def dpo_step_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, ref
     """Loss, metrics and token count, left on the device (read when a step is logged)."""
     chosen, rejected = pair_logprobs(model, batch)
     ref_c, ref_r = reference_logprobs(ref, batch)
-    loss, r_c, r_r = dpo_loss(chosen, rejected, ref_c, ref_r, cfg.dpo.beta, cfg.dpo.loss)
+    loss, r_c, r_r = dpo_loss(chosen, rejected, ref_c, ref_r, cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.label_smoothing)
     metrics = {"loss": loss.detach(), "acc": (r_c > r_r).float().mean(), "margin": (r_c - r_r).mean(),
                "reward_chosen": r_c.mean(), "reward_rejected": r_r.mean(), "logp_chosen": chosen.detach().mean(),
                "logp_rejected": rejected.detach().mean()}
@@ -73,7 +73,7 @@ def eval_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, ref: t
                cfg: DPOConfig) -> dict[str, float]:
     chosen, rejected = pair_logprobs(model, batch)
     ref_c, ref_r = reference_logprobs(ref, batch)
-    loss, r_c, r_r = dpo_loss(chosen, rejected, ref_c, ref_r, cfg.dpo.beta, cfg.dpo.loss)
+    loss, r_c, r_r = dpo_loss(chosen, rejected, ref_c, ref_r, cfg.dpo.beta, cfg.dpo.loss, cfg.dpo.label_smoothing)
     n = chosen.numel()
     return {"correct": (r_c > r_r).float().sum().item(), "margin_sum": (r_c - r_r).sum().item(),
             "loss_sum": loss.item() * n, "count": float(n)}

@@ -119,19 +119,27 @@ def sequence_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: 
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float, kind: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor,
-                                                                                    torch.Tensor]:
+             ref_rejected: torch.Tensor, beta: float, kind: str = "sigmoid",
+             label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO on per-sequence response log-probs; returns (mean loss, implicit reward of chosen, of rejected) [B].
 
     The implicit reward is ``beta * (log pi - log pi_ref)``. ``sigmoid``: -log sigmoid(r_chosen - r_rejected)
-    (Rafailov et al. 2023). ``ipo``: (h - 1 / (2 beta))^2 with h the log-ratio margin (Azar et al. 2023), which
-    does not push the margin to infinity on separable pairs.
+    (Rafailov et al. 2023); with ``label_smoothing`` eps, each pair's label is taken as wrong with probability eps:
+    -(1 - eps) log sigmoid(m) - eps log sigmoid(-m) (conservative DPO, Mitchell 2023), whose gradient vanishes at a
+    finite margin instead of pushing it on for ever; for noisy preference data such as HH's. ``ipo``:
+    (h - 1 / (2 beta))^2 with h the log-ratio margin (Azar et al. 2023), which does not push the margin to
+    infinity on separable pairs either.
     """
     chosen = beta * (policy_chosen - ref_chosen)
     rejected = beta * (policy_rejected - ref_rejected)
     if kind == "sigmoid":
-        loss = -F.logsigmoid(chosen - rejected)
+        margin = chosen - rejected
+        loss = -F.logsigmoid(margin)
+        if label_smoothing:
+            loss = (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-margin)
     elif kind == "ipo":
+        if label_smoothing:
+            raise ValueError("label_smoothing is for the sigmoid loss; ipo has no labels to smooth")
         h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
         loss = (h - 1 / (2 * beta)) ** 2
     else:

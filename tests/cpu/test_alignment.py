@@ -88,6 +88,32 @@ def test_dpo_loss_and_ipo_match_their_formulas():
     assert loss.item() == pytest.approx(float(-torch.nn.functional.logsigmoid(0.2 * h).mean()), rel=1e-6)
     ipo, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.2, kind="ipo")
     assert ipo.item() == pytest.approx(float(((h - 2.5) ** 2).mean()), rel=1e-6)
+    eps = 0.1  # conservative DPO: the label is wrong with probability eps
+    smooth, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.2, label_smoothing=eps)
+    ls = torch.nn.functional.logsigmoid
+    assert smooth.item() == pytest.approx(float((-(1 - eps) * ls(0.2 * h) - eps * ls(-0.2 * h)).mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(pc, pr, rc, rr, beta=0.2, kind="ipo", label_smoothing=eps)
+
+
+def test_conservative_dpo_stops_pushing_a_confident_margin():
+    """With label smoothing the gradient on the margin vanishes at a finite margin, log((1 - eps) / eps) / beta of
+    log-ratio, and turns back beyond it; plain DPO's keeps pushing."""
+    from training.losses import dpo_loss
+
+    beta, eps = 0.5, 0.1
+    grads = {}
+    for smoothing in (0.0, eps):
+        for h in (1.0, math.log((1 - eps) / eps) / beta, 8.0):
+            pc = torch.tensor([h], requires_grad=True)
+            loss, _, _ = dpo_loss(pc, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=beta,
+                                  label_smoothing=smoothing)
+            loss.backward()
+            grads[(smoothing, round(h, 3))] = pc.grad.item()
+    plain = [g for (sm, _), g in grads.items() if sm == 0.0]
+    smooth = [g for (sm, _), g in grads.items() if sm == eps]
+    assert all(g < 0 for g in plain)  # descent raises the chosen log-prob at every margin
+    assert smooth[0] < 0 and smooth[1] == pytest.approx(0.0, abs=1e-6) and smooth[2] > 0
 
 
 def test_dpo_precomputed_reference_logprobs_equal_a_fresh_pass_and_a_live_reference(tiny_model, tmp_path):
@@ -593,3 +619,12 @@ def test_keep_best_resumes_after_a_crash_past_and_before_its_export(tiny_model, 
 def test_keep_best_config_errors_name_the_field(tiny_model, tmp_path, override, stage, named):
     proc = run_stage(stage, dpo_config(tiny_model, tmp_path, tmp_path / "dpo"), *override, check=False)
     assert proc.returncode == 2 and "checkpoint.keep_best" in proc.stderr and named in proc.stderr, proc.stderr[-1500:]
+
+
+def test_label_smoothing_with_ipo_is_a_config_error_naming_the_field(tiny_model, tmp_path):
+    from training.config import DPOConfig
+
+    cfg = dpo_config(tiny_model, tmp_path, tmp_path / "dpo")
+    with pytest.raises(ConfigError, match="dpo.label_smoothing is for dpo.loss: sigmoid"):
+        load_config(DPOConfig, cfg, ["dpo.loss=ipo", "dpo.label_smoothing=0.1"])
+    assert load_config(DPOConfig, cfg, ["dpo.label_smoothing=0.1"]).dpo.label_smoothing == 0.1

@@ -121,6 +121,7 @@ def dpo_vs_rm(cfgs: dict, outs: dict) -> dict[str, Any]:
             "dpo_margin": dpo_m.get(held + "margin"), "dpo_loss": dpo_m.get(held + "loss"),
             "dpo_at_least_rm": (acc or 0) >= (rm_m.get("eval_acc") or 1),
             "dpo_lr": cfgs["dpo"].train.lr, "dpo_beta": cfgs["dpo"].dpo.beta, "dpo_epochs": cfgs["dpo"].train.epochs,
+            "dpo_label_smoothing": cfgs["dpo"].dpo.label_smoothing,
             "dpo_validation": {"pairs": dpo_m.get("eval_pairs"), "acc": dpo_m.get("eval_acc"),
                                "best_step": dpo_m.get("best_step"), "steps": dpo_m.get("steps")}
             if held == "test_" else None,

@@ -14,7 +14,8 @@
 #           Sized for two calls: `run`, then `run` again while the machine is warm (each call starts a stage only if
 #           its estimate fits RUN_BUDGET_S=565 and prints "NOT DONE" when another call is needed; finished stages are
 #           skipped). PPO_STEPS / GRPO_STEPS / GRPO_RULE_STEPS (default 20 / 20 / 30); DPO_SWEEP: DPO's candidates
-#           as LR:EPOCHS[:BETA] (default "2e-5:2 4e-5:2 2e-5:2:0.05 2e-5:2:0.25 4e-5:1": the first H200 run's
+#           as LR:EPOCHS[:BETA[:LABEL_SMOOTHING]] (default "2e-5:2 4e-5:2 2e-5:2:0.05 2e-5:2:0.25 2e-5:2:0.1:0.1
+#           4e-5:2:0.1:0.1", the last two conservative DPO; each run keeps its best validation step: the first H200 run's
 #           held-out accuracy peaked after one epoch, 0.660 at step 100 against 0.627 at the end of three; the second
 #           run's lr x epochs grid chose 2e-5 for 2 epochs, 0.641 held out; beta defaults to dpo.yaml's 0.1). QUALITY_STAGES (default "rm ppo dpo grpo
 #           grpo_rule") runs a subset, the table then has only their rows (e.g. "rm dpo": RM against DPO on the
@@ -75,10 +76,11 @@ case "${1:-}" in
             return $r
         }
         done_=()
-        sweep_dir() {  # LR:EPOCHS[:BETA] -> its run folder name
-            local lr ep beta; IFS=: read -r lr ep beta <<< "$1"; echo "lr-$lr-ep-$ep${beta:+-beta-$beta}"; }
+        sweep_dir() {  # LR:EPOCHS[:BETA[:SMOOTHING]] -> its run folder name
+            local lr ep beta ls; IFS=: read -r lr ep beta ls <<< "$1"
+            echo "lr-$lr-ep-$ep${beta:+-beta-$beta}${ls:+-ls-$ls}"; }
         STAGES=(${QUALITY_STAGES:-rm ppo dpo grpo grpo_rule})
-        SWEEP=(${DPO_SWEEP:-2e-5:2 4e-5:2 2e-5:2:0.05 2e-5:2:0.25 4e-5:1})
+        SWEEP=(${DPO_SWEEP:-2e-5:2 4e-5:2 2e-5:2:0.05 2e-5:2:0.25 2e-5:2:0.1:0.1 4e-5:2:0.1:0.1})
         DPO_SELECT=(data.validation_fraction=0.15 checkpoint.keep_best=acc log.eval_every="${DPO_EVAL_EVERY:-20}")
         for s in "${STAGES[@]}"; do
             if [ -f "$RUNS/$s/manifest.json" ]; then done_+=("$s"); continue; fi
@@ -89,12 +91,13 @@ case "${1:-}" in
                 # (checkpoint.keep_best=acc, every DPO_EVAL_EVERY=20 steps: the first run's held-out accuracy
                 # peaked mid-run). About 25 s of loading and reference log-probs plus 15 s an epoch a candidate
                 for c in "${SWEEP[@]}"; do
-                    IFS=: read -r lr ep beta <<< "$c"
+                    IFS=: read -r lr ep beta ls <<< "$c"
                     out=$RUNS/dpo-sweep/$(sweep_dir "$c")
                     [ -f "$out/manifest.json" ] && continue
                     fits "dpo-sweep $c" $((30 + 20 * ep)) || { rc=0; break 2; }
                     timed "dpo-sweep $c" "$PY" -m training.dpo --config "$DPO_CFG" --resume \
                         "${DPO_SELECT[@]}" train.lr="$lr" train.epochs="$ep" ${beta:+dpo.beta="$beta"} \
+                        ${ls:+dpo.label_smoothing="$ls"} \
                         checkpoint.output_dir="$out" log.progress=false >>/tmp/quality.log 2>&1 || { rc=$?; break 2; }
                 done
                 runs=()
@@ -108,19 +111,23 @@ for arg in sys.argv[2:]:  # CANDIDATE=its run folder
     lr, ep = c.split(":")[:2]
     d = json.loads((Path(run) / "manifest.json").read_text())
     m = d["metrics"]
-    rows.append({"lr": lr, "epochs": int(ep), "beta": d["config"]["dpo"]["beta"], "validation_acc": m.get("eval_acc"),
+    rows.append({"lr": lr, "epochs": int(ep), "beta": d["config"]["dpo"]["beta"],
+                 "label_smoothing": d["config"]["dpo"].get("label_smoothing", 0.0), "validation_acc": m.get("eval_acc"),
                  "validation_margin": m.get("eval_margin"), "validation_pairs": m.get("eval_pairs"),
                  "best_step": m.get("best_step"), "steps": m.get("steps")})  # test_* are not read: they choose nothing
 best = max(rows, key=lambda r: (r["validation_acc"] or 0, r["validation_margin"] or 0))
 (Path(sys.argv[1]) / "choice.json").write_text(json.dumps(
-    {"candidates": rows, "chosen_lr": best["lr"], "chosen_epochs": best["epochs"], "chosen_beta": best["beta"]}) + "\n")
-print(best["lr"], best["epochs"], best["beta"])
+    {"candidates": rows, "chosen_lr": best["lr"], "chosen_epochs": best["epochs"], "chosen_beta": best["beta"],
+     "chosen_label_smoothing": best["label_smoothing"]}) + "\n")
+print(best["lr"], best["epochs"], best["beta"], best["label_smoothing"])
 PY
                 ) || { rc=$?; break; }
                 cat "$RUNS/dpo-sweep/choice.json"
-                read -r best best_ep best_beta <<< "$best"
-                echo "dpo: lr $best, $best_ep epochs, beta $best_beta, chosen on the validation cut of the training pairs"
-                SIZE+=("dpo:train.lr=$best" "dpo:train.epochs=$best_ep" "dpo:dpo.beta=$best_beta")
+                read -r best best_ep best_beta best_ls <<< "$best"
+                echo "dpo: lr $best, $best_ep epochs, beta $best_beta, label smoothing $best_ls, chosen on the" \
+                     "validation cut of the training pairs"
+                SIZE+=("dpo:train.lr=$best" "dpo:train.epochs=$best_ep" "dpo:dpo.beta=$best_beta"
+                       "dpo:dpo.label_smoothing=$best_ls")
                 for o in "${DPO_SELECT[@]}"; do SIZE+=("dpo:$o"); done  # the chosen run again, as the stage
             fi
             fits "$s" "${EST[$s]}" || break
@@ -131,9 +138,11 @@ PY
         done
         if [ "$rc" = 0 ] && [ "${#done_[@]}" = "${#STAGES[@]}" ] && fits table "${EST[table]}"; then  # the table
             if [ -z "${best:-}" ] && [ -f "$RUNS/dpo/manifest.json" ]; then  # a later call: what the dpo stage ran with
-                read -r best best_ep best_beta < <("$PY" -c 'import json,sys; c=json.load(open(sys.argv[1]))["config"]
-print(c["train"]["lr"], c["train"]["epochs"], c["dpo"]["beta"])' "$RUNS/dpo/manifest.json") \
-                    && SIZE+=("dpo:train.lr=$best" "dpo:train.epochs=$best_ep" "dpo:dpo.beta=$best_beta") \
+                read -r best best_ep best_beta best_ls < <("$PY" -c 'import json,sys; c=json.load(open(sys.argv[1]))["config"]
+print(c["train"]["lr"], c["train"]["epochs"], c["dpo"]["beta"], c["dpo"].get("label_smoothing", 0.0))' \
+                    "$RUNS/dpo/manifest.json") \
+                    && SIZE+=("dpo:train.lr=$best" "dpo:train.epochs=$best_ep" "dpo:dpo.beta=$best_beta"
+                              "dpo:dpo.label_smoothing=$best_ls") \
                     && for o in "${DPO_SELECT[@]}"; do SIZE+=("dpo:$o"); done
             fi
             timed table "$PY" tests/gpu/alignment_table.py --pipeline "$PIPE" --stages "$(IFS=,; echo "${STAGES[*]}")" \
