@@ -7,8 +7,9 @@ Loss: -log sigmoid(beta * [(log pi - log pi_ref)(chosen) - (log pi - log pi_ref)
 for IPO's squared loss; ``dpo.label_smoothing`` for conservative DPO's), with log pi the sum over the reply's
 tokens only. The reference is the SFT model (``dpo.reference_path``); by default it scores every pair once before
 training (``reference_logps.pt`` in the output folder, reused on ``--resume``), so only the policy is in memory
-while training: two models' worth of memory at most, against PPO's four. Held-out metrics: loss, implicit-reward accuracy (share of pairs whose chosen
-reply gains more log-ratio than the rejected one) and margin. Writes ``model/`` (a Hugging Face causal LM).
+while training: two models' worth of memory at most, against PPO's four. Held-out metrics: loss, implicit-reward
+accuracy (share of pairs whose chosen reply gains more log-ratio than the rejected one) and margin. Writes
+``model/`` (a Hugging Face causal LM).
 """
 
 from __future__ import annotations
