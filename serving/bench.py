@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -373,46 +374,62 @@ def _kernel_group(name: str) -> str:
 
 
 def phase_profile(args: argparse.Namespace) -> dict[str, Any]:
-    """Where a decode step's time goes: ``torch.profiler`` over batch-1 decode steps run eagerly (no CUDA graphs;
-    ``--compile`` as given), device kernels (CPU: operators) grouped by kind, with the top kernels."""
+    """Where a decode step's time goes, at each of ``--batch-sizes``: ``torch.profiler`` over decode steps run
+    eagerly (no CUDA graphs; ``--compile`` as given), device kernels (CPU: operators) grouped by kind, with the top
+    kernels. On CUDA also the same step captured as one CUDA graph: its replay time, the kernels inside it as the
+    profiler sees them, and the difference (``bubble_ms``: the GPU idle between the graph's kernels, what fewer
+    and fused kernels would win back). The top level repeats the first batch size's figures."""
+    import torch
+
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    sizes = sorted({int(b) for b in args.batch_sizes})
+    eng = _make_engine(args, cuda, False, max_num_seqs=max(sizes), cuda_graphs=False, warmup=False)
+    eng.load()
+    by_batch = {b: _profile_decode(eng, b, cuda, args.prompt_len) for b in sizes}
+    return {**by_batch[sizes[0]], "by_batch": {str(b): r for b, r in by_batch.items()}}
+
+
+def _profile_decode(eng: Any, b: int, cuda: bool, prompt_len: int, steps: int = 10) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    eng = _make_engine(args, cuda, False, max_num_seqs=1, cuda_graphs=False, warmup=False)
-    eng.load()
-    runner, steps = eng.runner, 10
-    h = runner.embed(torch.zeros(1, dtype=torch.long)).unsqueeze(1)
-    p = min(args.prompt_len, eng.max_model_len - 1)
+    runner = eng.runner
+    h = runner.embed(torch.zeros(b, dtype=torch.long)).unsqueeze(1)
+    p = min(prompt_len, eng.max_model_len - 1)
     ctx = next(c for c in eng.ctx_buckets if c > p)
     bs = eng.opts.block_size
     nb = eng.max_blocks_per_seq
     dev = runner.device
-    pos = torch.full((1,), p, dtype=torch.long, device=dev)
-    tables = (torch.arange(nb, dtype=torch.int32) % (runner.cache.num_blocks - 1) + 1)[None].to(dev)
-    slots = torch.tensor([int(tables[0, p // bs]) * bs + p % bs], device=dev)
-    lens = torch.tensor([p + 1], dtype=torch.int32, device=dev)
+    usable = runner.cache.num_blocks - 1  # block 0 is the padding rows' scratch block
+    pos = torch.full((b,), p, dtype=torch.long, device=dev)
+    tables = ((torch.arange(b * nb, dtype=torch.int32).view(b, nb)) % usable + 1).to(dev)  # rows may share blocks
+    slots = torch.tensor([int(tables[r, p // bs]) * bs + p % bs for r in range(b)], device=dev)
+    lens = torch.full((b,), p + 1, dtype=torch.int32, device=dev)
     args_ = (h, pos, slots, tables, lens, ctx)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+    def kernels(prof) -> list[tuple[str, float, int]]:
+        rows = []
+        for ev in prof.key_averages():
+            if cuda:
+                if str(getattr(ev, "device_type", "")).endswith("CUDA"):  # kernels and copies, not the ops launching
+                    rows.append((ev.key, ev.self_device_time_total, ev.count))
+            elif ev.key.startswith("aten::") and ev.self_cpu_time_total > 0:
+                rows.append((ev.key, ev.self_cpu_time_total, ev.count))
+        return [r for r in rows if r[1] > 0]
+
     with torch.inference_mode():
         for _ in range(3):
             runner.decode(*args_)
         sync()
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         t = time.perf_counter()
         with profile(activities=acts) as prof:
             for _ in range(steps):
                 runner.decode(*args_)
             sync()
         wall_ms = (time.perf_counter() - t) * 1000 / steps
-    rows = []
-    for ev in prof.key_averages():
-        if cuda:
-            if str(getattr(ev, "device_type", "")).endswith("CUDA"):  # kernels and copies, not the ops launching
-                rows.append((ev.key, ev.self_device_time_total, ev.count))
-        elif ev.key.startswith("aten::") and ev.self_cpu_time_total > 0:
-            rows.append((ev.key, ev.self_cpu_time_total, ev.count))
-    rows = [r for r in rows if r[1] > 0]
+    rows = kernels(prof)
     groups: dict[str, dict[str, float]] = {}
     for name, us, count in rows:
         g = groups.setdefault(_kernel_group(name), {"ms_per_step": 0.0, "kernels_per_step": 0.0})
@@ -420,15 +437,53 @@ def phase_profile(args: argparse.Namespace) -> dict[str, Any]:
         g["kernels_per_step"] += count / steps
     busy = sum(g["ms_per_step"] for g in groups.values())
     rows.sort(key=lambda r: -r[1])
-    return {"unit": "device kernels" if cuda else "CPU operators", "steps": steps, "batch": 1, "context": ctx,
-            "compiled_decode": eng.info.get("compiled_decode"), "wall_ms_per_step": round(wall_ms, 3),
-            "busy_ms_per_step": round(busy, 3),
-            "kernels_per_step": round(sum(g["kernels_per_step"] for g in groups.values()), 1),
-            "groups": {k: {"ms_per_step": round(v["ms_per_step"], 3), "share": round(v["ms_per_step"] / busy, 3),
-                           "kernels_per_step": round(v["kernels_per_step"], 1)}
-                       for k, v in sorted(groups.items(), key=lambda kv: -kv[1]["ms_per_step"])},
-            "top": [{"name": n[:120], "ms_per_step": round(us / 1000 / steps, 4), "calls_per_step": c / steps}
-                    for n, us, c in rows[:15]]}
+    out = {"unit": "device kernels" if cuda else "CPU operators", "steps": steps, "batch": b, "context": ctx,
+           "compiled_decode": eng.info.get("compiled_decode"), "wall_ms_per_step": round(wall_ms, 3),
+           "busy_ms_per_step": round(busy, 3),
+           "kernels_per_step": round(sum(g["kernels_per_step"] for g in groups.values()), 1),
+           "groups": {k: {"ms_per_step": round(v["ms_per_step"], 3), "share": round(v["ms_per_step"] / busy, 3),
+                          "kernels_per_step": round(v["kernels_per_step"], 1)}
+                      for k, v in sorted(groups.items(), key=lambda kv: -kv[1]["ms_per_step"])},
+           "top": [{"name": n[:120], "ms_per_step": round(us / 1000 / steps, 4), "calls_per_step": c / steps}
+                   for n, us, c in rows[:15]]}
+    if cuda:
+        out.update(_profile_graph(runner, args_, steps, kernels))
+    return out
+
+
+def _profile_graph(runner: Any, args_: tuple, steps: int, kernels: Callable) -> dict[str, Any]:
+    """The decode step as one CUDA graph: replay ms, the profiled kernels' sum inside it, and their gap."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with torch.inference_mode():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    runner.decode(*args_)
+                with torch.cuda.graph(graph, stream=stream):
+                    runner.decode(*args_)
+            torch.cuda.current_stream().wait_stream(stream)
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(20):
+                graph.replay()
+            torch.cuda.synchronize()
+            graph_ms = (time.perf_counter() - t) * 1000 / 20
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    graph.replay()
+                torch.cuda.synchronize()
+    except RuntimeError as e:  # a step that cannot be captured: the eager figures stand alone
+        return {"graph_error": str(e)[:300]}
+    inside = sum(us for _, us, _ in kernels(prof)) / 1000 / steps
+    return {"graph_ms_per_step": round(graph_ms, 3), "graph_kernel_ms_per_step": round(inside, 3),
+            "bubble_ms": round(graph_ms - inside, 3)}
 
 
 def _load_hf(args: argparse.Namespace):

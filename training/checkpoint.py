@@ -145,10 +145,15 @@ class BestModel:
         best = self.metrics[self.metric]
         return value < best if self.lower else value > best
 
-    def offer(self, step: int, metrics: dict[str, float], trainable: Trainable, tokenizer: Any) -> bool:
-        """Export the model if ``metrics`` beat the best so far (ties keep the earlier); True if it did."""
+    def offer(self, step: int, metrics: dict[str, float], trainable: Trainable, tokenizer: Any, *,
+              final: bool = False) -> bool:
+        """Export the model if ``metrics`` beat the best so far (ties keep the earlier); True if they did.
+        ``final``: the last step's evaluation, whose model the stage exports anyway: only noted."""
         if not self.better(float(metrics[self.metric])):
             return False
+        if final:
+            self.step, self.metrics = step, {k: float(v) for k, v in metrics.items()}
+            return True
         old = self.dir
         folder = self.root / f"best-step-{step:06d}"
         export_model(trainable, folder, tokenizer)
@@ -182,8 +187,8 @@ class BestModel:
     def remove(self) -> None:
         """After the manifest (which records the best step and metrics): the copy in model/ is the output."""
         if engine.is_main():
-            if self.dir is not None:
-                _remove(self.dir)
+            for old in self.root.glob("best-step-*"):
+                _remove(old)
             self.path.unlink(missing_ok=True)
         engine.barrier()
 

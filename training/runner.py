@@ -348,7 +348,7 @@ def run_supervised(spec: SupervisedStage, argv: list[str] | None, description: s
         logger.log(steps, ev, split="eval")
         metrics.update({"eval_" + k: v for k, v in ev.items()})
         if best is not None:
-            best.offer(steps, ev, trainable, tokenizer)
+            best.offer(steps, ev, trainable, tokenizer, final=True)
             metrics.update({"last_eval_" + k: v for k, v in ev.items()}, best_step=best.step,
                            best_metric=best.metric, **{"eval_" + k: v for k, v in best.metrics.items()})
     out = stage.output_dir / "model"

@@ -509,6 +509,8 @@ def test_bench_cli_runs_every_phase_and_counts_tokens(tiny_model: Path, tmp_path
     assert prof["steps"] == 10 and prof["kernels_per_step"] > 10 and prof["top"]
     assert abs(sum(g["ms_per_step"] for g in prof["groups"].values()) - prof["busy_ms_per_step"]) < 0.01
     assert 0 < prof["busy_ms_per_step"] <= prof["wall_ms_per_step"] * 1.05
+    assert sorted(prof["by_batch"]) == ["1", "3"] and prof["by_batch"]["3"]["batch"] == 3  # each --batch-sizes
+    assert prof["by_batch"]["1"]["busy_ms_per_step"] == prof["busy_ms_per_step"] and "bubble_ms" not in prof  # CPU
     assert s["compiled_batch1_speedup"] == round(s["compiled_batch1_decode_tok_s"] / s["batch1_decode_tok_s"], 2)
     assert s["speedup_vs_generate_uncapped"] == round(s["best_aggregate_tok_s"] /
                                                       rep["generate_uncapped"]["best_aggregate_tok_s"], 2)

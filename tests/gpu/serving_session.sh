@@ -113,6 +113,9 @@ case "${1:-}" in
     # the same with prefill chunks of 64 tokens (a smaller activation reserve, more prefill steps)
     mstep probe_c64 "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --lmem-diag --prefill-chunk 64 \
       --out "$R/mem_probe_c64.json"
+    # issue 19's first step: a decode step's kernels by kind at batch 1 and 4, eager and as one CUDA graph (its
+    # replay against the kernels inside it: the launch bubbles), the profile's engine as the bench builds it
+    mstep profile "${BENCH[@]}" --phases profile --batch-sizes 1,4 --out "$R/mem_profile.json"
     # batch 1, 2, 4 of this engine beside today's fixed-slot engine (legacy), same GPU, same call
     mstep bench_engine "${BENCH[@]}" --phases engine,legacy --out "$OUT/mem_bench_engine.json"
     mstep bench_chat "${BENCH[@]}" --phases chat,chat_no_prefix --out "$OUT/mem_bench_chat.json"
