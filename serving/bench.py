@@ -482,6 +482,8 @@ def _profile_graph(runner: Any, args_: tuple, steps: int, kernels: Callable) -> 
     except RuntimeError as e:  # a step that cannot be captured: the eager figures stand alone
         return {"graph_error": str(e)[:300]}
     inside = sum(us for _, us, _ in kernels(prof)) / 1000 / steps
+    if inside <= 0:  # the profiler saw no kernel inside the replays (graph node tracing off): no gap to report
+        return {"graph_ms_per_step": round(graph_ms, 3), "graph_kernel_ms_per_step": None, "bubble_ms": None}
     return {"graph_ms_per_step": round(graph_ms, 3), "graph_kernel_ms_per_step": round(inside, 3),
             "bubble_ms": round(graph_ms - inside, 3)}
 
