@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in names:
         try:
             r = subprocess.run([sys.executable, __file__, "--child", n, "--stack", str(a.stack)], capture_output=True,
-                               text=True, timeout=a.timeout_s, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                               text=True, timeout=a.timeout_s, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                   [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])})
             last = (r.stdout.strip().splitlines() or [""])[-1]
             rows.append(json.loads(last) if r.returncode == 0 else {"candidate": n, "error": r.stderr[-800:]})
         except (subprocess.TimeoutExpired, json.JSONDecodeError) as e:
