@@ -28,6 +28,7 @@ import platform
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,23 +78,15 @@ def save_model(trainable: Trainable, folder: Path, tokenizer: Any) -> None:
         tokenizer.save_pretrained(folder)
 
 
-def export_model(trainable: Trainable, folder: Path, tokenizer: Any) -> None:
-    """The final model: LoRA merged, a plain Hugging Face folder, written atomically."""
-    from training.models import merged_for_export
-
+def _build_folder(folder: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` fills a ``.tmp-`` folder beside ``folder`` (on every rank: a sharded save is collective), which
+    then replaces ``folder``; a full disk removes the partial folder and raises ``DiskFullError``."""
     tmp = folder.with_name(f".tmp-{folder.name}")
-    if engine.is_main() and tmp.exists():
-        shutil.rmtree(tmp)
+    if engine.is_main():
+        _remove(tmp)
     engine.barrier()
     try:
-        if trainable.cfg.plugin == "ddp":
-            if engine.is_main():
-                merged = merged_for_export(trainable.model.unwrap(unwrap_peft=False))
-                merged.save_pretrained(tmp, safe_serialization=True)
-        else:
-            trainable.booster.save_model(trainable.model, str(tmp), shard=True, use_safetensors=True)
-        if engine.is_main():
-            tokenizer.save_pretrained(tmp)
+        write(tmp)
     except Exception as e:
         if not is_disk_full(e, tmp):
             raise
@@ -104,6 +97,23 @@ def export_model(trainable: Trainable, folder: Path, tokenizer: Any) -> None:
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     engine.barrier()
+
+
+def export_model(trainable: Trainable, folder: Path, tokenizer: Any) -> None:
+    """The final model: LoRA merged, a plain Hugging Face folder, written atomically."""
+    from training.models import merged_for_export
+
+    def write(tmp: Path) -> None:
+        if trainable.cfg.plugin == "ddp":
+            if engine.is_main():
+                merged = merged_for_export(trainable.model.unwrap(unwrap_peft=False))
+                merged.save_pretrained(tmp, safe_serialization=True)
+        else:
+            trainable.booster.save_model(trainable.model, str(tmp), shard=True, use_safetensors=True)
+        if engine.is_main():
+            tokenizer.save_pretrained(tmp)
+
+    _build_folder(folder, write)
 
 
 BEST_FILE = "best.json"
@@ -169,20 +179,8 @@ class BestModel:
     def copy_to(self, folder: Path) -> None:
         """The best export becomes ``folder`` (built beside it, renamed into place)."""
         assert self.dir is not None, "no evaluation was offered"
-        if engine.is_main():
-            tmp = folder.with_name(f".tmp-{folder.name}")
-            _remove(tmp)
-            try:
-                shutil.copytree(self.dir, tmp)
-            except OSError as e:
-                if not is_disk_full(e, tmp):
-                    raise
-                _remove(tmp)
-                raise DiskFullError(folder, e) from e
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        engine.barrier()
+        best = self.dir
+        _build_folder(folder, lambda tmp: shutil.copytree(best, tmp) if engine.is_main() else None)
 
     def remove(self) -> None:
         """After the manifest (which records the best step and metrics): the copy in model/ is the output."""
