@@ -133,17 +133,23 @@ def process_gpu_mib(device_index: int = 0) -> tuple[int | None, str | None]:
         pass
     except Exception as e:  # noqa: BLE001 - NVML missing or refusing: fall back to nvidia-smi
         logger.debug("pynvml failed: %s", e)
+    apps = compute_apps_mib()
+    return (None, None) if apps is None else (apps.get(pid), "nvidia-smi")
+
+
+def compute_apps_mib() -> dict[int, int] | None:
+    """MiB per compute process as nvidia-smi lists them (summed over GPUs), or None where it cannot run."""
     try:
         out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
-        return None, None
-    total = None
+        return None
+    apps: dict[int, int] = {}
     for line in out.splitlines():
         parts = [x.strip() for x in line.split(",")]
-        if len(parts) == 2 and parts[0] == str(pid) and parts[1].isdigit():
-            total = (total or 0) + int(parts[1])
-    return total, "nvidia-smi"
+        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
+            apps[int(parts[0])] = apps.get(int(parts[0]), 0) + int(parts[1])
+    return apps
 
 
 def _physical_index(index: int) -> int:

@@ -35,19 +35,10 @@ TARGET_MIB, MIN_TOKENS, STRETCH_TOKENS = 4096, 1024, 2048
 def other_gpu_processes() -> dict[int, int] | None:
     """MiB per compute process on the GPU other than this one (nvidia-smi), or None where it cannot be read.
     On a real 4 GB card they share the card: a child that opens a CUDA context costs its whole context there."""
-    import subprocess
+    from serving.memory import compute_apps_mib
 
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    procs = {}
-    for line in out.splitlines():
-        parts = [x.strip() for x in line.split(",")]
-        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit() and int(parts[0]) != os.getpid():
-            procs[int(parts[0])] = int(parts[1])
-    return procs
+    apps = compute_apps_mib()
+    return None if apps is None else {pid: mib for pid, mib in apps.items() if pid != os.getpid()}
 
 
 class NvmlPeak:
