@@ -3,7 +3,7 @@ and instructions per weight element in the main loop. Triton's wheel carries ptx
 on the CPU machine (with its own triton; the GPU machine's may schedule differently).
 
     python -m serving.kernels.sass [--arch 90] [--rows 1] [--block-n 64] [--num-warps 4] [--dot] [--prefetch]
-                                   [--kernel 2 --unroll 2]
+                                   [--kernel 2 --unroll 2 | --kernel 3 --dot]
 """
 
 from __future__ import annotations
@@ -34,7 +34,12 @@ def compile_gemv(cfg: GemvConfig, rows: int, group_j: int = 4, act_order: bool =
 
     from serving.kernels import _w4a16_triton as kernels
 
-    if cfg.kernel == 2:
+    if cfg.kernel == 3:
+        fn = triton.jit(kernels.w4a16_gemv3_kernel, do_not_specialize=GEMV2_UNSPECIALIZED)
+        const = {"BLOCK_M": max(16, rows), "BLOCK_N": cfg.block_n, "GROUP_J": group_j, "HAS_PERM": act_order,
+                 "SPLIT": split}
+        specialized = ("N", "K", "K8", "stride_xm", "stride_om")
+    elif cfg.kernel == 2:
         fn = triton.jit(kernels.w4a16_gemv2_kernel, do_not_specialize=GEMV2_UNSPECIALIZED)
         const = {"BLOCK_M": max(16, rows) if cfg.dot else rows, "BLOCK_N": cfg.block_n, "GROUP_J": group_j,
                  "HAS_PERM": act_order, "SPLIT": split, "SCALE_W": not cfg.dot and (cfg.scale_w or rows > 1),

@@ -27,7 +27,10 @@ counter, so no memset or second kernel runs per call (inside a CUDA graph each i
 Two GEMV kernels share the layout and the split-K fixup; ``GemvConfig.kernel`` picks one per (shape, row bucket)
 in the tuned table. Kernel 2 (``w4a16_gemv2_kernel``) ORs nibble e with the float ``2**(23-4e)`` instead, so the
 FADD gives ``q - z`` at unit scale (no ``16**-e`` on the activations or, for ``tl.dot``, on the weights), keeps
-one 2-D accumulator per row instead of 3-D tiles, and can load two chunks per iteration (``unroll``).
+one 2-D accumulator per row instead of 3-D tiles, and can load two chunks per iteration (``unroll``). Kernel 3
+(``w4a16_gemv3_kernel``, ``dot=True`` only) reads the words as 16-bit halves: ``(half & 0xF << 4e) | 0x6400``
+is the fp16 ``1024 + q * 16**e``, two weights per 32-bit instruction, dequantized with packed fp16 arithmetic
+and fed to the tensor cores with the weight tile in registers (sm_90 wgmma).
 
 Kernels are wrapped with ``triton.jit`` at first use, not at import, so ``TRITON_INTERPRET=1`` set by a test
 (or a CPU run) after import still selects Triton's interpreter.
@@ -70,7 +73,8 @@ class GemvConfig:
     scale_w: bool = False
     dot: bool = False  # several rows through tl.dot (rows padded to 16) instead of CUDA-core FMAs
     prefetch: bool = False  # load chunk c+1 while unpacking chunk c (more registers, more bytes in flight)
-    kernel: int = 1  # 1: w4a16_gemv_kernel; 2: w4a16_gemv2_kernel (per-row 2-D accumulators, unit-scale nibbles)
+    kernel: int = 1  # 1: w4a16_gemv_kernel; 2: w4a16_gemv2_kernel (per-row 2-D accumulators, unit-scale nibbles);
+    # 3: w4a16_gemv3_kernel (fp16 nibble pairs, tl.dot only)
     unroll: int = 1  # kernel 2: chunks loaded per loop iteration (1 or 2)
 
 
@@ -200,6 +204,8 @@ def _jitted(name: str):
             _JIT[key] = triton.jit(kernels.w4a16_gemv_kernel, do_not_specialize=GEMV_UNSPECIALIZED)
         elif name == "gemv2":
             _JIT[key] = triton.jit(kernels.w4a16_gemv2_kernel, do_not_specialize=GEMV2_UNSPECIALIZED)
+        elif name == "gemv3":
+            _JIT[key] = triton.jit(kernels.w4a16_gemv3_kernel, do_not_specialize=GEMV2_UNSPECIALIZED)
         elif name == "gemm":  # serving.kernels.w4a16_gemm: rows and strides change between prefill chunks
             from serving.kernels._w4a16_gemm_triton import w4a16_gemm_kernel
 
@@ -301,8 +307,16 @@ def gemv(x: torch.Tensor, packed: PackedW4, config: GemvConfig, workspace: Split
         _jitted("gemv2")[(tiles, split)](*args, **common, SCALE_W=not config.dot and (config.scale_w or m > 1),
                                          UNROLL=config.unroll, FMA_ROWS=0 if config.dot else bucket(m))
         return out
+    if config.kernel == 3:
+        if not config.dot:
+            raise KernelError("kernel 3 multiplies through tl.dot: its config needs dot=True")
+        _jitted("gemv3")[(tiles, split)](*args, BLOCK_M=max(16, bucket(m)), BLOCK_N=config.block_n,
+                                         GROUP_J=common["GROUP_J"], HAS_PERM=common["HAS_PERM"],
+                                         SPLIT=split > 1, num_warps=config.num_warps,
+                                         num_stages=config.num_stages)
+        return out
     if config.kernel != 1:
-        raise KernelError(f"no GEMV kernel {config.kernel} (1 or 2)")
+        raise KernelError(f"no GEMV kernel {config.kernel} (1, 2 or 3)")
     _jitted("gemv")[(tiles, split)](*args, **common, SCALE_W=config.scale_w, PREFETCH=config.prefetch)
     return out
 

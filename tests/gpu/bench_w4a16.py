@@ -3,8 +3,8 @@ LLaMA-7B-shaped stack (32 layers of qkv 4096x12288, o 4096x4096, gate_up 4096x22
 whole as one CUDA graph, next to fp16 cuBLAS, torch's int4 tinygemm and GPTQModel's Marlin (when it imports).
 
 In one run, side by side at rows 1, 2, 4, 8: kernel 1 with the shipped table (``v1``: the H200-tuned
-serving/kernels/w4a16_configs.json, timed again here, not re-tuned), kernel 2 tuned here within the budget
-(``v2``), the per-(shape, rows) faster of the two (``ours``: the table written for the engine), fp16 cuBLAS and
+serving/kernels/w4a16_configs.json, timed again here, not re-tuned), kernels 2 and 3 tuned here within the
+budget (``v2``), the per-(shape, rows) faster of the two (``ours``: the table written for the engine), fp16 cuBLAS and
 tinygemm, each with its share of the copy bandwidth (``summary``).
 
     python tests/gpu/bench_w4a16.py [--budget-s 120] [--grid quick|full] [--batches 1,2,4,8]
@@ -170,6 +170,11 @@ def candidates2(n: int, k: int, m: int, grid: str, sms: int) -> list[GemvConfig]
             for split in _splits(n, k, bn, sms):
                 out.append(GemvConfig(block_n=bn, split_k=split, num_warps=nw, num_stages=1, scale_w=sw, dot=dot,
                                       kernel=2, unroll=un))
+    # kernel 3 (fp16 nibble pairs, wgmma with the weight tile in registers): 3.9-4.4 instructions per weight on
+    # these tiles, 4.4-9.8 elsewhere (64 outputs on 8 warps: half a warpgroup's tile)
+    for bn, nw in ((64, 4), (128, 4), (128, 8), (256, 8)):
+        for split in _splits(n, k, bn, sms):
+            out.append(GemvConfig(block_n=bn, split_k=split, num_warps=nw, num_stages=1, dot=True, kernel=3))
     return out
 
 
@@ -255,14 +260,16 @@ def tune(shapes, batches, grid: str, budget_s: float, dev: str, sms: int, bw: fl
             rng = random.Random(0)
             rng.shuffle(v2)  # a sweep cut short by the budget still samples the whole grid
             # ...after the tiles with the fewest SASS instructions per weight (serving.kernels.sass on sm_90)
-            v2.sort(key=lambda c: not ((c.dot and c.block_n >= 128) or (not c.dot and c.block_n == 32)))
+            v2.sort(key=lambda c: not (c.kernel == 3 or (c.dot and c.block_n >= 128)
+                                       or (not c.dot and c.block_n == 32)))
             if retune_v1:
                 more = [c for c in candidates(n, k, m, grid, sms) if c != v1[0]]
                 rng.shuffle(more)
                 v1 += more
-            if smoke:  # the interpreter runs ~20 programs a second: two kernel-2 configs, one each way
+            if smoke:  # the interpreter runs ~20 programs a second: two kernel-2 configs (one each way), one kernel 3
                 v1 = v1[:1]
-                v2 = [c for c in v2 if c.split_k > 1 and c.unroll == 2][:1] + [c for c in v2 if c.split_k == 1][:1]
+                v2 = ([c for c in v2 if c.kernel == 2 and c.split_k > 1 and c.unroll == 2][:1]
+                      + [c for c in v2 if c.kernel == 2 and c.split_k == 1][:1] + [c for c in v2 if c.kernel == 3][:1])
             # an equal share of what is left for each (shape, rows), so a slow start cannot starve the last ones
             share = max(0.0, deadline - time.time()) / keys_left
             keys_left -= 1
@@ -558,7 +565,7 @@ def main() -> int:
                    copy_bandwidth_GBps=round(bw / 1e9, 1), old_table=args.old_table)
         if args.table:  # a second call (e.g. only --backends marlin) reuses the first call's table
             table = w4a16.load_config_table(args.table)
-            tables = {"v1": old, "v2": {k: c for k, c in table.items() if c.kernel == 2}, "ours": table}
+            tables = {"v1": old, "v2": {k: c for k, c in table.items() if c.kernel in (2, 3)}, "ours": table}
             res["tuning"] = {"loaded": args.table, "configs": len(table)}
         else:
             keys = {_compile_key(c, m) for _, k, n in SHAPES for m in batches
