@@ -117,7 +117,7 @@ def _engine_options(args: argparse.Namespace, cuda: bool, legacy: bool = False, 
     return EngineOptions(**{**base, **overrides})
 
 
-def _make_engine(args: argparse.Namespace, cuda: bool, legacy: bool, **overrides: Any) -> Any:
+def _make_engine(args: argparse.Namespace, cuda: bool, legacy: bool, stats: Any = None, **overrides: Any) -> Any:
     if legacy:
         from serving.bench_legacy.engine import LLMEngine as Legacy
         from serving.memory import set_alloc_conf
@@ -126,7 +126,21 @@ def _make_engine(args: argparse.Namespace, cuda: bool, legacy: bool, **overrides
         return Legacy(args.model, _engine_options(args, cuda, True, **overrides))
     from serving.engine import LLMEngine
 
-    return LLMEngine(args.model, _engine_options(args, cuda, False, **overrides))
+    return LLMEngine(args.model, _engine_options(args, cuda, False, **overrides), stats=stats)
+
+
+def _prefix_hit_listener() -> Any:
+    """A StatsListener that keeps the prompt tokens the prefix cache supplied, admission by admission."""
+    from serving.scheduler import StatsListener
+
+    class Hits(StatsListener):
+        def __init__(self) -> None:
+            self.hits: list[int] = []
+
+        def on_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None:
+            self.hits.append(hit_tokens)
+
+    return Hits()
 
 
 class _Smi:
@@ -228,40 +242,53 @@ def _stream_one(eng: Any, params: Any, ids: list[int]) -> dict[str, Any]:
 
 def phase_chat(args: argparse.Namespace, prefix_caching: bool = True, legacy: bool = False) -> dict[str, Any]:
     """A 10-turn chat whose history grows to what the cache holds: each turn sends the whole history plus a new
-    user message and streams ``turn_gen`` tokens; TTFT per turn."""
+    user message and streams ``turn_gen`` tokens; TTFT per turn. ``--chat-system N``: the history starts with an
+    N-token system prompt (OpenWebUI, agents and LangChain chains send one), the same in every turn."""
     import torch
 
     from serving.sampler import SamplingParams
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     smi = _Smi(cuda)
-    kw = {} if legacy else {"enable_prefix_caching": prefix_caching}
+    kw = {} if legacy else {"enable_prefix_caching": prefix_caching, "stats": _prefix_hit_listener()}
     eng = _make_engine(args, cuda, legacy, max_num_seqs=2, warmup=True, **kw)
     eng.load_and_start()
     # the conversation reaches what the paged engine holds; the main process passes the chat phase's length on
     # to the later chat phases so that the fixed-slot engine gets the same conversation
     length = args.paged_chat_len or eng.max_model_len
-    per_turn = length // args.turns
+    system = min(args.chat_system, length // 2)
+    per_turn = (length - system) // args.turns
     gen = min(args.turn_gen, per_turn // 2)
     user = per_turn - gen
-    history: list[int] = []
-    turns = []
     vocab = eng.runner.vocab
+    history: list[int] = _prompts(vocab, 1, system, seed=999)[0] if system else []
+    turns = []
+    hits = kw.get("stats")
     for t in range(args.turns):
         history += _prompts(vocab, 1, user, seed=1000 + t)[0]
+        seen = len(hits.hits) if hits else 0
         r = _stream_one(eng, SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True), list(history))
-        turns.append({"turn": t + 1, "prompt_tokens": len(history), **{k: (round(v, 4) if isinstance(v, float)
-                                                                         else v) for k, v in r.items()
-                                                                     if k != "ids"}})
+        # the prompt tokens the prefix cache supplied at this turn's admission (measured, not computed)
+        cached = hits.hits[seen] if hits and len(hits.hits) > seen else 0
+        turns.append({"turn": t + 1, "prompt_tokens": len(history), "cached_tokens": cached,
+                      **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "ids"}})
         print(json.dumps(turns[-1]), file=sys.stderr, flush=True)
         if "error" in r:
             break
         history += r["ids"]
-    out = {"turns": turns, "chat_tokens": length, "turn_gen": gen, "prefix_caching": prefix_caching and not legacy,
+    out = {"turns": turns, "chat_tokens": length, "system_tokens": system, "turn_gen": gen,
+           "prefix_caching": prefix_caching and not legacy,
            "engine": {k: eng.info.get(k) for k in ("kv_cache_tokens", "max_model_len", "num_slots", "block_size")},
            "nvidia_smi_max": smi.result()}
     eng.shutdown()
     return out
+
+
+def _uncached_share(turn: dict[str, Any]) -> float | None:
+    """The share of a chat turn's prompt that a prefix cache cannot supply (the floor of its TTFT ratio when
+    prefill time is proportional to the tokens computed)."""
+    n = turn.get("prompt_tokens")
+    return round(1 - turn.get("cached_tokens", 0) / n, 3) if n else None
 
 
 def phase_load(args: argparse.Namespace, legacy: bool = False, **policy: Any) -> dict[str, Any]:
@@ -606,6 +633,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cuda-stack-limit", type=int, default=0, help="engine.cuda_stack_limit in bytes (0: default)")
     p.add_argument("--turns", type=int, default=10, help="chat phases: turns")
     p.add_argument("--turn-gen", type=int, default=64, help="chat phases: tokens generated per turn")
+    p.add_argument("--chat-system", type=int, default=0, help="chat phases: tokens of a system prompt at the "
+                   "start of the conversation (within --paged-chat-len; at most half of it)")
     p.add_argument("--paged-chat-len", type=int, default=0, help="chat phases: tokens the whole conversation "
                    "reaches (0: the paged engine's max_model_len; the legacy chat needs it set to compare)")
     p.add_argument("--load-requests", type=int, default=64, help="load phases: requests")
@@ -740,7 +769,9 @@ def _summarize_paged(report: dict[str, Any]) -> None:
                                                                      strict=False)]
         ratios = [round(a / b, 3) for a, b in pairs if a and b]
         if ratios:
-            s["chat_ttft_ratio_turn2_on"] = {"max": max(ratios), "all": ratios}
+            s["chat_ttft_ratio_turn2_on"] = {"max": max(ratios), "all": ratios,
+                                             "system_tokens": chat.get("system_tokens", 0),
+                                             "uncached_share": [_uncached_share(t) for t in chat["turns"][1:]]}
     load, lload = report.get("load", {}), report.get("load_legacy", {})
     if load.get("ok"):
         s["load"] = {"paged_tok_s": load.get("aggregate_tok_s"), "legacy_tok_s": lload.get("aggregate_tok_s"),

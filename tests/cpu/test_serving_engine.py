@@ -516,6 +516,35 @@ def test_bench_cli_runs_every_phase_and_counts_tokens(tiny_model: Path, tmp_path
                                                       rep["generate_uncapped"]["best_aggregate_tok_s"], 2)
 
 
+def test_bench_chat_phases_count_the_prefix_cache_hits_of_each_turn(tiny_model: Path, tmp_path: Path):
+    """`python -m serving.bench --phases chat,chat_no_prefix --chat-system N` on CPU: every turn streams its
+    tokens; with prefix caching each turn after the first starts from cached full blocks of the history (the
+    engine's own hit count, measured at admission), without it none; the summary pairs the turns' TTFTs and
+    gives each turn's uncached share, the floor of its TTFT ratio (speed itself is a GPU benchmark)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "chat.json"
+    subprocess.run([sys.executable, "-m", "serving.bench", "--model", str(tiny_model), "--device", "cpu",
+                    "--batch-sizes", "1", "--paged-chat-len", "160", "--turns", "3", "--turn-gen", "4",
+                    "--chat-system", "24", "--phases", "chat,chat_no_prefix", "--out", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    rep = json.loads(out.read_text())
+    chat, nochat = rep["chat"], rep["chat_no_prefix"]
+    assert chat["system_tokens"] == 24 and chat["prefix_caching"] and not nochat["prefix_caching"]
+    assert [t["tokens"] for t in chat["turns"]] == [4, 4, 4] == [t["tokens"] for t in nochat["turns"]]
+    prompts = [t["prompt_tokens"] for t in chat["turns"]]
+    assert prompts == [t["prompt_tokens"] for t in nochat["turns"]] and prompts[0] > 24
+    cached = [t["cached_tokens"] for t in chat["turns"]]
+    # at least the previous prompt's full blocks, never the turn's new message
+    assert cached[0] == 0 and all(c % 16 == 0 and prompts[i - 1] // 16 * 16 <= c <= prompts[i - 1] + 4
+                                  for i, c in enumerate(cached[1:], 1)), (prompts, cached)
+    assert all(t["cached_tokens"] == 0 for t in nochat["turns"])
+    ratio = rep["summary_paged"]["chat_ttft_ratio_turn2_on"]
+    assert ratio["system_tokens"] == 24 and len(ratio["all"]) == 2
+    assert ratio["uncached_share"] == [round(1 - c / n, 3) for c, n in zip(cached[1:], prompts[1:], strict=True)]
+
+
 @pytest.mark.parametrize("q, cuda_backend", [({"bits": 4, "sym": True}, "marlin"), ({"bits": 8, "sym": True}, "marlin"),
                                             ({"bits": 4, "sym": False}, "exllama_v2"),
                                             ({"bits": 3, "sym": True}, "triton")])

@@ -119,6 +119,9 @@ case "${1:-}" in
     # batch 1, 2, 4 of this engine beside today's fixed-slot engine (legacy), same GPU, same call
     mstep bench_engine "${BENCH[@]}" --phases engine,legacy --out "$OUT/mem_bench_engine.json"
     mstep bench_chat "${BENCH[@]}" --phases chat,chat_no_prefix --out "$OUT/mem_bench_chat.json"
+    # the same conversation length opened by a 256-token system prompt (OpenWebUI, agents): at 784 tokens turn 2's
+    # uncached share is then ~0.14 instead of ~0.48 (summary_paged.chat_ttft_ratio_turn2_on.uncached_share)
+    mstep bench_chat_sys "${BENCH[@]}" --phases chat,chat_no_prefix --chat-system 256 --out "$R/mem_bench_chat_sys.json"
     # the load with this engine's admission (lookahead, least-computed victim) and with the first paged engine's
     # (prompt-only admission, newest victim) side by side
     mstep bench_load "${BENCH[@]}" --phases load,load_prompt_admission --out "$OUT/mem_bench_load.json"
