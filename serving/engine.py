@@ -73,6 +73,7 @@ class StepOutput:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens the prefix cache supplied (their prefill skipped)
 
 
 class RequestStream:
@@ -846,7 +847,7 @@ class LLMEngine:
         text = seq.text[seq.emitted:upto]
         seq.emitted = upto
         out = StepOutput(text, seq.pending_ids, seq.pending_lp if seq.params.logprobs else None, finish,
-                         len(seq.prompt_ids), len(seq.output_ids))
+                         len(seq.prompt_ids), len(seq.output_ids), seq.prompt_cached_tokens)
         seq.pending_ids, seq.pending_lp = [], []
         seq.sink(out)
 

@@ -83,9 +83,16 @@ class RequestContext:
     n: int
     parsers: list[Any] = field(default_factory=list)  # one output parser per choice (chat)
     completion_tokens: list[int] = field(default_factory=list)
+    cached_tokens: int = 0  # of the first choice's admission: the prompt is counted once, so is its cache hit
 
     def usage(self) -> UsageInfo:
-        return UsageInfo.of(len(self.prompt_ids), sum(self.completion_tokens))
+        return UsageInfo.of(len(self.prompt_ids), sum(self.completion_tokens), self.cached_tokens)
+
+    def record(self, i: int, out: Any) -> None:
+        """One choice's StepOutput: its token count, and the prompt's cache hit (the first choice's)."""
+        self.completion_tokens[i] = out.completion_tokens
+        if i == 0:
+            self.cached_tokens = out.cached_tokens
 
 
 @dataclass
@@ -242,7 +249,7 @@ class OpenAIServing:
         results = [ChoiceResult(i) for i in range(req.n)]
         async for i, out in self._merge(streams):
             results[i].outputs.append(out)
-            ctx.completion_tokens[i] = out.completion_tokens
+            ctx.record(i, out)
         return self.build_response(req, ctx, results)
 
     async def _stream(self, req: Any, ctx: RequestContext, streams: list[RequestStream]) -> AsyncIterator[str]:
@@ -260,7 +267,7 @@ class OpenAIServing:
             for chunk in self.stream_start(req, ctx):
                 yield sse(chunk)
             async for i, out in self._merge(streams):
-                ctx.completion_tokens[i] = out.completion_tokens
+                ctx.record(i, out)
                 for chunk in self.stream_chunks(req, ctx, i, out):
                     yield sse(chunk)
             if include_usage:

@@ -48,7 +48,7 @@ class Sequence:
     __slots__ = ("id", "prompt_ids", "params", "sink", "output_ids", "text", "emitted", "prefix_offset",
                  "read_offset", "pending_ids", "pending_lp", "generator", "times", "finished", "finish_reason",
                  "counts", "stop_hold", "compute_ids", "num_computed", "prefilled", "sample_after_prefill",
-                 "cached_tokens", "preemptions", "order")
+                 "cached_tokens", "prompt_cached_tokens", "preemptions", "order")
 
     def __init__(self, seq_id: str, prompt_ids: list[int], params: SamplingParams, sink: Callable[[Any], None]):
         self.id = seq_id
@@ -73,6 +73,7 @@ class Sequence:
         self.prefilled = False
         self.sample_after_prefill = True
         self.cached_tokens = 0  # prompt tokens the prefix cache supplied at the latest admission
+        self.prompt_cached_tokens = 0  # ... at the first one (usage.prompt_tokens_details.cached_tokens)
         self.preemptions = 0
         self.order = 0  # admission order (larger = more recent)
 
@@ -183,6 +184,8 @@ class Scheduler:
                     break
             self.waiting.popleft()
             seq.cached_tokens = seq.num_computed = self.kv.admit(seq.id, seq.compute_ids)
+            if not seq.preemptions:
+                seq.prompt_cached_tokens = seq.cached_tokens
             lost = self._lost.pop(seq.id, 0)
             self.recomputed_tokens += max(0, min(lost, len(seq.compute_ids)) - seq.cached_tokens)
             seq.prefilled = False

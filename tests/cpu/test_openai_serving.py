@@ -172,3 +172,31 @@ def test_streamed_text_with_unicode_line_breaks_stays_one_sse_line_per_event(eng
             contents += [c["delta"].get("content") or "" for c in delta]
     pieces = [c for c in contents if c]  # the role chunk's content is empty
     assert pieces and all(c.endswith("\u0085\u2028\u2029") for c in pieces)  # each piece kept its breaks
+
+
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_supplied(engine: LLMEngine):
+    """``usage.prompt_tokens_details.cached_tokens`` (OpenAI's and vLLM's field; the openai SDK, LangChain's
+    ``cache_read`` and LiteLLM read it): 0 for a new prompt, the cached full blocks when the same conversation
+    comes again, in collected answers and in the streamed usage chunk alike."""
+    from openai.types import CompletionUsage
+
+    chat = OpenAIServingChat(engine, MODEL, EngineMetrics(MODEL))
+    history = [{"role": "system", "content": "You answer in one short line. " * 2},
+               {"role": "user", "content": "Name three prime numbers below twenty, please."}]
+    body = {"model": MODEL, "messages": history, "max_tokens": 2, "temperature": 0}
+
+    async def run():
+        first = await chat.create(body, "u1")
+        again = await chat.create(body, "u2")
+        chunks = await _collect_stream(await chat.create({**body, "stream": True,
+                                                          "stream_options": {"include_usage": True}}, "u3"))
+        return first, again, chunks
+
+    first, again, chunks = asyncio.run(run())
+    n = first.usage.prompt_tokens
+    block = engine.kv.block_size
+    assert n > 2 * block and first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached == (n - 1) // block * block and cached > 0  # every full block but the one holding the last token
+    streamed = CompletionUsage.model_validate(chunks[-1]["usage"])  # what the openai SDK makes of the chunk
+    assert streamed.prompt_tokens == n and streamed.prompt_tokens_details.cached_tokens == cached
