@@ -43,15 +43,16 @@ def emit_json(obj: Any, out: str | os.PathLike | None, indent: int = 2, default:
 
 def _smi_sampler(stop: threading.Event, out: dict[str, int]) -> None:
     """Poll nvidia-smi for this process's (or the GPU's) used memory in MiB; keep the maximum."""
-    pid = str(os.getpid())
+    from serving.memory import compute_apps_mib
+
+    pid = os.getpid()
     while not stop.is_set():
         try:
-            apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,"
-                                   "nounits"], capture_output=True, text=True, timeout=10).stdout
-            for line in apps.splitlines():
-                p, mem = (x.strip() for x in line.split(","))
-                if p == pid:
-                    out["process_mib"] = max(out.get("process_mib", 0), int(mem))
+            apps = compute_apps_mib()
+            if apps is None:
+                return
+            if pid in apps:
+                out["process_mib"] = max(out.get("process_mib", 0), apps[pid])
             used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                                   capture_output=True, text=True, timeout=10).stdout.split()
             if used:
