@@ -8,7 +8,8 @@
 #            update's rollouts and PTX rows in one padded batch as before), ppo_speedup
 #            per plugin. About 80 s per PPO run of 8 steps on one H200: PLUGINS=ddp keeps it to ~4-5 minutes.
 #   bash tests/gpu/bench_rollout.sh quality  (carry .whl; after `tests/gpu/quality_gpu.sh stage` and `run` on the
-#            same warm machine, which leave models/ and runs/quality-gpu/) -> $OUT/rollout_quality.json: the
+#            same warm machine, which leave models/ and runs/quality-gpu/: the RM stage is enough, the PPO config
+#            then comes from loadtest/results/h200/alignment/ppo-manifest.json) -> $OUT/rollout_quality.json: the
 #            quality-gpu PPO stage (SmolLM2-135M, HH) again from its manifest's config, $PPO_STEPS steps (default
 #            20) per engine: step time, rollout/update/sync seconds, KL, held-out greedy reward before/after.
 #            ENGINES=hf / ENGINES=serving run one engine per call (the JSON accumulates in /tmp on the warm
@@ -33,7 +34,11 @@ case "${1:-}" in
         eval "$(bash .whl/install.sh)"
         export PYTHONPATH=/tmp/site-smol:$PYTHONPATH HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
         # the JSON lives in /tmp between calls (ENGINES=hf then ENGINES=serving when both do not fit one call)
-        $PY tests/gpu/rollout_quality.py --manifest runs/quality-gpu/ppo/manifest.json --steps "${PPO_STEPS:-20}" \
+        # the PPO config from this machine's quality run, else the committed H200 one (it needs the RM stage's
+        # runs/quality-gpu/rm and models/ from `quality_gpu.sh stage`, e.g. after QUALITY_STAGES="rm dpo")
+        MANIFEST=${PPO_MANIFEST:-runs/quality-gpu/ppo/manifest.json}
+        [ -f "$MANIFEST" ] || MANIFEST=loadtest/results/h200/alignment/ppo-manifest.json
+        $PY tests/gpu/rollout_quality.py --manifest "$MANIFEST" --steps "${PPO_STEPS:-20}" \
             --engines "${ENGINES:-hf,serving}" --work /tmp/rollout-quality --out /tmp/rollout-quality.json \
             || rc=$?
         cp /tmp/rollout-quality.json "$OUT/rollout_quality.json" 2>/dev/null || true
