@@ -162,7 +162,7 @@ class LlamaRunner:
         # ``compile_decode`` can compile; other architectures go through their own modules (``decode_layer``)
         self.fusable = getattr(cfg, "hidden_act", "silu") == "silu" and all(
             not hasattr(layer.self_attn, "q_norm") and hasattr(layer.input_layernorm, "variance_epsilon")
-            for layer in self.layers)
+            for layer in self.layers) and hasattr(self.norm, "variance_epsilon")
         self.decode_layer_fn = decode_layer
         self.fused = dict(FUSED_PIECES)
         if self.fusable:
@@ -170,6 +170,7 @@ class LlamaRunner:
             # plain tensors, not Parameters: dynamo guards on a Parameter's identity and would compile per layer
             self.norm_w = {id(layer): (layer.input_layernorm.weight.detach(),
                                        layer.post_attention_layernorm.weight.detach()) for layer in self.layers}
+            self.norm_w_final, self.eps_final = self.norm.weight.detach(), float(self.norm.variance_epsilon)
             self.decode_layer_fn = fused_decode_layer
         if fuse_projections:
             self._fuse_projections()
@@ -316,6 +317,14 @@ class LlamaRunner:
             mask = mask.view(b, 1, 1, -1)
         ctx = DecodeContext(slots, block_tables, context_lens, mask, nb, max_context)
         step = self.decode_layer_fn
+        if step is fused_decode_layer:
+            # each layer's MLP output is added to the residual stream by the next layer's input piece (and the
+            # last one's by the final norm's): no element-wise add of its own per layer
+            d = None
+            for i, layer in enumerate(self.layers):
+                h, d = step(self, layer, h, d, cos, sin, ctx, cache.k[i], cache.v[i], cache.ks[i], cache.vs[i])
+            _, x = self.fused["mlp_in"](h, d, self.norm_w_final, self.eps_final)
+            return self.lm_head(x)[:, 0].float()
         for i, layer in enumerate(self.layers):
             h = step(self, layer, h, cos, sin, ctx, cache.k[i], cache.v[i], cache.ks[i], cache.vs[i])
         return self.lm_head(self.norm(h))[:, 0].float()
@@ -343,7 +352,8 @@ class LlamaRunner:
 
     def compile_decode(self) -> bool:
         """Compile the pieces of ``fused_decode_layer``: the element-wise work between the projections (RMSNorm,
-        rotary + int8 KV quantization and cache writes, the torch attention over blocks, SiLU-gate, residual) as
+        rotary + int8 KV quantization and cache writes, the torch attention over blocks, SiLU-gate, the residual
+        adds, the MLP's inside the next layer's RMSNorm) as
         programs shared by every layer (one per batch and context bucket), the projections (GPTQ kernels or plain
         linears) and the Triton attention kernel staying eager in between. Returns False (eager decode) for
         architectures without the pieces."""
@@ -415,19 +425,24 @@ FUSED_PIECES = {"attn_in": _rms, "rope_write": _rope_write, "attend": _decode_at
                 "gate": _gate}
 
 
-def fused_decode_layer(r: LlamaRunner, layer: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       ctx: DecodeContext, kc: torch.Tensor, vc: torch.Tensor, ksc: torch.Tensor | None,
-                       vsc: torch.Tensor | None) -> torch.Tensor:
+def fused_decode_layer(r: LlamaRunner, layer: nn.Module, h: torch.Tensor, d: torch.Tensor | None, cos: torch.Tensor,
+                       sin: torch.Tensor, ctx: DecodeContext, kc: torch.Tensor, vc: torch.Tensor,
+                       ksc: torch.Tensor | None, vsc: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``decode_layer`` for SiLU Llama-style layers: the element-wise work in tensor-only pieces (compiled by
-    ``LlamaRunner.compile_decode``, plain functions otherwise) between the projections."""
+    ``LlamaRunner.compile_decode``, plain functions otherwise) between the projections. ``d``: the previous
+    layer's MLP output, not yet in ``h`` (None at the first layer); its add runs in this layer's input piece.
+    Returns (the residual stream without this layer's MLP output, that output)."""
     f, attn, mlp = r.fused, layer.self_attn, layer.mlp
     w_in, w_post = r.norm_w[id(layer)]
-    x = f["attn_in"](h, w_in, r.eps)
+    if d is None:
+        x = f["attn_in"](h, w_in, r.eps)
+    else:
+        h, x = f["mlp_in"](h, d, w_in, r.eps)  # the residual add and the RMSNorm as one program
     q, k, v = r.project_qkv(attn, x)
     q = f["rope_write"](q, k, v, cos, sin, ctx.slots, kc, vc, ksc, vsc, r.kv_heads, r.head_dim)
     o = r.attend_decode(q, ctx, kc, vc, ksc, vsc)
     h, x = f["mlp_in"](h, attn.o_proj(o), w_post, r.eps)
-    return h + mlp.down_proj(f["gate"](*r.project_gate_up(mlp, x)))
+    return h, mlp.down_proj(f["gate"](*r.project_gate_up(mlp, x)))
 
 
 # ----------------------------------------------------------------------------------- CUDA graphs

@@ -339,6 +339,64 @@ def test_generic_decode_layer_matches_generate(tiny_model: Path):
         eng.shutdown()
 
 
+def test_fused_decode_runs_no_residual_add_outside_its_pieces(tiny_model: Path):
+    """A decode step of the fused layers: each layer's MLP output joins the residual stream inside the next
+    layer's input piece (the last one's inside the final norm's), so no element-wise add runs between the pieces
+    (on a GPU: one kernel less per layer, before and inside the CUDA graphs). The recorder sees the generic
+    layer's adds, so it can fail."""
+    import serving.runner
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=64, max_num_seqs=2, block_size=8,
+                                              warmup=False))
+    eng.load()
+    r = eng.runner
+    inside = [0]
+
+    def counted(fn):
+        def run(*a, **k):
+            inside[0] += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                inside[0] -= 1
+        return run
+
+    class Adds(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.outside = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor) and not inside[0]:
+                self.outside += 1
+            return func(*args, **(kwargs or {}))
+
+    r.fused = {name: counted(fn) for name, fn in r.fused.items()}
+    kv = KVCacheManager(r.cache.num_blocks, 8)
+    ids = eng.tokenizer(PROMPTS[0])["input_ids"]
+    kv.admit("a", ids + [0])
+    blocks = kv.tables["a"].blocks
+    r.prefill(ids, blocks, 0, want_logits=False)
+    p = len(ids)
+
+    def step() -> tuple[torch.Tensor, int]:
+        h = r.embed(torch.tensor([7])).unsqueeze(1)
+        tables = torch.zeros(1, eng.max_blocks_per_seq, dtype=torch.int32)
+        tables[0, :len(blocks)] = torch.tensor(blocks)
+        with torch.inference_mode(), Adds() as rec:
+            out = r.decode(h, torch.tensor([p]), torch.tensor([kv.slot("a", p)]), tables,
+                           torch.tensor([p + 1], dtype=torch.int32), 64)
+        return out, rec.outside
+
+    fused, adds = step()
+    assert r.decode_layer_fn is serving.runner.fused_decode_layer and adds == 0
+    r.decode_layer_fn = serving.runner.decode_layer
+    generic, generic_adds = step()
+    assert generic_adds >= len(r.layers)  # the module path's residual adds, seen by the same recorder
+    torch.testing.assert_close(fused, generic, atol=1e-5, rtol=1e-5)  # the same logits
+
+
 @pytest.mark.parametrize("kv", ["auto", "int8"])
 def test_compiled_decode_layer_aot_eager_backend_matches_eager(tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
                                                                kv: str):
