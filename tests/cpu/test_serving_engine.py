@@ -344,8 +344,9 @@ def test_fused_decode_runs_no_residual_add_outside_its_pieces(tiny_model: Path):
     layer's input piece (the last one's inside the final norm's), so no element-wise add runs between the pieces
     (on a GPU: one kernel less per layer, before and inside the CUDA graphs). The recorder sees the generic
     layer's adds, so it can fail."""
-    import serving.runner
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    import serving.runner
 
     eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=64, max_num_seqs=2, block_size=8,
                                               warmup=False))
