@@ -35,6 +35,7 @@ from torch import nn
 
 from serving.errors import EngineError
 from serving.kernels.paged_attention_ref import gather_kv, paged_prefill_attention_ref
+from serving.kernels.paged_attention_ref import rotate_half as _rotate
 from serving.kernels.paged_attention_ref import write_kv_ref as write_kv
 from serving.kv_cache import KVBlocks
 from serving.model import Int8Linear, fuse_linears
@@ -85,12 +86,6 @@ def rope_cos_sin(inv_freq: torch.Tensor, scaling: float, pos: torch.Tensor, dtyp
 
 
 # ----------------------------------------------------------------------------------- the forward
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rot * sin
-
 
 class LlamaRunner:
     """A compact Llama-family forward that reuses the loaded model's modules, with attention over ``KVBlocks``."""
@@ -165,6 +160,11 @@ class LlamaRunner:
             for layer in self.layers) and hasattr(self.norm, "variance_epsilon")
         self.decode_layer_fn = decode_layer
         self.fused = dict(FUSED_PIECES)
+        # rotary + the K/V write as one Triton launch on CUDA (``serving.kernels.paged_attention.rope_write_kv``),
+        # where the torch piece is the rotation's and the int8 quantization's element-wise work and four index_puts
+        self.rope_kernel = self._rope_kernel(paged_kernel, vendor_blas)
+        if self.rope_kernel:
+            self.fused["rope_write"] = _rope_write_triton
         if self.fusable:
             self.eps = float(self.layers[0].input_layernorm.variance_epsilon)
             # plain tensors, not Parameters: dynamo guards on a Parameter's identity and would compile per layer
@@ -174,6 +174,16 @@ class LlamaRunner:
             self.decode_layer_fn = fused_decode_layer
         if fuse_projections:
             self._fuse_projections()
+
+    def _rope_kernel(self, paged_kernel: bool, vendor_blas: bool) -> bool:
+        """Whether decode's rotary + K/V write runs the fused Triton kernel: on CUDA unless
+        ``engine.attention_kernel`` is torch, and on every device without vendor BLAS (as the decode attention
+        kernel: interpreted on CPU), for a head_dim the kernel takes."""
+        from importlib.util import find_spec
+
+        wanted = not vendor_blas or (paged_kernel and self.device.type == "cuda")
+        return (wanted and find_spec("triton") is not None and self.head_dim >= 16
+                and not self.head_dim & (self.head_dim - 1))
 
     def _own_kernels(self, paged_kernel: bool) -> None:
         """Checks for ``vendor_blas=False``: every piece it replaces must be replaceable, or a clear error."""
@@ -368,6 +378,8 @@ class LlamaRunner:
                 setattr(dyn, name, max(getattr(dyn, name), 256))
         backend = COMPILE_BACKEND
         self.fused = {name: torch.compile(fn, backend=backend, dynamic=False) for name, fn in FUSED_PIECES.items()}
+        if self.rope_kernel:  # one Triton launch already: nothing for inductor to fuse
+            self.fused["rope_write"] = _rope_write_triton
         return True
 
 
@@ -410,6 +422,17 @@ def _rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Te
     k = _rotate(k.view(b, kv_heads, head_dim), c, s)
     write_kv(k, v.view(b, kv_heads, head_dim), kc, vc, ksc, vsc, slots)
     return q
+
+
+def _rope_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       slots: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, ksc: torch.Tensor | None,
+                       vsc: torch.Tensor | None, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """``_rope_write`` in one Triton launch (CUDA)."""
+    from serving.kernels.paged_attention import rope_write_kv
+
+    b = q.shape[0]
+    return rope_write_kv(q[:, 0], k[:, 0], v[:, 0], cos.view(b, head_dim), sin.view(b, head_dim), kc, vc, ksc, vsc,
+                         slots, backend="triton")
 
 
 def _mlp_in(h: torch.Tensor, o: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,8 @@ The layout and the three functions are the contract in PAGED_INTERFACE (cache ``
 block_size, head_dim]``, int8 with per (token, kv head) scales, int32 block tables and context lengths).
 ``paged_decode_attention`` runs the Triton flash-decoding kernel (``paged_attention_triton``) on CUDA for fp16
 and bf16 queries, and the torch gather + SDPA reference (``paged_attention_ref``) everywhere else: CPU serving,
-fp32, or ``backend="torch"``. ``write_kv`` is one Triton launch on CUDA (torch index_put elsewhere);
+fp32, or ``backend="torch"``. ``write_kv`` is one Triton launch on CUDA (torch index_put elsewhere), and
+``rope_write_kv`` (decode's rotary embedding of q and k, then the K/V write) too;
 ``paged_prefill_attention`` is torch by default on every device (graph safe; it runs once per chunk, outside the
 decode graphs), or a Triton flash-attention kernel over blocks with ``backend="triton"``. Nothing is imported or
 probed at import time: Triton is imported at the first Triton call.
@@ -21,12 +22,13 @@ import torch
 from serving.kernels.paged_attention_ref import (
     paged_decode_attention_ref,
     paged_prefill_attention_ref,
+    rope_write_kv_ref,
     write_kv_ref,
 )
 from serving.kernels.paged_attention_tuning import DecodeConfig, DecodeTuning, default_config, packaged_tuning
 
-__all__ = ["DecodeConfig", "DecodeTuning", "paged_decode_attention", "paged_prefill_attention", "write_kv",
-           "triton_supports"]
+__all__ = ["DecodeConfig", "DecodeTuning", "paged_decode_attention", "paged_prefill_attention", "rope_write_kv",
+           "write_kv", "triton_supports"]
 
 Backend = Literal["auto", "triton", "torch"]
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # fp32 only under the interpreter (tf32 on GPU)
@@ -171,6 +173,41 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     from serving.kernels.paged_attention_triton import write_kv_triton
 
     write_kv_triton(k, v, k_cache, v_cache, k_scale, v_scale, slot_mapping)
+
+
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                  v_scale: torch.Tensor | None, slot_mapping: torch.Tensor, *,
+                  backend: Backend = "auto") -> torch.Tensor:
+    """A decode step's rotary embedding and K/V write: q ``[n, heads * head_dim]``, k/v ``[n, kv_heads *
+    head_dim]`` (each row contiguous), cos/sin ``[n, head_dim]`` (HF's rotate-half convention); k is rotated,
+    then stored with v at ``slot_mapping`` as ``write_kv`` does (int8 when scales are given). Returns the rotated
+    q ``[n, heads, head_dim]``. ``backend="auto"``: one Triton launch on CUDA (rotation in fp32, rounded once to
+    the activations' dtype), the torch reference elsewhere."""
+    n, kv_heads, head_dim = q.shape[0], k_cache.shape[1], k_cache.shape[3]
+    if q.dim() != 2 or q.shape[1] % head_dim or k.shape != (n, kv_heads * head_dim) or v.shape != k.shape:
+        raise ValueError(f"q must be [n, heads * {head_dim}] and k/v [n, {kv_heads * head_dim}], got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if cos.shape != (n, head_dim) or sin.shape != cos.shape:
+        raise ValueError(f"cos/sin must be [{n}, {head_dim}], got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if slot_mapping.shape != (n,) or slot_mapping.dtype != torch.int64 or slot_mapping.stride(0) != 1:
+        raise ValueError(f"slot_mapping must be contiguous int64 [{n}], got {slot_mapping.dtype} "
+                         f"{tuple(slot_mapping.shape)}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be auto, triton or torch, got {backend!r}")
+    why_not = None if _have_triton() else "triton is not installed"
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        why_not = f"head_dim {head_dim} is not a power of two >= 16"
+    elif any(t.stride(-1) != 1 for t in (q, k, v, cos, sin)) or k_cache.stride(-1) != 1 \
+            or v_cache.stride() != k_cache.stride():
+        why_not = "q/k/v/cos/sin and the caches must be contiguous in their last dim, the caches alike"
+    if backend == "triton" and why_not is not None:
+        raise ValueError(f"the Triton rope_write_kv kernel cannot run this call: {why_not}")
+    if backend == "torch" or why_not is not None or (backend == "auto" and not q.is_cuda):
+        return rope_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, k_scale, v_scale, slot_mapping)
+    from serving.kernels.paged_attention_triton import rope_write_kv_triton
+
+    return rope_write_kv_triton(q, k, v, cos, sin, k_cache, v_cache, k_scale, v_scale, slot_mapping)
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -36,6 +36,25 @@ def write_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
     v_cache[blk, :, off] = v.to(v_cache.dtype)
 
 
+def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's Llama rotary embedding: ``x * cos + rotate_half(x) * sin`` over the last dim, in x's dtype."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rot * sin
+
+
+def rope_write_kv_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                      v_scale: torch.Tensor | None, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """``paged_attention.rope_write_kv`` in torch: q [n, heads*hd], k/v [n, kv_heads*hd], cos/sin [n, hd]."""
+    n, kv_heads, head_dim = q.shape[0], k_cache.shape[1], k_cache.shape[3]
+    c, s = cos.view(n, 1, head_dim), sin.view(n, 1, head_dim)
+    q = rotate_half(q.view(n, -1, head_dim), c, s)
+    k = rotate_half(k.reshape(n, kv_heads, head_dim), c, s)
+    write_kv_ref(k, v.reshape(n, kv_heads, head_dim), k_cache, v_cache, k_scale, v_scale, slot_mapping)
+    return q
+
+
 def gather_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
               v_scale: torch.Tensor | None, block_tables: torch.Tensor, num_blocks: int,
               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,8 @@ writes the output directly; otherwise each split writes its (max, sum, unnormali
 merges the splits. The grid depends only on batch, kv heads and the split count (from the Python int
 ``max_context``), so the launch can live inside a CUDA graph.
 
-``write_kv_triton`` stores one step's K/V (int8-quantized exactly as ``quantize_int8``) in one launch.
+``write_kv_triton`` stores one step's K/V (int8-quantized exactly as ``quantize_int8``) in one launch;
+``rope_write_kv_triton`` also applies the rotary embedding to the step's queries and keys in that launch.
 """
 
 from __future__ import annotations
@@ -190,6 +191,66 @@ def _store_int8(x, dst, sdst):
     r = tl.minimum(tl.maximum(r, -127.0), 127.0)
     tl.store(dst, r.to(tl.int8))
     tl.store(sdst, s.to(sdst.dtype.element_ty))
+
+
+@triton.jit
+def _rope_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
+                       stride_qt, stride_kt, stride_vt, stride_ct, stride_ot,
+                       stride_cb, stride_ch, stride_cs, stride_sb, stride_sh, stride_ss,
+                       N_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, INT8: tl.constexpr):
+    """Program (t, h): h < N_HEADS rotates query head h into qo; else kv head h - N_HEADS: its key rotated, then
+    both K and V stored at the token's slot (int8 with a scale when INT8)."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, HEAD_DIM)
+    half = HEAD_DIM // 2
+    partner = (d + half) % HEAD_DIM  # rotate_half: [-x2, x1]
+    sign = tl.where(d < half, -1.0, 1.0)
+    c = tl.load(cos_ptr + t * stride_ct + d).to(tl.float32)
+    s = tl.load(sin_ptr + t * stride_ct + d).to(tl.float32)
+    if h < N_HEADS:
+        row = q_ptr + t * stride_qt + h * HEAD_DIM
+        x = tl.load(row + d).to(tl.float32)
+        xr = tl.load(row + partner).to(tl.float32) * sign
+        tl.store(qo_ptr + t * stride_ot + h * HEAD_DIM + d, (x * c + xr * s).to(qo_ptr.dtype.element_ty))
+    else:
+        kvh = h - N_HEADS
+        row = k_ptr + t * stride_kt + kvh * HEAD_DIM
+        x = tl.load(row + d).to(tl.float32)
+        xr = tl.load(row + partner).to(tl.float32) * sign
+        k = (x * c + xr * s).to(k_ptr.dtype.element_ty)  # rounded to the activations' dtype, as the torch path
+        v = tl.load(v_ptr + t * stride_vt + kvh * HEAD_DIM + d)
+        slot = tl.load(slot_ptr + t)
+        blk = slot // BLOCK_SIZE
+        off = slot % BLOCK_SIZE
+        dst = blk * stride_cb + kvh * stride_ch + off * stride_cs + d
+        if INT8:
+            sdst = blk * stride_sb + kvh * stride_sh + off * stride_ss
+            _store_int8(k, kc_ptr + dst, ks_ptr + sdst)
+            _store_int8(v, vc_ptr + dst, vs_ptr + sdst)
+        else:
+            tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty))
+            tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty))
+
+
+def rope_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                         v_scale: torch.Tensor | None, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """One launch for a decode step's rotary and K/V write: q [n, nh*hd], k/v [n, kvh*hd] (rows contiguous
+    per head), cos/sin [n, hd]; returns the rotated q [n, nh, hd]."""
+    n = q.shape[0]
+    _, kv_heads, block_size, head_dim = k_cache.shape
+    n_heads = q.shape[1] // head_dim
+    q_out = torch.empty(n, n_heads, head_dim, dtype=q.dtype, device=q.device)
+    int8 = k_scale is not None
+    ks, vs = (k_scale, v_scale) if int8 else (k_cache, v_cache)
+    sst = (ks.stride(0), ks.stride(1), ks.stride(2)) if int8 else (0, 0, 0)
+    _rope_write_kernel[(n, n_heads + kv_heads)](
+        q, k, v, cos, sin, q_out, k_cache, v_cache, ks, vs, slot_mapping,
+        q.stride(0), k.stride(0), v.stride(0), cos.stride(0), q_out.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *sst,
+        N_HEADS=n_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, INT8=int8, num_warps=1)
+    return q_out
 
 
 def write_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

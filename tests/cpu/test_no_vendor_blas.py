@@ -258,6 +258,24 @@ def test_runner_without_vendor_blas_calls_no_matmul_or_sdpa_and_decodes_the_same
     assert own == ref
 
 
+def test_decode_rotary_and_kv_write_take_the_fused_kernel_where_triton_kernels_run(tiny_model):
+    """Without vendor BLAS (on any device, as the decode attention kernel) the decode layers' rotary + K/V write
+    piece is the one-launch Triton kernel (``rope_write_kv``), which the greedy comparison above then ran
+    interpreted; the default CPU path keeps the torch piece, and engine.compile leaves the kernel uncompiled."""
+    from transformers import AutoModelForCausalLM
+
+    import serving.runner as sr
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    own = sr.LlamaRunner(model, torch.device("cpu"), False, lm_head_int8=True, vendor_blas=False)
+    assert own.rope_kernel and own.fused["rope_write"] is sr._rope_write_triton
+    assert own.compile_decode() and own.fused["rope_write"] is sr._rope_write_triton  # (compiled lazily: no build)
+    assert own.fused["mlp_in"] is not sr._mlp_in
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    default = sr.LlamaRunner(model, torch.device("cpu"), False, lm_head_int8=True)
+    assert not default.rope_kernel and default.fused["rope_write"] is sr._rope_write
+
+
 def test_int4_lm_head_without_vendor_blas_calls_no_matmul_and_decodes_the_same(interpreted, tiny_model):
     """The 4-bit lm_head (W4A16 GEMV, rows in chunks of 8) on both paths: the same greedy tokens, no matmul or SDPA
     without vendor BLAS (with it, SDPA is still seen)."""

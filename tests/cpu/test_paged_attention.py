@@ -17,6 +17,7 @@ from serving.kernels.paged_attention import (
     DecodeTuning,
     paged_decode_attention,
     paged_prefill_attention,
+    rope_write_kv,
     write_kv,
 )
 from serving.kernels.paged_attention_ref import quantize_int8
@@ -232,6 +233,62 @@ def test_triton_write_kv_interpreted_equals_torch_bit_for_bit(interpreted, dtype
         assert outs[1][0][5, 0, 7, :4].tolist() == [127, 2, -4, 0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 2, 64), (2, 2, 128), (8, 1, 16)])
+def test_triton_rope_write_kv_interpreted_matches_torch(interpreted, dtype, int8, heads, kv_heads, head_dim):
+    """One launch rotates the step's queries and keys (HF's rotate-half) and writes K/V (int8-quantized as
+    write_kv does) at the slots: against the torch reference (rotation, then write_kv), rows of q/k/v taken as
+    views of one fused projection output as the engine passes them. fp32 agrees to rounding; fp16 to one
+    rounding (the kernel rotates in fp32 and rounds once, torch rounds each op), int8 values to 1 step."""
+    g = torch.Generator().manual_seed(heads * 10 + head_dim)
+    n, bs = 5, 8
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=1)
+    pos = torch.tensor([0, 3, 17, 100, 7], dtype=torch.float32)
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    emb = torch.cat([pos[:, None] * inv] * 2, dim=-1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    slots = torch.tensor([5 * bs + 7, 0, 9, 3 * bs + 2, 17], dtype=torch.int64)
+    shape = (6, kv_heads, bs, head_dim)
+    outs = []
+    for backend in ("torch", "triton"):
+        kc = torch.zeros(shape, dtype=torch.int8 if int8 else dtype)
+        vc = torch.zeros_like(kc)
+        ks = torch.zeros((*shape[:3], 1), dtype=dtype) if int8 else None
+        vs = torch.zeros_like(ks) if int8 else None
+        qr = rope_write_kv(q, k, v, cos, sin, kc, vc, ks, vs, slots, backend=backend)
+        outs.append((qr, kc, vc, ks, vs))
+    (q0, kc0, vc0, ks0, vs0), (q1, kc1, vc1, ks1, vs1) = outs
+    tol = {"atol": 2e-3, "rtol": 2e-3} if dtype == torch.float16 else {"atol": 1e-5, "rtol": 1e-5}
+    assert q1.shape == (n, heads, head_dim)
+    torch.testing.assert_close(q1, q0, **tol)
+    if int8:
+        assert (kc1.int() - kc0.int()).abs().max() <= 1 and torch.equal(vc1, vc0) and torch.equal(vs1, vs0)
+        torch.testing.assert_close(ks1, ks0, **tol)
+    else:
+        torch.testing.assert_close(kc1, kc0, **tol)
+        assert torch.equal(vc1, vc0)
+    untouched = torch.ones(6, bs, dtype=torch.bool)
+    untouched[slots // bs, slots % bs] = False
+    assert kc1.transpose(1, 2)[untouched].abs().sum() == 0  # only the slots were written
+
+
+def test_rope_write_kv_arguments_are_named():
+    kc = torch.zeros(2, 1, 8, 16)
+    ok = dict(cos=torch.zeros(1, 16), sin=torch.zeros(1, 16), k_cache=kc, v_cache=kc.clone(), k_scale=None,
+              v_scale=None, slot_mapping=torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="k/v"):
+        rope_write_kv(torch.zeros(1, 32), torch.zeros(1, 32), torch.zeros(1, 32), **ok)
+    with pytest.raises(ValueError, match="cos/sin"):
+        rope_write_kv(torch.zeros(1, 32), torch.zeros(1, 16), torch.zeros(1, 16),
+                      **{**ok, "cos": torch.zeros(1, 8)})
+    with pytest.raises(ValueError, match="power of two"):
+        kc12 = torch.zeros(2, 1, 8, 12)
+        rope_write_kv(torch.zeros(1, 24), torch.zeros(1, 12), torch.zeros(1, 12), torch.zeros(1, 12),
+                      torch.zeros(1, 12), kc12, kc12.clone(), None, None, ok["slot_mapping"], backend="triton")
+
+
 def test_bad_arguments_are_named():
     case = Case([10], kv_heads=2, group=2, head_dim=64, block_size=8, dtype=torch.float32, int8=False)
     with pytest.raises(ValueError, match="block_tables must be int32"):
@@ -327,7 +384,11 @@ r = compile(m._reduce_kernel, {"po_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "
 w = compile(m._write_kv_kernel, {"k_ptr": "*fp16", "v_ptr": "*fp16", "kc_ptr": "*i8", "vc_ptr": "*i8",
                                  "ks_ptr": "*fp16", "vs_ptr": "*fp16", "slot_ptr": "*i64"},
             dict(HEAD_DIM=128, BLOCK_SIZE=16, INT8=True), 1)
-print("cp.async" in k.asm["ptx"], all(len(x.asm["cubin"]) > 0 for x in (k, mha, r, w)))
+rw = compile(m._rope_write_kernel, {"q_ptr": "*fp16", "k_ptr": "*fp16", "v_ptr": "*fp16", "cos_ptr": "*fp16",
+                                     "sin_ptr": "*fp16", "qo_ptr": "*fp16", "kc_ptr": "*i8", "vc_ptr": "*i8",
+                                     "ks_ptr": "*fp16", "vs_ptr": "*fp16", "slot_ptr": "*i64"},
+             dict(N_HEADS=32, HEAD_DIM=128, BLOCK_SIZE=16, INT8=True), 1)
+print("cp.async" in k.asm["ptx"], all(len(x.asm["cubin"]) > 0 for x in (k, mha, r, w, rw)))
 """
 
 

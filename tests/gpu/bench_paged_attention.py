@@ -291,6 +291,53 @@ def write_kv_bench(device, space) -> list[dict]:
     return rows
 
 
+def rope_write_bench(device, space) -> list[dict]:
+    """A decode step's rotary + K/V write per layer (32 query heads over the space's kv heads): the torch piece
+    eager (``rope_write_kv_ref``: rotation, quantization, index_puts), the same piece through torch.compile on
+    CUDA (what ``engine.compile`` ran before the kernel), and the one Triton launch (``rope_write_kv``), in a
+    graph of 256 calls each; whether the fused kernel's K/V agree with the torch piece's (int8 within 1 step)."""
+    from serving.kernels.paged_attention import rope_write_kv
+    from serving.kernels.paged_attention_ref import rope_write_kv_ref
+
+    rows = []
+    kvh, hd = space["heads"][0][1], space["head_dim"]
+    nh = 32
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    variants = {"torch": rope_write_kv_ref, "triton": lambda *a: rope_write_kv(*a, backend="triton")}
+    if device.type == "cuda":
+        variants["torch_compiled"] = torch.compile(rope_write_kv_ref, dynamic=False)
+    for kv in space["kv"]:
+        for batch in (1, 8):
+            shape = (64 * batch, kvh, BLOCK_SIZE, hd)
+            qkv = torch.randn(batch, (nh + 2 * kvh) * hd, device=device).to(dtype)
+            q, k, v = qkv.split([nh * hd, kvh * hd, kvh * hd], dim=1)
+            pos = torch.randint(0, 4096, (batch,), device=device).float()
+            inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, device=device).float() / hd))
+            emb = torch.cat([pos[:, None] * inv] * 2, dim=-1)
+            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+            slots = torch.randperm(shape[0] * BLOCK_SIZE, device=device)[:batch]
+            timer = Timer(device, 256 if device.type == "cuda" else 1)
+            row = {"kv": kv, "batch": batch, "heads": nh, "kv_heads": kvh}
+            caches = {}
+            for name, fn in variants.items():
+                kc = torch.zeros(shape, dtype=torch.int8 if kv == "int8" else dtype, device=device)
+                scales = [torch.zeros((*shape[:3], 1), dtype=dtype, device=device) for _ in range(2)]
+                c = (kc, torch.zeros_like(kc), *(scales if kv == "int8" else (None, None)))
+                caches[name] = c
+
+                def call(r, c=c, fn=fn):
+                    fn(q, k, v, cos, sin, *c, slots)
+                try:
+                    row[f"{name}_us"] = round(timer(call), 2)
+                except Exception as e:  # noqa: BLE001 -- a variant that fails is reported, not fatal
+                    row[f"{name}_error"] = repr(e)[:300]
+            a, b = caches["torch"], caches["triton"]
+            row["k_max_diff"] = float((a[0].float() - b[0].float()).abs().max())
+            row["v_equal"] = bool(torch.equal(a[1], b[1]))
+            rows.append(row)
+    return rows
+
+
 def graph_check(device) -> dict:
     """Graph safety: capture each path once, then change the static block tables and context lengths in place
     (other blocks, shorter and longer rows, an empty row) and replay; the outputs must follow the new inputs."""
@@ -377,7 +424,8 @@ def main() -> None:
                                                               for k, v in result["methods"].items())),
                           file=sys.stderr, flush=True)
     for name, fn in (("bf16", lambda: bf16_check(device)), ("graph", lambda: graph_check(device)),
-                     ("write_kv", lambda: write_kv_bench(device, space))):
+                     ("write_kv", lambda: write_kv_bench(device, space)),
+                     ("rope_write", lambda: rope_write_bench(device, space))):
         try:
             results["checks"][name] = fn()
         except (RuntimeError, ValueError, TritonError) as e:
