@@ -325,8 +325,8 @@ def rope_write_bench(device, space) -> list[dict]:
                 c = (kc, torch.zeros_like(kc), *(scales if kv == "int8" else (None, None)))
                 caches[name] = c
 
-                def call(r, c=c, fn=fn):
-                    fn(q, k, v, cos, sin, *c, slots)
+                def call(r, c=c, fn=fn, args=(q, k, v, cos, sin), slots=slots):
+                    fn(*args, *c, slots)
                 try:
                     row[f"{name}_us"] = round(timer(call), 2)
                 except Exception as e:  # noqa: BLE001 -- a variant that fails is reported, not fatal
