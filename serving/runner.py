@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from serving.errors import EngineError
+from serving.kernels.norm_act import add_rms_norm, add_rms_norm_ref, silu_mul, silu_mul_ref
 from serving.kernels.paged_attention_ref import gather_kv, paged_prefill_attention_ref
 from serving.kernels.paged_attention_ref import rotate_half as _rotate
 from serving.kernels.paged_attention_ref import write_kv_ref as write_kv
@@ -163,8 +164,8 @@ class LlamaRunner:
         # rotary + the K/V write as one Triton launch on CUDA (``serving.kernels.paged_attention.rope_write_kv``),
         # where the torch piece is the rotation's and the int8 quantization's element-wise work and four index_puts
         self.rope_kernel = self._rope_kernel(paged_kernel, vendor_blas)
-        if self.rope_kernel:
-            self.fused["rope_write"] = _rope_write_triton
+        if self.rope_kernel:  # (the norms and the gate too, until ``compile_decode`` compiles them)
+            self.fused.update(TRITON_PIECES)
         if self.fusable:
             self.eps = float(self.layers[0].input_layernorm.variance_epsilon)
             # plain tensors, not Parameters: dynamo guards on a Parameter's identity and would compile per layer
@@ -300,6 +301,8 @@ class LlamaRunner:
         cos, sin = self.rope(h, pos.unsqueeze(0))
         slots = self.slot_mapping(blocks, start, end).to(self.device)
         table = torch.tensor(blocks[:-(-end // cache.block_size)], dtype=torch.int32).to(self.device)
+        if self.fusable and self.rope_kernel:
+            return self._prefill_kernels(h[0], cos[0], sin[0], slots, table, start, want_logits)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             q, k, v = self._qkv(attn, layer.input_layernorm(h), cos, sin)
@@ -311,6 +314,35 @@ class LlamaRunner:
         if not want_logits:
             return None
         return self.lm_head(self.norm(h[:, -1:]))[0, -1].float()
+
+    def _prefill_kernels(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+                         table: torch.Tensor, start: int, want_logits: bool) -> torch.Tensor | None:
+        """``prefill`` of SiLU Llama-style layers where the Triton kernels run (``rope_kernel``): per layer the
+        residual add + RMSNorm twice, the rotary + K/V write and the SiLU gate are one launch each
+        (``serving.kernels.norm_act``, ``rope_write_kv``) instead of HF's modules' eager element-wise kernels;
+        each layer's MLP output is added by the next layer's norm, as in decode. h [t, H]; cos/sin [t, hd]."""
+        from serving.kernels.paged_attention import rope_write_kv
+
+        cache, t = self.cache, h.shape[0]
+        be = "triton"
+        d = None
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            w_in, w_post = self.norm_w[id(layer)]
+            h, x = add_rms_norm(h, d, w_in, self.eps, backend=be)
+            q, k, v = self.project_qkv(attn, x)
+            q = rope_write_kv(q, k, v, cos, sin, cache.k[i], cache.v[i], cache.ks[i], cache.vs[i], slots,
+                              backend=be)
+            o = self.prefill_attention(q, cache.k[i], cache.v[i], cache.ks[i], cache.vs[i], table, start,
+                                       self.scale)
+            h, x = add_rms_norm(h, attn.o_proj(o.reshape(t, self.n_heads * self.head_dim)), w_post, self.eps,
+                                backend=be)
+            g, u = self.project_gate_up(mlp, x)
+            d = mlp.down_proj(silu_mul(g, u, backend=be))
+        if not want_logits:
+            return None
+        _, x = add_rms_norm(h[-1:], d[-1:], self.norm_w_final, self.eps_final, backend=be)
+        return self.lm_head(x)[0].float()
 
     # -- decode: one token per row, K/V read through the block tables
     def decode(self, h: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, block_tables: torch.Tensor,
@@ -407,8 +439,7 @@ def decode_layer(r: LlamaRunner, layer: nn.Module, h: torch.Tensor, cos: torch.T
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    xf = x.float()
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return add_rms_norm_ref(x, None, w, eps)[1]
 
 
 def _rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -436,16 +467,33 @@ def _rope_write_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: t
 
 
 def _mlp_in(h: torch.Tensor, o: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    h = h + o
-    return h, _rms(h, w, eps)
+    return add_rms_norm_ref(h, o, w, eps)
 
 
 def _gate(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    return F.silu(g) * u
+    return silu_mul_ref(g, u)
 
 
 FUSED_PIECES = {"attn_in": _rms, "rope_write": _rope_write, "attend": _decode_attend, "mlp_in": _mlp_in,
                 "gate": _gate}
+
+
+def _rms_triton(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return add_rms_norm(x.reshape(-1, x.shape[-1]), None, w, eps, backend="triton")[1].view(x.shape)
+
+
+def _mlp_in_triton(h: torch.Tensor, o: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    h2, x = add_rms_norm(h.reshape(-1, h.shape[-1]), o.reshape(-1, o.shape[-1]), w, eps, backend="triton")
+    return h2.view(h.shape), x.view(h.shape)
+
+
+def _gate_triton(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    return silu_mul(g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1]), backend="triton").view(g.shape)
+
+
+# uncompiled decode where the Triton kernels run: one launch per piece (the torch pieces are several each)
+TRITON_PIECES = {"attn_in": _rms_triton, "rope_write": _rope_write_triton, "mlp_in": _mlp_in_triton,
+                 "gate": _gate_triton}
 
 
 def fused_decode_layer(r: LlamaRunner, layer: nn.Module, h: torch.Tensor, d: torch.Tensor | None, cos: torch.Tensor,

@@ -260,8 +260,10 @@ def test_runner_without_vendor_blas_calls_no_matmul_or_sdpa_and_decodes_the_same
 
 def test_decode_rotary_and_kv_write_take_the_fused_kernel_where_triton_kernels_run(tiny_model):
     """Without vendor BLAS (on any device, as the decode attention kernel) the decode layers' rotary + K/V write
-    piece is the one-launch Triton kernel (``rope_write_kv``), which the greedy comparison above then ran
-    interpreted; the default CPU path keeps the torch piece, and engine.compile leaves the kernel uncompiled."""
+    piece is the one-launch Triton kernel (``rope_write_kv``), the norms and the gate Triton launches too until
+    engine.compile compiles them, and prefill takes ``_prefill_kernels`` (the same kernels): the greedy comparison
+    above ran all of them interpreted. The default CPU path keeps the torch pieces, and engine.compile leaves the
+    rotary kernel uncompiled."""
     from transformers import AutoModelForCausalLM
 
     import serving.runner as sr
@@ -269,6 +271,7 @@ def test_decode_rotary_and_kv_write_take_the_fused_kernel_where_triton_kernels_r
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
     own = sr.LlamaRunner(model, torch.device("cpu"), False, lm_head_int8=True, vendor_blas=False)
     assert own.rope_kernel and own.fused["rope_write"] is sr._rope_write_triton
+    assert own.fused["mlp_in"] is sr._mlp_in_triton and own.fused["gate"] is sr._gate_triton  # (uncompiled)
     assert own.compile_decode() and own.fused["rope_write"] is sr._rope_write_triton  # (compiled lazily: no build)
     assert own.fused["mlp_in"] is not sr._mlp_in
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
