@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The serving GPU session on one H200, as back-to-back calls on one warm machine (/tmp survives between them):
 #   bash tests/gpu/serving_session.sh prep      # returns at once: checkpoint + Marlin build in the background
+#   bash tests/gpu/serving_session.sh gputests  # python -m pytest tests/gpu (the CUDA tests: kernels against their torch
+#                                               # references, the engine's greedy tokens); ~2-4 min, $OUT/gputests.log
 #   bash tests/gpu/serving_session.sh kernels   # W4A16 GEMV tuning + stack vs fp16/tinygemm; 7B checkpoint made meanwhile
 #   bash tests/gpu/serving_session.sh gemv      # kernel 1 (shipped table) vs kernel 2 (tuned, BUDGET_S=120) vs their
 #                                               # per-shape best vs fp16 cuBLAS vs tinygemm at rows 1,2,4,8 (~4 min);
@@ -34,6 +36,9 @@ case "${1:-}" in
     (MAX_JOBS=${MAX_JOBS:-4} setsid nohup python3 -c "from gptqmodel import extension; print(extension.load('marlin_fp16'))" \
       > /tmp/marlin_build.log 2>&1 < /dev/null &)
     echo "started: checkpoint -> $CKPT (/tmp/mkckpt.log), Marlin build (/tmp/marlin_build.log)" ;;
+  gputests)  # first in a session: the CUDA-only code paths (the runner's Triton pieces are the CUDA default)
+    python3 -m pytest -q -ra -p no:cacheprovider tests/gpu > "$OUT/gputests.log" 2>&1 || rc=$?
+    tail -30 "$OUT/gputests.log"; exit "${rc:-0}" ;;
   kernels)
     [ -f "$CKPT/config.json" ] || (python3 .whl-gpu/shared-tools/make_llama7b_gptq.py "$CKPT" > /tmp/mkckpt.log 2>&1 &)
     python3 tests/gpu/bench_w4a16.py --budget-s "${BUDGET_S:-90}" --backends ours,fp16,tinygemm > "$OUT/w4a16_stdout.json"
@@ -152,5 +157,5 @@ case "${1:-}" in
       [ -f "$f" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], \
         json.dumps(r.get('summary_paged')))" "$f"
     done; true ;;
-  *) echo "usage: $0 kernels|gemv|gemv_engine|speed|chat|measure|mem" >&2; exit 2 ;;
+  *) echo "usage: $0 prep|gputests|kernels|gemv|gemv_engine|speed|chat|measure|mem" >&2; exit 2 ;;
 esac
