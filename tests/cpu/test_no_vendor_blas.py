@@ -387,3 +387,111 @@ def test_lm_head_quality_bench_orders_the_variants(tiny_model, tmp_path):
     assert v["fp32"]["top1_agreement_with_fp32"] == 1.0 and v["fp32"]["mean_kl_from_fp32"] == 0.0
     int4 = next(k for k in v if k.startswith("int4_rtn_g") and k != "int4_rtn_g32")
     assert 0 < v["int8_per_row"]["mean_kl_from_fp32"] < v[int4]["mean_kl_from_fp32"]
+
+
+# aten ops that launch no kernel on CUDA (metadata only, or an allocation)
+NO_LAUNCH = {"view", "_unsafe_view", "reshape", "as_strided", "t", "transpose", "permute", "expand", "unsqueeze",
+             "squeeze", "slice", "select", "split", "split_with_sizes", "chunk", "detach", "detach_", "alias",
+             "unbind", "narrow", "empty", "empty_like", "empty_strided", "lift_fresh", "_reshape_alias", "unflatten",
+             "flatten", "contiguous", "new_empty", "new_empty_strided"}
+
+
+class LayerOps(TorchDispatchMode):
+    """Kernel-launching aten ops (``NO_LAUNCH`` left out) and the project's Triton launches while the runner walks
+    its decoder layers (``watch`` replaces ``runner.layers``: recording starts with the loop and ends with it),
+    outside the projections (nn.Linear hooks) and outside the Triton calls (the interpreter's own torch ops)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.active, self.depth, self.aten, self.triton = False, 0, 0, 0
+        self.handles = []
+        for mod in model.model.layers.modules():
+            if isinstance(mod, nn.Linear):
+                self.handles.append(mod.register_forward_pre_hook(self._enter))
+                self.handles.append(mod.register_forward_hook(self._leave))
+
+    def _enter(self, *_):
+        self.depth += 1
+
+    def _leave(self, *_):
+        self.depth -= 1
+
+    def watch(self, layers: list) -> list:
+        rec = self
+
+        class Watched(list):
+            def __iter__(self):
+                rec.active = True
+                yield from list.__iter__(self)
+                rec.active = False
+        return Watched(layers)
+
+    def launch(self, fn):
+        def run(*a, **k):
+            if self.active and self.depth == 0:
+                self.triton += 1
+            self.depth += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                self.depth -= 1
+        return run
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.active and self.depth == 0 and func.overloadpacket.__name__ not in NO_LAUNCH:
+            self.aten += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_prefill_and_decode_launch_counts_per_layer(interpreted, tiny_model, monkeypatch):
+    """Kernels a decoder layer launches outside its projections, counted on CPU: aten ops that launch a kernel
+    on CUDA (views and allocations left out) plus the project's Triton launches (at their Python entry points).
+    HF's modules (the default CPU path) against the one-launch pieces the runner takes where the Triton kernels
+    run (no vendor BLAS here; on CUDA by default): one 24-token prefill chunk and one decode step, uncompiled.
+    The figures are printed as JSON (``pytest -s``); the asserts keep them from creeping back."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    import serving.kernels.paged_attention as pa
+    import serving.runner as sr
+    from serving.kv_cache import KVBlocks
+
+    figures = {}
+    for vendor_blas in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+        runner = sr.LlamaRunner(model, torch.device("cpu"), False, lm_head_int8=True, vendor_blas=vendor_blas)
+        rec = LayerOps(model)
+        with monkeypatch.context() as mp:
+            for mod, names in ((sr, ("add_rms_norm", "silu_mul")),
+                               (pa, ("rope_write_kv", "paged_prefill_attention"))):
+                for name in names:
+                    mp.setattr(mod, name, rec.launch(getattr(mod, name)))
+            if runner.decode_kernel is not None:
+                runner.decode_kernel = rec.launch(runner.decode_kernel)
+            runner.layers = rec.watch(runner.layers)
+            runner.cache = KVBlocks(len(runner.layers), 8, 16, runner.kv_heads, runner.head_dim, runner.dtype,
+                                    torch.device("cpu"), True)
+            ids = torch.randint(5, 300, (24,), generator=torch.Generator().manual_seed(0)).tolist()
+            counts = {}
+            for phase in ("prefill", "decode"):
+                rec.aten = rec.triton = 0
+                with torch.inference_mode(), rec:
+                    if phase == "prefill":
+                        runner.prefill(ids, [1, 2], 0, want_logits=False)
+                    else:
+                        h = runner.embed(torch.tensor([7])).unsqueeze(1)
+                        runner.decode(h, torch.tensor([24]), torch.tensor([2 * 16 + 8]),
+                                      torch.tensor([[1, 2]], dtype=torch.int32),
+                                      torch.tensor([25], dtype=torch.int32), 25)
+                layers = len(runner.layers)
+                counts[phase] = {"aten_per_layer": rec.aten / layers, "triton_per_layer": rec.triton / layers,
+                                 "per_layer": (rec.aten + rec.triton) / layers}
+        for h_ in rec.handles:
+            h_.remove()
+        figures["hf_modules" if vendor_blas else "one_launch_pieces"] = counts
+    print(json.dumps({"layers": layers, **figures}))
+    hf, own = figures["hf_modules"], figures["one_launch_pieces"]
+    assert own["prefill"]["aten_per_layer"] == 0 and own["decode"]["aten_per_layer"] == 0, figures
+    assert own["prefill"]["per_layer"] <= 5 and own["decode"]["per_layer"] <= 5, figures  # (+ the projections)
+    assert hf["prefill"]["per_layer"] >= 10 * own["prefill"]["per_layer"], figures
