@@ -164,14 +164,21 @@ def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot_ptr,
     t = tl.program_id(0)
     h = tl.program_id(1)
     d = tl.arange(0, HEAD_DIM)
-    slot = tl.load(slot_ptr + t)
-    blk = slot // BLOCK_SIZE
-    off = slot % BLOCK_SIZE
-    dst = blk * stride_cb + h * stride_ch + off * stride_ct + d
     k = tl.load(k_ptr + t * stride_kt + h * stride_kh + d)
     v = tl.load(v_ptr + t * stride_vt + h * stride_vh + d)
+    _store_kv(k, v, kc_ptr, vc_ptr, ks_ptr, vs_ptr, tl.load(slot_ptr + t), h, d, stride_cb, stride_ch, stride_ct,
+              stride_sb, stride_sh, stride_st, BLOCK_SIZE, INT8)
+
+
+@triton.jit
+def _store_kv(k, v, kc_ptr, vc_ptr, ks_ptr, vs_ptr, slot, kvh, d, stride_cb, stride_ch, stride_ct,
+              stride_sb, stride_sh, stride_st, BLOCK_SIZE: tl.constexpr, INT8: tl.constexpr):
+    """One token's K and V of kv head ``kvh`` stored at cache ``slot`` (int8 with a scale when INT8)."""
+    blk = slot // BLOCK_SIZE
+    off = slot % BLOCK_SIZE
+    dst = blk * stride_cb + kvh * stride_ch + off * stride_ct + d
     if INT8:
-        sdst = blk * stride_sb + h * stride_sh + off * stride_st
+        sdst = blk * stride_sb + kvh * stride_sh + off * stride_st
         _store_int8(k, kc_ptr + dst, ks_ptr + sdst)
         _store_int8(v, vc_ptr + dst, vs_ptr + sdst)
     else:
@@ -220,17 +227,8 @@ def _rope_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc
         xr = tl.load(row + partner).to(tl.float32) * sign
         k = (x * c + xr * s).to(k_ptr.dtype.element_ty)  # rounded to the activations' dtype, as the torch path
         v = tl.load(v_ptr + t * stride_vt + kvh * HEAD_DIM + d)
-        slot = tl.load(slot_ptr + t)
-        blk = slot // BLOCK_SIZE
-        off = slot % BLOCK_SIZE
-        dst = blk * stride_cb + kvh * stride_ch + off * stride_cs + d
-        if INT8:
-            sdst = blk * stride_sb + kvh * stride_sh + off * stride_ss
-            _store_int8(k, kc_ptr + dst, ks_ptr + sdst)
-            _store_int8(v, vc_ptr + dst, vs_ptr + sdst)
-        else:
-            tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty))
-            tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty))
+        _store_kv(k, v, kc_ptr, vc_ptr, ks_ptr, vs_ptr, tl.load(slot_ptr + t), kvh, d, stride_cb, stride_ch,
+                  stride_cs, stride_sb, stride_sh, stride_ss, BLOCK_SIZE, INT8)
 
 
 def rope_write_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

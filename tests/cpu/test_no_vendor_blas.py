@@ -396,25 +396,15 @@ NO_LAUNCH = {"view", "_unsafe_view", "reshape", "as_strided", "t", "transpose", 
              "flatten", "contiguous", "new_empty", "new_empty_strided"}
 
 
-class LayerOps(TorchDispatchMode):
+class LayerOps(OpRecorder):
     """Kernel-launching aten ops (``NO_LAUNCH`` left out) and the project's Triton launches while the runner walks
     its decoder layers (``watch`` replaces ``runner.layers``: recording starts with the loop and ends with it),
-    outside the projections (nn.Linear hooks) and outside the Triton calls (the interpreter's own torch ops)."""
+    outside the projections (``OpRecorder``'s nn.Linear hooks) and outside the Triton calls (the interpreter's own
+    torch ops)."""
 
     def __init__(self, model: nn.Module):
-        super().__init__()
-        self.active, self.depth, self.aten, self.triton = False, 0, 0, 0
-        self.handles = []
-        for mod in model.model.layers.modules():
-            if isinstance(mod, nn.Linear):
-                self.handles.append(mod.register_forward_pre_hook(self._enter))
-                self.handles.append(mod.register_forward_hook(self._leave))
-
-    def _enter(self, *_):
-        self.depth += 1
-
-    def _leave(self, *_):
-        self.depth -= 1
+        super().__init__(model)
+        self.active, self.aten, self.triton = False, 0, 0
 
     def watch(self, layers: list) -> list:
         rec = self
@@ -487,8 +477,7 @@ def test_prefill_and_decode_launch_counts_per_layer(interpreted, tiny_model, mon
                 layers = len(runner.layers)
                 counts[phase] = {"aten_per_layer": rec.aten / layers, "triton_per_layer": rec.triton / layers,
                                  "per_layer": (rec.aten + rec.triton) / layers}
-        for h_ in rec.handles:
-            h_.remove()
+        rec.remove()
         figures["hf_modules" if vendor_blas else "one_launch_pieces"] = counts
     print(json.dumps({"layers": layers, **figures}))
     hf, own = figures["hf_modules"], figures["one_launch_pieces"]

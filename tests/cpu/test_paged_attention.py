@@ -209,6 +209,13 @@ def test_write_kv_int8_round_trip():
     assert kc.transpose(1, 2)[untouched].abs().sum() == 0 and ks.transpose(1, 2)[untouched].abs().sum() == 0
 
 
+def _zero_caches(shape: tuple[int, ...], dtype: torch.dtype, int8: bool):
+    """Zeroed K/V caches ``shape`` (int8 with per-token scales, or ``dtype``): (kc, vc, ks, vs)."""
+    kc = torch.zeros(shape, dtype=torch.int8 if int8 else dtype)
+    ks = torch.zeros((*shape[:3], 1), dtype=dtype) if int8 else None
+    return kc, torch.zeros_like(kc), ks, torch.zeros_like(ks) if int8 else None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("int8", [False, True])
 def test_triton_write_kv_interpreted_equals_torch_bit_for_bit(interpreted, dtype, int8):
@@ -218,13 +225,9 @@ def test_triton_write_kv_interpreted_equals_torch_bit_for_bit(interpreted, dtype
     # a row whose scale is exactly 1 (amax 127) with halves: torch.round sends ties to even, so must the kernel
     k[0, 0, :4] = torch.tensor([127.0, 2.5, -3.5, 0.5])
     slots = torch.tensor([5 * 8 + 7, 0, 9, 3 * 8 + 2, 17, 4 * 8], dtype=torch.int64)
-    shape = (6, 2, 8, 64)
     outs = []
     for backend in ("torch", "triton"):
-        kc = torch.zeros(shape, dtype=torch.int8 if int8 else dtype)
-        vc = torch.zeros_like(kc)
-        ks = torch.zeros((*shape[:3], 1), dtype=dtype) if int8 else None
-        vs = torch.zeros_like(ks) if int8 else None
+        kc, vc, ks, vs = _zero_caches((6, 2, 8, 64), dtype, int8)
         write_kv(k, v, kc, vc, ks, vs, slots, backend=backend)
         outs.append((kc, vc, ks, vs))
     for a, b in zip(*outs, strict=True):
@@ -250,13 +253,9 @@ def test_triton_rope_write_kv_interpreted_matches_torch(interpreted, dtype, int8
     emb = torch.cat([pos[:, None] * inv] * 2, dim=-1)
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
     slots = torch.tensor([5 * bs + 7, 0, 9, 3 * bs + 2, 17], dtype=torch.int64)
-    shape = (6, kv_heads, bs, head_dim)
     outs = []
     for backend in ("torch", "triton"):
-        kc = torch.zeros(shape, dtype=torch.int8 if int8 else dtype)
-        vc = torch.zeros_like(kc)
-        ks = torch.zeros((*shape[:3], 1), dtype=dtype) if int8 else None
-        vs = torch.zeros_like(ks) if int8 else None
+        kc, vc, ks, vs = _zero_caches((6, kv_heads, bs, head_dim), dtype, int8)
         qr = rope_write_kv(q, k, v, cos, sin, kc, vc, ks, vs, slots, backend=backend)
         outs.append((qr, kc, vc, ks, vs))
     (q0, kc0, vc0, ks0, vs0), (q1, kc1, vc1, ks1, vs1) = outs

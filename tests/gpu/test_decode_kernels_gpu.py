@@ -1,20 +1,12 @@
 """The decode/prefill Triton kernels the runner takes on CUDA (``rope_write_kv``, ``serving.kernels.norm_act``)
-against their torch references on the GPU, and the engine's greedy tokens with them against the torch pieces
-(``engine.attention_kernel: torch`` keeps every piece in torch) and against HF ``generate``."""
+against their torch references on the GPU (the engine's greedy tokens with them: tests/gpu/test_serving_gpu.py)."""
 
 from __future__ import annotations
-
-import asyncio
-from pathlib import Path
 
 import pytest
 import torch
 
-from serving.engine import EngineOptions, LLMEngine, SamplingParams
-
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-PROMPTS = ["Hello, how are", "The capital of France", "Two plus two", "Write a poem", "PPO improves"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -57,39 +49,3 @@ def test_norm_act_on_cuda_matches_torch(dtype):
     g, u = gu.chunk(2, dim=-1)
     torch.testing.assert_close(silu_mul(g, u, backend="triton").float(), silu_mul_ref(g, u).float(), atol=2e-2,
                                rtol=2e-2)
-
-
-def _run(eng: LLMEngine, max_tokens: int = 12) -> list[list[int]]:
-    async def one(p: str) -> list[int]:
-        ids = eng.tokenizer(p)["input_ids"]
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        return [t for o in [o async for o in eng.generate(ids, params)] for t in o.token_ids]
-
-    async def run() -> list[list[int]]:
-        return await asyncio.gather(*(one(p) for p in PROMPTS))
-
-    return asyncio.run(run())
-
-
-def test_engine_with_the_kernels_decodes_as_the_torch_pieces_and_generate(tiny_model: Path):
-    """fp32 on CUDA: the engine with the Triton pieces (the CUDA default) gives the greedy tokens of the engine
-    with every piece in torch (``attention_kernel: torch``) and of HF ``generate``, prefill and decode alike."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    outs = {}
-    for kernel in ("auto", "torch"):
-        eng = LLMEngine(tiny_model, EngineOptions(device="cuda", dtype="float32", gpu_memory_gb=None,
-                                                  max_model_len=128, max_num_seqs=4, attention_kernel=kernel))
-        eng.load_and_start()
-        try:
-            assert eng.runner.rope_kernel is (kernel == "auto")
-            outs[kernel] = _run(eng)
-        finally:
-            eng.shutdown()
-    assert outs["auto"] == outs["torch"]
-    tok = AutoTokenizer.from_pretrained(str(tiny_model))
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).cuda().eval()
-    for p, got in zip(PROMPTS, outs["auto"], strict=True):
-        ids = torch.tensor([tok(p)["input_ids"]], device="cuda")
-        ref = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, ids.shape[1]:].tolist()
-        assert got == ref, p

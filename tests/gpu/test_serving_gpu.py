@@ -1,4 +1,5 @@
-"""Engine on CUDA: CUDA-graph decode agrees with eager decode, and the memory budget holds.
+"""Engine on CUDA: CUDA-graph decode agrees with eager decode, the Triton pieces decode as the torch ones and HF
+``generate``, and the memory budget holds.
 
 The 7B measurements are a benchmark command, not a test:
     python -m serving.bench --model /tmp/l7 --lm-head-int8 --batch-sizes 1,2,4,8 --out bench.json
@@ -43,6 +44,30 @@ def test_cuda_graph_decode_matches_eager(tiny_model: Path):
         finally:
             eng.shutdown()
     assert outs[True] == outs[False]
+
+
+def test_engine_with_the_kernels_decodes_as_the_torch_pieces_and_generate(tiny_model: Path):
+    """fp32 on CUDA: the engine with the Triton pieces (the CUDA default) gives the greedy tokens of the engine
+    with every piece in torch (``attention_kernel: torch``) and of HF ``generate``, prefill and decode alike."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    outs = {}
+    for kernel in ("auto", "torch"):
+        eng = LLMEngine(tiny_model, EngineOptions(device="cuda", dtype="float32", gpu_memory_gb=None,
+                                                  max_model_len=128, max_num_seqs=4, attention_kernel=kernel))
+        eng.load_and_start()
+        try:
+            assert eng.runner.rope_kernel is (kernel == "auto")
+            outs[kernel] = _run(eng)
+        finally:
+            eng.shutdown()
+    assert outs["auto"] == outs["torch"]
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).cuda().eval()
+    for p, got in zip(PROMPTS, outs["auto"], strict=True):
+        ids = torch.tensor([tok(p)["input_ids"]], device="cuda")
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)[0, ids.shape[1]:].tolist()
+        assert got == ref, p
 
 
 def test_budget_caps_allocations(tiny_model: Path):
