@@ -106,7 +106,8 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scal
                          f"{tuple(block_tables.shape)}")
     if block_tables.stride(1) != 1:
         raise ValueError("block_tables must be contiguous along a row")
-    if context_lens.shape != (b,) or context_lens.dtype != torch.int32 or context_lens.stride(0) != 1:
+    if context_lens.shape != (b,) or context_lens.dtype != torch.int32 \
+            or not context_lens.is_contiguous():
         raise ValueError(f"context_lens must be contiguous int32 [batch={b}], got {context_lens.dtype} "
                          f"{tuple(context_lens.shape)}")
 
@@ -152,7 +153,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     ``backend="auto"``: one Triton launch on CUDA, torch index_put elsewhere."""
     if k.dim() != 3 or k.shape != v.shape or k.shape[1:] != (k_cache.shape[1], k_cache.shape[3]):
         raise ValueError(f"k/v must be [num_tokens, {k_cache.shape[1]}, {k_cache.shape[3]}], got {tuple(k.shape)}")
-    if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype != torch.int64 or slot_mapping.stride(0) != 1:
+    if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype != torch.int64 \
+            or not slot_mapping.is_contiguous():
         raise ValueError(f"slot_mapping must be contiguous int64 [{k.shape[0]}], got {slot_mapping.dtype} "
                          f"{tuple(slot_mapping.shape)}")
     if (k_cache.dtype == torch.int8) != (k_scale is not None) or (k_scale is None) != (v_scale is None):
@@ -190,7 +192,8 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if cos.shape != (n, head_dim) or sin.shape != cos.shape:
         raise ValueError(f"cos/sin must be [{n}, {head_dim}], got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    if slot_mapping.shape != (n,) or slot_mapping.dtype != torch.int64 or slot_mapping.stride(0) != 1:
+    if slot_mapping.shape != (n,) or slot_mapping.dtype != torch.int64 \
+            or not slot_mapping.is_contiguous():
         raise ValueError(f"slot_mapping must be contiguous int64 [{n}], got {slot_mapping.dtype} "
                          f"{tuple(slot_mapping.shape)}")
     if backend not in ("auto", "triton", "torch"):
@@ -236,7 +239,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                          f"holds {block_table.shape[0]}")
     if why_not is not None:
         raise ValueError(f"the Triton prefill kernel cannot run this call: {why_not}")
-    if block_table.dtype != torch.int32 or block_table.stride(0) != 1:
+    if block_table.dtype != torch.int32 or not block_table.is_contiguous():
         raise ValueError(f"block_table must be contiguous int32, got {block_table.dtype}")
     from serving.kernels.paged_attention_triton import paged_prefill_attention_triton
 

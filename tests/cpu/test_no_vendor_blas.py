@@ -207,9 +207,11 @@ class OpRecorder(TorchDispatchMode):
 
 
 def _greedy(model_path: Path, vendor_blas: bool, quant: bool, prompts: list[list[int]], steps: int,
-            chunk: int = 24, bs: int = 16, lm_head_int4: bool = False):
+            chunk: int = 24, bs: int = 16, lm_head_int4: bool = False, packed: bool = False):
     """Chunked prefill of each prompt, then ``steps`` batched greedy decode steps, through ``LlamaRunner`` (the
-    int8 lm_head on both paths) under the op recorder. Returns (tokens per prompt, banned ops seen, all ops)."""
+    int8 lm_head on both paths) under the op recorder; ``packed``: each step through ``decode_packed`` from the
+    engine's packed int32 rows (what the CUDA graphs capture: its columns are strided views). Returns (tokens per
+    prompt, banned ops seen, all ops)."""
     from transformers import AutoModelForCausalLM
 
     from serving.kv_cache import KVBlocks
@@ -234,8 +236,12 @@ def _greedy(model_path: Path, vendor_blas: bool, quant: bool, prompts: list[list
             pos = [len(p) + len(o) - 1 for p, o in zip(prompts, out, strict=True)]
             h = runner.embed(torch.tensor([o[-1] for o in out])).unsqueeze(1)
             slots = torch.tensor([t[q // bs] * bs + q % bs for t, q in zip(tables, pos, strict=True)])
-            logits = runner.decode(h, torch.tensor(pos), slots, torch.tensor(tables, dtype=torch.int32),
-                                   torch.tensor([q + 1 for q in pos], dtype=torch.int32), max(pos) + 1)
+            if packed:
+                rows = [[o[-1], q, s, q + 1, *t] for o, q, s, t in zip(out, pos, slots.tolist(), tables, strict=True)]
+                logits = runner.decode_packed(torch.tensor(rows, dtype=torch.int32), max(pos) + 1)
+            else:
+                logits = runner.decode(h, torch.tensor(pos), slots, torch.tensor(tables, dtype=torch.int32),
+                                       torch.tensor([q + 1 for q in pos], dtype=torch.int32), max(pos) + 1)
             for o, row in zip(out, logits.argmax(-1).tolist(), strict=True):
                 o.append(row)
     rec.remove()
@@ -255,6 +261,18 @@ def test_runner_without_vendor_blas_calls_no_matmul_or_sdpa_and_decodes_the_same
     own, own_banned, own_ops = _greedy(tiny_model, False, quant, prompts, steps=12)
     assert own_banned == [], own_banned
     assert "embedding" in own_ops  # the recorder saw the run
+    assert own == ref
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_from_packed_rows_without_vendor_blas_decodes_the_same(interpreted, tiny_model, batch):
+    """The engine's entry point: at batch 1 the packed rows' columns (slot, context length) are size-1 views with
+    the row's stride, which the kernels' contiguity checks must take (they refused them once, on the H200)."""
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(5, 300, (n,), generator=g).tolist() for n in (21, 9)[:batch]]
+    ref, _, _ = _greedy(tiny_model, True, True, prompts, steps=6, packed=True)
+    own, own_banned, _ = _greedy(tiny_model, False, True, prompts, steps=6, packed=True)
+    assert own_banned == [], own_banned
     assert own == ref
 
 
