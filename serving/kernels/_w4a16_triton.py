@@ -402,17 +402,16 @@ def w4a16_gemv3_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_pt
             d = tl.reshape(d3, [BLOCK_N, 64]).to(x_ptr.dtype.element_ty)
             k_lo = c * 256 + 32 * p + offs_i
             k_hi = k_lo + 128
-            if HAS_PERM:
-                kx_lo = tl.load(perm_ptr + k_lo)
-                kx_hi = tl.load(perm_ptr + k_hi)
-            else:
-                kx_lo = k_lo
-                kx_hi = k_hi
-            x_lo = tl.load(x_ptr + offs_m[:, None] * stride_xm + kx_lo[None, :],
-                           mask=m_ok[:, None] & (k_lo < K)[None, :], other=0.0)  # [BLOCK_M, 32]
-            x_hi = tl.load(x_ptr + offs_m[:, None] * stride_xm + kx_hi[None, :],
-                           mask=m_ok[:, None] & (k_hi < K)[None, :], other=0.0)
-            xp = tl.reshape(tl.join(x_lo, x_hi), [BLOCK_M, 64])  # column 2i + h, as the weight tile
+            if HAS_PERM:  # one gather in the tile's column order (two gathered tiles joined crash triton 3.6's
+                k64 = tl.reshape(tl.join(k_lo, k_hi), [64])  # TritonGPUOptimizeDotOperands pass on the H200)
+                xp = tl.load(x_ptr + offs_m[:, None] * stride_xm + tl.load(perm_ptr + k64)[None, :],
+                             mask=m_ok[:, None] & (k64 < K)[None, :], other=0.0)  # [BLOCK_M, 64]
+            else:  # two contiguous slices joined column by column (vector loads: 3.97 SASS instructions per
+                x_lo = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_lo[None, :],  # weight against 4.55)
+                               mask=m_ok[:, None] & (k_lo < K)[None, :], other=0.0)  # [BLOCK_M, 32]
+                x_hi = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_hi[None, :],
+                               mask=m_ok[:, None] & (k_hi < K)[None, :], other=0.0)
+                xp = tl.reshape(tl.join(x_lo, x_hi), [BLOCK_M, 64])  # column 2i + h, as the weight tile
             acc = tl.dot(d, tl.trans(xp), acc)
     res = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     o_mask = m_ok[:, None] & n_ok[None, :]

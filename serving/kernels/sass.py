@@ -3,7 +3,7 @@ and instructions per weight element in the main loop. Triton's wheel carries ptx
 on the CPU machine (with its own triton; the GPU machine's may schedule differently).
 
     python -m serving.kernels.sass [--arch 90] [--rows 1] [--block-n 64] [--num-warps 4] [--dot] [--prefetch]
-                                   [--kernel 2 --unroll 2 | --kernel 3 --dot]
+                                   [--kernel 2 --unroll 2 | --kernel 3 --dot] [--act-order] [--group-j 4]
 """
 
 from __future__ import annotations
@@ -102,11 +102,13 @@ def main() -> None:
     ap.add_argument("--split", action="store_true")
     ap.add_argument("--kernel", type=int, default=1)
     ap.add_argument("--unroll", type=int, default=1)
+    ap.add_argument("--act-order", action="store_true", help="an act-order checkpoint's kernel (g_idx gather)")
+    ap.add_argument("--group-j", type=int, default=4, help="32-input slices per group in a chunk (g128: 4)")
     a = ap.parse_args()
     cfg = GemvConfig(block_n=a.block_n, split_k=2 if a.split else 1, num_warps=a.num_warps, num_stages=1,
                      scale_w=a.scale_w, dot=a.dot, prefetch=a.prefetch, kernel=a.kernel, unroll=a.unroll)
     print(json.dumps({"config": cfg.__dict__, "rows": a.rows,
-                      **sass_stats(compile_gemv(cfg, a.rows, split=a.split, arch=a.arch), cfg)}))
+                      **sass_stats(compile_gemv(cfg, a.rows, a.group_j, a.act_order, a.split, a.arch), cfg)}))
 
 
 if __name__ == "__main__":

@@ -264,6 +264,20 @@ def test_kernel3_unpacks_nibble_pairs_in_fewer_instructions_than_kernel2_dot():
     assert v3_8["instructions_per_weight"] <= 1.05 * v3["instructions_per_weight"], (v3, v3_8)
 
 
+@pytest.mark.parametrize("kernel", [1, 2, 3])
+@pytest.mark.parametrize("group_j", [1, 4])
+def test_act_order_kernels_compile_for_hopper(kernel, group_j):
+    """Every kernel's act-order build (the g_idx gather of the activations) for sm_90 at 4 rows, g32 and g128.
+    Kernel 3 joined two gathered tiles once, which compiled with triton 3.9 but crashed triton 3.6's
+    TritonGPUOptimizeDotOperands pass on the H200 (its GPU test); it now gathers once in the tile's order
+    (checked here against triton 3.6 too: ``PYTHONPATH=<triton 3.6> python -m serving.kernels.sass --kernel 3
+    --dot --act-order --rows 3``)."""
+    args = ["--rows", "4", "--block-n", "64", "--num-warps", "4", "--split", "--act-order", "--group-j",
+            str(group_j), "--kernel", str(kernel)] + ["--dot"] * (kernel != 2) + ["--unroll", "2"] * (kernel == 2)
+    st = _sass(args)
+    assert st["local_bytes"] == 0 and st["registers"] <= 255, st
+
+
 # -- a tiny GPTQ checkpoint (act-order, asymmetric) through GPTQModel + the swap, greedy vs reference weights
 
 H, INTER, LAYERS, GS = 256, 512, 2, 64
