@@ -453,6 +453,40 @@ def test_fused_projections_decode_as_the_separate_ones_aot_eager_when_compiled(
         eng.shutdown()
 
 
+def test_fusing_out_of_memory_keeps_the_rest_separate_and_decodes_the_same(tiny_model: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch):
+    """A concatenation the device cannot hold (the H200 at a 4 GiB cap with a fragmented allocator) stops the
+    fusing: the layers fused so far stay fused, the rest keep their projections, the load succeeds and the
+    tokens are HF generate's."""
+    from transformers import AutoModelForCausalLM
+
+    import serving.runner
+
+    real, calls = serving.runner.fuse_linears, []
+
+    def fuse_until_oom(mods):
+        calls.append(len(mods))
+        if len(calls) > 2:  # layer 0's two groups fuse, layer 1's q/k/v does not fit
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 44.00 MiB")
+        return real(mods)
+
+    monkeypatch.setattr(serving.runner, "fuse_linears", fuse_until_oom)
+    eng = LLMEngine(tiny_model, EngineOptions(device="cpu", max_model_len=64, max_num_seqs=3, fuse_projections=True))
+    eng.load_and_start()
+    try:
+        layers = eng.runner.layers
+        assert len(layers) == 2 and len(calls) == 3
+        assert eng.info["fused_projections"] == {"qkv": 1, "gate_up": 1}
+        assert layers[0].self_attn.q_proj is None and layers[0].mlp.up_proj is None
+        assert layers[1].self_attn.q_proj is not None and layers[1].mlp.up_proj is not None
+        got = _generate_all(eng, PROMPTS[:2], max_tokens=6)
+        ref_model = AutoModelForCausalLM.from_pretrained(str(tiny_model)).eval()
+        for p, toks in zip(PROMPTS[:2], got, strict=True):
+            assert toks == _reference(ref_model, eng.tokenizer, p, 6), p
+    finally:
+        eng.shutdown()
+
+
 def test_fuse_linears_refuses_what_it_cannot_fuse():
     """Mixed input sizes or modules it does not know stay separate (None); a fused linear equals the parts."""
     from serving.model import fuse_linears

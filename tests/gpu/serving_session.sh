@@ -37,7 +37,11 @@ case "${1:-}" in
       > /tmp/marlin_build.log 2>&1 < /dev/null &)
     echo "started: checkpoint -> $CKPT (/tmp/mkckpt.log), Marlin build (/tmp/marlin_build.log)" ;;
   gputests)  # first in a session: the CUDA-only code paths (the runner's Triton pieces are the CUDA default)
-    python3 -m pytest -q -ra -p no:cacheprovider tests/gpu > "$OUT/gputests.log" 2>&1 || rc=$?
+    # -v --tb=line: one line a test as it ends, so a call cut by its time limit still says which failed (-q
+    # prints the reasons only at the end); the kernel tests first, the engine's later
+    python3 -m pytest -v --tb=line -ra -p no:cacheprovider tests/gpu/test_decode_kernels_gpu.py \
+      tests/gpu/test_kernels_w4a16_gpu.py tests/gpu/test_serving_gpu.py tests/gpu/test_quantize_gpu.py \
+      > "$OUT/gputests.log" 2>&1 || rc=$?
     tail -30 "$OUT/gputests.log"; exit "${rc:-0}" ;;
   kernels)
     [ -f "$CKPT/config.json" ] || (python3 .whl-gpu/shared-tools/make_llama7b_gptq.py "$CKPT" > /tmp/mkckpt.log 2>&1 &)

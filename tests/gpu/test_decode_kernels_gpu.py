@@ -31,7 +31,11 @@ def test_rope_write_kv_on_cuda_matches_torch(dtype, int8):
         outs.append((rope_write_kv(q, k, v, cos, sin, kc, vc, *sc, slots, backend=backend), kc, vc))
     (q0, k0, v0), (q1, k1, v1) = outs
     torch.testing.assert_close(q1.float(), q0.float(), atol=2e-2, rtol=2e-2)
-    assert (k1.float() - k0.float()).abs().max() <= (1 if int8 else 0.05)
+    # int8: one step apart in fp16; in bf16 (8-bit mantissa) the torch piece rounds the rotated k and the scale
+    # to bf16 before quantizing (each up to half a step at the top of the range), the kernel rounds once: 2 steps
+    # (measured on the H200: 2)
+    steps = 1 if dtype == torch.float16 else 2
+    assert (k1.float() - k0.float()).abs().max() <= (steps if int8 else 0.05)
     assert torch.equal(v1, v0)
 
 

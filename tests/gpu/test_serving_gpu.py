@@ -70,6 +70,27 @@ def test_engine_with_the_kernels_decodes_as_the_torch_pieces_and_generate(tiny_m
         assert got == ref, p
 
 
+def test_int8_lm_head_takes_the_w8a16_kernel_on_cuda(tiny_model: Path):
+    """The int8 lm_head on CUDA reads its rows through the Triton W8A16 kernel whatever engine.vendor_blas says
+    (the dequantize + cuBLAS path was 32 copies and 32 GEMMs a 7B decode step); its logits equal that path's."""
+    eng = LLMEngine(tiny_model, EngineOptions(device="cuda", dtype="float16", gpu_memory_gb=None,
+                                              max_model_len=128, max_num_seqs=2, lm_head_int8=True))
+    eng.load_and_start()
+    try:
+        head = eng.runner.lm_head
+        assert head.use_kernel
+        x = torch.randn(3, head.weight.shape[1], device="cuda", dtype=torch.float16)
+        with torch.inference_mode():
+            got = head(x)
+            head.use_kernel = False
+            want = head(x)
+            head.use_kernel = True
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+        assert len(_run(eng)) == len(PROMPTS)
+    finally:
+        eng.shutdown()
+
+
 def test_budget_caps_allocations(tiny_model: Path):
     torch.cuda.reset_peak_memory_stats()
     # the budget is the whole process as nvidia-smi counts it (CUDA context included: 612 MiB bare on the H200)
