@@ -119,6 +119,13 @@ case "${1:-}" in
         triton.__file__), \"backends/nvidia/bin/cuobjdump\"))"); ls -la "$CUOBJ"
       for so in $(find /root/.cache/gptqmodel -name "*.so"); do echo "== $so"; "$CUOBJ" -res-usage "$so" 2>&1 \
         | grep -c "REG:"; "$CUOBJ" -res-usage "$so" 2>&1 | grep -E "STACK:[1-9]|LOCAL:[1-9]" -B1 | head -20; done'
+    # without engine.compile: the decode pieces are the project's Triton kernels, shared by every batch bucket,
+    # instead of inductor's programs per piece and bucket. Each loaded CUDA module holds device memory outside
+    # the allocator, and the first decode's ~70 MiB there is unexplained: if that is the modules, this step holds
+    # more tokens than probe_own_stack64 (784 on 2026-12-02)
+    PROBE_NC=(); for a in "${PROBE[@]}"; do [ "$a" = --compile ] || PROBE_NC+=("$a"); done
+    mstep probe_nocompile "${PROBE_NC[@]}" --no-compile --no-vendor-blas --max-model-len 0 \
+      --out "$R/mem_probe_nocompile.json"
     # the same with prefill chunks of 64 tokens (a smaller activation reserve, more prefill steps)
     mstep probe_c64 "${PROBE[@]}" --no-vendor-blas --max-model-len 1024 --lmem-diag --prefill-chunk 64 \
       --out "$R/mem_probe_c64.json"
@@ -127,6 +134,10 @@ case "${1:-}" in
     mstep profile "${BENCH[@]}" --phases profile --batch-sizes 1,4 --out "$R/mem_profile.json"
     # batch 1, 2, 4 of this engine beside today's fixed-slot engine (legacy), same GPU, same call
     mstep bench_engine "${BENCH[@]}" --phases engine,legacy --out "$OUT/mem_bench_engine.json"
+    # decode speed and fit without engine.compile (the Triton pieces inside the graphs; see probe_nocompile)
+    BENCH_NC=(); for a in "${BENCH[@]}"; do [ "$a" = --compile ] || BENCH_NC+=("$a"); done
+    mstep bench_engine_nocompile "${BENCH_NC[@]}" --phases engine,profile --batch-sizes 1,4 \
+      --out "$R/mem_bench_engine_nocompile.json"
     mstep bench_chat "${BENCH[@]}" --phases chat,chat_no_prefix --out "$OUT/mem_bench_chat.json"
     # the same conversation length opened by a 256-token system prompt (OpenWebUI, agents): at 784 tokens turn 2's
     # uncached share is then ~0.14 instead of ~0.48 (summary_paged.chat_ttft_ratio_turn2_on.uncached_share)
