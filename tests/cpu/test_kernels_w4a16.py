@@ -253,14 +253,16 @@ def test_kernel3_unpacks_nibble_pairs_in_fewer_instructions_than_kernel2_dot():
     """Kernel 3 (nibble pairs ORed into fp16 two at a time, fp16 dequantization, wgmma with the weight tile in
     registers) at 128 outputs, 4 warps, sm_90: no spills, packed fp16 arithmetic (HMUL2) instead of kernel 2's
     FADD + F2FP per weight, and fewer SASS instructions per weight than kernel 2's tl.dot loop on the same tile
-    (3.99 against 4.24 with triton 3.9); at 8 rows the same count (the rows ride on the tensor cores)."""
+    (3.84 against 4.24 with triton 3.9, 3.52 against 4.26 with triton 3.6; 3.97 with triton 3.9 when it read
+    16-bit halves, which ptxas unpacked one at a time and re-packed); at 8 rows the same count (the rows ride on
+    the tensor cores)."""
     args = ["--block-n", "128", "--num-warps", "4", "--split", "--dot"]
     v3, v3_8 = _sass(args + ["--kernel", "3", "--rows", "1"]), _sass(args + ["--kernel", "3", "--rows", "8"])
     v2 = _sass(args + ["--kernel", "2", "--rows", "1"])
     for st in (v3, v3_8):
         assert st["local_bytes"] == 0 and st["registers"] <= 255, st
         assert st["top"].get("HMUL2", 0) > 0 and "F2FP.F16.F32.PACK_AB" not in st["top"], st
-    assert v3["instructions_per_weight"] < v2["instructions_per_weight"], (v2, v3)
+    assert v3["instructions_per_weight"] <= 0.92 * v2["instructions_per_weight"], (v2, v3)
     assert v3_8["instructions_per_weight"] <= 1.05 * v3["instructions_per_weight"], (v3, v3_8)
 
 
