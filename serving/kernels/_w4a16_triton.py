@@ -331,7 +331,7 @@ def w4a16_gemv2_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_pt
 def w4a16_gemv3_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
                        M, N, K, K8, chunks_per_group, chunks_per_split, stride_xm, stride_om, magic,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_J: tl.constexpr,
-                       HAS_PERM: tl.constexpr, SPLIT: tl.constexpr):
+                       HAS_PERM: tl.constexpr, SPLIT: tl.constexpr, DOT: tl.constexpr = True):
     """The third GEMV (``GemvConfig.kernel == 3``), same layout and split-K fixup: each word's two 16-bit
     halves unpacked at once straight into an fp16 pair, dequantized in fp16 and multiplied through ``tl.dot``
     (rows padded to BLOCK_M >= 16).
@@ -363,6 +363,8 @@ def w4a16_gemv3_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_pt
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     acc = tl.full([BLOCK_N, BLOCK_M], 0.0, tl.float32)
+    acc2 = tl.full([BLOCK_N, 64], 0.0, tl.float32)  # DOT=False (one row): products summed per column
+    F16: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
     # 0x6400 (fp16 1024.0) as a constant: from the run-time ``magic`` (unused here) ptxas ORed the halves one at
     # a time (5.3 SASS instructions per weight against 4.0 at 128 outputs, 4 warps)
     magic32 = tl.full([BLOCK_N, 32], 0x64006400, tl.int32)
@@ -385,12 +387,23 @@ def w4a16_gemv3_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_pt
                 else:
                     g_lo = c // chunks_per_group
                     g_hi = g_lo
-                sz_lo = sz_ptr + (g_lo * N + offs_n) * 2
-                sz_hi = sz_ptr + (g_hi * N + offs_n) * 2
-                s2 = tl.reshape(tl.join(tl.load(sz_lo, mask=n_ok, other=0.0),
-                                        tl.load(sz_hi, mask=n_ok, other=0.0)), [BLOCK_N, 1, 2])
-                z2 = tl.reshape(tl.join(tl.load(sz_lo + 1, mask=n_ok, other=0.0),
-                                        tl.load(sz_hi + 1, mask=n_ok, other=0.0)), [BLOCK_N, 1, 2])
+                if DOT:
+                    sz_lo = sz_ptr + (g_lo * N + offs_n) * 2
+                    sz_hi = sz_ptr + (g_hi * N + offs_n) * 2
+                    s_lo = tl.load(sz_lo, mask=n_ok, other=0.0)
+                    s_hi = tl.load(sz_hi, mask=n_ok, other=0.0)
+                    z_lo = tl.load(sz_lo + 1, mask=n_ok, other=0.0)
+                    z_hi = tl.load(sz_hi + 1, mask=n_ok, other=0.0)
+                else:  # (scale, zero) as one 32-bit load each, split into its fp16 lanes (4.2 -> 4.0 SASS
+                    szw = sz_ptr.to(tl.pointer_type(tl.uint32))  # instructions per weight; through tl.dot
+                    w_lo = tl.load(szw + g_lo * N + offs_n, mask=n_ok, other=0)  # it measured 3.5 -> 4.2)
+                    w_hi = tl.load(szw + g_hi * N + offs_n, mask=n_ok, other=0)
+                    s_lo = w_lo.to(tl.uint16).to(tl.float16, bitcast=True)
+                    s_hi = w_hi.to(tl.uint16).to(tl.float16, bitcast=True)
+                    z_lo = (w_lo >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+                    z_hi = (w_hi >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+                s2 = tl.reshape(tl.join(s_lo, s_hi), [BLOCK_N, 1, 2])
+                z2 = tl.reshape(tl.join(z_lo, z_hi), [BLOCK_N, 1, 2])
                 b2_0 = -(z2 + 1024.0).to(tl.float16)
                 b2_1 = -(z2 + 64.0).to(tl.float16)
             mask32 = tl.full([BLOCK_N, 32], (15 << (4 * e)) * 0x10001, tl.int32)
@@ -399,10 +412,12 @@ def w4a16_gemv3_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_pt
             f_hi = (t.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
             f3 = tl.join(f_lo, f_hi)  # [BLOCK_N, 32, 2]: column 2i + h
             if e == 0:
-                d3 = (f3 + b2_0) * s2  # (1024 + q) - (1024 + z): exact
+                d3 = f3 + b2_0  # (1024 + q) - (1024 + z): exact
             else:
                 inv = tl.full([BLOCK_N, 32, 2], 1.0 / 16, tl.float16)
-                d3 = tl.fma(f3, inv, b2_1) * s2  # (1024 + 16q) / 16 - (64 + z): exact
+                d3 = tl.fma(f3, inv, b2_1)  # (1024 + 16q) / 16 - (64 + z): exact
+            if DOT or GROUP_J < 4 or not F16:  # (one fp16 row, groups of 128 or more: the scale after the
+                d3 = d3 * s2                      # chunk's products)
             d = tl.reshape(d3, [BLOCK_N, 64]).to(x_ptr.dtype.element_ty)
             k_lo = c * 256 + 32 * p + offs_i
             k_hi = k_lo + 128
@@ -416,8 +431,24 @@ def w4a16_gemv3_kernel(x_ptr, w_ptr, sz_ptr, perm_ptr, out_ptr, part_ptr, cnt_pt
                 x_hi = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_hi[None, :],
                                mask=m_ok[:, None] & (k_hi < K)[None, :], other=0.0)
                 xp = tl.reshape(tl.join(x_lo, x_hi), [BLOCK_M, 64])  # column 2i + h, as the weight tile
-            acc = tl.dot(d, tl.trans(xp), acc)
-    res = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+            if DOT:
+                acc = tl.dot(d, tl.trans(xp), acc)
+            elif F16:  # one row: packed fp16 FMAs, four products a column per chunk, then fp32
+                x16 = tl.sum(xp, axis=0)[None, :]
+                if p == 0:
+                    acc16 = d * x16
+                else:
+                    acc16 = tl.fma(d, x16, acc16)
+            else:  # one bf16/fp32 row: fp32 products
+                acc2 += d.to(tl.float32) * tl.sum(xp, axis=0).to(tl.float32)[None, :]
+        if not DOT and F16:
+            if GROUP_J >= 4:
+                acc16 = tl.reshape(tl.reshape(acc16, [BLOCK_N, 32, 2]) * s2, [BLOCK_N, 64])
+            acc2 += acc16.to(tl.float32)
+    if DOT:
+        res = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+    else:
+        res = tl.reshape(tl.sum(acc2, axis=1), [1, BLOCK_N])
     o_mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT:
         p_off = offs_m[:, None] * N + offs_n[None, :]

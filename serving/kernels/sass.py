@@ -36,8 +36,8 @@ def compile_gemv(cfg: GemvConfig, rows: int, group_j: int = 4, act_order: bool =
 
     if cfg.kernel == 3:
         fn = triton.jit(kernels.w4a16_gemv3_kernel, do_not_specialize=GEMV2_UNSPECIALIZED)
-        const = {"BLOCK_M": max(16, rows), "BLOCK_N": cfg.block_n, "GROUP_J": group_j, "HAS_PERM": act_order,
-                 "SPLIT": split}
+        const = {"BLOCK_M": max(16, rows) if cfg.dot else rows, "BLOCK_N": cfg.block_n, "GROUP_J": group_j,
+                 "HAS_PERM": act_order, "SPLIT": split, "DOT": cfg.dot}
         specialized = ("N", "K", "K8", "stride_xm", "stride_om")
     elif cfg.kernel == 2:
         fn = triton.jit(kernels.w4a16_gemv2_kernel, do_not_specialize=GEMV2_UNSPECIALIZED)

@@ -28,9 +28,10 @@ Two GEMV kernels share the layout and the split-K fixup; ``GemvConfig.kernel`` p
 in the tuned table. Kernel 2 (``w4a16_gemv2_kernel``) ORs nibble e with the float ``2**(23-4e)`` instead, so the
 FADD gives ``q - z`` at unit scale (no ``16**-e`` on the activations or, for ``tl.dot``, on the weights), keeps
 one 2-D accumulator per row instead of 3-D tiles, and can load two chunks per iteration (``unroll``). Kernel 3
-(``w4a16_gemv3_kernel``, ``dot=True`` only) reads the words as 16-bit halves: ``(half & 0xF << 4e) | 0x6400``
-is the fp16 ``1024 + q * 16**e``, two weights per 32-bit instruction, dequantized with packed fp16 arithmetic
-and fed to the tensor cores with the weight tile in registers (sm_90 wgmma).
+(``w4a16_gemv3_kernel``) unpacks a word's two 16-bit halves at once: ``(word & 0x000F000F << 4e) | 0x64006400``
+is the fp16 pair ``1024 + q * 16**e``, two weights per 32-bit instruction, dequantized with packed fp16
+arithmetic and fed to the tensor cores with the weight tile in registers (sm_90 wgmma); with ``dot=False`` (one
+row only) it multiplies with packed fp16 FMAs instead, four products a column per chunk before fp32.
 
 Kernels are wrapped with ``triton.jit`` at first use, not at import, so ``TRITON_INTERPRET=1`` set by a test
 (or a CPU run) after import still selects Triton's interpreter.
@@ -74,7 +75,7 @@ class GemvConfig:
     dot: bool = False  # several rows through tl.dot (rows padded to 16) instead of CUDA-core FMAs
     prefetch: bool = False  # load chunk c+1 while unpacking chunk c (more registers, more bytes in flight)
     kernel: int = 1  # 1: w4a16_gemv_kernel; 2: w4a16_gemv2_kernel (per-row 2-D accumulators, unit-scale nibbles);
-    # 3: w4a16_gemv3_kernel (fp16 nibble pairs, tl.dot only)
+    # 3: w4a16_gemv3_kernel (fp16 nibble pairs; tl.dot, or packed fp16 FMAs at one row)
     unroll: int = 1  # kernel 2: chunks loaded per loop iteration (1 or 2)
 
 
@@ -308,12 +309,12 @@ def gemv(x: torch.Tensor, packed: PackedW4, config: GemvConfig, workspace: Split
                                          UNROLL=config.unroll, FMA_ROWS=0 if config.dot else bucket(m))
         return out
     if config.kernel == 3:
-        if not config.dot:
-            raise KernelError("kernel 3 multiplies through tl.dot: its config needs dot=True")
-        _jitted("gemv3")[(tiles, split)](*args, BLOCK_M=max(16, bucket(m)), BLOCK_N=config.block_n,
-                                         GROUP_J=common["GROUP_J"], HAS_PERM=common["HAS_PERM"],
-                                         SPLIT=split > 1, num_warps=config.num_warps,
-                                         num_stages=config.num_stages)
+        if not config.dot and m != 1:
+            raise KernelError(f"kernel 3 without tl.dot multiplies one row, not {m}: its config needs dot=True")
+        _jitted("gemv3")[(tiles, split)](*args, BLOCK_M=max(16, bucket(m)) if config.dot else 1,
+                                         BLOCK_N=config.block_n, GROUP_J=common["GROUP_J"],
+                                         HAS_PERM=common["HAS_PERM"], SPLIT=split > 1, DOT=config.dot,
+                                         num_warps=config.num_warps, num_stages=config.num_stages)
         return out
     if config.kernel != 1:
         raise KernelError(f"no GEMV kernel {config.kernel} (1, 2 or 3)")

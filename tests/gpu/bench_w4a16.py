@@ -175,6 +175,12 @@ def candidates2(n: int, k: int, m: int, grid: str, sms: int) -> list[GemvConfig]
     for bn, nw in ((64, 4), (128, 4), (128, 8), (256, 8)):
         for split in _splits(n, k, bn, sms):
             out.append(GemvConfig(block_n=bn, split_k=split, num_warps=nw, num_stages=1, dot=True, kernel=3))
+    # kernel 3 at one row with packed fp16 FMAs: 4.1 instructions per weight at 16 words a thread (triton 3.6,
+    # sm_90; kernel 2's CUDA-core loop 5.1), 4.4-5.9 or 255 registers at other ratios
+    if m == 1:
+        for bn, nw in ((32, 2), (64, 4), (128, 8)):
+            for split in _splits(n, k, bn, sms):
+                out.append(GemvConfig(block_n=bn, split_k=split, num_warps=nw, num_stages=1, dot=False, kernel=3))
     return out
 
 

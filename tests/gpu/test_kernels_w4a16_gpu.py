@@ -42,6 +42,10 @@ CASES = [  # K, N, group size, sym, act-order, rows, config
     (11008, 4096, 128, False, True, 8, GemvConfig(block_n=256, split_k=4, num_warps=8, kernel=3, dot=True)),
     (4096, 2048, -1, False, False, 2, GemvConfig(block_n=128, split_k=1, num_warps=8, kernel=3, dot=True)),
     (11008, 4096, 128, True, False, 8, GemvConfig(block_n=256, split_k=8, num_warps=8, kernel=2, dot=True)),
+    # kernel 3 at one row through packed fp16 FMAs (scale after each chunk at g128, per nibble at g32)
+    (4096, 12288, 128, True, False, 1, GemvConfig(block_n=32, split_k=2, num_warps=2, kernel=3)),
+    (11008, 4096, 128, False, True, 1, GemvConfig(block_n=64, split_k=4, num_warps=4, kernel=3)),
+    (4096, 4096, 32, False, True, 1, GemvConfig(block_n=128, split_k=8, num_warps=8, kernel=3)),
     (1288, 520, 128, False, True, 3, GemvConfig(block_n=64, split_k=2, num_warps=2, kernel=2, dot=True)),
 ]
 
