@@ -227,29 +227,22 @@ class LlamaRunner:
         where ``fuse_linears`` can; SiLU-gated MLPs only. Each concatenation briefly holds the parts and the whole:
         where the device cannot (a tight ``engine.gpu_memory_gb`` with a fragmented allocator) the layers left keep
         their separate projections, with a warning, instead of failing the load."""
-        for layer in self.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            groups = [(attn, ("q_proj", "k_proj", "v_proj"), self.fused_qkv)]
-            if self.fusable and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
-                groups.append((mlp, ("gate_proj", "up_proj"), self.fused_gate_up))
-            for owner, names, table in groups:
-                try:
+        try:
+            for layer in self.layers:
+                attn, mlp = layer.self_attn, layer.mlp
+                groups = [(attn, ("q_proj", "k_proj", "v_proj"), self.fused_qkv)]
+                if self.fusable and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+                    groups.append((mlp, ("gate_proj", "up_proj"), self.fused_gate_up))
+                for owner, names, table in groups:
                     fused = fuse_linears([getattr(owner, n) for n in names])
-                except torch.OutOfMemoryError as e:
-                    logger.warning("fusing projections stopped at layer %d of %d (the rest stay separate): %s",
-                                   self.layers.index(layer), len(self.layers), str(e).split(".")[0])
-                    if self.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    return self._log_fused()
-                if fused is not None:
-                    table[id(owner)] = fused
-                    for n in names:
-                        setattr(owner, n, None)
+                    if fused is not None:
+                        table[id(owner)] = fused
+                        for n in names:
+                            setattr(owner, n, None)
+        except torch.OutOfMemoryError as e:
+            logger.warning("fusing projections stopped, the layers left stay separate: %s", str(e).split(".")[0])
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self._log_fused()
-
-    def _log_fused(self) -> None:
         logger.info("fused projections: q/k/v in %d of %d layers, gate/up in %d", len(self.fused_qkv),
                     len(self.layers), len(self.fused_gate_up))
 
