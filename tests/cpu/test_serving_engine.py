@@ -457,7 +457,8 @@ def test_fusing_out_of_memory_keeps_the_rest_separate_and_decodes_the_same(tiny_
                                                                             monkeypatch: pytest.MonkeyPatch):
     """A concatenation the device cannot hold (the H200 at a 4 GiB cap with a fragmented allocator) stops the
     fusing: the layers fused so far stay fused, the rest keep their projections, the load succeeds and the
-    tokens are HF generate's."""
+    tokens are HF generate's. The CPU has no device memory to exhaust, so a patched ``fuse_linears`` raises
+    torch's out-of-memory error at the third group; the real fusion runs for the first two."""
     from transformers import AutoModelForCausalLM
 
     import serving.runner
